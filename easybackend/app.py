@@ -1,0 +1,135 @@
+"""``serve()``: the root trio nursery that runs every listener over one chat service.
+
+Start-up order: bind every enabled port (a taken port stops start-up before
+anything is served), load the token encoding, open storage, start the demo
+upstream if asked, then serve. SIGINT/SIGTERM stop accepting and give
+in-flight answers ``SHUTDOWN_GRACE`` seconds before they are cancelled (and
+stored as ``cancelled``); a second signal cancels at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import signal
+import socket
+from collections.abc import AsyncIterator
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from .chat.service import ChatService
+from .chat.tokens import TokenCounter, encoding_name_for, load_encoding
+from .fake_upstream import FakeUpstream
+from .listeners import bind_tcp
+from .settings import Settings
+from .storage import open_storage
+from .transports.http import create_app
+from .upstream.openai_client import OpenAIUpstream
+
+log = logging.getLogger("easybackend")
+
+DEMO_TOKEN_DELAY = 0.03  # seconds per piece: slow enough to watch the answer stream
+
+
+@dataclasses.dataclass(frozen=True)
+class Running:
+    """What :func:`serve` reports through ``task_status`` once every listener accepts."""
+
+    http_port: int | None
+    upstream_url: str | None  # the demo upstream's base URL, when --demo
+
+
+async def serve(
+    settings: Settings,
+    *,
+    shutdown: trio.Event | None = None,
+    task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run EasyBackend until SIGINT/SIGTERM or until ``shutdown`` is set.
+
+    Raises ListenError (a port cannot be bound), StorageUnavailable or
+    UnknownEncoding before anything is served. On cancellation everything
+    stops at once: in-flight asks are cancelled and stored as ``cancelled``.
+    """
+    http_socket = (
+        bind_tcp(settings.host, settings.http_port, name="HTTP") if settings.http_port else None
+    )
+    counter = TokenCounter(load_encoding(encoding_name_for(settings.model, settings.encoding_name)))
+    storage = await open_storage(settings)
+    shutdown = shutdown or trio.Event()
+    try:
+        async with trio.open_nursery() as nursery:
+            upstream_url = None
+            if settings.demo:
+                fake = FakeUpstream(token_delay=DEMO_TOKEN_DELAY, model=settings.model)
+                await nursery.start(fake.serve, "127.0.0.1", 0)
+                upstream_url = fake.base_url()
+                log.info("demo mode: answering from the built-in fake model at %s", upstream_url)
+            upstream = OpenAIUpstream(settings, base_url=upstream_url)
+            service = ChatService(settings, storage, upstream, counter)
+            async with _stop_on_signals(shutdown, nursery.cancel_scope):
+                async with trio.open_nursery() as listeners:
+                    http_port = None
+                    if http_socket is not None:
+                        http_port = http_socket.getsockname()[1]
+                        await listeners.start(_serve_http, service, settings, http_socket, shutdown)
+                    task_status.started(Running(http_port=http_port, upstream_url=upstream_url))
+                    log.info("EasyBackend ready: HTTP %s", _where(settings.host, http_port))
+            await upstream.aclose()
+            nursery.cancel_scope.cancel()  # the demo upstream
+    finally:
+        with trio.CancelScope(shield=True):
+            await storage.close()
+    log.info("EasyBackend stopped")
+
+
+@contextlib.asynccontextmanager
+async def _stop_on_signals(
+    shutdown: trio.Event, hard_stop: trio.CancelScope
+) -> AsyncIterator[None]:
+    """First SIGINT/SIGTERM sets ``shutdown``; the second cancels ``hard_stop``."""
+
+    async def watch(receiver: AsyncIterator[int]) -> None:
+        async for signum in receiver:
+            if shutdown.is_set():
+                log.warning("second %s: stopping now", signal.Signals(signum).name)
+                hard_stop.cancel()
+                return
+            log.info("%s received: finishing in-flight answers", signal.Signals(signum).name)
+            shutdown.set()
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as receiver:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch, receiver)
+            yield
+            nursery.cancel_scope.cancel()
+
+
+async def _serve_http(
+    service: ChatService,
+    settings: Settings,
+    sock: socket.socket,
+    shutdown: trio.Event,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the HTTP app on ``sock`` until ``shutdown`` is set, then drain for SHUTDOWN_GRACE."""
+    config = HypercornConfig()
+    config.bind = [f"fd://{sock.detach()}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.graceful_timeout = settings.shutdown_grace
+    config.keep_alive_timeout = 75
+    await hypercorn_serve(
+        create_app(service),  # type: ignore[arg-type]
+        config,
+        shutdown_trigger=shutdown.wait,
+        task_status=task_status,
+    )
+
+
+def _where(host: str, port: int | None) -> str:
+    return f"{host}:{port}" if port else "off"

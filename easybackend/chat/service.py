@@ -1,0 +1,299 @@
+"""The chat core: one ask, from validation to the stored turn. Transports only adapt it.
+
+:meth:`ChatService.ask` is an async generator of :class:`Delta` events and one
+final :class:`End`. Use it as ``async with contextlib.aclosing(service.ask(r))``
+so that a consumer that stops early (client gone) closes it at once.
+
+Guarantees (SPEC §3):
+
+- asks on one conversation run one at a time, in arrival order (a fair lock
+  per conversation, held until the turn is stored); other conversations run
+  in parallel;
+- a finished answer is stored as one turn, atomically;
+- when the consumer is cancelled or closes the generator mid-answer, the
+  upstream call is closed and the partial answer (if any text arrived) is
+  stored with finish reason ``cancelled``;
+- when the upstream fails, nothing is stored and the error is raised.
+
+Errors are raised as :class:`~easybackend.errors.ChatError` subclasses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+import time
+from collections.abc import AsyncIterator
+
+import trio
+
+from ..errors import InvalidInput
+from ..settings import Settings
+from ..storage import ConversationRef, NewTurn, Storage
+from ..upstream.openai_client import Completion, OpenAIUpstream, UpstreamCall
+from .context import Budget, build_messages, turn_cost
+from .locks import KeyedLock
+from .tokens import TokenCounter
+
+CONVERSATION_ID = re.compile(r"[A-Za-z0-9_\-.:]{1,128}")
+CANCELLED = "cancelled"
+# How long storing a cancelled turn may take once the ask is already cancelled.
+STORE_ON_CANCEL_SECONDS = 5.0
+
+
+def validate_conversation_id(conversation_id: object) -> str:
+    """Return the id if it is 1-128 characters of ``A-Z a-z 0-9 _ - . :``, else raise InvalidInput."""
+    if not isinstance(conversation_id, str) or not CONVERSATION_ID.fullmatch(conversation_id):
+        raise InvalidInput(
+            "conversation_id must be 1-128 characters of A-Z, a-z, 0-9, '_', '-', '.', ':'"
+        )
+    return conversation_id
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AskRequest:
+    """One ask, as every transport hands it to the core."""
+
+    conversation_id: str
+    prompt: str
+    owner: str = ""
+    model: str | None = None
+    temperature: float | None = None
+    max_tokens: int | None = None
+    system: str | None = None  # this turn only, instead of the conversation's system prompt
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Delta:
+    """A piece of the answer, in order."""
+
+    text: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class End:
+    """The answer is complete and stored as turn ``turn``."""
+
+    conversation_id: str
+    model: str
+    finish_reason: str
+    usage: Usage
+    turn: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Answer:
+    """A whole answer, for non-streaming transports."""
+
+    text: str
+    end: End
+
+
+class ChatService:
+    """Answers asks with conversation memory. One instance serves every transport."""
+
+    def __init__(
+        self, settings: Settings, storage: Storage, upstream: OpenAIUpstream, counter: TokenCounter
+    ) -> None:
+        self.settings = settings
+        self.storage = storage
+        self.upstream = upstream
+        self.counter = counter
+        self._locks = KeyedLock()
+        self.first_prompt_tokens = (
+            counter.text(settings.first_prompt) if settings.first_prompt is not None else None
+        )
+
+    def _checked_prompt(self, prompt: object) -> str:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InvalidInput("prompt must be a non-empty string")
+        if "\x00" in prompt:
+            raise InvalidInput("prompt must not contain NUL characters")
+        if self.settings.strip_blank_lines:
+            prompt = "\n".join(line for line in prompt.splitlines() if line.strip())
+        return prompt
+
+    async def ask(self, request: AskRequest) -> AsyncIterator[Delta | End]:
+        """Answer one ask: yields Delta events, then one End once the turn is stored.
+
+        Raises ChatError subclasses. Cancellation or an early close stores the
+        partial answer as ``cancelled`` (see the module docstring).
+        """
+        ref = ConversationRef(request.owner, validate_conversation_id(request.conversation_id))
+        prompt = self._checked_prompt(request.prompt)
+        prompt_tokens = self.counter.text(prompt)
+        created_at = time.time()
+
+        async with self._locks.hold(ref):
+            plan = _ContextPlan(self, request, prompt_tokens)
+            context = await self.storage.load_context(ref, plan.history_budget, turn_cost)
+            messages = build_messages(plan.system, context.turns, prompt)
+            call = UpstreamCall(
+                messages=messages,
+                model=request.model or self.settings.model,
+                temperature=(
+                    self.settings.temperature
+                    if request.temperature is None
+                    else request.temperature
+                ),
+                max_tokens=request.max_tokens or self.settings.max_response_tokens,
+            )
+            sent_tokens = plan.fixed_tokens + sum(turn_cost(t) for t in context.turns)
+
+            pieces: list[str] = []
+            completion: Completion | None = None
+            try:
+                async with contextlib.aclosing(self.upstream.stream(call)) as stream:
+                    async for item in stream:
+                        if isinstance(item, Completion):
+                            completion = item
+                        else:
+                            pieces.append(item)
+                            yield Delta(item)
+            except BaseException:
+                if pieces and completion is None and _is_cancellation():
+                    await self._store_cancelled(
+                        ref, call, prompt, prompt_tokens, pieces, sent_tokens, created_at
+                    )
+                raise
+            assert completion is not None
+            answer = "".join(pieces)
+            turn = self._new_turn(
+                call,
+                prompt,
+                prompt_tokens,
+                answer,
+                completion.finish_reason,
+                sent_tokens,
+                created_at,
+                completion,
+            )
+            seq = await self.storage.append_turn(ref, turn)
+        yield End(
+            conversation_id=ref.conversation_id,
+            model=turn.model,
+            finish_reason=turn.finish_reason,
+            usage=Usage(turn.usage_prompt_tokens, turn.usage_completion_tokens),
+            turn=seq,
+        )
+
+    async def complete(self, request: AskRequest) -> Answer:
+        """The whole answer at once (non-streaming transports). Same guarantees as :meth:`ask`."""
+        pieces: list[str] = []
+        async with contextlib.aclosing(self.ask(request)) as events:
+            async for event in events:
+                if isinstance(event, Delta):
+                    pieces.append(event.text)
+                else:
+                    return Answer("".join(pieces), event)
+        raise AssertionError("ask() ended without an End event")
+
+    def _new_turn(
+        self,
+        call: UpstreamCall,
+        prompt: str,
+        prompt_tokens: int,
+        answer: str,
+        finish_reason: str,
+        sent_tokens: int,
+        created_at: float,
+        completion: Completion | None,
+    ) -> NewTurn:
+        answer_tokens = self.counter.text(answer)
+        reported = completion if completion and completion.prompt_tokens is not None else None
+        return NewTurn(
+            prompt=prompt,
+            prompt_tokens=prompt_tokens,
+            answer=answer,
+            answer_tokens=answer_tokens,
+            model=(completion.model if completion and completion.model else call.model),
+            finish_reason=finish_reason,
+            usage_prompt_tokens=reported.prompt_tokens if reported else sent_tokens,  # type: ignore[misc]
+            usage_completion_tokens=(
+                reported.completion_tokens
+                if reported and reported.completion_tokens is not None
+                else answer_tokens
+            ),
+            created_at=created_at,
+            finished_at=time.time(),
+        )
+
+    async def _store_cancelled(
+        self,
+        ref: ConversationRef,
+        call: UpstreamCall,
+        prompt: str,
+        prompt_tokens: int,
+        pieces: list[str],
+        sent_tokens: int,
+        created_at: float,
+    ) -> None:
+        """Store the partial answer of a cancelled ask, shielded from the cancellation."""
+        turn = self._new_turn(
+            call, prompt, prompt_tokens, "".join(pieces), CANCELLED, sent_tokens, created_at, None
+        )
+        with trio.CancelScope(shield=True), trio.move_on_after(STORE_ON_CANCEL_SECONDS):
+            await self.storage.append_turn(ref, turn)
+
+
+class _ContextPlan:
+    """Chooses the system prompt and shares the token budget out, once the stored one is known."""
+
+    def __init__(self, service: ChatService, request: AskRequest, prompt_tokens: int) -> None:
+        self._service = service
+        self._request = request
+        self._prompt_tokens = prompt_tokens
+        self.system: str | None = None
+        self.fixed_tokens = 0
+
+    def history_budget(self, stored_system: str | None, stored_tokens: int | None) -> int:
+        """Called by the storage: raises PromptTooLong, else returns the tokens history may use."""
+        service, request = self._service, self._request
+        # A per-ask system prompt wins over the conversation's, which wins over FIRST_PROMPT.
+        if request.system is not None:
+            self.system, system_tokens = request.system, service.counter.text(request.system)
+        elif stored_system is not None:
+            self.system = stored_system
+            system_tokens = (
+                stored_tokens if stored_tokens is not None else service.counter.text(stored_system)
+            )
+        else:
+            self.system, system_tokens = service.settings.first_prompt, service.first_prompt_tokens
+        settings = service.settings
+        budget = Budget.plan(
+            max_context_tokens=settings.max_context_tokens,
+            reserved_for_answer=request.max_tokens or settings.max_response_tokens or 0,
+            system_tokens=system_tokens,
+            prompt_tokens=self._prompt_tokens,
+        )
+        self.fixed_tokens = budget.fixed
+        return budget.history
+
+
+def _is_cancellation() -> bool:
+    """True while handling a cancellation or an early close (not an error of the call itself)."""
+    import sys
+
+    exc = sys.exception()
+    return isinstance(exc, trio.Cancelled | GeneratorExit) or (
+        isinstance(exc, BaseExceptionGroup)
+        and exc.subgroup((trio.Cancelled, GeneratorExit)) is not None
+    )

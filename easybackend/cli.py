@@ -1,0 +1,109 @@
+"""The ``easybackend`` command (also ``python run.py``).
+
+``easybackend [serve] [flags]`` starts the server; flags override the
+environment and ``.env``. Bad configuration or a taken port prints one line
+``easybackend: error: …`` and exits 2 (configuration) or 1 (start-up), with
+no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from .chat.tokens import UnknownEncoding
+from .errors import StorageUnavailable
+from .listeners import ListenError
+from .settings import ConfigError, load_settings
+
+# flag -> (environment variable it overrides, help)
+SERVE_FLAGS = {
+    "--host": ("HOST", "address to listen on (HOST, default 0.0.0.0)"),
+    "--http-port": ("HTTP_PORT", "HTTP port, 0 or off to disable (HTTP_PORT, default 8000)"),
+    "--model": ("GPT_ENGINE", "model name (GPT_ENGINE)"),
+    "--base-url": ("OPENAI_BASE_URL", "OpenAI-compatible endpoint (OPENAI_BASE_URL)"),
+    "--conversations-dir": (
+        "CONVERSATIONS_DIR",
+        "data directory (CONVERSATIONS_DIR, default ./conversations)",
+    ),
+    "--database-url": ("DATABASE_URL", "sqlite:///PATH (DATABASE_URL)"),
+    "--max-context-tokens": (
+        "MAX_CONTEXT_TOKENS",
+        "token budget sent upstream (MAX_CONTEXT_TOKENS, default 4096)",
+    ),
+    "--log-level": ("LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR (LOG_LEVEL, default INFO)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="easybackend",
+        description=(
+            "ChatGPT-style conversations with server-side memory over HTTP, WebSocket and gRPC. "
+            "Configuration comes from flags, the environment and ./.env (see README)."
+        ),
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser("serve", help="run the server (the default command)")
+    for target in (parser, serve):
+        _add_serve_flags(target)
+    return parser
+
+
+def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="answer from the built-in fake model on loopback: no API key, no network needed",
+    )
+    parser.add_argument(
+        "--env-file",
+        default=argparse.SUPPRESS,
+        metavar="PATH",
+        help="read settings from this file instead of ./.env",
+    )
+    for flag, (variable, text) in SERVE_FLAGS.items():
+        parser.add_argument(
+            flag, dest=variable, default=argparse.SUPPRESS, metavar=variable, help=text
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    args.pop("command", None)
+    demo = bool(args.pop("demo", False))
+    env_file = args.pop("env_file", ".env")
+    try:
+        settings = load_settings(args, env_file=env_file, demo=demo)
+    except ConfigError as exc:
+        print(f"easybackend: error: {exc}", file=sys.stderr)
+        return 2
+    _configure_logging(settings.log_level)
+    from .app import serve  # imported late: `--help` stays fast
+
+    try:
+        trio.run(serve, settings)
+    except (ListenError, StorageUnavailable, UnknownEncoding) as exc:
+        print(f"easybackend: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # Third-party loggers that would log request URLs or bodies stay quiet below WARNING.
+    for name in ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "hpack"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""The one settings object, built once at start-up and passed down explicitly.
+
+Sources, strongest first: command-line flags, the process environment, a
+``.env`` file in the working directory (or ``--env-file``), the defaults.
+Every value is parsed and checked here; a bad one raises :class:`ConfigError`
+whose message is the single line the command prints before exiting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import dotenv
+
+DEFAULT_MODEL = "gpt-4.1-mini"
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message names it and says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Validated configuration. Ports are ``None`` when that listener is off."""
+
+    openai_api_key: str = ""
+    openai_base_url: str | None = None
+    model: str = DEFAULT_MODEL
+    encoding_name: str | None = None
+    first_prompt: str | None = None
+    temperature: float = 0.5
+    max_context_tokens: int = 4096
+    max_response_tokens: int | None = None
+    strip_blank_lines: bool = False
+    host: str = "0.0.0.0"
+    http_port: int | None = 8000
+    grpc_port: int | None = 9000
+    ws_port: int | None = 9001
+    conversations_dir: Path = Path("conversations")
+    database_url: str = ""
+    log_level: str = "INFO"
+    upstream_timeout: float = 120.0
+    upstream_retries: int = 2
+    shutdown_grace: float = 30.0
+    max_body_bytes: int = 1024 * 1024
+    demo: bool = False
+
+    @property
+    def sqlite_path(self) -> Path:
+        """The SQLite database file named by ``database_url``."""
+        return Path(self.database_url.removeprefix("sqlite:///"))
+
+
+# variable name -> (field, parser). Parsers raise ValueError with a short reason.
+def _text(value: str) -> str:
+    return value
+
+
+def _optional_text(value: str) -> str | None:
+    return value or None
+
+
+def _port(value: str) -> int | None:
+    if value.strip().lower() in ("", "0", "off", "none", "disabled"):
+        return None
+    port = int(value)
+    if not 1 <= port <= 65535:
+        raise ValueError("must be 1-65535, or 0/off to disable the listener")
+    return port
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise ValueError("must be a positive whole number")
+    return number
+
+
+def _optional_positive_int(value: str) -> int | None:
+    return _positive_int(value) if value.strip() else None
+
+
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError("must be 0 or more")
+    return number
+
+
+def _seconds(value: str) -> float:
+    number = float(value)
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError("must be a positive number of seconds")
+    return number
+
+
+def _temperature(value: str) -> float:
+    number = float(value)
+    if not 0.0 <= number <= 2.0:
+        raise ValueError("must be between 0 and 2")
+    return number
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _log_level(value: str) -> str:
+    level = value.strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    return level
+
+
+ENVIRONMENT = {
+    "OPENAI_API_KEY": ("openai_api_key", _text),
+    "OPENAI_BASE_URL": ("openai_base_url", _optional_text),
+    "GPT_ENGINE": ("model", _text),
+    "ENCODING_NAME": ("encoding_name", _optional_text),
+    "FIRST_PROMPT": ("first_prompt", _optional_text),
+    "TEMPERATURE": ("temperature", _temperature),
+    "MAX_CONTEXT_TOKENS": ("max_context_tokens", _positive_int),
+    "MAX_RESPONSE_TOKENS": ("max_response_tokens", _optional_positive_int),
+    "STRIP_BLANK_LINES": ("strip_blank_lines", _bool),
+    "HOST": ("host", _text),
+    "HTTP_PORT": ("http_port", _port),
+    "GRPC_PORT": ("grpc_port", _port),
+    "WS_PORT": ("ws_port", _port),
+    "CONVERSATIONS_DIR": ("conversations_dir", Path),
+    "DATABASE_URL": ("database_url", _text),
+    "LOG_LEVEL": ("log_level", _log_level),
+    "UPSTREAM_TIMEOUT": ("upstream_timeout", _seconds),
+    "UPSTREAM_RETRIES": ("upstream_retries", _non_negative_int),
+    "SHUTDOWN_GRACE": ("shutdown_grace", _seconds),
+    "MAX_BODY_BYTES": ("max_body_bytes", _positive_int),
+}
+
+
+def load_settings(
+    overrides: Mapping[str, str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    env_file: str | os.PathLike[str] | None = ".env",
+    demo: bool = False,
+) -> Settings:
+    """Build and validate the settings.
+
+    ``overrides`` holds values from command-line flags, keyed by the
+    environment variable they stand for. Raises :class:`ConfigError`.
+    """
+    merged: dict[str, str] = {}
+    if env_file is not None and Path(env_file).is_file():
+        merged.update({k: v for k, v in dotenv.dotenv_values(env_file).items() if v is not None})
+    merged.update(os.environ if environ is None else environ)
+    merged.update(overrides or {})
+
+    values: dict[str, object] = {"demo": demo}
+    for variable, (field, parse) in ENVIRONMENT.items():
+        raw = merged.get(variable)
+        if raw is None:
+            continue
+        try:
+            values[field] = parse(raw)
+        except ValueError as exc:
+            reason = str(exc) if "must" in str(exc) else "is not a valid value"
+            raise ConfigError(f"{variable}={raw!r} {reason}") from None
+
+    settings = Settings(**values)  # type: ignore[arg-type]
+    return _checked(settings)
+
+
+def _checked(settings: Settings) -> Settings:
+    if not settings.model.strip():
+        raise ConfigError("GPT_ENGINE must name a model")
+    if not settings.openai_api_key and not settings.demo:
+        raise ConfigError(
+            "OPENAI_API_KEY is not set: export it (or put it in .env), or start with --demo"
+        )
+    budget = settings.max_context_tokens - (settings.max_response_tokens or 0)
+    if budget < 16:
+        raise ConfigError(
+            "MAX_CONTEXT_TOKENS minus MAX_RESPONSE_TOKENS leaves no room for a prompt"
+        )
+    database_url = (
+        settings.database_url or f"sqlite:///{settings.conversations_dir / 'easybackend.sqlite3'}"
+    )
+    if database_url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(
+            "DATABASE_URL: PostgreSQL storage is not available yet; use sqlite:///PATH"
+        )
+    if not database_url.startswith("sqlite:///") or database_url == "sqlite:///":
+        scheme = database_url.partition(":")[0]
+        raise ConfigError(f"DATABASE_URL scheme {scheme!r} is not supported; use sqlite:///PATH")
+    return dataclasses.replace(settings, database_url=database_url)

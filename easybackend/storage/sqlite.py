@@ -1,0 +1,195 @@
+"""SQLite storage: one database file in WAL mode, schema migrations at open.
+
+All blocking sqlite3 work runs in a worker thread (``trio.to_thread``), one
+call at a time on a single connection. A call is not abandoned when the
+calling task is cancelled: its transaction finishes first, so a turn is
+always either fully stored or absent, also after ``kill -9`` (SQLite's
+journal rolls back an unfinished transaction on the next open).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import trio
+
+from ..errors import StorageUnavailable
+from .base import Context, ConversationRef, NewTurn, StoredTurn
+
+T = TypeVar("T")
+
+# Each entry moves the schema from version i to i + 1 (PRAGMA user_version).
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE conversations (
+        pk INTEGER PRIMARY KEY,
+        owner TEXT NOT NULL,
+        conversation_id TEXT NOT NULL,
+        system_prompt TEXT,
+        system_tokens INTEGER,
+        turn_count INTEGER NOT NULL DEFAULT 0,
+        prompt_tokens INTEGER NOT NULL DEFAULT 0,
+        completion_tokens INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        UNIQUE (owner, conversation_id)
+    );
+    CREATE TABLE turns (
+        conversation_pk INTEGER NOT NULL REFERENCES conversations (pk) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        prompt TEXT NOT NULL,
+        prompt_tokens INTEGER NOT NULL,
+        answer TEXT NOT NULL,
+        answer_tokens INTEGER NOT NULL,
+        model TEXT NOT NULL,
+        finish_reason TEXT NOT NULL,
+        usage_prompt_tokens INTEGER NOT NULL,
+        usage_completion_tokens INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        finished_at REAL NOT NULL,
+        PRIMARY KEY (conversation_pk, seq)
+    ) WITHOUT ROWID;
+    CREATE INDEX conversations_by_activity ON conversations (owner, updated_at DESC);
+    """,
+]
+
+
+class SQLiteStorage:
+    """The embedded default store (see :class:`easybackend.storage.base.Storage`)."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._db = connection
+        self._limiter = trio.CapacityLimiter(1)
+
+    @classmethod
+    async def open(cls, path: Path) -> SQLiteStorage:
+        """Open (creating if needed) the database at ``path`` and migrate it to the current schema."""
+        return cls(await trio.to_thread.run_sync(_connect, path))
+
+    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            return await trio.to_thread.run_sync(work, self._db, limiter=self._limiter)
+        except sqlite3.Error as exc:
+            raise StorageUnavailable(f"conversation storage failed: {exc}") from exc
+
+    async def load_context(
+        self,
+        ref: ConversationRef,
+        history_budget: Callable[[str | None, int | None], int],
+        cost: Callable[[StoredTurn], int],
+    ) -> Context:
+        def work(db: sqlite3.Connection) -> Context:
+            row = db.execute(
+                "SELECT pk, system_prompt, system_tokens, turn_count FROM conversations"
+                " WHERE owner = ? AND conversation_id = ?",
+                (ref.owner, ref.conversation_id),
+            ).fetchone()
+            pk, system_prompt, system_tokens, turn_count = row or (None, None, None, 0)
+            budget = history_budget(system_prompt, system_tokens)
+            turns: list[StoredTurn] = []
+            if turn_count:
+                spent = 0
+                newest_first = db.execute(
+                    "SELECT seq, prompt, prompt_tokens, answer, answer_tokens FROM turns"
+                    " WHERE conversation_pk = ? ORDER BY seq DESC",
+                    (pk,),
+                )
+                for record in newest_first:
+                    turn = StoredTurn(*record)
+                    spent += cost(turn)
+                    if spent > budget:
+                        break
+                    turns.append(turn)
+                newest_first.close()
+                turns.reverse()
+            return Context(system_prompt, system_tokens, turns, turn_count)
+
+        return await self._run(work)
+
+    async def append_turn(self, ref: ConversationRef, turn: NewTurn) -> int:
+        def work(db: sqlite3.Connection) -> int:
+            with db:  # one transaction: the turn and the conversation's totals together
+                db.execute("BEGIN IMMEDIATE")
+                db.execute(
+                    "INSERT INTO conversations (owner, conversation_id, created_at, updated_at)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT (owner, conversation_id) DO NOTHING",
+                    (ref.owner, ref.conversation_id, turn.created_at, turn.finished_at),
+                )
+                pk, seq = db.execute(
+                    "SELECT pk, turn_count + 1 FROM conversations"
+                    " WHERE owner = ? AND conversation_id = ?",
+                    (ref.owner, ref.conversation_id),
+                ).fetchone()
+                db.execute(
+                    "INSERT INTO turns VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        pk,
+                        seq,
+                        turn.prompt,
+                        turn.prompt_tokens,
+                        turn.answer,
+                        turn.answer_tokens,
+                        turn.model,
+                        turn.finish_reason,
+                        turn.usage_prompt_tokens,
+                        turn.usage_completion_tokens,
+                        turn.created_at,
+                        turn.finished_at,
+                    ),
+                )
+                db.execute(
+                    "UPDATE conversations SET turn_count = ?, updated_at = ?,"
+                    " prompt_tokens = prompt_tokens + ?, completion_tokens = completion_tokens + ?"
+                    " WHERE pk = ?",
+                    (
+                        seq,
+                        turn.finished_at,
+                        turn.usage_prompt_tokens,
+                        turn.usage_completion_tokens,
+                        pk,
+                    ),
+                )
+            return seq
+
+        return await self._run(work)
+
+    async def close(self) -> None:
+        await self._run(lambda db: db.close())
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute(
+            "PRAGMA synchronous = NORMAL"
+        )  # WAL + NORMAL: durable across crashes of the process
+        db.execute("PRAGMA foreign_keys = ON")
+        db.execute("PRAGMA busy_timeout = 5000")
+        _migrate(db)
+    except (sqlite3.Error, OSError) as exc:
+        raise StorageUnavailable(f"cannot open the SQLite database {str(path)!r}: {exc}") from exc
+    return db
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    if version > len(MIGRATIONS):
+        raise sqlite3.DatabaseError(
+            f"schema version {version} is newer than this EasyBackend understands"
+        )
+    for number in range(version, len(MIGRATIONS)):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in MIGRATIONS[number].split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {number + 1}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise

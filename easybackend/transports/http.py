@@ -1,0 +1,268 @@
+"""The HTTP transport: a quart-trio app that adapts requests to :class:`ChatService` calls.
+
+Routes: ``POST /ask/{id}`` (whole answer as JSON), ``POST /ask/{id}/stream``
+(Server-Sent Events), ``GET /healthz``, and the OpenAPI document with Swagger
+UI (``/openapi.json``, ``/docs``). Every error is JSON
+``{"error": {"code", "message"}}`` with the status of :data:`STATUS_BY_CODE`.
+
+When the client disconnects, quart-trio cancels the handler (or the SSE body
+being sent); the chat core then closes the upstream call and stores the
+partial answer as ``cancelled``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+
+import pydantic
+from quart import Quart, Response
+from quart_schema import (
+    Info,
+    QuartSchema,
+    RequestSchemaValidationError,
+    document_response,
+    tag,
+    validate_request,
+)
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from ..chat.service import AskRequest, ChatService, Delta, End, validate_conversation_id
+from ..errors import ChatError, NotFound
+
+STATUS_BY_CODE = {
+    "invalid_input": 400,
+    "unauthenticated": 401,
+    "not_found": 404,
+    "prompt_too_long": 413,
+    "request_too_large": 413,
+    "upstream_rate_limited": 429,
+    "upstream_error": 502,
+    "upstream_auth_failed": 502,
+    "upstream_unavailable": 502,
+    "storage_unavailable": 503,
+    "shutting_down": 503,
+    "upstream_timeout": 504,
+}
+
+
+class AskBody(pydantic.BaseModel):
+    """An ask. Only ``prompt`` is required; the rest override the server's settings for this turn."""
+
+    model_config = pydantic.ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"prompt": "你好"}, {"prompt": "Tell me a joke", "temperature": 1.2}]
+        },
+    )
+
+    prompt: str = pydantic.Field(
+        min_length=1, description="The user's message, passed through as written."
+    )
+    model: str | None = pydantic.Field(
+        None, min_length=1, description="Model for this turn (default GPT_ENGINE)."
+    )
+    temperature: float | None = pydantic.Field(
+        None, ge=0, le=2, description="Sampling temperature, 0-2."
+    )
+    max_tokens: int | None = pydantic.Field(None, gt=0, description="Cap on the answer's tokens.")
+    system: str | None = pydantic.Field(None, description="System prompt for this turn only.")
+
+
+class UsageBody(pydantic.BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AnswerBody(pydantic.BaseModel):
+    """A whole answer."""
+
+    model_config = pydantic.ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "conversation_id": "123",
+                    "response": "你好！有什么可以帮你的吗？",
+                    "model": "gpt-4.1-mini",
+                    "finish_reason": "stop",
+                    "usage": {"prompt_tokens": 12, "completion_tokens": 10, "total_tokens": 22},
+                }
+            ]
+        }
+    )
+
+    conversation_id: str
+    response: str
+    model: str
+    finish_reason: str = pydantic.Field(description="stop, length, content_filter, … or cancelled")
+    usage: UsageBody
+
+
+class ErrorDetail(pydantic.BaseModel):
+    code: str = pydantic.Field(description="Stable machine-readable code, e.g. prompt_too_long")
+    message: str = pydantic.Field(description="What went wrong, for humans")
+
+
+class ErrorBody(pydantic.BaseModel):
+    """Every error response."""
+
+    error: ErrorDetail
+
+
+class HealthBody(pydantic.BaseModel):
+    status: str
+
+
+def error_response(code: str, message: str, status: int | None = None) -> Response:
+    body = json.dumps({"error": {"code": code, "message": message}}, ensure_ascii=False)
+    return Response(
+        body, status=status or STATUS_BY_CODE.get(code, 500), mimetype="application/json"
+    )
+
+
+def _sse(event: str, data: dict[str, object]) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _end_data(end: End) -> dict[str, object]:
+    return {
+        "conversation_id": end.conversation_id,
+        "model": end.model,
+        "finish_reason": end.finish_reason,
+        "usage": end.usage.as_dict(),
+    }
+
+
+def create_app(service: ChatService) -> Quart:
+    """The HTTP application for ``service``."""
+    app = QuartTrio("easybackend")
+    app.config.update(
+        MAX_CONTENT_LENGTH=service.settings.max_body_bytes,
+        RESPONSE_TIMEOUT=None,  # answers stream for as long as the model talks
+        BODY_TIMEOUT=60,
+    )
+    QuartSchema(
+        app,
+        info=Info(
+            title="EasyBackend",
+            version="0.1.0",
+            description="ChatGPT-style conversations with server-side memory.",
+        ),
+        redoc_ui_path=None,
+        scalar_ui_path=None,
+    )
+
+    @app.errorhandler(ChatError)
+    async def chat_error(exc: ChatError) -> Response:
+        return error_response(exc.code, exc.message)
+
+    @app.errorhandler(RequestSchemaValidationError)
+    async def schema_error(exc: RequestSchemaValidationError) -> Response:
+        return error_response("invalid_input", _describe_validation(exc.validation_error))
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        if status == 413:
+            limit = service.settings.max_body_bytes
+            return error_response(
+                "request_too_large", f"the request body is larger than {limit} bytes", 413
+            )
+        code = {400: "invalid_input", 404: "not_found", 405: "method_not_allowed"}.get(
+            status, "http_error"
+        )
+        return error_response(code, exc.description or exc.name, status)
+
+    def ask_request(conversation_id: str, body: AskBody) -> AskRequest:
+        return AskRequest(conversation_id=conversation_id, **body.model_dump())
+
+    @app.post("/ask/<conversation_id>")
+    @validate_request(AskBody)
+    @document_response(AnswerBody, 200)
+    @document_response(ErrorBody, 400)
+    @document_response(ErrorBody, 413)
+    @document_response(ErrorBody, 502)
+    @tag(["ask"])
+    async def ask(conversation_id: str, data: AskBody) -> Response:
+        """Ask and get the whole answer.
+
+        The conversation is created by its first ask and remembered: each ask
+        sends the system prompt, the most recent turns that fit the context
+        window and the new prompt to the model, then stores the new turn.
+        """
+        answer = await service.complete(ask_request(conversation_id, data))
+        body = {"response": answer.text, **_end_data(answer.end)}
+        return Response(json.dumps(body, ensure_ascii=False), mimetype="application/json")
+
+    @app.post("/ask/<conversation_id>/stream")
+    @validate_request(AskBody)
+    @document_response(ErrorBody, 400)
+    @document_response(ErrorBody, 413)
+    @tag(["ask"])
+    async def ask_stream(conversation_id: str, data: AskBody) -> Response:
+        """Ask and receive the answer as Server-Sent Events.
+
+        Events: ``delta`` (`{"text": …}`) for each piece of the answer, then
+        exactly one ``end`` (`{"conversation_id", "model", "finish_reason",
+        "usage"}`) or one ``error`` (`{"code", "message"}`). Errors that occur
+        before the first piece (invalid input, prompt too long, upstream
+        refused) are plain JSON error responses with their HTTP status.
+        Closing the connection cancels the answer; the part already sent is
+        stored with finish reason ``cancelled``.
+        """
+        events = service.ask(ask_request(conversation_id, data))
+        try:
+            first = await anext(events)
+        except BaseException:
+            await events.aclose()
+            raise
+        response = Response(_sse_body(first, events), mimetype="text/event-stream")
+        response.headers["Cache-Control"] = "no-cache"
+        response.headers["X-Accel-Buffering"] = "no"
+        response.timeout = None
+        return response
+
+    @app.route("/ask/<path:conversation_id>", methods=["POST"])
+    @tag(["ask"])
+    async def ask_bad_id(conversation_id: str) -> Response:
+        """Any other path below /ask/ holds a '/' and so names an invalid conversation id."""
+        validate_conversation_id(conversation_id)
+        raise NotFound(f"no route POST /ask/{conversation_id}")
+
+    @app.get("/healthz")
+    @document_response(HealthBody, 200)
+    @tag(["operations"])
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process is up and serving HTTP."""
+        return {"status": "ok"}
+
+    return app
+
+
+async def _sse_body(first: Delta | End, events: AsyncIterator[Delta | End]) -> AsyncIterator[str]:
+    """Encode chat events as SSE frames; a ChatError after the first frame becomes an ``error`` event."""
+    async with contextlib.aclosing(events):  # type: ignore[type-var]
+        try:
+            event = first
+            while True:
+                if isinstance(event, Delta):
+                    yield _sse("delta", {"text": event.text})
+                else:
+                    yield _sse("end", _end_data(event))
+                    return
+                event = await anext(events)
+        except ChatError as exc:
+            yield _sse("error", {"code": exc.code, "message": exc.message})
+
+
+def _describe_validation(error: object) -> str:
+    if isinstance(error, pydantic.ValidationError):
+        problems = []
+        for item in error.errors():
+            where = ".".join(str(part) for part in item["loc"]) or "body"
+            problems.append(f"{where}: {item['msg']}")
+        return "; ".join(problems)
+    return "the request body must be a JSON object"
