@@ -26,7 +26,9 @@ from .fake_upstream import FakeUpstream
 from .listeners import bind_tcp
 from .settings import Settings
 from .storage import open_storage
+from .transports.grpc import serve_grpc
 from .transports.http import create_app
+from .transports.websocket import serve_websocket
 from .upstream.openai_client import OpenAIUpstream
 
 log = logging.getLogger("easybackend")
@@ -38,8 +40,10 @@ DEMO_TOKEN_DELAY = 0.03  # seconds per piece: slow enough to watch the answer st
 class Running:
     """What :func:`serve` reports through ``task_status`` once every listener accepts."""
 
-    http_port: int | None
-    upstream_url: str | None  # the demo upstream's base URL, when --demo
+    http_port: int | None = None
+    grpc_port: int | None = None
+    ws_port: int | None = None
+    upstream_url: str | None = None  # the demo upstream's base URL, when --demo
 
 
 async def serve(
@@ -54,12 +58,10 @@ async def serve(
     UnknownEncoding before anything is served. On cancellation everything
     stops at once: in-flight asks are cancelled and stored as ``cancelled``.
     """
-    http_socket = (
-        bind_tcp(settings.host, settings.http_port, name="HTTP") if settings.http_port else None
-    )
+    sockets = _bind_all(settings)
     counter = TokenCounter(load_encoding(encoding_name_for(settings.model, settings.encoding_name)))
     storage = await open_storage(settings)
-    shutdown = shutdown or trio.Event()
+    shutdown = shutdown if shutdown is not None else trio.Event()
     try:
         async with trio.open_nursery() as nursery:
             upstream_url = None
@@ -72,12 +74,14 @@ async def serve(
             service = ChatService(settings, storage, upstream, counter)
             async with _stop_on_signals(shutdown, nursery.cancel_scope):
                 async with trio.open_nursery() as listeners:
-                    http_port = None
-                    if http_socket is not None:
-                        http_port = http_socket.getsockname()[1]
-                        await listeners.start(_serve_http, service, settings, http_socket, shutdown)
-                    task_status.started(Running(http_port=http_port, upstream_url=upstream_url))
-                    log.info("EasyBackend ready: HTTP %s", _where(settings.host, http_port))
+                    for name, sock in sockets.items():
+                        await listeners.start(SERVERS[name], service, settings, sock, shutdown)
+                    ports = {name: sock.getsockname()[1] for name, sock in sockets.items()}
+                    task_status.started(Running(**ports, upstream_url=upstream_url))
+                    log.info(
+                        "EasyBackend ready: HTTP %s, gRPC %s, WebSocket %s",
+                        *(_where(settings.host, ports.get(name)) for name in SERVERS),
+                    )
             await upstream.aclose()
             nursery.cancel_scope.cancel()  # the demo upstream
     finally:
@@ -129,6 +133,28 @@ async def _serve_http(
         shutdown_trigger=shutdown.wait,
         task_status=task_status,
     )
+
+
+def _bind_all(settings: Settings) -> dict[str, socket.socket]:
+    """Bind every enabled listener, or none: raises ListenError naming the first taken port."""
+    wanted = {
+        "http_port": (settings.http_port, "HTTP"),
+        "grpc_port": (settings.grpc_port, "gRPC"),
+        "ws_port": (settings.ws_port, "WebSocket"),
+    }
+    bound: dict[str, socket.socket] = {}
+    try:
+        for key, (port, name) in wanted.items():
+            if port:
+                bound[key] = bind_tcp(settings.host, port, name=name)
+    except BaseException:
+        for sock in bound.values():
+            sock.close()
+        raise
+    return bound
+
+
+SERVERS = {"http_port": _serve_http, "grpc_port": serve_grpc, "ws_port": serve_websocket}
 
 
 def _where(host: str, port: int | None) -> str:

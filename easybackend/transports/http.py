@@ -138,7 +138,7 @@ def _end_data(end: End) -> dict[str, object]:
 
 def create_app(service: ChatService) -> Quart:
     """The HTTP application for ``service``."""
-    app = QuartTrio("easybackend")
+    app = QuartTrio(__name__)
     app.config.update(
         MAX_CONTENT_LENGTH=service.settings.max_body_bytes,
         RESPONSE_TIMEOUT=None,  # answers stream for as long as the model talks

@@ -1,0 +1,96 @@
+"""Shared fixtures: the fake upstream and an EasyBackend server, both on real loopback sockets.
+
+``fake`` is a FakeUpstream served in the test's nursery. ``start_server``
+runs :func:`easybackend.app.serve` in the test's nursery against it and
+returns a :class:`Server` once every listener accepts; ``server`` is one
+started with the defaults (HTTP only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import httpx2
+import pytest
+import trio
+
+from easybackend.app import Running, serve
+from easybackend.fake_upstream import FakeUpstream
+from easybackend.settings import Settings, load_settings
+
+UPSTREAM_KEY = "sk-test-upstream-SECRET-0123456789"
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on loopback."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclasses.dataclass
+class Server:
+    settings: Settings
+    running: Running
+    fake: FakeUpstream
+    shutdown: trio.Event
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.running.http_port}"
+
+    def client(self, **kwargs: object) -> httpx2.AsyncClient:
+        return httpx2.AsyncClient(base_url=self.http_url, timeout=10, **kwargs)
+
+
+@pytest.fixture
+async def fake(nursery: trio.Nursery) -> FakeUpstream:
+    upstream = FakeUpstream(api_key=UPSTREAM_KEY)
+    await nursery.start(upstream.serve)
+    return upstream
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, fake: FakeUpstream) -> Callable[..., Settings]:
+    """Settings for a test server: loopback, free ports, the fake upstream, a fresh data dir.
+
+    Keyword arguments are environment variables (``HTTP_PORT="off"`` …).
+    """
+
+    def make(**env: str) -> Settings:
+        values = {
+            "OPENAI_API_KEY": UPSTREAM_KEY,
+            "OPENAI_BASE_URL": fake.base_url(),
+            "HOST": "127.0.0.1",
+            "HTTP_PORT": str(free_port()),
+            "GRPC_PORT": "off",
+            "WS_PORT": "off",
+            "CONVERSATIONS_DIR": str(tmp_path / "conversations"),
+            "UPSTREAM_RETRIES": "0",
+            **env,
+        }
+        return load_settings(values, environ={}, env_file=None)
+
+    return make
+
+
+@pytest.fixture
+def start_server(
+    nursery: trio.Nursery, fake: FakeUpstream, make_settings: Callable[..., Settings]
+) -> Callable[..., Awaitable[Server]]:
+    async def start(**env: str) -> Server:
+        settings = make_settings(**env)
+        shutdown = trio.Event()
+        with trio.fail_after(10):
+            running = await nursery.start(lambda task_status: serve(settings, shutdown=shutdown, task_status=task_status))
+        return Server(settings, running, fake, shutdown)
+
+    return start
+
+
+@pytest.fixture
+async def server(start_server: Callable[..., Awaitable[Server]]) -> Server:
+    return await start_server()
