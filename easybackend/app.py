@@ -74,9 +74,9 @@ async def serve(
             service = ChatService(settings, storage, upstream, counter)
             async with _stop_on_signals(shutdown, nursery.cancel_scope):
                 async with trio.open_nursery() as listeners:
-                    for name, sock in sockets.items():
-                        await listeners.start(SERVERS[name], service, settings, sock, shutdown)
                     ports = {name: sock.getsockname()[1] for name, sock in sockets.items()}
+                    for name, sock in sockets.items():  # each server takes its socket over
+                        await listeners.start(SERVERS[name], service, settings, sock, shutdown)
                     task_status.started(Running(**ports, upstream_url=upstream_url))
                     log.info(
                         "EasyBackend ready: HTTP %s, gRPC %s, WebSocket %s",
