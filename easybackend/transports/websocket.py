@@ -1,13 +1,60 @@
-"""Placeholder: replaced by the real transport."""
+"""The WebSocket transport (trio-websocket): the original text protocol and a JSON protocol.
+
+Each text message is read as one of:
+
+- the original protocol, ``<|ask|>$<conversation_id>$<prompt>`` (the prompt is
+  everything after the second ``$``): the answer comes back as text frames,
+  then ``<|end|>``; a malformed message or a failure gets
+  ``<|err|>$<reason>``;
+- JSON (a message starting with ``{``): ``{"type": "ask", "conversation_id",
+  "prompt", "id"?, "model"?, "temperature"?, "max_tokens"?, "system"?}`` →
+  ``{"type": "delta", "text"}`` … then ``{"type": "end", "finish_reason",
+  "usage", "model"}`` or ``{"type": "error", "code", "message"}`` (each with
+  the ask's ``id`` when it had one); ``{"type": "cancel"}`` stops the answer
+  in progress (it ends with ``finish_reason: "cancelled"``);
+  ``{"type": "ping"}`` → ``{"type": "pong"}``.
+
+Asks on one socket are answered one after another, in the order they
+arrived; the socket stays usable after any error. Binary frames and unknown
+messages get an error reply. A message over the size limit closes the socket
+with code 1009 (the WebSocket "message too big" code).
+
+Cancellation: closing the socket, ``cancel``, or server shutdown cancels the
+answer in progress; the chat core closes the upstream call and stores the
+partial answer as ``cancelled``.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
+import logging
+import math
 import socket
+from typing import Any
 
 import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, WebSocketServer
 
-from ..chat.service import ChatService
+from ..chat.service import AskRequest, ChatService, End
+from ..errors import ChatError, InvalidInput
 from ..settings import Settings
+
+log = logging.getLogger("easybackend.websocket")
+
+ORIGINAL_ASK = "<|ask|>"
+ORIGINAL_END = "<|end|>"
+ORIGINAL_ERROR = "<|err|>$"
+MAX_QUEUED_ASKS = 16
+GOING_AWAY = 1001
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Ask:
+    request: AskRequest
+    json_id: Any = None  # the JSON ask's "id"
+    original: bool = False  # answer in the original text protocol
 
 
 async def serve_websocket(
@@ -18,4 +65,190 @@ async def serve_websocket(
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    raise NotImplementedError
+    """Serve WebSocket connections on the bound socket ``sock`` until ``shutdown`` is set.
+
+    After ``shutdown`` no connection is accepted, no new ask is taken and
+    answers in progress have ``settings.shutdown_grace`` seconds to finish;
+    then every connection is closed (1001, going away). Cancellation stops
+    everything at once.
+    """
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+    async with trio.open_nursery() as handlers:
+
+        async def handle(request: WebSocketRequest) -> None:
+            connection = await request.accept()
+            await _Connection(service, connection, shutdown).run()
+
+        server = WebSocketServer(
+            handle,
+            [listener],
+            handler_nursery=handlers,
+            max_message_size=settings.max_body_bytes,
+        )
+        async with trio.open_nursery() as accepting:
+            await accepting.start(server.run)
+            task_status.started()
+            await shutdown.wait()
+            accepting.cancel_scope.cancel()
+        handlers.cancel_scope.deadline = trio.current_time() + settings.shutdown_grace
+
+
+class _Connection:
+    """One client socket: a reader task and a worker that answers queued asks in order."""
+
+    def __init__(self, service: ChatService, ws: WebSocketConnection, shutdown: trio.Event) -> None:
+        self.service = service
+        self.ws = ws
+        self.shutdown = shutdown
+        self.send_asks, self.receive_asks = trio.open_memory_channel[_Ask](MAX_QUEUED_ASKS)
+        self.current: trio.CancelScope | None = None
+
+    async def run(self) -> None:
+        """Serve the socket until the client closes it (or shutdown drains it)."""
+        with contextlib.suppress(ConnectionClosed):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._answer_asks)
+                nursery.start_soon(self._stop_taking_asks_on_shutdown)
+                await self._read_messages()
+                nursery.cancel_scope.cancel()
+
+    async def _read_messages(self) -> None:
+        while True:
+            try:
+                message = await self.ws.get_message()
+            except ConnectionClosed:
+                return
+            if isinstance(message, bytes):
+                await self._send_json(None, _error("invalid_input", "binary frames are not supported; send text"))
+            elif message.startswith(ORIGINAL_ASK):
+                await self._take_original(message)
+            elif message.lstrip().startswith("{"):
+                await self._take_json(message)
+            else:
+                await self.ws.send_message(
+                    ORIGINAL_ERROR + "unknown message: send <|ask|>$<conversation_id>$<prompt> or a JSON object"
+                )
+
+    async def _take_original(self, message: str) -> None:
+        parts = message.split("$", 2)
+        if len(parts) != 3 or parts[0] != ORIGINAL_ASK:
+            await self.ws.send_message(ORIGINAL_ERROR + "malformed ask: expected <|ask|>$<conversation_id>$<prompt>")
+            return
+        await self._enqueue(_Ask(AskRequest(conversation_id=parts[1], prompt=parts[2]), original=True))
+
+    async def _take_json(self, message: str) -> None:
+        try:
+            data = json.loads(message)
+        except ValueError:
+            await self._send_json(None, _error("invalid_input", "the message is not valid JSON"))
+            return
+        if not isinstance(data, dict):
+            await self._send_json(None, _error("invalid_input", "a JSON message must be an object"))
+            return
+        kind, json_id = data.get("type"), data.get("id")
+        if kind == "ping":
+            await self._send_json(json_id, {"type": "pong"})
+        elif kind == "cancel":
+            if self.current is not None:
+                self.current.cancel()
+        elif kind == "ask":
+            try:
+                request = _json_ask(data)
+            except InvalidInput as exc:
+                await self._send_json(json_id, _error(exc.code, exc.message))
+                return
+            await self._enqueue(_Ask(request, json_id=json_id))
+        else:
+            await self._send_json(
+                json_id, _error("invalid_input", "unknown message type: use ask, cancel or ping")
+            )
+
+    async def _enqueue(self, ask: _Ask) -> None:
+        if self.shutdown.is_set():
+            await self._send_failure(ask, "shutting_down", "the server is shutting down")
+            return
+        try:
+            self.send_asks.send_nowait(ask)
+        except trio.WouldBlock:
+            await self._send_failure(ask, "too_many_requests", f"more than {MAX_QUEUED_ASKS} asks are waiting on this socket")
+
+    async def _answer_asks(self) -> None:
+        """Answer queued asks in order; after shutdown, once the queue is empty, close (1001)."""
+        async for ask in self.receive_asks:
+            with trio.CancelScope() as scope:
+                self.current = scope
+                await self._answer(ask)
+            self.current = None
+            if scope.cancelled_caught:  # the client's `cancel`: the answer ends, the socket stays
+                await self._send_end(ask, None)
+        await self.ws.aclose(GOING_AWAY, "server shutting down")
+
+    async def _answer(self, ask: _Ask) -> None:
+        try:
+            async with contextlib.aclosing(self.service.ask(ask.request)) as events:
+                async for event in events:
+                    if isinstance(event, End):
+                        await self._send_end(ask, event)
+                    elif ask.original:
+                        await self.ws.send_message(event.text)
+                    else:
+                        await self._send_json(ask.json_id, {"type": "delta", "text": event.text})
+        except ChatError as exc:
+            await self._send_failure(ask, exc.code, exc.message)
+        except (ConnectionClosed, trio.Cancelled):
+            raise
+        except Exception:
+            log.exception("answering a WebSocket ask failed")
+            await self._send_failure(ask, "internal_error", "the server failed to answer; see its log")
+
+    async def _send_end(self, ask: _Ask, end: End | None) -> None:
+        """The end of an answer; ``None`` for one the client cancelled."""
+        if ask.original:
+            await self.ws.send_message(ORIGINAL_END)
+        elif end is None:
+            await self._send_json(ask.json_id, {"type": "end", "finish_reason": "cancelled", "usage": None})
+        else:
+            payload = {"type": "end", "finish_reason": end.finish_reason, "usage": end.usage.as_dict(), "model": end.model}
+            await self._send_json(ask.json_id, payload)
+
+    async def _send_failure(self, ask: _Ask, code: str, message: str) -> None:
+        if ask.original:
+            await self.ws.send_message(ORIGINAL_ERROR + message)
+        else:
+            await self._send_json(ask.json_id, _error(code, message))
+
+    async def _send_json(self, json_id: Any, payload: dict[str, Any]) -> None:
+        if json_id is not None:
+            payload = {**payload, "id": json_id}
+        await self.ws.send_message(json.dumps(payload, ensure_ascii=False))
+
+    async def _stop_taking_asks_on_shutdown(self) -> None:
+        await self.shutdown.wait()
+        self.send_asks.close()
+
+
+def _error(code: str, message: str) -> dict[str, Any]:
+    return {"type": "error", "code": code, "message": message}
+
+
+def _json_ask(data: dict[str, Any]) -> AskRequest:
+    """An AskRequest from a JSON ask, checking the optional fields' types."""
+    fields: dict[str, Any] = {}
+    for name, kinds in (("model", str), ("system", str), ("temperature", (int, float)), ("max_tokens", int)):
+        value = data.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise InvalidInput(f"{name} has the wrong type")
+        fields[name] = value
+    temperature = fields.get("temperature")
+    if temperature is not None and not (math.isfinite(temperature) and 0 <= temperature <= 2):
+        raise InvalidInput("temperature must be between 0 and 2")
+    if fields.get("max_tokens") is not None and fields["max_tokens"] <= 0:
+        raise InvalidInput("max_tokens must be a positive whole number")
+    return AskRequest(
+        conversation_id=data.get("conversation_id"),  # type: ignore[arg-type]  # the core validates it
+        prompt=data.get("prompt"),  # type: ignore[arg-type]
+        **fields,
+    )
