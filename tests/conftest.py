@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import httpx2
@@ -36,7 +36,8 @@ class Server:
     settings: Settings
     running: Running
     fake: FakeUpstream
-    shutdown: trio.Event
+    shutdown: trio.Event  # set it to stop the server gracefully
+    stopped: trio.Event  # set once serve() has returned
 
     @property
     def http_url(self) -> str:
@@ -78,17 +79,33 @@ def make_settings(tmp_path: Path, fake: FakeUpstream) -> Callable[..., Settings]
 
 
 @pytest.fixture
-def start_server(
+async def start_server(
     nursery: trio.Nursery, fake: FakeUpstream, make_settings: Callable[..., Settings]
-) -> Callable[..., Awaitable[Server]]:
+) -> AsyncIterator[Callable[..., Awaitable[Server]]]:
+    """Start servers; at teardown each still running is shut down gracefully (and must stop)."""
+    started: list[Server] = []
+
+    async def run(settings: Settings, shutdown: trio.Event, stopped: trio.Event, *, task_status) -> None:
+        try:
+            await serve(settings, shutdown=shutdown, task_status=task_status)
+        finally:
+            stopped.set()
+
     async def start(**env: str) -> Server:
         settings = make_settings(**env)
-        shutdown = trio.Event()
+        shutdown, stopped = trio.Event(), trio.Event()
         with trio.fail_after(10):
-            running = await nursery.start(lambda task_status: serve(settings, shutdown=shutdown, task_status=task_status))
-        return Server(settings, running, fake, shutdown)
+            running = await nursery.start(run, settings, shutdown, stopped)
+        server = Server(settings, running, fake, shutdown, stopped)
+        started.append(server)
+        return server
 
-    return start
+    yield start
+    for server in started:
+        server.shutdown.set()
+    with trio.fail_after(15):
+        for server in started:
+            await server.stopped.wait()
 
 
 @pytest.fixture

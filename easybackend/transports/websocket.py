@@ -6,7 +6,7 @@ Each text message is read as one of:
   everything after the second ``$``): the answer comes back as text frames,
   then ``<|end|>``; a malformed message or a failure gets
   ``<|err|>$<reason>``;
-- JSON (a message starting with ``{``): ``{"type": "ask", "conversation_id",
+- JSON (a message starting with ``{`` or ``[``): ``{"type": "ask", "conversation_id",
   "prompt", "id"?, "model"?, "temperature"?, "max_tokens"?, "system"?}`` →
   ``{"type": "delta", "text"}`` … then ``{"type": "end", "finish_reason",
   "usage", "model"}`` or ``{"type": "error", "code", "message"}`` (each with
@@ -123,7 +123,7 @@ class _Connection:
                 await self._send_json(None, _error("invalid_input", "binary frames are not supported; send text"))
             elif message.startswith(ORIGINAL_ASK):
                 await self._take_original(message)
-            elif message.lstrip().startswith("{"):
+            elif message.lstrip()[:1] in ("{", "["):
                 await self._take_json(message)
             else:
                 await self.ws.send_message(
