@@ -7,9 +7,8 @@ import sqlite3
 
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, open_websocket_url
-
 from conftest import Server, free_port
+from trio_websocket import ConnectionClosed, open_websocket_url
 
 LONG = "[[fake:tokens=300]][[fake:delay=0.02]] long answer"
 
