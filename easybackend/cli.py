@@ -1,7 +1,8 @@
 """The ``easybackend`` command (also ``python run.py``).
 
 ``easybackend [serve] [flags]`` starts the server; flags override the
-environment and ``.env``. Bad configuration or a taken port prints one line
+environment and ``.env``. ``easybackend chat`` is the terminal client
+(:mod:`easybackend.client`). Bad configuration or a taken port prints one line
 ``easybackend: error: …`` and exits 2 (configuration) or 1 (start-up), with
 no traceback.
 """
@@ -51,6 +52,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the server (the default command)")
     for target in (parser, serve):
         _add_serve_flags(target)
+    chat = commands.add_parser(
+        "chat",
+        help="interactive terminal client: multi-line input, a blank line sends, Ctrl-C cancels the answer",
+        description="Chat with a running EasyBackend. Type a prompt over several lines; a blank line "
+        "sends it; the answer streams in. Ctrl-C cancels the answer in progress (or discards the prompt "
+        "being typed); Ctrl-D quits. Input can be piped in.",
+    )
+    chat.add_argument(
+        "--protocol", choices=("http", "ws", "grpc"), default="http", help="protocol (default http)"
+    )
+    chat.add_argument(
+        "--url",
+        help="server address (default http://127.0.0.1:8000, ws://127.0.0.1:9001 or 127.0.0.1:9000)",
+    )
+    chat.add_argument(
+        "--conversation", metavar="ID", help="conversation id to continue (default: a new one)"
+    )
     return parser
 
 
@@ -75,7 +93,10 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
-    args.pop("command", None)
+    if args.pop("command", None) == "chat":
+        from .client import main as chat_main
+
+        return chat_main(args["protocol"], args["url"], args["conversation"])
     demo = bool(args.pop("demo", False))
     env_file = args.pop("env_file", ".env")
     try:
