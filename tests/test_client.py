@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import trio
-
 from conftest import Server, free_port
 
 PROTOCOLS = ["http", "ws", "grpc"]
