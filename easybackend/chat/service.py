@@ -28,9 +28,9 @@ from collections.abc import AsyncIterator
 
 import trio
 
-from ..errors import InvalidInput
+from ..errors import InvalidInput, NotFound
 from ..settings import Settings
-from ..storage import ConversationRef, NewTurn, Storage
+from ..storage import ConversationDetail, ConversationRef, ConversationSummary, NewTurn, Storage
 from ..upstream.openai_client import Completion, OpenAIUpstream, UpstreamCall
 from .context import Budget, build_messages, turn_cost
 from .locks import KeyedLock
@@ -38,6 +38,7 @@ from .tokens import TokenCounter
 
 CONVERSATION_ID = re.compile(r"[A-Za-z0-9_\-.:]{1,128}")
 CANCELLED = "cancelled"
+MAX_PAGE = 200  # conversations per page of a listing
 # How long storing a cancelled turn may take once the ask is already cancelled.
 STORE_ON_CANCEL_SECONDS = 5.0
 
@@ -205,6 +206,59 @@ class ChatService:
                 else:
                     return Answer("".join(pieces), event)
         raise AssertionError("ask() ended without an End event")
+
+    # Conversation management. Each takes the conversation's lock, so it waits for an
+    # answer in progress on that conversation and never sees half of one.
+
+    async def list_conversations(
+        self, owner: str = "", *, limit: int = 50, after: str | None = None
+    ) -> list[ConversationSummary]:
+        """A page of the owner's conversations, most recently active first. Raises InvalidInput."""
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidInput(f"limit must be between 1 and {MAX_PAGE}")
+        try:
+            return await self.storage.list_conversations(owner, limit, after)
+        except ValueError:
+            raise InvalidInput("cursor is not one this server handed out") from None
+
+    async def get_conversation(self, conversation_id: str, owner: str = "") -> ConversationDetail:
+        """The whole conversation. Raises InvalidInput or NotFound."""
+        ref = ConversationRef(owner, validate_conversation_id(conversation_id))
+        async with self._locks.hold(ref):
+            detail = await self.storage.get_conversation(ref)
+        if detail is None:
+            raise NotFound(f"no conversation {conversation_id!r}")
+        return detail
+
+    async def delete_conversation(self, conversation_id: str, owner: str = "") -> None:
+        """Forget a conversation. Raises InvalidInput or NotFound."""
+        ref = ConversationRef(owner, validate_conversation_id(conversation_id))
+        async with self._locks.hold(ref):
+            if not await self.storage.delete_conversation(ref):
+                raise NotFound(f"no conversation {conversation_id!r}")
+
+    async def rollback(self, conversation_id: str, turns: int, owner: str = "") -> int:
+        """Drop the last ``turns`` turns; returns how many were dropped. Raises InvalidInput or NotFound."""
+        ref = ConversationRef(owner, validate_conversation_id(conversation_id))
+        if isinstance(turns, bool) or not isinstance(turns, int) or turns < 1:
+            raise InvalidInput("turns must be a whole number of at least 1")
+        async with self._locks.hold(ref):
+            dropped = await self.storage.rollback(ref, turns)
+        if dropped is None:
+            raise NotFound(f"no conversation {conversation_id!r}")
+        return dropped
+
+    async def set_system_prompt(
+        self, conversation_id: str, prompt: str | None, owner: str = ""
+    ) -> None:
+        """Set the conversation's own system prompt (creating the conversation); None or "" clears it."""
+        ref = ConversationRef(owner, validate_conversation_id(conversation_id))
+        if prompt is not None and not isinstance(prompt, str):
+            raise InvalidInput("prompt must be a string or null")
+        prompt = prompt or None
+        tokens = self.counter.text(prompt) if prompt is not None else None
+        async with self._locks.hold(ref):
+            await self.storage.set_system_prompt(ref, prompt, tokens)
 
     def _new_turn(
         self,

@@ -3,10 +3,29 @@
 from __future__ import annotations
 
 from ..settings import Settings
-from .base import Context, ConversationRef, NewTurn, Storage, StoredTurn
+from .base import (
+    Context,
+    ConversationDetail,
+    ConversationRef,
+    ConversationSummary,
+    NewTurn,
+    Storage,
+    StoredTurn,
+    TurnRecord,
+)
 from .sqlite import SQLiteStorage
 
-__all__ = ["Context", "ConversationRef", "NewTurn", "Storage", "StoredTurn", "open_storage"]
+__all__ = [
+    "Context",
+    "ConversationDetail",
+    "ConversationRef",
+    "ConversationSummary",
+    "NewTurn",
+    "Storage",
+    "StoredTurn",
+    "TurnRecord",
+    "open_storage",
+]
 
 
 async def open_storage(settings: Settings) -> Storage:

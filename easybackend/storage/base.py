@@ -58,6 +58,43 @@ class Context:
     turn_count: int  # all turns the conversation holds
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConversationSummary:
+    """One conversation as listed: sizes, usage totals and activity times (epoch seconds)."""
+
+    conversation_id: str
+    system_prompt: str | None
+    turn_count: int
+    prompt_tokens: int
+    completion_tokens: int
+    created_at: float
+    updated_at: float
+    cursor: str  # opaque position for the next page, after this conversation
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TurnRecord:
+    """One stored turn, in full."""
+
+    seq: int
+    prompt: str
+    prompt_tokens: int
+    answer: str
+    answer_tokens: int
+    model: str
+    finish_reason: str
+    usage_prompt_tokens: int
+    usage_completion_tokens: int
+    created_at: float
+    finished_at: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConversationDetail:
+    summary: ConversationSummary
+    turns: list[TurnRecord]
+
+
 class Storage(Protocol):
     """A conversation store. Methods run their blocking work off the event loop.
 
@@ -83,6 +120,41 @@ class Storage(Protocol):
 
     async def append_turn(self, ref: ConversationRef, turn: NewTurn) -> int:
         """Store one turn atomically after the last one, creating the conversation; returns its seq."""
+        ...
+
+    async def list_conversations(
+        self, owner: str, limit: int, after: str | None
+    ) -> list[ConversationSummary]:
+        """The owner's conversations, most recently active first, starting after cursor ``after``.
+
+        Raises ValueError for a cursor this store did not hand out.
+        """
+        ...
+
+    async def get_conversation(self, ref: ConversationRef) -> ConversationDetail | None:
+        """The whole conversation, or None if it does not exist."""
+        ...
+
+    async def delete_conversation(self, ref: ConversationRef) -> bool:
+        """Forget the conversation and its turns; False if it did not exist."""
+        ...
+
+    async def rollback(self, ref: ConversationRef, turns: int) -> int | None:
+        """Drop the last ``turns`` turns (all, if there are fewer); the number dropped, or None if unknown."""
+        ...
+
+    async def set_system_prompt(
+        self, ref: ConversationRef, prompt: str | None, tokens: int | None
+    ) -> None:
+        """Set (or clear, with None) the conversation's own system prompt, creating the conversation."""
+        ...
+
+    async def import_turns(self, ref: ConversationRef, source: str, turns: list[NewTurn]) -> int:
+        """Append the turns of ``source`` not imported before (by position); returns how many were added.
+
+        ``turns`` is everything ``source`` holds now: the first ones already
+        imported from the same source are skipped, so importing twice adds nothing.
+        """
         ...
 
     async def close(self) -> None:

@@ -9,7 +9,9 @@ journal rolls back an unfinished transaction on the next open).
 
 from __future__ import annotations
 
+import base64
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -17,7 +19,15 @@ from typing import TypeVar
 import trio
 
 from ..errors import StorageUnavailable
-from .base import Context, ConversationRef, NewTurn, StoredTurn
+from .base import (
+    Context,
+    ConversationDetail,
+    ConversationRef,
+    ConversationSummary,
+    NewTurn,
+    StoredTurn,
+    TurnRecord,
+)
 
 T = TypeVar("T")
 
@@ -53,6 +63,15 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (conversation_pk, seq)
     ) WITHOUT ROWID;
     CREATE INDEX conversations_by_activity ON conversations (owner, updated_at DESC);
+    """,
+    """
+    CREATE TABLE legacy_imports (
+        owner TEXT NOT NULL,
+        conversation_id TEXT NOT NULL,
+        source TEXT NOT NULL,
+        entries INTEGER NOT NULL,
+        PRIMARY KEY (owner, conversation_id, source)
+    );
     """,
 ]
 
@@ -113,51 +132,182 @@ class SQLiteStorage:
         def work(db: sqlite3.Connection) -> int:
             with db:  # one transaction: the turn and the conversation's totals together
                 db.execute("BEGIN IMMEDIATE")
+                return _append(db, ref, turn)
+
+        return await self._run(work)
+
+    async def list_conversations(
+        self, owner: str, limit: int, after: str | None
+    ) -> list[ConversationSummary]:
+        position = decode_cursor(after) if after else None
+
+        def work(db: sqlite3.Connection) -> list[ConversationSummary]:
+            query = f"SELECT {_SUMMARY_COLUMNS}, pk FROM conversations WHERE owner = ?"
+            args: list[object] = [owner]
+            if position is not None:
+                query += " AND (updated_at < ? OR (updated_at = ? AND pk < ?))"
+                args += [position[0], position[0], position[1]]
+            query += " ORDER BY updated_at DESC, pk DESC LIMIT ?"
+            rows = db.execute(query, [*args, limit]).fetchall()
+            return [_summary(row[:-1], encode_cursor(row[6], row[-1])) for row in rows]
+
+        return await self._run(work)
+
+    async def get_conversation(self, ref: ConversationRef) -> ConversationDetail | None:
+        def work(db: sqlite3.Connection) -> ConversationDetail | None:
+            row = db.execute(
+                f"SELECT {_SUMMARY_COLUMNS}, pk FROM conversations WHERE owner = ? AND conversation_id = ?",
+                (ref.owner, ref.conversation_id),
+            ).fetchone()
+            if row is None:
+                return None
+            turns = db.execute(
+                "SELECT seq, prompt, prompt_tokens, answer, answer_tokens, model, finish_reason,"
+                " usage_prompt_tokens, usage_completion_tokens, created_at, finished_at"
+                " FROM turns WHERE conversation_pk = ? ORDER BY seq",
+                (row[-1],),
+            ).fetchall()
+            summary = _summary(row[:-1], encode_cursor(row[6], row[-1]))
+            return ConversationDetail(summary, [TurnRecord(*turn) for turn in turns])
+
+        return await self._run(work)
+
+    async def delete_conversation(self, ref: ConversationRef) -> bool:
+        def work(db: sqlite3.Connection) -> bool:
+            with db:
+                db.execute("BEGIN IMMEDIATE")
+                deleted = db.execute(
+                    "DELETE FROM conversations WHERE owner = ? AND conversation_id = ?",
+                    (ref.owner, ref.conversation_id),
+                ).rowcount
                 db.execute(
-                    "INSERT INTO conversations (owner, conversation_id, created_at, updated_at)"
-                    " VALUES (?, ?, ?, ?) ON CONFLICT (owner, conversation_id) DO NOTHING",
-                    (ref.owner, ref.conversation_id, turn.created_at, turn.finished_at),
+                    "DELETE FROM legacy_imports WHERE owner = ? AND conversation_id = ?",
+                    (ref.owner, ref.conversation_id),
                 )
-                pk, seq = db.execute(
-                    "SELECT pk, turn_count + 1 FROM conversations"
-                    " WHERE owner = ? AND conversation_id = ?",
+            return deleted > 0
+
+        return await self._run(work)
+
+    async def rollback(self, ref: ConversationRef, turns: int) -> int | None:
+        def work(db: sqlite3.Connection) -> int | None:
+            with db:
+                db.execute("BEGIN IMMEDIATE")
+                row = db.execute(
+                    "SELECT pk, turn_count FROM conversations WHERE owner = ? AND conversation_id = ?",
                     (ref.owner, ref.conversation_id),
                 ).fetchone()
+                if row is None:
+                    return None
+                pk, count = row
+                keep = max(count - turns, 0)
+                db.execute("DELETE FROM turns WHERE conversation_pk = ? AND seq > ?", (pk, keep))
                 db.execute(
-                    "INSERT INTO turns VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        pk,
-                        seq,
-                        turn.prompt,
-                        turn.prompt_tokens,
-                        turn.answer,
-                        turn.answer_tokens,
-                        turn.model,
-                        turn.finish_reason,
-                        turn.usage_prompt_tokens,
-                        turn.usage_completion_tokens,
-                        turn.created_at,
-                        turn.finished_at,
-                    ),
+                    "UPDATE conversations SET turn_count = ?, updated_at = ? WHERE pk = ?",
+                    (keep, time.time(), pk),
                 )
+            return count - keep
+
+        return await self._run(work)
+
+    async def set_system_prompt(
+        self, ref: ConversationRef, prompt: str | None, tokens: int | None
+    ) -> None:
+        def work(db: sqlite3.Connection) -> None:
+            now = time.time()
+            with db:
+                db.execute("BEGIN IMMEDIATE")
                 db.execute(
-                    "UPDATE conversations SET turn_count = ?, updated_at = ?,"
-                    " prompt_tokens = prompt_tokens + ?, completion_tokens = completion_tokens + ?"
-                    " WHERE pk = ?",
-                    (
-                        seq,
-                        turn.finished_at,
-                        turn.usage_prompt_tokens,
-                        turn.usage_completion_tokens,
-                        pk,
-                    ),
+                    "INSERT INTO conversations (owner, conversation_id, system_prompt, system_tokens,"
+                    " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (owner, conversation_id) DO UPDATE SET"
+                    " system_prompt = excluded.system_prompt, system_tokens = excluded.system_tokens,"
+                    " updated_at = excluded.updated_at",
+                    (ref.owner, ref.conversation_id, prompt, tokens, now, now),
                 )
-            return seq
+
+        await self._run(work)
+
+    async def import_turns(self, ref: ConversationRef, source: str, turns: list[NewTurn]) -> int:
+        def work(db: sqlite3.Connection) -> int:
+            with db:
+                db.execute("BEGIN IMMEDIATE")
+                row = db.execute(
+                    "SELECT entries FROM legacy_imports"
+                    " WHERE owner = ? AND conversation_id = ? AND source = ?",
+                    (ref.owner, ref.conversation_id, source),
+                ).fetchone()
+                done = row[0] if row else 0
+                for turn in turns[done:]:
+                    _append(db, ref, turn)
+                db.execute(
+                    "INSERT INTO legacy_imports VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (owner, conversation_id, source) DO UPDATE SET entries = excluded.entries",
+                    (ref.owner, ref.conversation_id, source, max(done, len(turns))),
+                )
+            return max(len(turns) - done, 0)
 
         return await self._run(work)
 
     async def close(self) -> None:
         await self._run(lambda db: db.close())
+
+
+_SUMMARY_COLUMNS = "conversation_id, system_prompt, turn_count, prompt_tokens, completion_tokens, created_at, updated_at"
+
+
+def _summary(row: tuple, cursor: str) -> ConversationSummary:
+    return ConversationSummary(*row, cursor=cursor)
+
+
+def encode_cursor(updated_at: float, pk: int) -> str:
+    return base64.urlsafe_b64encode(f"{updated_at!r}:{pk}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, int]:
+    """Raises ValueError for anything :func:`encode_cursor` did not make."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        updated_at, pk = raw.split(":")
+        return float(updated_at), int(pk)
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError("invalid cursor") from None
+
+
+def _append(db: sqlite3.Connection, ref: ConversationRef, turn: NewTurn) -> int:
+    """Append ``turn`` inside the caller's transaction; returns its seq."""
+    db.execute(
+        "INSERT INTO conversations (owner, conversation_id, created_at, updated_at)"
+        " VALUES (?, ?, ?, ?) ON CONFLICT (owner, conversation_id) DO NOTHING",
+        (ref.owner, ref.conversation_id, turn.created_at, turn.finished_at),
+    )
+    pk, seq = db.execute(
+        "SELECT pk, turn_count + 1 FROM conversations WHERE owner = ? AND conversation_id = ?",
+        (ref.owner, ref.conversation_id),
+    ).fetchone()
+    db.execute(
+        "INSERT INTO turns VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            pk,
+            seq,
+            turn.prompt,
+            turn.prompt_tokens,
+            turn.answer,
+            turn.answer_tokens,
+            turn.model,
+            turn.finish_reason,
+            turn.usage_prompt_tokens,
+            turn.usage_completion_tokens,
+            turn.created_at,
+            turn.finished_at,
+        ),
+    )
+    db.execute(
+        "UPDATE conversations SET turn_count = ?, updated_at = max(updated_at, ?),"
+        " prompt_tokens = prompt_tokens + ?, completion_tokens = completion_tokens + ?"
+        " WHERE pk = ?",
+        (seq, turn.finished_at, turn.usage_prompt_tokens, turn.usage_completion_tokens, pk),
+    )
+    return seq
 
 
 def _connect(path: Path) -> sqlite3.Connection:
