@@ -237,16 +237,16 @@ class ChatService:
             if not await self.storage.delete_conversation(ref):
                 raise NotFound(f"no conversation {conversation_id!r}")
 
-    async def rollback(self, conversation_id: str, turns: int, owner: str = "") -> int:
-        """Drop the last ``turns`` turns; returns how many were dropped. Raises InvalidInput or NotFound."""
+    async def rollback(self, conversation_id: str, turns: int, owner: str = "") -> tuple[int, int]:
+        """Drop the last ``turns`` turns; returns (dropped, left). Raises InvalidInput or NotFound."""
         ref = ConversationRef(owner, validate_conversation_id(conversation_id))
         if isinstance(turns, bool) or not isinstance(turns, int) or turns < 1:
             raise InvalidInput("turns must be a whole number of at least 1")
         async with self._locks.hold(ref):
-            dropped = await self.storage.rollback(ref, turns)
-        if dropped is None:
+            result = await self.storage.rollback(ref, turns)
+        if result is None:
             raise NotFound(f"no conversation {conversation_id!r}")
-        return dropped
+        return result
 
     async def set_system_prompt(
         self, conversation_id: str, prompt: str | None, owner: str = ""

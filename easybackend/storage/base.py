@@ -139,8 +139,11 @@ class Storage(Protocol):
         """Forget the conversation and its turns; False if it did not exist."""
         ...
 
-    async def rollback(self, ref: ConversationRef, turns: int) -> int | None:
-        """Drop the last ``turns`` turns (all, if there are fewer); the number dropped, or None if unknown."""
+    async def rollback(self, ref: ConversationRef, turns: int) -> tuple[int, int] | None:
+        """Drop the last ``turns`` turns (all, if there are fewer).
+
+        Returns (turns dropped, turns left), or None for an unknown conversation.
+        """
         ...
 
     async def set_system_prompt(

@@ -188,8 +188,8 @@ class SQLiteStorage:
 
         return await self._run(work)
 
-    async def rollback(self, ref: ConversationRef, turns: int) -> int | None:
-        def work(db: sqlite3.Connection) -> int | None:
+    async def rollback(self, ref: ConversationRef, turns: int) -> tuple[int, int] | None:
+        def work(db: sqlite3.Connection) -> tuple[int, int] | None:
             with db:
                 db.execute("BEGIN IMMEDIATE")
                 row = db.execute(
@@ -205,7 +205,7 @@ class SQLiteStorage:
                     "UPDATE conversations SET turn_count = ?, updated_at = ? WHERE pk = ?",
                     (keep, time.time(), pk),
                 )
-            return count - keep
+            return count - keep, keep
 
         return await self._run(work)
 
