@@ -69,6 +69,38 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument(
         "--conversation", metavar="ID", help="conversation id to continue (default: a new one)"
     )
+
+    importer = commands.add_parser(
+        "import-json",
+        help="import the original EasyBackend's conversations/*.json files (safe to run again)",
+        description="Import every <conversation_id>.json file of DIR, as written by the original "
+        "EasyBackend, into the database named by DATABASE_URL / CONVERSATIONS_DIR. Running it again "
+        "adds only entries appended since; malformed files are named and skipped.",
+    )
+    importer.add_argument(
+        "directory", metavar="DIR", help="folder holding the original's .json files"
+    )
+    exporter = commands.add_parser(
+        "export",
+        help="write one conversation as JSON",
+        description="Write one conversation as JSON.",
+    )
+    exporter.add_argument("conversation_id", metavar="ID")
+    exporter.add_argument(
+        "--output", "-o", metavar="FILE", help="write to FILE instead of standard output"
+    )
+    for command in (importer, exporter):
+        for flag in ("--conversations-dir", "--database-url"):
+            variable, text = SERVE_FLAGS[flag]
+            command.add_argument(
+                flag, dest=variable, default=argparse.SUPPRESS, metavar=variable, help=text
+            )
+        command.add_argument(
+            "--env-file",
+            default=argparse.SUPPRESS,
+            metavar="PATH",
+            help="read settings from this file instead of ./.env",
+        )
     return parser
 
 
@@ -93,10 +125,13 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
-    if args.pop("command", None) == "chat":
+    command = args.pop("command", None)
+    if command == "chat":
         from .client import main as chat_main
 
         return chat_main(args["protocol"], args["url"], args["conversation"])
+    if command in ("import-json", "export"):
+        return _data_command(command, args)
     demo = bool(args.pop("demo", False))
     env_file = args.pop("env_file", ".env")
     try:
@@ -113,6 +148,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"easybackend: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _data_command(command: str, args: dict[str, str]) -> int:
+    """import-json and export: storage work that never calls the model."""
+    from . import data_commands
+
+    env_file = args.pop("env_file", ".env")
+    positional = {
+        key: args.pop(key) for key in ("directory", "conversation_id", "output") if key in args
+    }
+    try:
+        settings = load_settings(args, env_file=env_file, need_api_key=False)
+        return trio.run(data_commands.COMMANDS[command], settings, positional)
+    except (ConfigError, StorageUnavailable, data_commands.CommandError) as exc:
+        print(f"easybackend: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
 
 
 def _configure_logging(level: str) -> None:

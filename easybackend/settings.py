@@ -151,11 +151,14 @@ def load_settings(
     environ: Mapping[str, str] | None = None,
     env_file: str | os.PathLike[str] | None = ".env",
     demo: bool = False,
+    need_api_key: bool = True,
 ) -> Settings:
     """Build and validate the settings.
 
     ``overrides`` holds values from command-line flags, keyed by the
-    environment variable they stand for. Raises :class:`ConfigError`.
+    environment variable they stand for. ``need_api_key=False`` is for
+    commands that never call the model (import, export). Raises
+    :class:`ConfigError`.
     """
     merged: dict[str, str] = {}
     if env_file is not None and Path(env_file).is_file():
@@ -175,13 +178,13 @@ def load_settings(
             raise ConfigError(f"{variable}={raw!r} {reason}") from None
 
     settings = Settings(**values)  # type: ignore[arg-type]
-    return _checked(settings)
+    return _checked(settings, need_api_key)
 
 
-def _checked(settings: Settings) -> Settings:
+def _checked(settings: Settings, need_api_key: bool) -> Settings:
     if not settings.model.strip():
         raise ConfigError("GPT_ENGINE must name a model")
-    if not settings.openai_api_key and not settings.demo:
+    if not settings.openai_api_key and not settings.demo and need_api_key:
         raise ConfigError(
             "OPENAI_API_KEY is not set: export it (or put it in .env), or start with --demo"
         )
