@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pydantic
 from quart import Quart, Response
@@ -27,10 +28,12 @@ from quart_schema import (
     validate_request,
 )
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from quart_trio.wrappers import TrioRequest
+from werkzeug.exceptions import BadRequest, HTTPException, MethodNotAllowed
 
 from ..chat.service import AskRequest, ChatService, Delta, End, validate_conversation_id
 from ..errors import ChatError, NotFound
+from .http_conversations import conversation_routes
 
 STATUS_BY_CODE = {
     "invalid_input": 400,
@@ -136,9 +139,23 @@ def _end_data(end: End) -> dict[str, object]:
     }
 
 
+class _Request(TrioRequest):
+    """A request whose unreadable JSON body is a 400 that says what is wrong with it."""
+
+    async def get_json(self, force: bool = False, silent: bool = False, cache: bool = True) -> Any:
+        try:
+            return await super().get_json(force=force, silent=silent, cache=cache)
+        except UnicodeDecodeError:
+            raise BadRequest("the request body must be JSON encoded as UTF-8") from None
+
+    def on_json_loading_failed(self, error: Exception) -> Any:
+        raise BadRequest(f"the request body is not valid JSON ({error})")
+
+
 def create_app(service: ChatService) -> Quart:
     """The HTTP application for ``service``."""
     app = QuartTrio(__name__)
+    app.request_class = _Request
     app.config.update(
         MAX_CONTENT_LENGTH=service.settings.max_body_bytes,
         RESPONSE_TIMEOUT=None,  # answers stream for as long as the model talks
@@ -174,7 +191,10 @@ def create_app(service: ChatService) -> Quart:
         code = {400: "invalid_input", 404: "not_found", 405: "method_not_allowed"}.get(
             status, "http_error"
         )
-        return error_response(code, exc.description or exc.name, status)
+        response = error_response(code, exc.description or exc.name, status)
+        if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+            response.headers["Allow"] = ", ".join(exc.valid_methods)  # required on a 405
+        return response
 
     def ask_request(conversation_id: str, body: AskBody) -> AskRequest:
         return AskRequest(conversation_id=conversation_id, **body.model_dump())
@@ -232,6 +252,8 @@ def create_app(service: ChatService) -> Quart:
         validate_conversation_id(conversation_id)
         raise NotFound(f"no route POST /ask/{conversation_id}")
 
+    app.register_blueprint(conversation_routes(service))
+
     @app.get("/healthz")
     @document_response(HealthBody, 200)
     @tag(["operations"])
@@ -262,7 +284,12 @@ def _describe_validation(error: object) -> str:
     if isinstance(error, pydantic.ValidationError):
         problems = []
         for item in error.errors():
-            where = ".".join(str(part) for part in item["loc"]) or "body"
+            if not item["loc"]:  # the body as a whole: not a JSON object (or not sent as JSON)
+                problems.append(
+                    "the request body must be a JSON object sent as Content-Type: application/json"
+                )
+                continue
+            where = ".".join(str(part) for part in item["loc"])
             problems.append(f"{where}: {item['msg']}")
         return "; ".join(problems)
     return "the request body must be a JSON object"
