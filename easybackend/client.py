@@ -196,7 +196,9 @@ async def run_chat(
                             write(f"\n[error] {exc}")
                             failed = True
                         except Exception as exc:  # connection refused, reset, broken stream…
-                            write(f"\n[error] {url or DEFAULT_URLS[protocol]}: {exc or type(exc).__name__}")
+                            write(
+                                f"\n[error] {url or DEFAULT_URLS[protocol]}: {exc or type(exc).__name__}"
+                            )
                             failed = True
                         finally:
                             current.pop()

@@ -120,22 +120,29 @@ class _Connection:
             except ConnectionClosed:
                 return
             if isinstance(message, bytes):
-                await self._send_json(None, _error("invalid_input", "binary frames are not supported; send text"))
+                await self._send_json(
+                    None, _error("invalid_input", "binary frames are not supported; send text")
+                )
             elif message.startswith(ORIGINAL_ASK):
                 await self._take_original(message)
             elif message.lstrip()[:1] in ("{", "["):
                 await self._take_json(message)
             else:
                 await self.ws.send_message(
-                    ORIGINAL_ERROR + "unknown message: send <|ask|>$<conversation_id>$<prompt> or a JSON object"
+                    ORIGINAL_ERROR
+                    + "unknown message: send <|ask|>$<conversation_id>$<prompt> or a JSON object"
                 )
 
     async def _take_original(self, message: str) -> None:
         parts = message.split("$", 2)
         if len(parts) != 3 or parts[0] != ORIGINAL_ASK:
-            await self.ws.send_message(ORIGINAL_ERROR + "malformed ask: expected <|ask|>$<conversation_id>$<prompt>")
+            await self.ws.send_message(
+                ORIGINAL_ERROR + "malformed ask: expected <|ask|>$<conversation_id>$<prompt>"
+            )
             return
-        await self._enqueue(_Ask(AskRequest(conversation_id=parts[1], prompt=parts[2]), original=True))
+        await self._enqueue(
+            _Ask(AskRequest(conversation_id=parts[1], prompt=parts[2]), original=True)
+        )
 
     async def _take_json(self, message: str) -> None:
         try:
@@ -171,7 +178,11 @@ class _Connection:
         try:
             self.send_asks.send_nowait(ask)
         except trio.WouldBlock:
-            await self._send_failure(ask, "too_many_requests", f"more than {MAX_QUEUED_ASKS} asks are waiting on this socket")
+            await self._send_failure(
+                ask,
+                "too_many_requests",
+                f"more than {MAX_QUEUED_ASKS} asks are waiting on this socket",
+            )
 
     async def _answer_asks(self) -> None:
         """Answer queued asks in order; after shutdown, once the queue is empty, close (1001)."""
@@ -200,16 +211,25 @@ class _Connection:
             raise
         except Exception:
             log.exception("answering a WebSocket ask failed")
-            await self._send_failure(ask, "internal_error", "the server failed to answer; see its log")
+            await self._send_failure(
+                ask, "internal_error", "the server failed to answer; see its log"
+            )
 
     async def _send_end(self, ask: _Ask, end: End | None) -> None:
         """The end of an answer; ``None`` for one the client cancelled."""
         if ask.original:
             await self.ws.send_message(ORIGINAL_END)
         elif end is None:
-            await self._send_json(ask.json_id, {"type": "end", "finish_reason": "cancelled", "usage": None})
+            await self._send_json(
+                ask.json_id, {"type": "end", "finish_reason": "cancelled", "usage": None}
+            )
         else:
-            payload = {"type": "end", "finish_reason": end.finish_reason, "usage": end.usage.as_dict(), "model": end.model}
+            payload = {
+                "type": "end",
+                "finish_reason": end.finish_reason,
+                "usage": end.usage.as_dict(),
+                "model": end.model,
+            }
             await self._send_json(ask.json_id, payload)
 
     async def _send_failure(self, ask: _Ask, code: str, message: str) -> None:
@@ -235,7 +255,12 @@ def _error(code: str, message: str) -> dict[str, Any]:
 def _json_ask(data: dict[str, Any]) -> AskRequest:
     """An AskRequest from a JSON ask, checking the optional fields' types."""
     fields: dict[str, Any] = {}
-    for name, kinds in (("model", str), ("system", str), ("temperature", (int, float)), ("max_tokens", int)):
+    for name, kinds in (
+        ("model", str),
+        ("system", str),
+        ("temperature", (int, float)),
+        ("max_tokens", int),
+    ):
         value = data.get(name)
         if value is None:
             continue
