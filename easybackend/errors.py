@@ -41,6 +41,12 @@ class Unauthenticated(ChatError):
     code = "unauthenticated"
 
 
+class TooManyRequests(ChatError):
+    """The key already has as many answers in progress as MAX_STREAMS_PER_KEY allows."""
+
+    code = "too_many_requests"
+
+
 class NotFound(ChatError):
     """A read or management operation named a conversation that does not exist."""
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import dotenv
 
+from .auth import parse_api_keys
+
 DEFAULT_MODEL = "gpt-4.1-mini"
 
 
@@ -47,6 +49,15 @@ class Settings:
     upstream_retries: int = 2
     shutdown_grace: float = 30.0
     max_body_bytes: int = 1024 * 1024
+    max_prompt_chars: int = 100_000
+    api_keys: dict[str, str] = dataclasses.field(default_factory=dict)
+    max_streams_per_key: int = 64
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
+    cors_origins: tuple[str, ...] = ("*",)
+    public_docs: bool = True
+    ws_handshake_timeout: float = 10.0
+    ws_idle_timeout: float = 300.0
     demo: bool = False
 
     @property
@@ -121,6 +132,18 @@ def _log_level(value: str) -> str:
     return level
 
 
+def _optional_path(value: str) -> Path | None:
+    return Path(value) if value.strip() else None
+
+
+def _origins(value: str) -> tuple[str, ...]:
+    origins = tuple(origin.strip().rstrip("/") for origin in value.split(",") if origin.strip())
+    for origin in origins:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise ValueError("must be * or origins like https://example.com, separated by commas")
+    return origins
+
+
 ENVIRONMENT = {
     "OPENAI_API_KEY": ("openai_api_key", _text),
     "OPENAI_BASE_URL": ("openai_base_url", _optional_text),
@@ -142,7 +165,17 @@ ENVIRONMENT = {
     "UPSTREAM_RETRIES": ("upstream_retries", _non_negative_int),
     "SHUTDOWN_GRACE": ("shutdown_grace", _seconds),
     "MAX_BODY_BYTES": ("max_body_bytes", _positive_int),
+    "MAX_PROMPT_CHARS": ("max_prompt_chars", _positive_int),
+    "API_KEYS": ("api_keys", parse_api_keys),
+    "MAX_STREAMS_PER_KEY": ("max_streams_per_key", _positive_int),
+    "TLS_CERTFILE": ("tls_certfile", _optional_path),
+    "TLS_KEYFILE": ("tls_keyfile", _optional_path),
+    "CORS_ORIGINS": ("cors_origins", _origins),
+    "PUBLIC_DOCS": ("public_docs", _bool),
+    "WS_HANDSHAKE_TIMEOUT": ("ws_handshake_timeout", _seconds),
+    "WS_IDLE_TIMEOUT": ("ws_idle_timeout", _seconds),
 }
+SECRET_VARIABLES = {"OPENAI_API_KEY", "API_KEYS"}  # never echoed in an error
 
 
 def load_settings(
@@ -175,7 +208,8 @@ def load_settings(
             values[field] = parse(raw)
         except ValueError as exc:
             reason = str(exc) if "must" in str(exc) else "is not a valid value"
-            raise ConfigError(f"{variable}={raw!r} {reason}") from None
+            shown = variable if variable in SECRET_VARIABLES else f"{variable}={raw!r}"
+            raise ConfigError(f"{shown} {reason}") from None
 
     settings = Settings(**values)  # type: ignore[arg-type]
     return _checked(settings, need_api_key)
@@ -188,6 +222,8 @@ def _checked(settings: Settings, need_api_key: bool) -> Settings:
         raise ConfigError(
             "OPENAI_API_KEY is not set: export it (or put it in .env), or start with --demo"
         )
+    if (settings.tls_certfile is None) != (settings.tls_keyfile is None):
+        raise ConfigError("TLS_CERTFILE and TLS_KEYFILE must be set together")
     budget = settings.max_context_tokens - (settings.max_response_tokens or 0)
     if budget < 16:
         raise ConfigError(

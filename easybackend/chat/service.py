@@ -20,15 +20,16 @@ Errors are raised as :class:`~easybackend.errors.ChatError` subclasses.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import trio
 
-from ..errors import InvalidInput, NotFound
+from ..errors import InvalidInput, NotFound, PromptTooLong, TooManyRequests
 from ..settings import Settings
 from ..storage import ConversationDetail, ConversationRef, ConversationSummary, NewTurn, Storage
 from ..upstream.openai_client import Completion, OpenAIUpstream, UpstreamCall
@@ -119,6 +120,9 @@ class ChatService:
         self.upstream = upstream
         self.counter = counter
         self._locks = KeyedLock()
+        self._streams: collections.Counter[str] = (
+            collections.Counter()
+        )  # answers in progress per owner
         self.first_prompt_tokens = (
             counter.text(settings.first_prompt) if settings.first_prompt is not None else None
         )
@@ -126,6 +130,10 @@ class ChatService:
     def _checked_prompt(self, prompt: object) -> str:
         if not isinstance(prompt, str) or not prompt.strip():
             raise InvalidInput("prompt must be a non-empty string")
+        if len(prompt) > self.settings.max_prompt_chars:
+            raise PromptTooLong(
+                f"the prompt has {len(prompt)} characters; the limit is {self.settings.max_prompt_chars}"
+            )
         if "\x00" in prompt:
             raise InvalidInput("prompt must not contain NUL characters")
         if self.settings.strip_blank_lines:
@@ -143,51 +151,52 @@ class ChatService:
         prompt_tokens = self.counter.text(prompt)
         created_at = time.time()
 
-        async with self._locks.hold(ref):
-            plan = _ContextPlan(self, request, prompt_tokens)
-            context = await self.storage.load_context(ref, plan.history_budget, turn_cost)
-            messages = build_messages(plan.system, context.turns, prompt)
-            call = UpstreamCall(
-                messages=messages,
-                model=request.model or self.settings.model,
-                temperature=(
-                    self.settings.temperature
-                    if request.temperature is None
-                    else request.temperature
-                ),
-                max_tokens=request.max_tokens or self.settings.max_response_tokens,
-            )
-            sent_tokens = plan.fixed_tokens + sum(turn_cost(t) for t in context.turns)
+        with self._admitted(request.owner):
+            async with self._locks.hold(ref):
+                plan = _ContextPlan(self, request, prompt_tokens)
+                context = await self.storage.load_context(ref, plan.history_budget, turn_cost)
+                messages = build_messages(plan.system, context.turns, prompt)
+                call = UpstreamCall(
+                    messages=messages,
+                    model=request.model or self.settings.model,
+                    temperature=(
+                        self.settings.temperature
+                        if request.temperature is None
+                        else request.temperature
+                    ),
+                    max_tokens=request.max_tokens or self.settings.max_response_tokens,
+                )
+                sent_tokens = plan.fixed_tokens + sum(turn_cost(t) for t in context.turns)
 
-            pieces: list[str] = []
-            completion: Completion | None = None
-            try:
-                async with contextlib.aclosing(self.upstream.stream(call)) as stream:
-                    async for item in stream:
-                        if isinstance(item, Completion):
-                            completion = item
-                        else:
-                            pieces.append(item)
-                            yield Delta(item)
-            except BaseException:
-                if pieces and completion is None and _is_cancellation():
-                    await self._store_cancelled(
-                        ref, call, prompt, prompt_tokens, pieces, sent_tokens, created_at
-                    )
-                raise
-            assert completion is not None
-            answer = "".join(pieces)
-            turn = self._new_turn(
-                call,
-                prompt,
-                prompt_tokens,
-                answer,
-                completion.finish_reason,
-                sent_tokens,
-                created_at,
-                completion,
-            )
-            seq = await self.storage.append_turn(ref, turn)
+                pieces: list[str] = []
+                completion: Completion | None = None
+                try:
+                    async with contextlib.aclosing(self.upstream.stream(call)) as stream:
+                        async for item in stream:
+                            if isinstance(item, Completion):
+                                completion = item
+                            else:
+                                pieces.append(item)
+                                yield Delta(item)
+                except BaseException:
+                    if pieces and completion is None and _is_cancellation():
+                        await self._store_cancelled(
+                            ref, call, prompt, prompt_tokens, pieces, sent_tokens, created_at
+                        )
+                    raise
+                assert completion is not None
+                answer = "".join(pieces)
+                turn = self._new_turn(
+                    call,
+                    prompt,
+                    prompt_tokens,
+                    answer,
+                    completion.finish_reason,
+                    sent_tokens,
+                    created_at,
+                    completion,
+                )
+                seq = await self.storage.append_turn(ref, turn)
         yield End(
             conversation_id=ref.conversation_id,
             model=turn.model,
@@ -195,6 +204,22 @@ class ChatService:
             usage=Usage(turn.usage_prompt_tokens, turn.usage_completion_tokens),
             turn=seq,
         )
+
+    @contextlib.contextmanager
+    def _admitted(self, owner: str) -> Iterator[None]:
+        """Count an answer in progress for ``owner``; raises TooManyRequests beyond the limit."""
+        limit = self.settings.max_streams_per_key
+        if self._streams[owner] >= limit:
+            raise TooManyRequests(
+                f"this key already has {limit} answers in progress; retry when one ends"
+            )
+        self._streams[owner] += 1
+        try:
+            yield
+        finally:
+            self._streams[owner] -= 1
+            if not self._streams[owner]:
+                del self._streams[owner]
 
     async def complete(self, request: AskRequest) -> Answer:
         """The whole answer at once (non-streaming transports). Same guarantees as :meth:`ask`."""
