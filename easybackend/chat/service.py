@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import trio
 
+from ..auth import KeyRing
 from ..errors import InvalidInput, NotFound, PromptTooLong, TooManyRequests
 from ..settings import Settings
 from ..storage import ConversationDetail, ConversationRef, ConversationSummary, NewTurn, Storage
@@ -119,6 +120,7 @@ class ChatService:
         self.storage = storage
         self.upstream = upstream
         self.counter = counter
+        self.keys = KeyRing(settings.api_keys)
         self._locks = KeyedLock()
         self._streams: collections.Counter[str] = (
             collections.Counter()

@@ -33,13 +33,16 @@ import logging
 import math
 import socket
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, WebSocketServer
 
+from ..auth import bearer_token
 from ..chat.service import AskRequest, ChatService, End
-from ..errors import ChatError, InvalidInput
+from ..errors import ChatError, InvalidInput, Unauthenticated
 from ..settings import Settings
+from ..tls import server_ssl_context
 
 log = logging.getLogger("easybackend.websocket")
 
@@ -67,24 +70,39 @@ async def serve_websocket(
 ) -> None:
     """Serve WebSocket connections on the bound socket ``sock`` until ``shutdown`` is set.
 
-    After ``shutdown`` no connection is accepted, no new ask is taken and
-    answers in progress have ``settings.shutdown_grace`` seconds to finish;
-    then every connection is closed (1001, going away). Cancellation stops
-    everything at once.
+    With API keys configured, the handshake must carry ``Authorization:
+    Bearer <key>`` or ``?api_key=<key>``, else it is refused with HTTP 401.
+    With TLS configured the socket speaks WSS only. After ``shutdown`` no
+    connection is accepted, no new ask is taken and answers in progress have
+    ``settings.shutdown_grace`` seconds to finish; then every connection is
+    closed (1001, going away). Cancellation stops everything at once.
     """
-    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    listener: trio.abc.Listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    ssl_context = server_ssl_context(settings, ["http/1.1"])
+    if ssl_context is not None:
+        listener = trio.SSLListener(listener, ssl_context, https_compatible=True)
 
     async with trio.open_nursery() as handlers:
 
         async def handle(request: WebSocketRequest) -> None:
+            try:
+                owner = service.keys.owner_for(_presented_key(request))
+            except Unauthenticated as exc:
+                body = json.dumps({"error": {"code": exc.code, "message": exc.message}}).encode()
+                await request.reject(
+                    401, extra_headers=[(b"WWW-Authenticate", b"Bearer")], body=body
+                )
+                return
             connection = await request.accept()
-            await _Connection(service, connection, shutdown).run()
+            await _Connection(service, connection, shutdown, owner, settings.ws_idle_timeout).run()
 
         server = WebSocketServer(
             handle,
-            [listener],
+            [listener],  # type: ignore[list-item]
             handler_nursery=handlers,
             max_message_size=settings.max_body_bytes,
+            connect_timeout=settings.ws_handshake_timeout,
+            disconnect_timeout=5,
         )
         async with trio.open_nursery() as accepting:
             await accepting.start(server.run)
@@ -94,13 +112,31 @@ async def serve_websocket(
         handlers.cancel_scope.deadline = trio.current_time() + settings.shutdown_grace
 
 
+def _presented_key(request: WebSocketRequest) -> str | None:
+    """The key of the handshake: the Authorization header, else the api_key query parameter."""
+    for name, value in request.headers:
+        if name.lower() == b"authorization":
+            return bearer_token(value.decode("latin-1"))
+    query = parse_qs(urlsplit(request.path).query)
+    return query.get("api_key", [None])[0]
+
+
 class _Connection:
     """One client socket: a reader task and a worker that answers queued asks in order."""
 
-    def __init__(self, service: ChatService, ws: WebSocketConnection, shutdown: trio.Event) -> None:
+    def __init__(
+        self,
+        service: ChatService,
+        ws: WebSocketConnection,
+        shutdown: trio.Event,
+        owner: str,
+        idle_timeout: float,
+    ) -> None:
         self.service = service
         self.ws = ws
         self.shutdown = shutdown
+        self.owner = owner
+        self.idle_timeout = idle_timeout
         self.send_asks, self.receive_asks = trio.open_memory_channel[_Ask](MAX_QUEUED_ASKS)
         self.current: trio.CancelScope | None = None
 
@@ -116,9 +152,15 @@ class _Connection:
     async def _read_messages(self) -> None:
         while True:
             try:
-                message = await self.ws.get_message()
+                with trio.move_on_after(self.idle_timeout) as idle:
+                    message = await self.ws.get_message()
             except ConnectionClosed:
                 return
+            if idle.cancelled_caught:
+                if self.current is None and not self.receive_asks.statistics().current_buffer_used:
+                    await self.ws.aclose(GOING_AWAY, f"idle for {self.idle_timeout:g} seconds")
+                    return
+                continue
             if isinstance(message, bytes):
                 await self._send_json(
                     None, _error("invalid_input", "binary frames are not supported; send text")
@@ -140,9 +182,7 @@ class _Connection:
                 ORIGINAL_ERROR + "malformed ask: expected <|ask|>$<conversation_id>$<prompt>"
             )
             return
-        await self._enqueue(
-            _Ask(AskRequest(conversation_id=parts[1], prompt=parts[2]), original=True)
-        )
+        await self._enqueue(_Ask(AskRequest(parts[1], parts[2], owner=self.owner), original=True))
 
     async def _take_json(self, message: str) -> None:
         try:
@@ -161,7 +201,7 @@ class _Connection:
                 self.current.cancel()
         elif kind == "ask":
             try:
-                request = _json_ask(data)
+                request = _json_ask(data, self.owner)
             except InvalidInput as exc:
                 await self._send_json(json_id, _error(exc.code, exc.message))
                 return
@@ -252,7 +292,7 @@ def _error(code: str, message: str) -> dict[str, Any]:
     return {"type": "error", "code": code, "message": message}
 
 
-def _json_ask(data: dict[str, Any]) -> AskRequest:
+def _json_ask(data: dict[str, Any], owner: str) -> AskRequest:
     """An AskRequest from a JSON ask, checking the optional fields' types."""
     fields: dict[str, Any] = {}
     for name, kinds in (
@@ -275,5 +315,6 @@ def _json_ask(data: dict[str, Any]) -> AskRequest:
     return AskRequest(
         conversation_id=data.get("conversation_id"),  # type: ignore[arg-type]  # the core validates it
         prompt=data.get("prompt"),  # type: ignore[arg-type]
+        owner=owner,
         **fields,
     )
