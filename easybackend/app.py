@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import ipaddress
 import logging
 import signal
 import socket
@@ -26,6 +27,7 @@ from .fake_upstream import FakeUpstream
 from .listeners import bind_tcp
 from .settings import Settings
 from .storage import open_storage
+from .tls import server_ssl_context
 from .transports.grpc import serve_grpc
 from .transports.http import create_app
 from .transports.websocket import serve_websocket
@@ -58,6 +60,13 @@ async def serve(
     UnknownEncoding before anything is served. On cancellation everything
     stops at once: in-flight asks are cancelled and stored as ``cancelled``.
     """
+    server_ssl_context(settings, [])  # a bad certificate or key stops start-up here (ConfigError)
+    if not settings.api_keys and not _is_loopback(settings.host):
+        log.warning(
+            "API_KEYS is not set and HOST %s is reachable from other machines: anyone who can "
+            "connect can use the model and read every conversation",
+            settings.host,
+        )
     sockets = _bind_all(settings)
     counter = TokenCounter(load_encoding(encoding_name_for(settings.model, settings.encoding_name)))
     storage = await open_storage(settings)
@@ -127,6 +136,8 @@ async def _serve_http(
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = settings.shutdown_grace
     config.keep_alive_timeout = 75
+    if settings.tls_certfile is not None:  # checked at start-up by server_ssl_context
+        config.certfile, config.keyfile = str(settings.tls_certfile), str(settings.tls_keyfile)
     await hypercorn_serve(
         create_app(service),  # type: ignore[arg-type]
         config,
@@ -155,6 +166,13 @@ def _bind_all(settings: Settings) -> dict[str, socket.socket]:
 
 
 SERVERS = {"http_port": _serve_http, "grpc_port": serve_grpc, "ws_port": serve_websocket}
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _where(host: str, port: int | None) -> str:

@@ -144,6 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         trio.run(serve, settings)
+    except ConfigError as exc:
+        print(f"easybackend: error: {exc}", file=sys.stderr)
+        return 2
     except (ListenError, StorageUnavailable, UnknownEncoding) as exc:
         print(f"easybackend: error: {exc}", file=sys.stderr)
         return 1

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pydantic
-from quart import Quart, Response
+from quart import Quart, Response, g, request
 from quart_schema import (
     Info,
     QuartSchema,
@@ -35,10 +35,12 @@ from ..chat.service import AskRequest, ChatService, Delta, End, validate_convers
 from ..errors import ChatError, NotFound
 from .http_conversations import conversation_routes
 
+DOC_PATHS = {"/docs", "/openapi.json"}
 STATUS_BY_CODE = {
     "invalid_input": 400,
     "unauthenticated": 401,
     "not_found": 404,
+    "too_many_requests": 429,
     "prompt_too_long": 413,
     "request_too_large": 413,
     "upstream_rate_limited": 429,
@@ -174,7 +176,37 @@ def create_app(service: ChatService) -> Quart:
 
     @app.errorhandler(ChatError)
     async def chat_error(exc: ChatError) -> Response:
-        return error_response(exc.code, exc.message)
+        response = error_response(exc.code, exc.message)
+        if exc.code == "unauthenticated":
+            response.headers["WWW-Authenticate"] = 'Bearer realm="easybackend"'
+        return response
+
+    open_paths = {"/healthz", "/readyz"} | (DOC_PATHS if service.settings.public_docs else set())
+
+    @app.before_request
+    async def authenticate() -> None:
+        """Every route but the open ones needs a key (when keys are configured); sets g.owner."""
+        if request.method == "OPTIONS" or request.path in open_paths:
+            g.owner = ""
+            return
+        g.owner = service.keys.owner_for_header(request.headers.get("Authorization"))
+
+    allowed_origins = set(service.settings.cors_origins)
+
+    @app.after_request
+    async def cors(response: Response) -> Response:
+        origin = request.headers.get("Origin")
+        if origin and ("*" in allowed_origins or origin.rstrip("/") in allowed_origins):
+            response.headers["Access-Control-Allow-Origin"] = (
+                "*" if "*" in allowed_origins else origin
+            )
+            response.headers["Access-Control-Allow-Headers"] = (
+                "Authorization, Content-Type, X-Request-Id"
+            )
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST, PUT, DELETE, OPTIONS"
+            response.headers["Access-Control-Max-Age"] = "600"
+            response.vary.add("Origin")
+        return response
 
     @app.errorhandler(RequestSchemaValidationError)
     async def schema_error(exc: RequestSchemaValidationError) -> Response:
@@ -197,7 +229,7 @@ def create_app(service: ChatService) -> Quart:
         return response
 
     def ask_request(conversation_id: str, body: AskBody) -> AskRequest:
-        return AskRequest(conversation_id=conversation_id, **body.model_dump())
+        return AskRequest(conversation_id=conversation_id, owner=g.owner, **body.model_dump())
 
     @app.post("/ask/<conversation_id>")
     @validate_request(AskBody)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 
 import pydantic
-from quart import Blueprint, Response
+from quart import Blueprint, Response, g
 from quart_schema import document_response, tag, validate_querystring, validate_request
 
 from ..chat.service import MAX_PAGE, ChatService
@@ -226,7 +226,9 @@ def conversation_routes(service: ChatService) -> Blueprint:
     @tag(["conversations"])
     async def list_conversations(query_args: ListQuery) -> dict[str, object]:
         """List conversations, most recently active first, a page at a time."""
-        page = await service.list_conversations(limit=query_args.limit, after=query_args.cursor)
+        page = await service.list_conversations(
+            g.owner, limit=query_args.limit, after=query_args.cursor
+        )
         next_cursor = page[-1].cursor if len(page) == query_args.limit else None
         return {"conversations": [_summary(item) for item in page], "next_cursor": next_cursor}
 
@@ -235,13 +237,13 @@ def conversation_routes(service: ChatService) -> Blueprint:
     @tag(["conversations"])
     async def get_conversation(conversation_id: str) -> dict[str, object]:
         """A whole conversation: its system prompt, every turn, and usage totals."""
-        return conversation_detail(await service.get_conversation(conversation_id))
+        return conversation_detail(await service.get_conversation(conversation_id, g.owner))
 
     @routes.delete("/conversations/<conversation_id>")
     @tag(["conversations"])
     async def delete_conversation(conversation_id: str) -> Response:
         """Forget a conversation and all its turns (204 No Content)."""
-        await service.delete_conversation(conversation_id)
+        await service.delete_conversation(conversation_id, g.owner)
         return Response("", status=204)
 
     @routes.post("/conversations/<conversation_id>/rollback")
@@ -250,7 +252,7 @@ def conversation_routes(service: ChatService) -> Blueprint:
     @tag(["conversations"])
     async def rollback(conversation_id: str, data: RollbackBody) -> dict[str, object]:
         """Drop the last n turns, as if they had never been asked; the next ask no longer sees them."""
-        removed, left = await service.rollback(conversation_id, data.turns)
+        removed, left = await service.rollback(conversation_id, data.turns, g.owner)
         return {"conversation_id": conversation_id, "removed": removed, "turns": left}
 
     @routes.put("/conversations/<conversation_id>/system")
@@ -263,7 +265,7 @@ def conversation_routes(service: ChatService) -> Blueprint:
         The conversation is created if it does not exist yet, so a persona
         can be set before the first ask.
         """
-        await service.set_system_prompt(conversation_id, data.prompt)
+        await service.set_system_prompt(conversation_id, data.prompt, g.owner)
         return {"conversation_id": conversation_id, "system_prompt": data.prompt or None}
 
     return routes
