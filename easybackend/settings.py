@@ -29,7 +29,7 @@ class ConfigError(Exception):
 class Settings:
     """Validated configuration. Ports are ``None`` when that listener is off."""
 
-    openai_api_key: str = ""
+    openai_api_key: str = dataclasses.field(default="", repr=False)
     openai_base_url: str | None = None
     model: str = DEFAULT_MODEL
     encoding_name: str | None = None
@@ -50,7 +50,7 @@ class Settings:
     shutdown_grace: float = 30.0
     max_body_bytes: int = 1024 * 1024
     max_prompt_chars: int = 100_000
-    api_keys: dict[str, str] = dataclasses.field(default_factory=dict)
+    api_keys: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)
     max_streams_per_key: int = 64
     tls_certfile: Path | None = None
     tls_keyfile: Path | None = None

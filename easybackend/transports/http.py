@@ -142,11 +142,12 @@ def _end_data(end: End) -> dict[str, object]:
 
 
 class _Request(TrioRequest):
-    """A request whose unreadable JSON body is a 400 that says what is wrong with it."""
+    """A request whose body is read as JSON whatever its Content-Type (as the original did);
+    an unreadable body is a 400 that says what is wrong with it."""
 
     async def get_json(self, force: bool = False, silent: bool = False, cache: bool = True) -> Any:
         try:
-            return await super().get_json(force=force, silent=silent, cache=cache)
+            return await super().get_json(force=True, silent=silent, cache=cache)
         except UnicodeDecodeError:
             raise BadRequest("the request body must be JSON encoded as UTF-8") from None
 
@@ -317,9 +318,7 @@ def _describe_validation(error: object) -> str:
         problems = []
         for item in error.errors():
             if not item["loc"]:  # the body as a whole: not a JSON object (or not sent as JSON)
-                problems.append(
-                    "the request body must be a JSON object sent as Content-Type: application/json"
-                )
+                problems.append("the request body must be a JSON object")
                 continue
             where = ".".join(str(part) for part in item["loc"])
             problems.append(f"{where}: {item['msg']}")

@@ -95,6 +95,10 @@ class OpenAIUpstream:
                         finish_reason = choice.finish_reason
         except UpstreamError:
             raise
+        except openai.APIConnectionError as exc:
+            if isinstance(exc, openai.APITimeoutError):
+                raise from_upstream(exc) from exc
+            raise UpstreamError("the model provider broke off the answer") from exc
         except Exception as exc:
             raise from_upstream(exc) from exc
         finally:
