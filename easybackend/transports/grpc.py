@@ -1,13 +1,133 @@
-"""Placeholder: replaced by the real transport."""
+"""The gRPC transport: ``chat.Chat`` and ``grpc.health.v1.Health`` served by purerpc on our socket.
+
+``Ask`` adapts one ``AskRequest`` to :meth:`ChatService.ask` and streams the
+events back: one ``AskResponse`` per piece of the answer (``response`` holds
+the text), then a last ``AskResponse`` with an empty ``response`` carrying
+``finish_reason``, ``usage`` and ``model``. ``proto/chat.proto`` is
+wire-compatible with the original (same package, service, method and field
+numbers 1-2), so clients generated from the original proto keep working.
+
+With ``API_KEYS`` set, ``Ask`` needs ``authorization: Bearer <key>``
+metadata (else UNAUTHENTICATED), and the key's name owns the conversations
+it asks on. Health calls need no key, so that probes work.
+
+``Health.Check`` answers SERVING for ``""`` and ``"chat.Chat"`` (NOT_SERVING
+once shutdown has begun) and fails with NOT_FOUND for any other name.
+``Health.Watch`` sends the current status, then waits; at shutdown it sends
+NOT_SERVING and ends the call, so that watchers do not hold the drain up.
+
+Errors end the call with a status code and the error's readable message,
+from one table, :data:`STATUS_BY_CODE` (keyed by ``ChatError.code``):
+
+==========================================================  ==================
+``invalid_input``, ``prompt_too_long``                      INVALID_ARGUMENT
+``unauthenticated``                                         UNAUTHENTICATED
+``not_found``                                               NOT_FOUND
+``upstream_rate_limited``, ``too_many_requests``,
+``request_too_large``                                       RESOURCE_EXHAUSTED
+``upstream_timeout``                                        DEADLINE_EXCEEDED
+``upstream_error``, ``upstream_auth_failed``,
+``upstream_unavailable``, ``storage_unavailable``,
+``shutting_down``                                           UNAVAILABLE
+anything else                                               INTERNAL
+==========================================================  ==================
+
+``prompt_too_long`` is INVALID_ARGUMENT rather than OUT_OF_RANGE: the same
+prompt fails the same way until the server's configuration changes, which is
+what INVALID_ARGUMENT means; the message tells it apart. A request message
+that cannot be decoded is INVALID_ARGUMENT, one larger than
+``MAX_BODY_BYTES`` RESOURCE_EXHAUSTED, an unknown method UNIMPLEMENTED. An
+unexpected exception is logged with its traceback and the client gets
+INTERNAL with a generic message.
+
+Cancellation: each call runs in its own cancel scope, which is cancelled
+
+- when the client resets the stream (grpcio's ``call.cancel()``, or its
+  deadline passing): purerpc 0.8 drops RST_STREAM on the floor (a handler
+  would only notice at its next send, and never while the model is silent),
+  so this module hooks the HTTP/2 connection to cancel the scope the moment
+  the reset arrives;
+- when the connection closes or breaks: every call on it is cancelled;
+- when the ``grpc-timeout`` the client sent passes (purerpc parses it but
+  does not enforce it): the call ends with DEADLINE_EXCEEDED.
+
+Cancelling a call cancels the chat service's ask, which closes the upstream
+request and stores the partial answer with finish reason ``cancelled``.
+
+Shutdown: accepting stops, idle connections get GOAWAY and are closed, new
+calls on busy connections are refused with UNAVAILABLE (health calls still
+answer, NOT_SERVING), and calls in flight have ``SHUTDOWN_GRACE`` seconds to
+finish before they are cancelled.
+
+Serving: :func:`serve_grpc` takes the listening socket :mod:`app` already
+bound (purerpc's own ``Server`` would bind another one with ``SO_REUSEPORT``,
+which lets a second instance share the port silently). Connections are
+accepted by :func:`trio.serve_listeners` and each is run through purerpc's
+HTTP/2 and gRPC framing (``GRPCProtoSocket``); the dispatch of calls to
+services is done here rather than by purerpc's ``ConnectionHandler``, whose
+bare ``except:`` clauses swallow cancellation and send ``repr()`` of any
+exception to the client.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import logging
+import math
 import socket
+import ssl
+import zlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
+import anyio
+import anyio.abc
+import h2.errors
+import h2.events
+import h2.exceptions
 import trio
+from google.protobuf.message import DecodeError
+from purerpc import Cardinality, Service, Status, StatusCode
+from purerpc.grpc_proto import GRPCProtoSocket, GRPCProtoStream
+from purerpc.grpclib.config import GRPCConfiguration
+from purerpc.grpclib.connection import GRPCConnection
+from purerpc.grpclib.events import MessageReceived, RequestEnded, RequestReceived
+from purerpc.grpclib.exceptions import MessageTooLargeError, ProtocolError
 
-from ..chat.service import ChatService
+from ..chat.service import AskRequest, ChatService, Delta
+from ..errors import ChatError, InvalidInput
+from ..proto_gen import chat_grpc, chat_pb2, health_grpc, health_pb2
 from ..settings import Settings
+from ..tls import server_ssl_context
+
+log = logging.getLogger(__name__)
+
+STATUS_BY_CODE: dict[str, StatusCode] = {
+    "invalid_input": StatusCode.INVALID_ARGUMENT,
+    "prompt_too_long": StatusCode.INVALID_ARGUMENT,
+    "unauthenticated": StatusCode.UNAUTHENTICATED,
+    "not_found": StatusCode.NOT_FOUND,
+    "request_too_large": StatusCode.RESOURCE_EXHAUSTED,
+    "too_many_requests": StatusCode.RESOURCE_EXHAUSTED,
+    "upstream_rate_limited": StatusCode.RESOURCE_EXHAUSTED,
+    "upstream_timeout": StatusCode.DEADLINE_EXCEEDED,
+    "upstream_error": StatusCode.UNAVAILABLE,
+    "upstream_auth_failed": StatusCode.UNAVAILABLE,
+    "upstream_unavailable": StatusCode.UNAVAILABLE,
+    "storage_unavailable": StatusCode.UNAVAILABLE,
+    "shutting_down": StatusCode.UNAVAILABLE,
+}
+
+CHAT_SERVICE = "chat.Chat"
+HEALTH_SERVICE = "grpc.health.v1.Health"
+INTERNAL_MESSAGE = "internal server error"
+TLS_HANDSHAKE_TIMEOUT = 10.0  # seconds
+
+
+def status_for(error: ChatError) -> Status:
+    """The status a call ends with when the chat core raises ``error``."""
+    return Status(STATUS_BY_CODE.get(error.code, StatusCode.INTERNAL), error.message)
 
 
 async def serve_grpc(
@@ -16,6 +136,488 @@ async def serve_grpc(
     sock: socket.socket,
     shutdown: trio.Event,
     *,
+    ssl_context: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    raise NotImplementedError
+    """Serve gRPC on the bound, listening ``sock`` (taken over and closed) until shutdown.
+
+    Reports ``task_status.started()`` once accepting. When ``shutdown`` is set,
+    stops accepting (the socket is closed), refuses new calls with
+    UNAVAILABLE, lets calls in flight finish for up to
+    ``settings.shutdown_grace`` seconds, cancels the rest (their partial
+    answers are stored as ``cancelled``) and returns. Cancellation stops
+    everything at once.
+
+    The listener speaks TLS with ``ssl_context``, by default the one built
+    from ``TLS_CERTFILE``/``TLS_KEYFILE`` (when set); a context passed in must
+    offer ``h2`` by ALPN (``ctx.set_alpn_protocols(["h2"])``), which grpcio
+    clients require.
+    """
+    if ssl_context is None:
+        ssl_context = server_ssl_context(settings, ["h2"])
+    server = _Server(
+        {
+            CHAT_SERVICE: _Chat(service).service,
+            HEALTH_SERVICE: _Health(shutdown).service,
+        },
+        max_message_length=settings.max_body_bytes,
+    )
+    listener: trio.abc.Listener[Any] = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    if ssl_context is not None:
+        listener = trio.SSLListener(listener, ssl_context, https_compatible=False)
+    try:
+        async with trio.open_nursery() as nursery:
+            accepting = trio.CancelScope()
+
+            async def accept(*, task_status: trio.TaskStatus[object]) -> None:
+                with accepting:
+                    await trio.serve_listeners(
+                        server.serve_connection,
+                        [listener],
+                        handler_nursery=nursery,
+                        task_status=task_status,
+                    )
+
+            await nursery.start(accept)
+            task_status.started()
+            await shutdown.wait()
+            accepting.cancel()  # serve_listeners closes the listening socket
+            await server.drain(settings.shutdown_grace)
+            nursery.cancel_scope.cancel()
+    finally:
+        sock.close()  # in case we were cancelled before serve_listeners took it over
+
+
+# --------------------------------------------------------------------------- services
+
+
+class _Abort(Exception):
+    """Ends a call with ``status`` (raised by the services below)."""
+
+    def __init__(self, code: StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.status = Status(code, message)
+
+
+class _Chat(chat_grpc.ChatServicer):
+    def __init__(self, service: ChatService) -> None:
+        self._service = service
+
+    async def Ask(  # noqa: N802 (the RPC's name)
+        self, message: chat_pb2.AskRequest, request: RequestReceived
+    ) -> AsyncIterator[chat_pb2.AskResponse]:
+        owner = self._service.keys.owner_for_header(_metadata(request, "authorization"))
+        ask = _ask_request(message, owner)
+        async with contextlib.aclosing(self._service.ask(ask)) as events:
+            async for event in events:
+                if isinstance(event, Delta):
+                    yield chat_pb2.AskResponse(response=event.text)
+                else:
+                    usage = event.usage
+                    yield chat_pb2.AskResponse(
+                        finish_reason=event.finish_reason,
+                        usage=chat_pb2.Usage(
+                            prompt_tokens=usage.prompt_tokens,
+                            completion_tokens=usage.completion_tokens,
+                            total_tokens=usage.total_tokens,
+                        ),
+                        model=event.model,
+                    )
+
+
+def _metadata(request: RequestReceived, key: str) -> str | None:
+    """The first value of the metadata ``key`` (lowercase) the client sent, if any."""
+    return next((value for name, value in request.custom_metadata if name == key), None)
+
+
+def _ask_request(message: chat_pb2.AskRequest, owner: str) -> AskRequest:
+    """The core's AskRequest; the optional fields are passed only when the client set them."""
+
+    def optional(name: str) -> Any:
+        return getattr(message, name) if message.HasField(name) else None
+
+    model = optional("model")
+    temperature = optional("temperature")
+    max_tokens = optional("max_tokens")
+    if model is not None and not model:
+        raise InvalidInput("model must not be empty")
+    if temperature is not None and not 0 <= temperature <= 2:
+        raise InvalidInput("temperature must be between 0 and 2")
+    if max_tokens is not None and max_tokens <= 0:
+        raise InvalidInput("max_tokens must be positive")
+    return AskRequest(
+        conversation_id=message.conversation_id,
+        prompt=message.prompt,
+        owner=owner,
+        model=model,
+        temperature=temperature,
+        max_tokens=max_tokens,
+        system=optional("system"),
+    )
+
+
+class _Health(health_grpc.HealthServicer):
+    SERVICES = frozenset({"", CHAT_SERVICE})
+
+    def __init__(self, shutdown: trio.Event) -> None:
+        self._shutdown = shutdown
+
+    def _status(self, name: str) -> int:
+        if name not in self.SERVICES:
+            return health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        if self._shutdown.is_set():
+            return health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse.SERVING
+
+    async def Check(  # noqa: N802
+        self, message: health_pb2.HealthCheckRequest, request: RequestReceived
+    ) -> health_pb2.HealthCheckResponse:
+        if message.service not in self.SERVICES:
+            raise _Abort(StatusCode.NOT_FOUND, f"unknown service {message.service!r}")
+        return health_pb2.HealthCheckResponse(status=self._status(message.service))
+
+    async def Watch(  # noqa: N802
+        self, message: health_pb2.HealthCheckRequest, request: RequestReceived
+    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        status = self._status(message.service)
+        yield health_pb2.HealthCheckResponse(status=status)
+        await self._shutdown.wait()  # the only change to come
+        if self._status(message.service) != status:
+            yield health_pb2.HealthCheckResponse(status=self._status(message.service))
+
+
+# --------------------------------------------------------------------------- connections
+
+
+class _BadRequestData(RequestEnded):
+    """The request body could not be read (too large, bad compression); ends the request.
+
+    A subclass of RequestEnded so that purerpc's stream bookkeeping takes it
+    as the end of the request.
+    """
+
+    def __init__(self, stream_id: int, status: Status) -> None:
+        super().__init__(stream_id)
+        self.status = status
+
+
+class _H2Connection(GRPCConnection):
+    """purerpc's HTTP/2 state machine, reporting the stream resets purerpc ignores.
+
+    A malformed request resets its stream instead of the whole connection,
+    and unreadable request data ends that request with a status.
+    """
+
+    def __init__(self, config: GRPCConfiguration, on_reset: Callable[[int], None]) -> None:
+        super().__init__(config)
+        self._on_reset = on_reset
+
+    def _stream_reset(self, event: h2.events.StreamReset) -> list[Any]:
+        self._on_reset(event.stream_id)
+        return []
+
+    def _request_received(self, event: h2.events.RequestReceived) -> list[Any]:
+        try:
+            return super()._request_received(event)
+        except (ProtocolError, KeyError, ValueError) as exc:
+            log.debug("gRPC: refusing a malformed request on stream %d: %s", event.stream_id, exc)
+            self.h2_connection.reset_stream(event.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            return []
+
+    def _data_received(self, event: h2.events.DataReceived) -> list[Any]:
+        if event.stream_id not in self.message_read_buffers:
+            return []  # the request has already ended, or was refused: drop the data
+        try:
+            return super()._data_received(event)
+        except MessageTooLargeError:
+            status = Status(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"the request message is larger than {self.config.max_message_length} bytes",
+            )
+        except (ProtocolError, zlib.error) as exc:
+            status = Status(StatusCode.INVALID_ARGUMENT, f"the request body is unreadable: {exc}")
+        del self.message_read_buffers[event.stream_id]
+        return [_BadRequestData(event.stream_id, status)]
+
+
+class _Ended:
+    """Stands in for a stream whose call is over: events that still arrive for it are dropped."""
+
+    def __init__(self) -> None:
+        self._incoming_events = (self, None)
+
+    async def send(self, event: object) -> None:
+        pass
+
+    async def _set_flow_control_update(self) -> None:
+        pass
+
+    def _close_remote(self) -> None:
+        pass
+
+
+class _Streams(dict[int, Any]):
+    """purerpc's table of open streams, which would raise KeyError for a forgotten stream."""
+
+    def __missing__(self, stream_id: int) -> _Ended:
+        return _Ended()
+
+
+class _ServerSocket(GRPCProtoSocket):
+    """purerpc's server-side gRPC connection, over our HTTP/2 state machine."""
+
+    def __init__(self, connection: _H2Connection, stream: anyio.abc.ByteStream) -> None:
+        super().__init__(connection.config, stream)
+        self._grpc_connection = self._socket._grpc_connection = connection
+        self._streams = _Streams()
+
+    def forget(self, stream_id: int) -> None:
+        """Drop purerpc's state for a stream whose call is over."""
+        self._streams.pop(stream_id, None)
+        self._grpc_connection.message_read_buffers.pop(stream_id, None)
+
+
+class _AnyioStream(anyio.abc.ByteStream):
+    """A trio stream with the anyio socket-stream interface purerpc's framing uses."""
+
+    def __init__(self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]) -> None:
+        self._stream = stream
+        transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+        self._socket = transport.socket
+
+    @property
+    def extra_attributes(self) -> dict[Any, Callable[[], Any]]:
+        return {anyio.abc.SocketAttribute.raw_socket: lambda: self._socket}
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        try:
+            data = await self._stream.receive_some(max_bytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise anyio.BrokenResourceError from exc
+        if not data:
+            raise anyio.EndOfStream
+        return data
+
+    async def send(self, item: bytes) -> None:
+        try:
+            await self._stream.send_all(item)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise anyio.BrokenResourceError from exc
+
+    async def send_eof(self) -> None:
+        raise NotImplementedError("gRPC connections are never half-closed")
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+@dataclasses.dataclass(eq=False)
+class _Connection:
+    """One client connection: a task per call, each in a cancel scope a stream reset cancels."""
+
+    server: _Server
+    draining: bool = False
+    active: int = 0
+    highest_stream: int = 0
+    scopes: dict[int, trio.CancelScope] = dataclasses.field(default_factory=dict)
+    resets: set[int] = dataclasses.field(default_factory=set)
+    listening: trio.CancelScope = dataclasses.field(default_factory=trio.CancelScope)
+    socket: _ServerSocket | None = None
+
+    async def serve(self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]) -> None:
+        if isinstance(stream, trio.SSLStream):
+            # Before purerpc's reader and writer both use the stream: when a handshake fails,
+            # trio leaves a second task waiting for it forever.
+            with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
+                await stream.do_handshake()
+        connection = _H2Connection(
+            GRPCConfiguration(client_side=False, max_message_length=self.server.max_message_length),
+            self.on_reset,
+        )
+        with trio.CancelScope() as connection_scope:
+            async with _ServerSocket(connection, _AnyioStream(stream)) as grpc_socket:
+                self.socket = grpc_socket
+                async with trio.open_nursery() as calls:
+                    with self.listening:
+                        if self.server.draining:
+                            self.drain()
+                        async for grpc_stream in grpc_socket.listen():
+                            self.dispatch(calls, grpc_stream)
+                    if not self.listening.cancelled_caught:
+                        # The client closed the connection, or it broke: nobody is left to
+                        # answer, and nothing queued can be delivered. Stop everything,
+                        # purerpc's writer too.
+                        connection_scope.cancel()
+
+    def dispatch(self, calls: trio.Nursery, stream: GRPCProtoStream) -> None:
+        assert self.socket is not None
+        self.highest_stream = max(self.highest_stream, stream.stream_id)
+        if stream.stream_id in self.resets:  # reset in the same read as its headers
+            self.resets.discard(stream.stream_id)
+            self.socket.forget(stream.stream_id)
+            return
+        scope = self.scopes[stream.stream_id] = trio.CancelScope()
+        self.active += 1
+        calls.start_soon(self.run_call, stream, scope)
+
+    def on_reset(self, stream_id: int) -> None:
+        """The client reset a stream (cancelled the call, or its deadline passed)."""
+        if stream_id in self.scopes:
+            self.resets.add(stream_id)
+            self.scopes[stream_id].cancel()
+        elif stream_id > self.highest_stream:
+            self.resets.add(stream_id)
+
+    async def run_call(self, stream: GRPCProtoStream, scope: trio.CancelScope) -> None:
+        try:
+            status = None
+            with scope:
+                status = await self.server.run_call(stream, refuse=self.draining)
+            if status is not None and stream.stream_id not in self.resets:
+                try:
+                    await stream.close(status)
+                except (h2.exceptions.H2Error, TypeError) as exc:
+                    log.debug("gRPC: could not end stream %d: %r", stream.stream_id, exc)
+        finally:
+            self.end_call(stream)
+
+    def end_call(self, stream: GRPCProtoStream) -> None:
+        assert self.socket is not None
+        stream_id = stream.stream_id
+        self.scopes.pop(stream_id, None)
+        self.resets.discard(stream_id)
+        self.socket.forget(stream_id)
+        self.active -= 1
+        if self.draining and not self.active:
+            self.close()
+
+    def drain(self) -> None:
+        """Refuse new calls; close the connection once the calls in flight are over."""
+        self.draining = True
+        if not self.active:
+            self.close()
+
+    def close(self) -> None:
+        """Say goodbye (GOAWAY) and stop reading; what is queued is still sent."""
+        if self.socket is not None:
+            with contextlib.suppress(h2.exceptions.H2Error):
+                self.socket._grpc_connection.h2_connection.close_connection()
+        self.listening.cancel()
+
+
+class _Server:
+    """Dispatches calls to services and keeps track of connections for the shutdown drain."""
+
+    def __init__(self, services: dict[str, Service], *, max_message_length: int) -> None:
+        self.services = services
+        self.max_message_length = max_message_length
+        self.draining = False
+        self.connections: set[_Connection] = set()
+        self._all_closed = trio.Event()
+
+    async def serve_connection(
+        self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
+    ) -> None:
+        """Serve one accepted connection until it closes (trio closes ``stream`` afterwards)."""
+        connection = _Connection(self)
+        self.connections.add(connection)
+        try:
+            await connection.serve(stream)
+        except Exception as exc:  # the client went away or spoke something else than gRPC
+            log.debug("gRPC connection ended: %r", exc)
+        finally:
+            self.connections.discard(connection)
+            if self.draining and not self.connections:
+                self._all_closed.set()
+
+    async def drain(self, grace: float) -> None:
+        """Close idle connections; wait up to ``grace`` seconds for the calls in flight."""
+        self.draining = True
+        for connection in list(self.connections):
+            connection.drain()
+        if not self.connections:
+            self._all_closed.set()
+        with trio.move_on_after(grace) as timer:
+            await self._all_closed.wait()
+        if timer.cancelled_caught:
+            log.warning(
+                "gRPC: cancelling the calls still running after %s s of shutdown grace", grace
+            )
+
+    async def run_call(self, stream: GRPCProtoStream, *, refuse: bool) -> Status | None:
+        """Run the call on ``stream``; return the status to end it with (None: nobody to tell)."""
+        request = await stream.receive_event()
+        if not isinstance(request, RequestReceived):
+            return Status(StatusCode.INTERNAL, "expected request headers")
+        path = f"/{request.service_name}/{request.method_name}"
+        service = self.services.get(request.service_name)
+        method = service.methods.get(request.method_name) if service else None
+        if method is None or method.signature.cardinality not in (
+            Cardinality.UNARY_UNARY,
+            Cardinality.UNARY_STREAM,
+        ):
+            return Status(StatusCode.UNIMPLEMENTED, f"method {path} is not implemented")
+        if refuse and request.service_name != HEALTH_SERVICE:  # health says NOT_SERVING
+            return Status(StatusCode.UNAVAILABLE, "the server is shutting down")
+        stream.expect_message_type(method.signature.request_type)
+        timeout = request.timeout.total_seconds() if request.timeout is not None else math.inf
+        response = _Response(stream)
+        try:
+            with trio.move_on_after(timeout) as deadline:
+                message = await _single_message(stream)
+                if method.signature.cardinality is Cardinality.UNARY_UNARY:
+                    await response.send(await method.method_fn(message, request=request))
+                else:
+                    replies = method.method_fn(message, request=request)
+                    async with contextlib.aclosing(replies):
+                        async for reply in replies:
+                            await response.send(reply)
+        except ChatError as exc:
+            return status_for(exc)
+        except _Abort as exc:
+            return exc.status
+        except h2.exceptions.StreamClosedError:
+            return None  # the stream was reset under us
+        except Exception:
+            log.exception("gRPC %s failed", path)
+            return Status(StatusCode.INTERNAL, INTERNAL_MESSAGE)
+        if deadline.cancelled_caught:
+            return Status(StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed")
+        return Status(StatusCode.OK)
+
+
+class _Response:
+    """Sends response messages, starting the response (headers) before the first one."""
+
+    def __init__(self, stream: GRPCProtoStream) -> None:
+        self._stream = stream
+        self._started = False
+
+    async def send(self, message: Any) -> None:
+        if not self._started:
+            await self._stream.start_response()
+            self._started = True
+        await self._stream.send_message(message)
+
+
+async def _single_message(stream: GRPCProtoStream) -> Any:
+    """The one request message of a unary-request call, once the client has finished sending."""
+    message = None
+    while True:
+        try:
+            event = await stream.receive_event()
+        except DecodeError:
+            raise _Abort(
+                StatusCode.INVALID_ARGUMENT, "the request message could not be decoded"
+            ) from None
+        if isinstance(event, _BadRequestData):
+            raise _Abort(event.status.status_code, event.status.status_message)
+        if isinstance(event, RequestEnded):
+            break
+        if isinstance(event, MessageReceived):
+            if message is not None:
+                raise _Abort(StatusCode.INVALID_ARGUMENT, "expected one request message, got more")
+            message = event.data
+    if message is None:
+        raise _Abort(StatusCode.INVALID_ARGUMENT, "expected one request message, got none")
+    return message
