@@ -124,20 +124,27 @@ class GrpcAsker:
         self._host, self._port = target.hostname or "127.0.0.1", target.port or 9000
 
     async def ask(self, conversation_id: str, prompt: str, show: Callable[[str], None]) -> None:
+        import anyio
         import purerpc
 
         from .proto_gen import chat_grpc, chat_pb2
 
-        async with purerpc.insecure_channel(self._host, self._port) as channel:
-            stub = chat_grpc.ChatStub(channel)
-            try:
-                async for reply in stub.Ask(
-                    chat_pb2.AskRequest(prompt=prompt, conversation_id=conversation_id)
-                ):
+        channel = purerpc.insecure_channel(self._host, self._port)
+        try:
+            async with channel:
+                stub = chat_grpc.ChatStub(channel)
+                request = chat_pb2.AskRequest(prompt=prompt, conversation_id=conversation_id)
+                async for reply in stub.Ask(request):
                     if reply.response:
                         show(reply.response)
-            except purerpc.RpcFailedError as exc:
-                raise ChatClientError(str(exc)) from None
+        except purerpc.RpcFailedError as exc:
+            raise ChatClientError(str(exc)) from None
+        finally:
+            # purerpc's channel leaves its TCP connection open; close it so that the server
+            # sees the client go away (and cancels an answer that was interrupted).
+            if channel._grpc_socket is not None:
+                with trio.CancelScope(shield=True):
+                    await anyio.aclose_forcefully(channel._grpc_socket._socket._stream)
 
     async def aclose(self) -> None:
         pass
