@@ -15,14 +15,15 @@ def server_ssl_context(settings: Settings, alpn: list[str]) -> ssl.SSLContext | 
     """
     if settings.tls_certfile is None or settings.tls_keyfile is None:
         return None
+    for variable, path in (("TLS_CERTFILE", settings.tls_certfile), ("TLS_KEYFILE", settings.tls_keyfile)):
+        if not path.is_file():
+            raise ConfigError(f"{variable} {str(path)!r}: file not found")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         context.load_cert_chain(settings.tls_certfile, settings.tls_keyfile)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"TLS file not found: {exc.filename}") from None
-    except PermissionError as exc:
-        raise ConfigError(f"TLS file not readable: {exc.filename}") from None
+    except PermissionError:
+        raise ConfigError("TLS_CERTFILE/TLS_KEYFILE: permission denied reading the files") from None
     except ssl.SSLError as exc:
         reason = (
             "the key does not match the certificate"

@@ -82,6 +82,8 @@ async def serve_websocket(
     if ssl_context is not None:
         listener = trio.SSLListener(listener, ssl_context, https_compatible=True)
 
+    answering = _Count()  # connections with an ask running or queued
+
     async with trio.open_nursery() as handlers:
 
         async def handle(request: WebSocketRequest) -> None:
@@ -94,7 +96,9 @@ async def serve_websocket(
                 )
                 return
             connection = await request.accept()
-            await _Connection(service, connection, shutdown, owner, settings.ws_idle_timeout).run()
+            await _Connection(
+                service, connection, shutdown, owner, settings.ws_idle_timeout, answering
+            ).run()
 
         server = WebSocketServer(
             handle,
@@ -109,7 +113,26 @@ async def serve_websocket(
             task_status.started()
             await shutdown.wait()
             accepting.cancel_scope.cancel()
-        handlers.cancel_scope.deadline = trio.current_time() + settings.shutdown_grace
+        with trio.move_on_after(settings.shutdown_grace):
+            await answering.zero()
+        handlers.cancel_scope.cancel()  # idle sockets, handshakes in progress, answers past the grace
+
+
+class _Count:
+    """How many connections are answering; :meth:`zero` waits until none is."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._changed = trio.Event()
+
+    def add(self, delta: int) -> None:
+        self.value += delta
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def zero(self) -> None:
+        while self.value:
+            await self._changed.wait()
 
 
 def _presented_key(request: WebSocketRequest) -> str | None:
@@ -131,23 +154,29 @@ class _Connection:
         shutdown: trio.Event,
         owner: str,
         idle_timeout: float,
+        answering: _Count,
     ) -> None:
         self.service = service
         self.ws = ws
         self.shutdown = shutdown
         self.owner = owner
         self.idle_timeout = idle_timeout
+        self.answering = answering
+        self.pending = 0  # asks queued or running on this socket
         self.send_asks, self.receive_asks = trio.open_memory_channel[_Ask](MAX_QUEUED_ASKS)
         self.current: trio.CancelScope | None = None
 
     async def run(self) -> None:
         """Serve the socket until the client closes it (or shutdown drains it)."""
-        with contextlib.suppress(ConnectionClosed):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._answer_asks)
-                nursery.start_soon(self._stop_taking_asks_on_shutdown)
-                await self._read_messages()
-                nursery.cancel_scope.cancel()
+        try:
+            with contextlib.suppress(ConnectionClosed):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._answer_asks)
+                    nursery.start_soon(self._stop_taking_asks_on_shutdown)
+                    await self._read_messages()
+                    nursery.cancel_scope.cancel()
+        finally:
+            self.answering.add(-self.pending)
 
     async def _read_messages(self) -> None:
         while True:
@@ -157,7 +186,7 @@ class _Connection:
             except ConnectionClosed:
                 return
             if idle.cancelled_caught:
-                if self.current is None and not self.receive_asks.statistics().current_buffer_used:
+                if not self.pending:
                     await self.ws.aclose(GOING_AWAY, f"idle for {self.idle_timeout:g} seconds")
                     return
                 continue
@@ -217,6 +246,8 @@ class _Connection:
             return
         try:
             self.send_asks.send_nowait(ask)
+            self.pending += 1
+            self.answering.add(1)
         except trio.WouldBlock:
             await self._send_failure(
                 ask,
@@ -231,6 +262,8 @@ class _Connection:
                 self.current = scope
                 await self._answer(ask)
             self.current = None
+            self.pending -= 1
+            self.answering.add(-1)
             if scope.cancelled_caught:  # the client's `cancel`: the answer ends, the socket stays
                 await self._send_end(ask, None)
         await self.ws.aclose(GOING_AWAY, "server shutting down")
