@@ -24,6 +24,7 @@ from quart_schema import (
     QuartSchema,
     RequestSchemaValidationError,
     document_response,
+    hide,
     tag,
     validate_request,
 )
@@ -34,6 +35,7 @@ from werkzeug.exceptions import BadRequest, HTTPException, MethodNotAllowed
 from ..chat.service import AskRequest, ChatService, Delta, End, validate_conversation_id
 from ..errors import ChatError, NotFound
 from .http_conversations import conversation_routes
+from .openapi import EasyBackendOpenAPI
 
 DOC_PATHS = {"/docs", "/openapi.json"}
 STATUS_BY_CODE = {
@@ -106,17 +108,6 @@ class AnswerBody(pydantic.BaseModel):
     usage: UsageBody
 
 
-class ErrorDetail(pydantic.BaseModel):
-    code: str = pydantic.Field(description="Stable machine-readable code, e.g. prompt_too_long")
-    message: str = pydantic.Field(description="What went wrong, for humans")
-
-
-class ErrorBody(pydantic.BaseModel):
-    """Every error response."""
-
-    error: ErrorDetail
-
-
 class HealthBody(pydantic.BaseModel):
     status: str
 
@@ -173,6 +164,7 @@ def create_app(service: ChatService) -> Quart:
         ),
         redoc_ui_path=None,
         scalar_ui_path=None,
+        openapi_provider_class=EasyBackendOpenAPI,
     )
 
     @app.errorhandler(ChatError)
@@ -235,9 +227,6 @@ def create_app(service: ChatService) -> Quart:
     @app.post("/ask/<conversation_id>")
     @validate_request(AskBody)
     @document_response(AnswerBody, 200)
-    @document_response(ErrorBody, 400)
-    @document_response(ErrorBody, 413)
-    @document_response(ErrorBody, 502)
     @tag(["ask"])
     async def ask(conversation_id: str, data: AskBody) -> Response:
         """Ask and get the whole answer.
@@ -252,8 +241,6 @@ def create_app(service: ChatService) -> Quart:
 
     @app.post("/ask/<conversation_id>/stream")
     @validate_request(AskBody)
-    @document_response(ErrorBody, 400)
-    @document_response(ErrorBody, 413)
     @tag(["ask"])
     async def ask_stream(conversation_id: str, data: AskBody) -> Response:
         """Ask and receive the answer as Server-Sent Events.
@@ -279,7 +266,7 @@ def create_app(service: ChatService) -> Quart:
         return response
 
     @app.route("/ask/<path:conversation_id>", methods=["POST"])
-    @tag(["ask"])
+    @hide
     async def ask_bad_id(conversation_id: str) -> Response:
         """Any other path below /ask/ holds a '/' and so names an invalid conversation id."""
         validate_conversation_id(conversation_id)

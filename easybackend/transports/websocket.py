@@ -82,7 +82,7 @@ async def serve_websocket(
     if ssl_context is not None:
         listener = trio.SSLListener(listener, ssl_context, https_compatible=True)
 
-    answering = _Count()  # connections with an ask running or queued
+    live = _Count()  # open connections
 
     async with trio.open_nursery() as handlers:
 
@@ -97,7 +97,7 @@ async def serve_websocket(
                 return
             connection = await request.accept()
             await _Connection(
-                service, connection, shutdown, owner, settings.ws_idle_timeout, answering
+                service, connection, shutdown, owner, settings.ws_idle_timeout, live
             ).run()
 
         server = WebSocketServer(
@@ -113,13 +113,14 @@ async def serve_websocket(
             task_status.started()
             await shutdown.wait()
             accepting.cancel_scope.cancel()
+        # Each connection finishes its queued answers, then closes itself (1001).
         with trio.move_on_after(settings.shutdown_grace):
-            await answering.zero()
-        handlers.cancel_scope.cancel()  # idle sockets, handshakes in progress, answers past the grace
+            await live.zero()
+        handlers.cancel_scope.cancel()  # handshakes in progress, answers past the grace
 
 
 class _Count:
-    """How many connections are answering; :meth:`zero` waits until none is."""
+    """A count that can be awaited down to zero."""
 
     def __init__(self) -> None:
         self.value = 0
@@ -154,20 +155,21 @@ class _Connection:
         shutdown: trio.Event,
         owner: str,
         idle_timeout: float,
-        answering: _Count,
+        live: _Count,
     ) -> None:
         self.service = service
         self.ws = ws
         self.shutdown = shutdown
         self.owner = owner
         self.idle_timeout = idle_timeout
-        self.answering = answering
+        self.live = live
         self.pending = 0  # asks queued or running on this socket
         self.send_asks, self.receive_asks = trio.open_memory_channel[_Ask](MAX_QUEUED_ASKS)
         self.current: trio.CancelScope | None = None
 
     async def run(self) -> None:
         """Serve the socket until the client closes it (or shutdown drains it)."""
+        self.live.add(1)
         try:
             with contextlib.suppress(ConnectionClosed):
                 async with trio.open_nursery() as nursery:
@@ -176,7 +178,7 @@ class _Connection:
                     await self._read_messages()
                     nursery.cancel_scope.cancel()
         finally:
-            self.answering.add(-self.pending)
+            self.live.add(-1)
 
     async def _read_messages(self) -> None:
         while True:
@@ -247,7 +249,6 @@ class _Connection:
         try:
             self.send_asks.send_nowait(ask)
             self.pending += 1
-            self.answering.add(1)
         except trio.WouldBlock:
             await self._send_failure(
                 ask,
@@ -263,7 +264,6 @@ class _Connection:
                 await self._answer(ask)
             self.current = None
             self.pending -= 1
-            self.answering.add(-1)
             if scope.cancelled_caught:  # the client's `cancel`: the answer ends, the socket stays
                 await self._send_end(ask, None)
         await self.ws.aclose(GOING_AWAY, "server shutting down")
