@@ -9,6 +9,7 @@ started with the defaults (HTTP only).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -22,6 +23,39 @@ from easybackend.fake_upstream import FakeUpstream
 from easybackend.settings import Settings, load_settings
 
 UPSTREAM_KEY = "sk-test-upstream-SECRET-0123456789"
+# Every key the tests use contains SECRET; prompts that must never be logged contain PROMPT-SENTINEL.
+# A handler watches every log record of the whole run at INFO and above for both (see below).
+FORBIDDEN_IN_LOGS = ("SECRET", "PROMPT-SENTINEL")
+
+
+class _LogWatch(logging.Handler):
+    """Keeps the INFO-and-above log lines that hold a key or a sentinel prompt."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.INFO)
+        self.leaks: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = self.format(record)
+        if any(word in line for word in FORBIDDEN_IN_LOGS):
+            self.leaks.append(f"{record.name} {record.levelname}: {line[:300]}")
+
+
+LOG_WATCH = _LogWatch()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    root = logging.getLogger()
+    root.addHandler(LOG_WATCH)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if any log line at INFO or above, in any test, held a key or a sentinel prompt."""
+    if LOG_WATCH.leaks:
+        print("\nlog lines that leak a key or a prompt:\n" + "\n".join(LOG_WATCH.leaks[:20]))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def free_port() -> int:
@@ -85,7 +119,9 @@ async def start_server(
     """Start servers; at teardown each still running is shut down gracefully (and must stop)."""
     started: list[Server] = []
 
-    async def run(settings: Settings, shutdown: trio.Event, stopped: trio.Event, *, task_status) -> None:
+    async def run(
+        settings: Settings, shutdown: trio.Event, stopped: trio.Event, *, task_status
+    ) -> None:
         try:
             await serve(settings, shutdown=shutdown, task_status=task_status)
         finally:
