@@ -18,8 +18,9 @@ USER easybackend
 VOLUME ["/app/conversations"]
 EXPOSE 8000 9000 9001
 
+# /healthz over HTTP, or HTTPS when TLS is on (the certificate is not checked: this is loopback)
 HEALTHCHECK --interval=30s --timeout=3s --start-period=10s \
-    CMD python -c "import urllib.request, sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"
+    CMD python -c "import os, ssl, urllib.request as r; scheme = 'https' if os.environ.get('TLS_CERTFILE') else 'http'; r.urlopen(f\"{scheme}://127.0.0.1:{os.environ.get('HTTP_PORT', '8000')}/healthz\", timeout=2, context=ssl._create_unverified_context())"
 
 ENTRYPOINT ["easybackend"]
 CMD ["serve"]
