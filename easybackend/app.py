@@ -25,6 +25,7 @@ from .chat.service import ChatService
 from .chat.tokens import TokenCounter, encoding_name_for, load_encoding
 from .fake_upstream import FakeUpstream
 from .listeners import bind_tcp
+from .metrics import Metrics
 from .settings import Settings
 from .storage import open_storage
 from .tls import server_ssl_context
@@ -79,8 +80,9 @@ async def serve(
                 await nursery.start(fake.serve, "127.0.0.1", 0)
                 upstream_url = fake.base_url()
                 log.info("demo mode: answering from the built-in fake model at %s", upstream_url)
-            upstream = OpenAIUpstream(settings, base_url=upstream_url)
-            service = ChatService(settings, storage, upstream, counter)
+            metrics = Metrics()
+            upstream = OpenAIUpstream(settings, metrics, base_url=upstream_url)
+            service = ChatService(settings, storage, upstream, counter, metrics)
             async with _stop_on_signals(shutdown, nursery.cancel_scope):
                 async with trio.open_nursery() as listeners:
                     ports = {name: sock.getsockname()[1] for name, sock in sockets.items()}

@@ -10,11 +10,11 @@ import trio
 
 from .chat.service import validate_conversation_id
 from .chat.tokens import TokenCounter, encoding_name_for, load_encoding
+from .chat.views import conversation_detail
 from .errors import ChatError
 from .settings import Settings
 from .storage import ConversationRef, open_storage
 from .storage.legacy_json import import_directory
-from .transports.http_conversations import conversation_detail
 
 
 class CommandError(Exception):

@@ -46,6 +46,8 @@ class Settings:
     database_url: str = ""
     log_level: str = "INFO"
     upstream_timeout: float = 120.0
+    upstream_connect_timeout: float = 10.0
+    upstream_idle_timeout: float = 60.0
     upstream_retries: int = 2
     shutdown_grace: float = 30.0
     max_body_bytes: int = 1024 * 1024
@@ -56,6 +58,7 @@ class Settings:
     tls_keyfile: Path | None = None
     cors_origins: tuple[str, ...] = ("*",)
     public_docs: bool = True
+    public_metrics: bool = True
     ws_handshake_timeout: float = 10.0
     ws_idle_timeout: float = 300.0
     demo: bool = False
@@ -162,6 +165,8 @@ ENVIRONMENT = {
     "DATABASE_URL": ("database_url", _text),
     "LOG_LEVEL": ("log_level", _log_level),
     "UPSTREAM_TIMEOUT": ("upstream_timeout", _seconds),
+    "UPSTREAM_CONNECT_TIMEOUT": ("upstream_connect_timeout", _seconds),
+    "UPSTREAM_IDLE_TIMEOUT": ("upstream_idle_timeout", _seconds),
     "UPSTREAM_RETRIES": ("upstream_retries", _non_negative_int),
     "SHUTDOWN_GRACE": ("shutdown_grace", _seconds),
     "MAX_BODY_BYTES": ("max_body_bytes", _positive_int),
@@ -172,6 +177,7 @@ ENVIRONMENT = {
     "TLS_KEYFILE": ("tls_keyfile", _optional_path),
     "CORS_ORIGINS": ("cors_origins", _origins),
     "PUBLIC_DOCS": ("public_docs", _bool),
+    "PUBLIC_METRICS": ("public_metrics", _bool),
     "WS_HANDSHAKE_TIMEOUT": ("ws_handshake_timeout", _seconds),
     "WS_IDLE_TIMEOUT": ("ws_idle_timeout", _seconds),
 }

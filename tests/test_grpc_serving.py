@@ -176,7 +176,7 @@ class EchoService:
         yield Delta("echo: ")
         yield Delta(request.prompt)
         if request.prompt == "crash":
-            raise RuntimeError("SECRET internal detail")
+            raise RuntimeError("hidden internal detail")
         yield End(request.conversation_id, "stub-model", "stop", Usage(1, 2), 1)
 
 
@@ -242,7 +242,7 @@ async def test_unexpected_errors_are_internal_without_details(
     assert received == ["echo: ", "crash"]
     assert error.code() == grpc.StatusCode.INTERNAL
     assert error.details() == "internal server error"
-    logged = [r for r in caplog.records if r.exc_info and "SECRET" in str(r.exc_info[1])]
+    logged = [r for r in caplog.records if r.exc_info and "hidden internal detail" in str(r.exc_info[1])]
     assert logged and logged[0].levelname == "ERROR"
     replies = await trio.to_thread.run_sync(ask_stub, server.port, "next")
     assert "".join(r.response for r in replies) == "echo: next"

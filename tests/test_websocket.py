@@ -139,7 +139,9 @@ async def test_json_cancel_stops_the_answer_and_stores_the_partial_turn(ws_serve
         with trio.fail_after(10):
             while (reply := json.loads(await ws.get_message()))["type"] == "delta":
                 received.append(reply)
+        request_id = reply.pop("request_id")
         assert reply == {"type": "end", "finish_reason": "cancelled", "usage": None, "id": 1}
+        assert len(request_id) == 16
         disconnected = await wait_for_event(ws_server, "disconnected", timeout=1)
         assert disconnected["chunks"] < 300
         # the socket stays usable

@@ -24,22 +24,32 @@ import collections
 import contextlib
 import dataclasses
 import re
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 
 import trio
 
 from ..auth import KeyRing
-from ..errors import InvalidInput, NotFound, PromptTooLong, TooManyRequests
+from ..errors import (
+    InvalidInput,
+    NotFound,
+    PromptTooLong,
+    StorageUnavailable,
+    TooManyRequests,
+)
+from ..metrics import Metrics
+from ..request_ids import current_request_id
 from ..settings import Settings
 from ..storage import ConversationDetail, ConversationRef, ConversationSummary, NewTurn, Storage
 from ..upstream.openai_client import Completion, OpenAIUpstream, UpstreamCall
+from .accounting import CANCELLED, AskRecord, is_cancellation
 from .context import Budget, build_messages, turn_cost
 from .locks import KeyedLock
 from .tokens import TokenCounter
 
 CONVERSATION_ID = re.compile(r"[A-Za-z0-9_\-.:]{1,128}")
-CANCELLED = "cancelled"
+READY_TIMEOUT = 2.0  # seconds the store may take to answer a readiness check
 MAX_PAGE = 200  # conversations per page of a listing
 # How long storing a cancelled turn may take once the ask is already cancelled.
 STORE_ON_CANCEL_SECONDS = 5.0
@@ -65,6 +75,8 @@ class AskRequest:
     temperature: float | None = None
     max_tokens: int | None = None
     system: str | None = None  # this turn only, instead of the conversation's system prompt
+    protocol: str = "internal"  # http, sse, ws, grpc: for the access log and the metrics
+    request_id: str = dataclasses.field(default_factory=current_request_id)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -114,9 +126,15 @@ class ChatService:
     """Answers asks with conversation memory. One instance serves every transport."""
 
     def __init__(
-        self, settings: Settings, storage: Storage, upstream: OpenAIUpstream, counter: TokenCounter
+        self,
+        settings: Settings,
+        storage: Storage,
+        upstream: OpenAIUpstream,
+        counter: TokenCounter,
+        metrics: Metrics,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.storage = storage
         self.upstream = upstream
         self.counter = counter
@@ -128,6 +146,28 @@ class ChatService:
         self.first_prompt_tokens = (
             counter.text(settings.first_prompt) if settings.first_prompt is not None else None
         )
+
+    @staticmethod
+    def _check_overrides(request: AskRequest) -> None:
+        """The per-ask overrides, whichever transport they came from; raises InvalidInput."""
+        if request.model is not None and (
+            not isinstance(request.model, str) or not request.model.strip()
+        ):
+            raise InvalidInput("model must be a non-empty string")
+        temperature = request.temperature
+        if temperature is not None and (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, int | float)
+            or not 0 <= temperature <= 2
+        ):
+            raise InvalidInput("temperature must be a number between 0 and 2")
+        max_tokens = request.max_tokens
+        if max_tokens is not None and (
+            isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0
+        ):
+            raise InvalidInput("max_tokens must be a positive whole number")
+        if request.system is not None and not isinstance(request.system, str):
+            raise InvalidInput("system must be a string")
 
     def _checked_prompt(self, prompt: object) -> str:
         if not isinstance(prompt, str) or not prompt.strip():
@@ -146,10 +186,32 @@ class ChatService:
         """Answer one ask: yields Delta events, then one End once the turn is stored.
 
         Raises ChatError subclasses. Cancellation or an early close stores the
-        partial answer as ``cancelled`` (see the module docstring).
+        partial answer as ``cancelled`` (see the module docstring). Every ask,
+        whatever its end, gets one access log line and its metrics.
         """
+        conversation_id = request.conversation_id
+        shown_id = conversation_id if CONVERSATION_ID.fullmatch(str(conversation_id)) else "-"
+        record = AskRecord(
+            self.metrics, request.protocol, request.request_id, shown_id, request.owner
+        )
+        try:
+            async with contextlib.aclosing(self._answer(request)) as events:
+                async for event in events:
+                    if isinstance(event, End):
+                        record.answered(event.usage.prompt_tokens, event.usage.completion_tokens)
+                    else:
+                        record.first_piece()
+                    yield event
+        except BaseException as exc:
+            record.failed(exc)
+            raise
+        finally:
+            record.close()
+
+    async def _answer(self, request: AskRequest) -> AsyncIterator[Delta | End]:
         ref = ConversationRef(request.owner, validate_conversation_id(request.conversation_id))
         prompt = self._checked_prompt(request.prompt)
+        self._check_overrides(request)
         prompt_tokens = self.counter.text(prompt)
         created_at = time.time()
 
@@ -181,7 +243,7 @@ class ChatService:
                                 pieces.append(item)
                                 yield Delta(item)
                 except BaseException:
-                    if pieces and completion is None and _is_cancellation():
+                    if pieces and completion is None and is_cancellation(sys.exception()):
                         await self._store_cancelled(
                             ref, call, prompt, prompt_tokens, pieces, sent_tokens, created_at
                         )
@@ -233,6 +295,16 @@ class ChatService:
                 else:
                     return Answer("".join(pieces), event)
         raise AssertionError("ask() ended without an End event")
+
+    async def ready(self) -> bool:
+        """True when the conversation store answers within READY_TIMEOUT seconds."""
+        with trio.move_on_after(READY_TIMEOUT):
+            try:
+                await self.storage.ping()
+            except StorageUnavailable:
+                return False
+            return True
+        return False
 
     # Conversation management. Each takes the conversation's lock, so it waits for an
     # answer in progress on that conversation and never sees half of one.
@@ -367,14 +439,3 @@ class _ContextPlan:
         )
         self.fixed_tokens = budget.fixed
         return budget.history
-
-
-def _is_cancellation() -> bool:
-    """True while handling a cancellation or an early close (not an error of the call itself)."""
-    import sys
-
-    exc = sys.exception()
-    return isinstance(exc, trio.Cancelled | GeneratorExit) or (
-        isinstance(exc, BaseExceptionGroup)
-        and exc.subgroup((trio.Cancelled, GeneratorExit)) is not None
-    )

@@ -6,6 +6,21 @@ class ChatServicer(purerpc.Servicer):
     async def Ask(self, input_message):
         raise NotImplementedError()
 
+    async def ListConversations(self, input_message):
+        raise NotImplementedError()
+
+    async def GetConversation(self, input_message):
+        raise NotImplementedError()
+
+    async def DeleteConversation(self, input_message):
+        raise NotImplementedError()
+
+    async def Rollback(self, input_message):
+        raise NotImplementedError()
+
+    async def SetSystemPrompt(self, input_message):
+        raise NotImplementedError()
+
     @property
     def service(self) -> purerpc.Service:
         service_obj = purerpc.Service(
@@ -18,6 +33,51 @@ class ChatServicer(purerpc.Servicer):
                 purerpc.Cardinality.UNARY_STREAM,
                 chat__pb2.AskRequest,
                 chat__pb2.AskResponse,
+            )
+        )
+        service_obj.add_method(
+            "ListConversations",
+            self.ListConversations,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                chat__pb2.ListConversationsRequest,
+                chat__pb2.ListConversationsResponse,
+            )
+        )
+        service_obj.add_method(
+            "GetConversation",
+            self.GetConversation,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                chat__pb2.ConversationRequest,
+                chat__pb2.Conversation,
+            )
+        )
+        service_obj.add_method(
+            "DeleteConversation",
+            self.DeleteConversation,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                chat__pb2.ConversationRequest,
+                chat__pb2.DeleteConversationResponse,
+            )
+        )
+        service_obj.add_method(
+            "Rollback",
+            self.Rollback,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                chat__pb2.RollbackRequest,
+                chat__pb2.RollbackResponse,
+            )
+        )
+        service_obj.add_method(
+            "SetSystemPrompt",
+            self.SetSystemPrompt,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                chat__pb2.SetSystemPromptRequest,
+                chat__pb2.SetSystemPromptResponse,
             )
         )
         return service_obj
@@ -35,5 +95,45 @@ class ChatStub:
                 purerpc.Cardinality.UNARY_STREAM,
                 chat__pb2.AskRequest,
                 chat__pb2.AskResponse,
+            )
+        )
+        self.ListConversations = self._client.get_method_stub(
+            "ListConversations",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                chat__pb2.ListConversationsRequest,
+                chat__pb2.ListConversationsResponse,
+            )
+        )
+        self.GetConversation = self._client.get_method_stub(
+            "GetConversation",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                chat__pb2.ConversationRequest,
+                chat__pb2.Conversation,
+            )
+        )
+        self.DeleteConversation = self._client.get_method_stub(
+            "DeleteConversation",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                chat__pb2.ConversationRequest,
+                chat__pb2.DeleteConversationResponse,
+            )
+        )
+        self.Rollback = self._client.get_method_stub(
+            "Rollback",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                chat__pb2.RollbackRequest,
+                chat__pb2.RollbackResponse,
+            )
+        )
+        self.SetSystemPrompt = self._client.get_method_stub(
+            "SetSystemPrompt",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                chat__pb2.SetSystemPromptRequest,
+                chat__pb2.SetSystemPromptResponse,
             )
         )

@@ -160,6 +160,10 @@ class Storage(Protocol):
         """
         ...
 
+    async def ping(self) -> None:
+        """Raise StorageUnavailable unless the store answers a trivial query."""
+        ...
+
     async def close(self) -> None:
         """Release connections; further calls fail."""
         ...

@@ -248,6 +248,12 @@ class SQLiteStorage:
 
         return await self._run(work)
 
+    async def ping(self) -> None:
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("SELECT count(*) FROM conversations WHERE pk = 0").fetchone()
+
+        await self._run(work)
+
     async def close(self) -> None:
         await self._run(lambda db: db.close())
 

@@ -7,9 +7,20 @@ the text), then a last ``AskResponse`` with an empty ``response`` carrying
 wire-compatible with the original (same package, service, method and field
 numbers 1-2), so clients generated from the original proto keep working.
 
-With ``API_KEYS`` set, ``Ask`` needs ``authorization: Bearer <key>``
-metadata (else UNAUTHENTICATED), and the key's name owns the conversations
-it asks on. Health calls need no key, so that probes work.
+The conversation-management RPCs (``ListConversations``,
+``GetConversation``, ``DeleteConversation``, ``Rollback``,
+``SetSystemPrompt``) are the HTTP API's ``/conversations`` operations: each
+is one call of the matching :class:`ChatService` method, and its answer is
+the HTTP API's JSON form (:mod:`.http_conversations`) as a proto message,
+so field names, times (ISO 8601, UTC) and pagination are the same on both.
+``ListConversations`` with ``limit`` 0 lists 50 per page; its
+``next_cursor`` is empty on the last page. An unset or empty ``prompt`` in
+``SetSystemPrompt`` clears the conversation's system prompt.
+
+With ``API_KEYS`` set, every ``chat.Chat`` call needs
+``authorization: Bearer <key>`` metadata (else UNAUTHENTICATED), and the
+key's name owns the conversations it asks on, lists and manages. Health
+calls need no key, so that probes work.
 
 ``Health.Check`` answers SERVING for ``""`` and ``"chat.Chat"`` (NOT_SERVING
 once shutdown has begun) and fails with NOT_FOUND for any other name.
@@ -67,6 +78,10 @@ HTTP/2 and gRPC framing (``GRPCProtoSocket``); the dispatch of calls to
 services is done here rather than by purerpc's ``ConnectionHandler``, whose
 bare ``except:`` clauses swallow cancellation and send ``repr()`` of any
 exception to the client.
+
+A connection that has not sent the HTTP/2 preface and its SETTINGS within
+``PREFACE_TIMEOUT`` seconds of being accepted (after the TLS handshake, with
+TLS) is closed, so a client that stops half-way cannot hold it open.
 """
 
 from __future__ import annotations
@@ -96,8 +111,11 @@ from purerpc.grpclib.events import MessageReceived, RequestEnded, RequestReceive
 from purerpc.grpclib.exceptions import MessageTooLargeError, ProtocolError
 
 from ..chat.service import AskRequest, ChatService, Delta
-from ..errors import ChatError, InvalidInput
+from ..chat.views import conversation_detail, conversation_summary
+from ..errors import ChatError
 from ..proto_gen import chat_grpc, chat_pb2, health_grpc, health_pb2
+from ..request_ids import CURRENT as CURRENT_REQUEST_ID
+from ..request_ids import accept_request_id
 from ..settings import Settings
 from ..tls import server_ssl_context
 
@@ -122,7 +140,11 @@ STATUS_BY_CODE: dict[str, StatusCode] = {
 CHAT_SERVICE = "chat.Chat"
 HEALTH_SERVICE = "grpc.health.v1.Health"
 INTERNAL_MESSAGE = "internal server error"
+DEFAULT_PAGE = 50  # conversations per page when ListConversations leaves limit at 0
 TLS_HANDSHAKE_TIMEOUT = 10.0  # seconds
+# Seconds a new connection has to send the HTTP/2 preface and its SETTINGS (real clients
+# send them at once); one that has not is closed.
+PREFACE_TIMEOUT = 10.0
 
 
 def status_for(error: ChatError) -> Status:
@@ -158,7 +180,7 @@ async def serve_grpc(
     server = _Server(
         {
             CHAT_SERVICE: _Chat(service).service,
-            HEALTH_SERVICE: _Health(shutdown).service,
+            HEALTH_SERVICE: _Health(service, shutdown).service,
         },
         max_message_length=settings.max_body_bytes,
     )
@@ -203,11 +225,14 @@ class _Chat(chat_grpc.ChatServicer):
     def __init__(self, service: ChatService) -> None:
         self._service = service
 
+    def _owner(self, request: RequestReceived) -> str:
+        """The name of the caller's key (``""`` with auth off); raises Unauthenticated."""
+        return self._service.keys.owner_for_header(_metadata(request, "authorization"))
+
     async def Ask(  # noqa: N802 (the RPC's name)
         self, message: chat_pb2.AskRequest, request: RequestReceived
     ) -> AsyncIterator[chat_pb2.AskResponse]:
-        owner = self._service.keys.owner_for_header(_metadata(request, "authorization"))
-        ask = _ask_request(message, owner)
+        ask = _ask_request(message, self._owner(request))
         async with contextlib.aclosing(self._service.ask(ask)) as events:
             async for event in events:
                 if isinstance(event, Delta):
@@ -224,6 +249,57 @@ class _Chat(chat_grpc.ChatServicer):
                         model=event.model,
                     )
 
+    # Conversation management: the HTTP API's operations, answered with its JSON forms
+    # (same field names, same times) turned into the proto messages.
+
+    async def ListConversations(  # noqa: N802
+        self, message: chat_pb2.ListConversationsRequest, request: RequestReceived
+    ) -> chat_pb2.ListConversationsResponse:
+        owner = self._owner(request)
+        limit = message.limit or DEFAULT_PAGE
+        page = await self._service.list_conversations(
+            owner, limit=limit, after=message.cursor or None
+        )
+        return chat_pb2.ListConversationsResponse(
+            conversations=[
+                chat_pb2.ConversationSummary(**conversation_summary(item)) for item in page
+            ],
+            next_cursor=page[-1].cursor if len(page) == limit else "",
+        )
+
+    async def GetConversation(  # noqa: N802
+        self, message: chat_pb2.ConversationRequest, request: RequestReceived
+    ) -> chat_pb2.Conversation:
+        owner = self._owner(request)
+        detail = await self._service.get_conversation(message.conversation_id, owner)
+        return chat_pb2.Conversation(**conversation_detail(detail))
+
+    async def DeleteConversation(  # noqa: N802
+        self, message: chat_pb2.ConversationRequest, request: RequestReceived
+    ) -> chat_pb2.DeleteConversationResponse:
+        owner = self._owner(request)
+        await self._service.delete_conversation(message.conversation_id, owner)
+        return chat_pb2.DeleteConversationResponse(conversation_id=message.conversation_id)
+
+    async def Rollback(  # noqa: N802
+        self, message: chat_pb2.RollbackRequest, request: RequestReceived
+    ) -> chat_pb2.RollbackResponse:
+        owner = self._owner(request)
+        removed, left = await self._service.rollback(message.conversation_id, message.turns, owner)
+        return chat_pb2.RollbackResponse(
+            conversation_id=message.conversation_id, removed=removed, turns=left
+        )
+
+    async def SetSystemPrompt(  # noqa: N802
+        self, message: chat_pb2.SetSystemPromptRequest, request: RequestReceived
+    ) -> chat_pb2.SetSystemPromptResponse:
+        owner = self._owner(request)
+        prompt = message.prompt or None  # unset and "" both clear it
+        await self._service.set_system_prompt(message.conversation_id, prompt, owner)
+        return chat_pb2.SetSystemPromptResponse(
+            conversation_id=message.conversation_id, system_prompt=prompt
+        )
+
 
 def _metadata(request: RequestReceived, key: str) -> str | None:
     """The first value of the metadata ``key`` (lowercase) the client sent, if any."""
@@ -236,30 +312,23 @@ def _ask_request(message: chat_pb2.AskRequest, owner: str) -> AskRequest:
     def optional(name: str) -> Any:
         return getattr(message, name) if message.HasField(name) else None
 
-    model = optional("model")
-    temperature = optional("temperature")
-    max_tokens = optional("max_tokens")
-    if model is not None and not model:
-        raise InvalidInput("model must not be empty")
-    if temperature is not None and not 0 <= temperature <= 2:
-        raise InvalidInput("temperature must be between 0 and 2")
-    if max_tokens is not None and max_tokens <= 0:
-        raise InvalidInput("max_tokens must be positive")
     return AskRequest(
         conversation_id=message.conversation_id,
         prompt=message.prompt,
         owner=owner,
-        model=model,
-        temperature=temperature,
-        max_tokens=max_tokens,
+        model=optional("model"),
+        temperature=optional("temperature"),
+        max_tokens=optional("max_tokens"),
         system=optional("system"),
+        protocol="grpc",
     )
 
 
 class _Health(health_grpc.HealthServicer):
     SERVICES = frozenset({"", CHAT_SERVICE})
 
-    def __init__(self, shutdown: trio.Event) -> None:
+    def __init__(self, service: ChatService, shutdown: trio.Event) -> None:
+        self._service = service
         self._shutdown = shutdown
 
     def _status(self, name: str) -> int:
@@ -272,9 +341,13 @@ class _Health(health_grpc.HealthServicer):
     async def Check(  # noqa: N802
         self, message: health_pb2.HealthCheckRequest, request: RequestReceived
     ) -> health_pb2.HealthCheckResponse:
+        """SERVING while the server runs and its storage answers (the same as /readyz)."""
         if message.service not in self.SERVICES:
             raise _Abort(StatusCode.NOT_FOUND, f"unknown service {message.service!r}")
-        return health_pb2.HealthCheckResponse(status=self._status(message.service))
+        status = self._status(message.service)
+        if status == health_pb2.HealthCheckResponse.SERVING and not await self._service.ready():
+            status = health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(  # noqa: N802
         self, message: health_pb2.HealthCheckRequest, request: RequestReceived
@@ -306,11 +379,17 @@ class _H2Connection(GRPCConnection):
 
     A malformed request resets its stream instead of the whole connection,
     and unreadable request data ends that request with a status.
+    ``greeted`` is set once the client's preface and first SETTINGS have arrived.
     """
 
     def __init__(self, config: GRPCConfiguration, on_reset: Callable[[int], None]) -> None:
         super().__init__(config)
         self._on_reset = on_reset
+        self.greeted = trio.Event()
+
+    def _remote_settings_changed(self, event: h2.events.RemoteSettingsChanged) -> list[Any]:
+        self.greeted.set()
+        return super()._remote_settings_changed(event)
 
     def _stream_reset(self, event: h2.events.StreamReset) -> list[Any]:
         self._on_reset(event.stream_id)
@@ -438,16 +517,37 @@ class _Connection:
             async with _ServerSocket(connection, _AnyioStream(stream)) as grpc_socket:
                 self.socket = grpc_socket
                 async with trio.open_nursery() as calls:
+                    greeting = trio.CancelScope()
+                    calls.start_soon(self.expect_greeting, connection, connection_scope, greeting)
                     with self.listening:
                         if self.server.draining:
                             self.drain()
                         async for grpc_stream in grpc_socket.listen():
                             self.dispatch(calls, grpc_stream)
+                    greeting.cancel()
                     if not self.listening.cancelled_caught:
                         # The client closed the connection, or it broke: nobody is left to
                         # answer, and nothing queued can be delivered. Stop everything,
                         # purerpc's writer too.
                         connection_scope.cancel()
+
+    @staticmethod
+    async def expect_greeting(
+        connection: _H2Connection, connection_scope: trio.CancelScope, scope: trio.CancelScope
+    ) -> None:
+        """Close the connection unless the client sends the HTTP/2 preface in time.
+
+        Without this, a client that sends part of the preface and then waits
+        would hold its connection open for ever.
+        """
+        with scope:
+            with trio.move_on_after(PREFACE_TIMEOUT):
+                await connection.greeted.wait()
+                return
+            log.debug(
+                "gRPC: closing a connection that sent no HTTP/2 preface in %s s", PREFACE_TIMEOUT
+            )
+            connection_scope.cancel()
 
     def dispatch(self, calls: trio.Nursery, stream: GRPCProtoStream) -> None:
         assert self.socket is not None
@@ -561,7 +661,9 @@ class _Server:
             return Status(StatusCode.UNAVAILABLE, "the server is shutting down")
         stream.expect_message_type(method.signature.request_type)
         timeout = request.timeout.total_seconds() if request.timeout is not None else math.inf
-        response = _Response(stream)
+        request_id = accept_request_id(_metadata(request, "x-request-id"))
+        CURRENT_REQUEST_ID.set(request_id)  # read by the core when it makes the AskRequest
+        response = _Response(stream, request_id)
         try:
             with trio.move_on_after(timeout) as deadline:
                 message = await _single_message(stream)
@@ -587,15 +689,16 @@ class _Server:
 
 
 class _Response:
-    """Sends response messages, starting the response (headers) before the first one."""
+    """Sends response messages, starting the response (headers, with the request id) before the first."""
 
-    def __init__(self, stream: GRPCProtoStream) -> None:
+    def __init__(self, stream: GRPCProtoStream, request_id: str) -> None:
         self._stream = stream
+        self._request_id = request_id
         self._started = False
 
     async def send(self, message: Any) -> None:
         if not self._started:
-            await self._stream.start_response()
+            await self._stream.start_response(custom_metadata=(("x-request-id", self._request_id),))
             self._started = True
         await self._stream.send_message(message)
 

@@ -34,6 +34,7 @@ from werkzeug.exceptions import BadRequest, HTTPException, MethodNotAllowed
 
 from ..chat.service import AskRequest, ChatService, Delta, End, validate_conversation_id
 from ..errors import ChatError, NotFound
+from ..request_ids import accept_request_id, new_request_id
 from .http_conversations import conversation_routes
 from .openapi import EasyBackendOpenAPI
 
@@ -174,11 +175,20 @@ def create_app(service: ChatService) -> Quart:
             response.headers["WWW-Authenticate"] = 'Bearer realm="easybackend"'
         return response
 
-    open_paths = {"/healthz", "/readyz"} | (DOC_PATHS if service.settings.public_docs else set())
+    settings = service.settings
+    open_paths = (
+        {"/healthz", "/readyz"}
+        | (DOC_PATHS if settings.public_docs else set())
+        | ({"/metrics"} if settings.public_metrics else set())
+    )
 
     @app.before_request
     async def authenticate() -> None:
-        """Every route but the open ones needs a key (when keys are configured); sets g.owner."""
+        """Every route but the open ones needs a key (when keys are configured); sets g.owner.
+
+        Also takes the request id from X-Request-Id (or makes one); it is sent back.
+        """
+        g.request_id = accept_request_id(request.headers.get("X-Request-Id"))
         if request.method == "OPTIONS" or request.path in open_paths:
             g.owner = ""
             return
@@ -188,6 +198,7 @@ def create_app(service: ChatService) -> Quart:
 
     @app.after_request
     async def cors(response: Response) -> Response:
+        response.headers["X-Request-Id"] = getattr(g, "request_id", None) or new_request_id()
         origin = request.headers.get("Origin")
         if origin and ("*" in allowed_origins or origin.rstrip("/") in allowed_origins):
             response.headers["Access-Control-Allow-Origin"] = (
@@ -221,8 +232,14 @@ def create_app(service: ChatService) -> Quart:
             response.headers["Allow"] = ", ".join(exc.valid_methods)  # required on a 405
         return response
 
-    def ask_request(conversation_id: str, body: AskBody) -> AskRequest:
-        return AskRequest(conversation_id=conversation_id, owner=g.owner, **body.model_dump())
+    def ask_request(conversation_id: str, body: AskBody, protocol: str) -> AskRequest:
+        return AskRequest(
+            conversation_id=conversation_id,
+            owner=g.owner,
+            protocol=protocol,
+            request_id=g.request_id,
+            **body.model_dump(),
+        )
 
     @app.post("/ask/<conversation_id>")
     @validate_request(AskBody)
@@ -235,7 +252,7 @@ def create_app(service: ChatService) -> Quart:
         sends the system prompt, the most recent turns that fit the context
         window and the new prompt to the model, then stores the new turn.
         """
-        answer = await service.complete(ask_request(conversation_id, data))
+        answer = await service.complete(ask_request(conversation_id, data, "http"))
         body = {"response": answer.text, **_end_data(answer.end)}
         return Response(json.dumps(body, ensure_ascii=False), mimetype="application/json")
 
@@ -253,7 +270,7 @@ def create_app(service: ChatService) -> Quart:
         Closing the connection cancels the answer; the part already sent is
         stored with finish reason ``cancelled``.
         """
-        events = service.ask(ask_request(conversation_id, data))
+        events = service.ask(ask_request(conversation_id, data, "sse"))
         try:
             first = await anext(events)
         except BaseException:
@@ -273,6 +290,21 @@ def create_app(service: ChatService) -> Quart:
         raise NotFound(f"no route POST /ask/{conversation_id}")
 
     app.register_blueprint(conversation_routes(service))
+
+    @app.get("/readyz")
+    @document_response(HealthBody, 200)
+    @tag(["operations"])
+    async def readyz() -> Response:
+        """Readiness: 200 while the conversation store answers, else 503 (not ready)."""
+        if await service.ready():
+            return Response('{"status": "ready"}', mimetype="application/json")
+        return error_response("storage_unavailable", "the conversation store does not answer")
+
+    @app.get("/metrics")
+    @tag(["operations"])
+    async def metrics() -> Response:
+        """Prometheus metrics (text format)."""
+        return Response(service.metrics.render(), content_type=service.metrics.content_type)
 
     @app.get("/healthz")
     @document_response(HealthBody, 200)

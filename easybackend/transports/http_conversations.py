@@ -8,14 +8,12 @@ body of the HTTP transport. Times are ISO 8601 in UTC.
 
 from __future__ import annotations
 
-import datetime
-
 import pydantic
 from quart import Blueprint, Response, g
 from quart_schema import document_response, tag, validate_querystring, validate_request
 
 from ..chat.service import MAX_PAGE, ChatService
-from ..storage import ConversationDetail, ConversationSummary
+from ..chat.views import conversation_detail, conversation_summary
 
 EXAMPLE_TIME = "2026-11-25T17:19:00.123Z"
 
@@ -170,52 +168,6 @@ class SystemResult(pydantic.BaseModel):
     system_prompt: str | None
 
 
-def _iso(timestamp: float) -> str:
-    moment = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _summary(summary: ConversationSummary) -> dict[str, object]:
-    return {
-        "conversation_id": summary.conversation_id,
-        "system_prompt": summary.system_prompt,
-        "turns": summary.turn_count,
-        "usage": _usage(summary.prompt_tokens, summary.completion_tokens),
-        "created_at": _iso(summary.created_at),
-        "last_activity": _iso(summary.updated_at),
-    }
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def conversation_detail(detail: ConversationDetail) -> dict[str, object]:
-    """The JSON form of a whole conversation (also used by ``easybackend export``)."""
-    return {
-        **_summary(detail.summary),
-        "history": [
-            {
-                "turn": turn.seq,
-                "messages": [
-                    {"role": "user", "text": turn.prompt, "tokens": turn.prompt_tokens},
-                    {"role": "assistant", "text": turn.answer, "tokens": turn.answer_tokens},
-                ],
-                "model": turn.model,
-                "finish_reason": turn.finish_reason,
-                "usage": _usage(turn.usage_prompt_tokens, turn.usage_completion_tokens),
-                "created_at": _iso(turn.created_at),
-                "finished_at": _iso(turn.finished_at),
-            }
-            for turn in detail.turns
-        ],
-    }
-
-
 def conversation_routes(service: ChatService) -> Blueprint:
     """The management routes over ``service``."""
     routes = Blueprint("conversations", __name__)
@@ -230,7 +182,10 @@ def conversation_routes(service: ChatService) -> Blueprint:
             g.owner, limit=query_args.limit, after=query_args.cursor
         )
         next_cursor = page[-1].cursor if len(page) == query_args.limit else None
-        return {"conversations": [_summary(item) for item in page], "next_cursor": next_cursor}
+        return {
+            "conversations": [conversation_summary(item) for item in page],
+            "next_cursor": next_cursor,
+        }
 
     @routes.get("/conversations/<conversation_id>")
     @document_response(ConversationBody, 200)

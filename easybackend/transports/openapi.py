@@ -77,10 +77,12 @@ SSE_EVENT = {
 ASK_ERRORS = ("400", "401", "413", "429", "502", "503", "504")
 CONVERSATION_ERRORS = ("400", "401", "404", "413", "503")
 LIST_ERRORS = ("400", "401", "503")
-OPEN_PATHS = ("/healthz", "/readyz", "/docs", "/openapi.json")
+OPEN_PATHS = ("/healthz", "/readyz", "/docs", "/openapi.json", "/metrics")
 
 
 def error_responses_for(path: str) -> tuple[str, ...]:
+    if path == "/readyz":
+        return ("503",)
     if path in OPEN_PATHS:
         return ()
     if path.startswith("/ask/"):
@@ -134,6 +136,11 @@ class EasyBackendOpenAPI(OpenAPIProvider):
                     responses[200] = {
                         "description": "Server-Sent Events: delta events, then one end or one error event",
                         "content": {"text/event-stream": {"schema": SSE_EVENT}},
+                    }
+                if path == "/metrics":
+                    responses[200] = {
+                        "description": "Prometheus metrics in the text exposition format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
                     }
                 if method == "delete":
                     responses.pop(200, None)

@@ -30,7 +30,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import socket
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -40,7 +39,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 
 from ..auth import bearer_token
 from ..chat.service import AskRequest, ChatService, End
-from ..errors import ChatError, InvalidInput, Unauthenticated
+from ..errors import ChatError, Unauthenticated
 from ..settings import Settings
 from ..tls import server_ssl_context
 
@@ -213,7 +212,9 @@ class _Connection:
                 ORIGINAL_ERROR + "malformed ask: expected <|ask|>$<conversation_id>$<prompt>"
             )
             return
-        await self._enqueue(_Ask(AskRequest(parts[1], parts[2], owner=self.owner), original=True))
+        await self._enqueue(
+            _Ask(AskRequest(parts[1], parts[2], owner=self.owner, protocol="ws"), original=True)
+        )
 
     async def _take_json(self, message: str) -> None:
         try:
@@ -231,12 +232,7 @@ class _Connection:
             if self.current is not None:
                 self.current.cancel()
         elif kind == "ask":
-            try:
-                request = _json_ask(data, self.owner)
-            except InvalidInput as exc:
-                await self._send_json(json_id, _error(exc.code, exc.message))
-                return
-            await self._enqueue(_Ask(request, json_id=json_id))
+            await self._enqueue(_Ask(_json_ask(data, self.owner), json_id=json_id))
         else:
             await self._send_json(
                 json_id, _error("invalid_input", "unknown message type: use ask, cancel or ping")
@@ -293,9 +289,8 @@ class _Connection:
         if ask.original:
             await self.ws.send_message(ORIGINAL_END)
         elif end is None:
-            await self._send_json(
-                ask.json_id, {"type": "end", "finish_reason": "cancelled", "usage": None}
-            )
+            payload = {"type": "end", "finish_reason": "cancelled", "usage": None}
+            await self._send_json(ask.json_id, payload, ask.request.request_id)
         else:
             payload = {
                 "type": "end",
@@ -303,17 +298,21 @@ class _Connection:
                 "usage": end.usage.as_dict(),
                 "model": end.model,
             }
-            await self._send_json(ask.json_id, payload)
+            await self._send_json(ask.json_id, payload, ask.request.request_id)
 
     async def _send_failure(self, ask: _Ask, code: str, message: str) -> None:
         if ask.original:
             await self.ws.send_message(ORIGINAL_ERROR + message)
         else:
-            await self._send_json(ask.json_id, _error(code, message))
+            await self._send_json(ask.json_id, _error(code, message), ask.request.request_id)
 
-    async def _send_json(self, json_id: Any, payload: dict[str, Any]) -> None:
+    async def _send_json(
+        self, json_id: Any, payload: dict[str, Any], request_id: str | None = None
+    ) -> None:
         if json_id is not None:
             payload = {**payload, "id": json_id}
+        if request_id is not None:
+            payload = {**payload, "request_id": request_id}
         await self.ws.send_message(json.dumps(payload, ensure_ascii=False))
 
     async def _stop_taking_asks_on_shutdown(self) -> None:
@@ -326,28 +325,14 @@ def _error(code: str, message: str) -> dict[str, Any]:
 
 
 def _json_ask(data: dict[str, Any], owner: str) -> AskRequest:
-    """An AskRequest from a JSON ask, checking the optional fields' types."""
-    fields: dict[str, Any] = {}
-    for name, kinds in (
-        ("model", str),
-        ("system", str),
-        ("temperature", (int, float)),
-        ("max_tokens", int),
-    ):
-        value = data.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, kinds):
-            raise InvalidInput(f"{name} has the wrong type")
-        fields[name] = value
-    temperature = fields.get("temperature")
-    if temperature is not None and not (math.isfinite(temperature) and 0 <= temperature <= 2):
-        raise InvalidInput("temperature must be between 0 and 2")
-    if fields.get("max_tokens") is not None and fields["max_tokens"] <= 0:
-        raise InvalidInput("max_tokens must be a positive whole number")
+    """An AskRequest from a JSON ask (the core checks every field)."""
     return AskRequest(
-        conversation_id=data.get("conversation_id"),  # type: ignore[arg-type]  # the core validates it
+        conversation_id=data.get("conversation_id"),  # type: ignore[arg-type]
         prompt=data.get("prompt"),  # type: ignore[arg-type]
         owner=owner,
-        **fields,
+        model=data.get("model"),
+        temperature=data.get("temperature"),
+        max_tokens=data.get("max_tokens"),
+        system=data.get("system"),
+        protocol="ws",
     )

@@ -4,19 +4,43 @@ A single ``openai.AsyncOpenAI`` (and so a single connection pool) serves the
 whole process; it runs on trio through anyio. Every call streams, also for
 non-streaming asks, so cancellation and partial answers behave the same on
 every path.
+
+Resilience (the SDK's own retries are off, so that each one is seen):
+
+- connection errors, 429 and 5xx are retried up to ``UPSTREAM_RETRIES`` times,
+  only while opening the call, i.e. before the first token reached anyone;
+  the wait is exponential with jitter, or the provider's ``Retry-After`` when
+  it sends one (a wait longer than :data:`MAX_RETRY_AFTER` is not waited for:
+  the client gets the rate-limit error at once);
+- timeouts: ``UPSTREAM_CONNECT_TIMEOUT`` to connect, ``UPSTREAM_IDLE_TIMEOUT``
+  between two pieces of the stream (and for the first one), and
+  ``UPSTREAM_TIMEOUT`` for the whole call. A stalled provider becomes
+  :class:`~easybackend.errors.UpstreamTimeout`, never a hung client.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import email.utils
+import logging
+import random
+import time
 from collections.abc import AsyncIterator, Sequence
 
 import httpx2
 import openai
 import trio
+from openai.types.chat import ChatCompletionChunk
 
-from ..errors import UpstreamError, from_upstream
+from ..errors import UpstreamError, UpstreamTimeout, from_upstream
+from ..metrics import Metrics
 from ..settings import Settings
+
+log = logging.getLogger("easybackend.upstream")
+
+MAX_RETRY_AFTER = 30.0  # seconds: a provider asking to wait longer gets its error passed on
+BACKOFF_BASE = 0.5
+BACKOFF_CAP = 8.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -42,14 +66,20 @@ class UpstreamCall:
 class OpenAIUpstream:
     """Streams answers from an OpenAI-compatible endpoint."""
 
-    def __init__(self, settings: Settings, *, base_url: str | None = None) -> None:
+    def __init__(
+        self, settings: Settings, metrics: Metrics, *, base_url: str | None = None
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
         timeout = httpx2.Timeout(
-            settings.upstream_timeout, connect=min(10.0, settings.upstream_timeout)
+            settings.upstream_timeout,
+            connect=settings.upstream_connect_timeout,
+            read=settings.upstream_idle_timeout,
         )
         self._client = openai.AsyncOpenAI(
             api_key=settings.openai_api_key or "demo",
             base_url=base_url or settings.openai_base_url,
-            max_retries=settings.upstream_retries,
+            max_retries=0,
             timeout=timeout,
             http_client=openai.DefaultAsyncHttpxClient(
                 timeout=timeout,
@@ -65,26 +95,17 @@ class OpenAIUpstream:
         generator early, the HTTP response is closed at once, which tells
         the provider to stop generating.
         """
-        options: dict[str, object] = {}
-        if call.max_tokens is not None:
-            options["max_tokens"] = call.max_tokens
-        try:
-            stream = await self._client.chat.completions.create(
-                model=call.model,
-                messages=list(call.messages),  # type: ignore[arg-type]
-                temperature=call.temperature,
-                stream=True,
-                stream_options={"include_usage": True},
-                **options,  # type: ignore[arg-type]
-            )
-        except Exception as exc:
-            raise from_upstream(exc) from exc
-
+        deadline = trio.current_time() + self.settings.upstream_timeout
+        stream = await self._open(call, deadline)
+        pieces = stream.__aiter__()
         finish_reason: str | None = None
         model: str | None = None
         usage = None
         try:
-            async for chunk in stream:
+            while True:
+                chunk = await self._next_chunk(pieces, deadline)
+                if chunk is None:
+                    break
                 model = chunk.model or model
                 if chunk.usage is not None:
                     usage = chunk.usage
@@ -93,19 +114,13 @@ class OpenAIUpstream:
                         yield choice.delta.content
                     if choice.finish_reason:
                         finish_reason = choice.finish_reason
-        except UpstreamError:
-            raise
-        except openai.APIConnectionError as exc:
-            if isinstance(exc, openai.APITimeoutError):
-                raise from_upstream(exc) from exc
-            raise UpstreamError("the model provider broke off the answer") from exc
-        except Exception as exc:
-            raise from_upstream(exc) from exc
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await stream.close()
         if finish_reason is None:
-            raise UpstreamError("the model provider ended the answer without a finish reason")
+            raise self._failed(
+                UpstreamError("the model provider ended the answer without a finish reason")
+            )
         yield Completion(
             finish_reason=finish_reason,
             model=model,
@@ -113,6 +128,111 @@ class OpenAIUpstream:
             completion_tokens=usage.completion_tokens if usage else None,
         )
 
+    async def _open(self, call: UpstreamCall, deadline: float) -> openai.AsyncStream:
+        """Start the streaming call, retrying transient failures (see the module docstring)."""
+        options: dict[str, object] = {}
+        if call.max_tokens is not None:
+            options["max_tokens"] = call.max_tokens
+        for attempt in range(self.settings.upstream_retries + 1):
+            try:
+                with trio.fail_at(deadline):
+                    return await self._client.chat.completions.create(
+                        model=call.model,
+                        messages=list(call.messages),  # type: ignore[arg-type]
+                        temperature=call.temperature,
+                        stream=True,
+                        stream_options={"include_usage": True},
+                        **options,  # type: ignore[arg-type]
+                    )
+            except trio.TooSlowError:
+                raise self._failed(
+                    UpstreamTimeout("the model provider did not answer in time")
+                ) from None
+            except Exception as exc:
+                error = self._failed(from_upstream(exc))
+                wait = _retry_wait(exc, attempt)
+                last_attempt = attempt == self.settings.upstream_retries
+                if wait is None or last_attempt or trio.current_time() + wait >= deadline:
+                    raise error from exc
+                log.warning(
+                    "upstream call failed (%s); retry %d in %.2fs", error.code, attempt + 1, wait
+                )
+                self.metrics.upstream_retries.inc()
+                await trio.sleep(wait)
+        raise AssertionError("unreachable")
+
+    async def _next_chunk(
+        self, pieces: AsyncIterator[ChatCompletionChunk], deadline: float
+    ) -> ChatCompletionChunk | None:
+        """The next chunk, or None at the end; raises UpstreamError on a failure or a stall."""
+        idle = self.settings.upstream_idle_timeout
+        with trio.move_on_at(min(deadline, trio.current_time() + idle)) as waiting:
+            try:
+                return await anext(pieces)
+            except StopAsyncIteration:
+                return None
+            except openai.APITimeoutError as exc:
+                raise self._failed(
+                    UpstreamTimeout(f"the model provider sent nothing for {idle:g} seconds")
+                ) from exc
+            except openai.APIConnectionError as exc:
+                raise self._failed(
+                    UpstreamError("the model provider broke off the answer")
+                ) from exc
+            except Exception as exc:
+                raise self._failed(from_upstream(exc)) from exc
+        assert waiting.cancelled_caught
+        if trio.current_time() >= deadline:
+            message = f"the model provider did not finish within {self.settings.upstream_timeout:g} seconds"
+        else:
+            message = f"the model provider sent nothing for {idle:g} seconds"
+        raise self._failed(UpstreamTimeout(message))
+
+    def _failed(self, error: UpstreamError) -> UpstreamError:
+        self.metrics.upstream_errors.labels(error.code).inc()
+        return error
+
     async def aclose(self) -> None:
         """Close the connection pool."""
         await self._client.close()
+
+
+def _retry_wait(exc: Exception, attempt: int) -> float | None:
+    """Seconds to wait before retrying after ``exc``, or None when it is not worth retrying."""
+    if isinstance(exc, openai.APIConnectionError):  # includes timeouts
+        return _backoff(attempt)
+    if not isinstance(exc, openai.APIStatusError):
+        return None
+    status = exc.status_code
+    if status != 429 and status < 500:
+        return None
+    retry_after = _retry_after(exc.response.headers)
+    if retry_after is None:
+        return _backoff(attempt)
+    return retry_after if retry_after <= MAX_RETRY_AFTER else None
+
+
+def _backoff(attempt: int) -> float:
+    """Exponential backoff with full jitter."""
+    return random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt))
+
+
+def _retry_after(headers: httpx2.Headers) -> float | None:
+    """The provider's ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date), if any."""
+    if (milliseconds := headers.get("retry-after-ms")) is not None:
+        try:
+            return max(0.0, float(milliseconds) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, moment.timestamp() - time.time())

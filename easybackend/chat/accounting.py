@@ -1,0 +1,97 @@
+"""What happened to each ask: one access log line and the metrics, on every protocol.
+
+:class:`AskRecord` follows one ask from its arrival to its end (answered,
+failed or cancelled) and, once, writes the access line (logger
+``easybackend.access``, INFO; prompts and keys never appear in it, only the
+key's name) and updates the metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import trio
+
+from ..errors import ChatError
+from ..metrics import Metrics
+
+access_log = logging.getLogger("easybackend.access")
+
+CANCELLED = "cancelled"
+
+
+def is_cancellation(exc: BaseException | None) -> bool:
+    """True for a cancellation or an early close of the ask (not an error of the ask itself)."""
+    return isinstance(exc, trio.Cancelled | GeneratorExit) or (
+        isinstance(exc, BaseExceptionGroup)
+        and exc.subgroup((trio.Cancelled, GeneratorExit)) is not None
+    )
+
+
+class AskRecord:
+    """Timing, tokens and outcome of one ask."""
+
+    def __init__(
+        self, metrics: Metrics, protocol: str, request_id: str, conversation_id: str, owner: str
+    ) -> None:
+        self.metrics = metrics
+        self.protocol = protocol
+        self.request_id = request_id
+        self.conversation_id = conversation_id
+        self.owner = owner
+        self.started = time.perf_counter()
+        self.first_token: float | None = None
+        self.outcome = "error"
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        metrics.active_streams.labels(protocol).inc()
+
+    def first_piece(self) -> None:
+        if self.first_token is None:
+            self.first_token = time.perf_counter()
+            self.metrics.time_to_first_token.labels(self.protocol).observe(
+                self.first_token - self.started
+            )
+
+    def answered(self, prompt_tokens: int, completion_tokens: int) -> None:
+        self.outcome = "ok"
+        self.prompt_tokens, self.completion_tokens = prompt_tokens, completion_tokens
+
+    def failed(self, exc: BaseException) -> None:
+        """Classify the exception that ended the ask."""
+        if isinstance(exc, ChatError):
+            self.outcome = exc.code
+        elif is_cancellation(exc):
+            self.outcome = CANCELLED
+        else:
+            self.outcome = "internal_error"
+
+    def close(self) -> None:
+        """Write the access line and the metrics (once, when the ask has ended)."""
+        duration = time.perf_counter() - self.started
+        metrics = self.metrics
+        metrics.active_streams.labels(self.protocol).dec()
+        metrics.asks.labels(self.protocol, self.outcome).inc()
+        metrics.duration.labels(self.protocol).observe(duration)
+        metrics.tokens.labels("prompt").inc(self.prompt_tokens)
+        metrics.tokens.labels("completion").inc(self.completion_tokens)
+        ttft_ms = (
+            None if self.first_token is None else round((self.first_token - self.started) * 1000, 1)
+        )
+        fields = {
+            "request_id": self.request_id,
+            "protocol": self.protocol,
+            "conversation_id": self.conversation_id,
+            "key": self.owner or "-",
+            "outcome": self.outcome,
+            "ttft_ms": ttft_ms,
+            "duration_ms": round(duration * 1000, 1),
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+        }
+        access_log.info(
+            "ask %s",
+            " ".join(f"{name}={'-' if value is None else value}" for name, value in fields.items()),
+            extra={"access": fields},
+        )

@@ -1,0 +1,69 @@
+"""Prometheus metrics, in a registry of the server's own (served at ``/metrics``).
+
+One :class:`Metrics` per server: several servers in one process (tests) do
+not share counters. The chat core records asks; the upstream client records
+its errors and retries; transports only expose :meth:`Metrics.render`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    """Every metric EasyBackend exports."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.asks = Counter(
+            "easybackend_asks",
+            "Asks answered, by protocol and outcome (ok, cancelled, or the error code)",
+            ["protocol", "outcome"],
+            registry=self.registry,
+        )
+        self.time_to_first_token = Histogram(
+            "easybackend_time_to_first_token_seconds",
+            "From the ask's arrival to the first piece of the answer",
+            ["protocol"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "easybackend_ask_duration_seconds",
+            "From the ask's arrival to its end (answer stored, error or cancellation)",
+            ["protocol"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "easybackend_tokens",
+            "Tokens sent to (prompt) and received from (completion) the model",
+            ["direction"],
+            registry=self.registry,
+        )
+        self.active_streams = Gauge(
+            "easybackend_active_streams",
+            "Asks in progress, by protocol",
+            ["protocol"],
+            registry=self.registry,
+        )
+        self.upstream_errors = Counter(
+            "easybackend_upstream_errors",
+            "Failed calls to the model provider, by kind (the error code), retried ones included",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.upstream_retries = Counter(
+            "easybackend_upstream_retries",
+            "Calls to the model provider repeated after a transient failure",
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        """The metrics in the Prometheus text format."""
+        return generate_latest(self.registry)
