@@ -46,6 +46,7 @@ class Running:
     http_port: int | None = None
     grpc_port: int | None = None
     ws_port: int | None = None
+    service: ChatService | None = None  # the chat core every listener serves
     upstream_url: str | None = None  # the demo upstream's base URL, when --demo
 
 
@@ -88,7 +89,9 @@ async def serve(
                     ports = {name: sock.getsockname()[1] for name, sock in sockets.items()}
                     for name, sock in sockets.items():  # each server takes its socket over
                         await listeners.start(SERVERS[name], service, settings, sock, shutdown)
-                    task_status.started(Running(**ports, upstream_url=upstream_url))
+                    task_status.started(
+                        Running(**ports, service=service, upstream_url=upstream_url)
+                    )
                     log.info(
                         "EasyBackend ready: HTTP %s, gRPC %s, WebSocket %s",
                         *(_where(settings.host, ports.get(name)) for name in SERVERS),

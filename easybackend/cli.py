@@ -10,7 +10,6 @@ no traceback.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
@@ -19,6 +18,7 @@ import trio
 from .chat.tokens import UnknownEncoding
 from .errors import StorageUnavailable
 from .listeners import ListenError
+from .logs import configure_logging
 from .settings import ConfigError, load_settings
 
 # flag -> (environment variable it overrides, help)
@@ -37,6 +37,8 @@ SERVE_FLAGS = {
         "token budget sent upstream (MAX_CONTEXT_TOKENS, default 4096)",
     ),
     "--log-level": ("LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR (LOG_LEVEL, default INFO)"),
+    "--log-format": ("LOG_FORMAT", "console or json (LOG_FORMAT, default console)"),
+    "--log-file": ("LOG_FILE", "also log to this file, rotated at 10 MiB (LOG_FILE)"),
 }
 
 
@@ -139,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"easybackend: error: {exc}", file=sys.stderr)
         return 2
-    _configure_logging(settings.log_level)
+    configure_logging(settings)
     from .app import serve  # imported late: `--help` stays fast
 
     try:
@@ -167,17 +169,6 @@ def _data_command(command: str, args: dict[str, str]) -> int:
     except (ConfigError, StorageUnavailable, data_commands.CommandError) as exc:
         print(f"easybackend: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # Third-party loggers that would log request URLs or bodies stay quiet below WARNING.
-    for name in ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "hpack"):
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ class Settings:
     conversations_dir: Path = Path("conversations")
     database_url: str = ""
     log_level: str = "INFO"
+    log_format: str = "console"
+    log_file: Path | None = None
     upstream_timeout: float = 120.0
     upstream_connect_timeout: float = 10.0
     upstream_idle_timeout: float = 60.0
@@ -135,6 +137,12 @@ def _log_level(value: str) -> str:
     return level
 
 
+def _log_format(value: str) -> str:
+    if value.strip().lower() not in ("console", "json"):
+        raise ValueError("must be console or json")
+    return value.strip().lower()
+
+
 def _optional_path(value: str) -> Path | None:
     return Path(value) if value.strip() else None
 
@@ -164,6 +172,8 @@ ENVIRONMENT = {
     "CONVERSATIONS_DIR": ("conversations_dir", Path),
     "DATABASE_URL": ("database_url", _text),
     "LOG_LEVEL": ("log_level", _log_level),
+    "LOG_FORMAT": ("log_format", _log_format),
+    "LOG_FILE": ("log_file", _optional_path),
     "UPSTREAM_TIMEOUT": ("upstream_timeout", _seconds),
     "UPSTREAM_CONNECT_TIMEOUT": ("upstream_connect_timeout", _seconds),
     "UPSTREAM_IDLE_TIMEOUT": ("upstream_idle_timeout", _seconds),
