@@ -44,6 +44,8 @@ class Settings:
     ws_port: int | None = 9001
     conversations_dir: Path = Path("conversations")
     database_url: str = ""
+    pg_pool_size: int = 20
+    pg_pool_timeout: float = 5.0
     log_level: str = "INFO"
     log_format: str = "console"
     log_file: Path | None = None
@@ -64,6 +66,10 @@ class Settings:
     ws_handshake_timeout: float = 10.0
     ws_idle_timeout: float = 300.0
     demo: bool = False
+
+    @property
+    def uses_postgres(self) -> bool:
+        return self.database_url.startswith(("postgresql://", "postgres://"))
 
     @property
     def sqlite_path(self) -> Path:
@@ -171,6 +177,8 @@ ENVIRONMENT = {
     "WS_PORT": ("ws_port", _port),
     "CONVERSATIONS_DIR": ("conversations_dir", Path),
     "DATABASE_URL": ("database_url", _text),
+    "PG_POOL_SIZE": ("pg_pool_size", _positive_int),
+    "PG_POOL_TIMEOUT": ("pg_pool_timeout", _seconds),
     "LOG_LEVEL": ("log_level", _log_level),
     "LOG_FORMAT": ("log_format", _log_format),
     "LOG_FILE": ("log_file", _optional_path),
@@ -249,10 +257,10 @@ def _checked(settings: Settings, need_api_key: bool) -> Settings:
         settings.database_url or f"sqlite:///{settings.conversations_dir / 'easybackend.sqlite3'}"
     )
     if database_url.startswith(("postgresql://", "postgres://")):
-        raise ConfigError(
-            "DATABASE_URL: PostgreSQL storage is not available yet; use sqlite:///PATH"
-        )
+        return dataclasses.replace(settings, database_url=database_url)
     if not database_url.startswith("sqlite:///") or database_url == "sqlite:///":
         scheme = database_url.partition(":")[0]
-        raise ConfigError(f"DATABASE_URL scheme {scheme!r} is not supported; use sqlite:///PATH")
+        raise ConfigError(
+            f"DATABASE_URL scheme {scheme!r} is not supported; use sqlite:///PATH or postgresql://…"
+        )
     return dataclasses.replace(settings, database_url=database_url)

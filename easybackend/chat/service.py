@@ -216,7 +216,7 @@ class ChatService:
         created_at = time.time()
 
         with self._admitted(request.owner):
-            async with self._locks.hold(ref):
+            async with self._hold(ref):
                 plan = _ContextPlan(self, request, prompt_tokens)
                 context = await self.storage.load_context(ref, plan.history_budget, turn_cost)
                 messages = build_messages(plan.system, context.turns, prompt)
@@ -296,6 +296,12 @@ class ChatService:
                     return Answer("".join(pieces), event)
         raise AssertionError("ask() ended without an End event")
 
+    @contextlib.asynccontextmanager
+    async def _hold(self, ref: ConversationRef) -> AsyncIterator[None]:
+        """The conversation to oneself: in this process (fair), then across processes (storage)."""
+        async with self._locks.hold(ref), self.storage.conversation_lock(ref):
+            yield
+
     async def ready(self) -> bool:
         """True when the conversation store answers within READY_TIMEOUT seconds."""
         with trio.move_on_after(READY_TIMEOUT):
@@ -332,7 +338,7 @@ class ChatService:
     async def delete_conversation(self, conversation_id: str, owner: str = "") -> None:
         """Forget a conversation. Raises InvalidInput or NotFound."""
         ref = ConversationRef(owner, validate_conversation_id(conversation_id))
-        async with self._locks.hold(ref):
+        async with self._hold(ref):
             if not await self.storage.delete_conversation(ref):
                 raise NotFound(f"no conversation {conversation_id!r}")
 
@@ -341,7 +347,7 @@ class ChatService:
         ref = ConversationRef(owner, validate_conversation_id(conversation_id))
         if isinstance(turns, bool) or not isinstance(turns, int) or turns < 1:
             raise InvalidInput("turns must be a whole number of at least 1")
-        async with self._locks.hold(ref):
+        async with self._hold(ref):
             result = await self.storage.rollback(ref, turns)
         if result is None:
             raise NotFound(f"no conversation {conversation_id!r}")
@@ -356,7 +362,7 @@ class ChatService:
             raise InvalidInput("prompt must be a string or null")
         prompt = prompt or None
         tokens = self.counter.text(prompt) if prompt is not None else None
-        async with self._locks.hold(ref):
+        async with self._hold(ref):
             await self.storage.set_system_prompt(ref, prompt, tokens)
 
     def _new_turn(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..settings import Settings
 from .base import (
     Context,
@@ -30,4 +32,15 @@ __all__ = [
 
 async def open_storage(settings: Settings) -> Storage:
     """Open the backend ``settings.database_url`` names. Raises StorageUnavailable."""
-    return await SQLiteStorage.open(settings.sqlite_path)
+    return await open_url(settings.database_url, settings)
+
+
+async def open_url(url: str, settings: Settings) -> Storage:
+    """Open the store at ``url`` (sqlite:///PATH or postgresql://…). Raises StorageUnavailable."""
+    if url.startswith(("postgresql://", "postgres://")):
+        from .postgres import PostgresStorage  # psycopg is only loaded when used
+
+        return await PostgresStorage.open(
+            url, pool_size=settings.pg_pool_size, pool_timeout=settings.pg_pool_timeout
+        )
+    return await SQLiteStorage.open(Path(url.removeprefix("sqlite:///")))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
 
@@ -157,6 +158,14 @@ class Storage(Protocol):
 
         ``turns`` is everything ``source`` holds now: the first ones already
         imported from the same source are skipped, so importing twice adds nothing.
+        """
+        ...
+
+    def conversation_lock(self, ref: ConversationRef) -> AbstractAsyncContextManager[None]:
+        """Held around a whole ask (and changes of a conversation) on top of the in-process lock.
+
+        Serialises the conversation across processes sharing the store; a store
+        only one process uses returns a context that does nothing.
         """
         ...
 

@@ -10,9 +10,10 @@ journal rolls back an unfinished transaction on the next open).
 from __future__ import annotations
 
 import base64
+import contextlib
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -247,6 +248,11 @@ class SQLiteStorage:
             return max(len(turns) - done, 0)
 
         return await self._run(work)
+
+    @contextlib.asynccontextmanager
+    async def conversation_lock(self, ref: ConversationRef) -> AsyncIterator[None]:
+        """Nothing to do: one process owns the database file (the in-process lock suffices)."""
+        yield
 
     async def ping(self) -> None:
         def work(db: sqlite3.Connection) -> None:

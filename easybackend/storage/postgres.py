@@ -1,0 +1,414 @@
+"""PostgreSQL storage: several EasyBackend instances share conversations.
+
+psycopg 3's blocking API runs in worker threads (``trio.to_thread``), one
+per pooled connection at most, so the event loop never waits on the
+database. Migrations run at start-up inside a transaction holding an
+advisory lock, so instances starting together apply them once.
+
+Ordering across instances: :meth:`PostgresStorage.conversation_lock` takes a
+PostgreSQL advisory lock on the conversation for the whole ask (reading the
+context, the answer, storing the turn), on a pooled connection held for that
+time. Asks on one conversation are therefore answered one at a time however
+many instances serve them, each seeing the turn before it; an instance that
+dies releases its locks with its connections. The cost: one database
+connection per answer in progress (``PG_POOL_SIZE`` bounds them; asks beyond
+wait for a connection), and waiting instances poll the lock every
+:data:`LOCK_POLL` seconds, so the order between instances is by polling,
+not strictly by arrival (within one instance it is strict).
+
+Failures (server down, pool exhausted for ``PG_POOL_TIMEOUT``) raise
+StorageUnavailable; the pool reconnects by itself once the server is back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import psycopg
+import psycopg_pool
+import trio
+
+from ..errors import StorageUnavailable
+from .base import (
+    Context,
+    ConversationDetail,
+    ConversationRef,
+    ConversationSummary,
+    NewTurn,
+    StoredTurn,
+    TurnRecord,
+)
+from .sqlite import decode_cursor, encode_cursor
+
+T = TypeVar("T")
+
+LOCK_POLL = 0.02  # seconds between two tries of a conversation's advisory lock
+MIGRATION_LOCK = 0x45617379_4D696772  # advisory lock key held while migrating
+
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE conversations (
+        pk BIGSERIAL PRIMARY KEY,
+        owner TEXT NOT NULL,
+        conversation_id TEXT NOT NULL,
+        system_prompt TEXT,
+        system_tokens INTEGER,
+        turn_count INTEGER NOT NULL DEFAULT 0,
+        prompt_tokens BIGINT NOT NULL DEFAULT 0,
+        completion_tokens BIGINT NOT NULL DEFAULT 0,
+        created_at DOUBLE PRECISION NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL,
+        UNIQUE (owner, conversation_id)
+    );
+    CREATE TABLE turns (
+        conversation_pk BIGINT NOT NULL REFERENCES conversations (pk) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        prompt TEXT NOT NULL,
+        prompt_tokens INTEGER NOT NULL,
+        answer TEXT NOT NULL,
+        answer_tokens INTEGER NOT NULL,
+        model TEXT NOT NULL,
+        finish_reason TEXT NOT NULL,
+        usage_prompt_tokens INTEGER NOT NULL,
+        usage_completion_tokens INTEGER NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        finished_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (conversation_pk, seq)
+    );
+    CREATE INDEX conversations_by_activity ON conversations (owner, updated_at DESC, pk DESC);
+    CREATE TABLE legacy_imports (
+        owner TEXT NOT NULL,
+        conversation_id TEXT NOT NULL,
+        source TEXT NOT NULL,
+        entries INTEGER NOT NULL,
+        PRIMARY KEY (owner, conversation_id, source)
+    );
+    """,
+]
+
+_SUMMARY_COLUMNS = (
+    "conversation_id, system_prompt, turn_count, prompt_tokens, completion_tokens,"
+    " created_at, updated_at"
+)
+
+
+class PostgresStorage:
+    """The shared store (see :class:`easybackend.storage.base.Storage` and the module docstring)."""
+
+    def __init__(self, pool: psycopg_pool.ConnectionPool, pool_size: int) -> None:
+        self._pool = pool
+        self._limiter = trio.CapacityLimiter(pool_size)
+
+    @classmethod
+    async def open(
+        cls, url: str, *, pool_size: int = 20, pool_timeout: float = 5.0
+    ) -> PostgresStorage:
+        """Connect, migrate under the migration lock, and return the store; raises StorageUnavailable."""
+
+        def connect() -> psycopg_pool.ConnectionPool:
+            pool = psycopg_pool.ConnectionPool(
+                url,
+                min_size=1,
+                max_size=pool_size,
+                timeout=pool_timeout,
+                open=False,
+                check=psycopg_pool.ConnectionPool.check_connection,
+                kwargs={"connect_timeout": max(1, int(pool_timeout))},
+            )
+            try:
+                pool.open(wait=True, timeout=pool_timeout)
+                with pool.connection() as connection:
+                    _migrate(connection)
+            except BaseException:
+                pool.close()
+                raise
+            return pool
+
+        try:
+            pool = await trio.to_thread.run_sync(connect)
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            raise StorageUnavailable(
+                f"cannot use the PostgreSQL database: {_reason(exc)}"
+            ) from None
+        return cls(pool, pool_size)
+
+    async def _run(self, work: Callable[[psycopg.Connection], T]) -> T:
+        """Run ``work`` in one transaction on a pooled connection, in a worker thread."""
+
+        def in_transaction() -> T:
+            with self._pool.connection() as connection, connection.transaction():
+                return work(connection)
+
+        try:
+            return await trio.to_thread.run_sync(in_transaction, limiter=self._limiter)
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            raise StorageUnavailable(f"conversation storage failed: {_reason(exc)}") from None
+
+    @contextlib.asynccontextmanager
+    async def conversation_lock(self, ref: ConversationRef) -> AsyncIterator[None]:
+        """Hold the conversation's advisory lock (see the module docstring). Cancellable while waiting."""
+        key = _lock_key(ref)
+
+        def take_connection() -> psycopg.Connection:
+            connection = self._pool.getconn()
+            connection.autocommit = True
+            return connection
+
+        def try_lock(connection: psycopg.Connection) -> bool:
+            return bool(connection.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0])
+
+        def release(connection: psycopg.Connection, locked: bool) -> None:
+            try:
+                if locked:
+                    connection.execute("SELECT pg_advisory_unlock(%s)", (key,))
+                connection.autocommit = False
+            except psycopg.Error:
+                pass  # a broken connection: the pool discards it, the server dropped the lock
+            finally:
+                self._pool.putconn(connection)
+
+        try:
+            connection = await trio.to_thread.run_sync(take_connection, limiter=self._limiter)
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            raise StorageUnavailable(f"conversation storage failed: {_reason(exc)}") from None
+        locked = False
+        try:
+            while not locked:
+                try:
+                    locked = await trio.to_thread.run_sync(try_lock, connection)
+                except psycopg.Error as exc:
+                    raise StorageUnavailable(
+                        f"conversation storage failed: {_reason(exc)}"
+                    ) from None
+                if not locked:
+                    await trio.sleep(LOCK_POLL)
+            yield
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(release, connection, locked)
+
+    async def ping(self) -> None:
+        await self._run(lambda connection: connection.execute("SELECT 1").fetchone())
+
+    async def load_context(
+        self,
+        ref: ConversationRef,
+        history_budget: Callable[[str | None, int | None], int],
+        cost: Callable[[StoredTurn], int],
+    ) -> Context:
+        def work(connection: psycopg.Connection) -> Context:
+            row = connection.execute(
+                "SELECT pk, system_prompt, system_tokens, turn_count FROM conversations"
+                " WHERE owner = %s AND conversation_id = %s",
+                (ref.owner, ref.conversation_id),
+            ).fetchone()
+            pk, system_prompt, system_tokens, turn_count = row or (None, None, None, 0)
+            budget = history_budget(system_prompt, system_tokens)
+            turns: list[StoredTurn] = []
+            if turn_count:
+                spent = 0
+                cursor = connection.cursor(name="context")  # server-side: only the tail is read
+                cursor.itersize = 64
+                cursor.execute(
+                    "SELECT seq, prompt, prompt_tokens, answer, answer_tokens FROM turns"
+                    " WHERE conversation_pk = %s ORDER BY seq DESC",
+                    (pk,),
+                )
+                for record in cursor:
+                    turn = StoredTurn(*record)
+                    spent += cost(turn)
+                    if spent > budget:
+                        break
+                    turns.append(turn)
+                cursor.close()
+                turns.reverse()
+            return Context(system_prompt, system_tokens, turns, turn_count)
+
+        return await self._run(work)
+
+    async def append_turn(self, ref: ConversationRef, turn: NewTurn) -> int:
+        return await self._run(lambda connection: _append(connection, ref, turn))
+
+    async def list_conversations(
+        self, owner: str, limit: int, after: str | None
+    ) -> list[ConversationSummary]:
+        position = decode_cursor(after) if after else None
+
+        def work(connection: psycopg.Connection) -> list[ConversationSummary]:
+            query = f"SELECT {_SUMMARY_COLUMNS}, pk FROM conversations WHERE owner = %s"
+            args: list[Any] = [owner]
+            if position is not None:
+                query += " AND (updated_at, pk) < (%s, %s)"
+                args += [position[0], position[1]]
+            query += " ORDER BY updated_at DESC, pk DESC LIMIT %s"
+            rows = connection.execute(query, [*args, limit]).fetchall()
+            return [
+                ConversationSummary(*row[:-1], cursor=encode_cursor(row[6], row[-1]))
+                for row in rows
+            ]
+
+        return await self._run(work)
+
+    async def get_conversation(self, ref: ConversationRef) -> ConversationDetail | None:
+        def work(connection: psycopg.Connection) -> ConversationDetail | None:
+            row = connection.execute(
+                f"SELECT {_SUMMARY_COLUMNS}, pk FROM conversations"
+                " WHERE owner = %s AND conversation_id = %s",
+                (ref.owner, ref.conversation_id),
+            ).fetchone()
+            if row is None:
+                return None
+            turns = connection.execute(
+                "SELECT seq, prompt, prompt_tokens, answer, answer_tokens, model, finish_reason,"
+                " usage_prompt_tokens, usage_completion_tokens, created_at, finished_at"
+                " FROM turns WHERE conversation_pk = %s ORDER BY seq",
+                (row[-1],),
+            ).fetchall()
+            summary = ConversationSummary(*row[:-1], cursor=encode_cursor(row[6], row[-1]))
+            return ConversationDetail(summary, [TurnRecord(*turn) for turn in turns])
+
+        return await self._run(work)
+
+    async def delete_conversation(self, ref: ConversationRef) -> bool:
+        def work(connection: psycopg.Connection) -> bool:
+            deleted = connection.execute(
+                "DELETE FROM conversations WHERE owner = %s AND conversation_id = %s",
+                (ref.owner, ref.conversation_id),
+            ).rowcount
+            connection.execute(
+                "DELETE FROM legacy_imports WHERE owner = %s AND conversation_id = %s",
+                (ref.owner, ref.conversation_id),
+            )
+            return deleted > 0
+
+        return await self._run(work)
+
+    async def rollback(self, ref: ConversationRef, turns: int) -> tuple[int, int] | None:
+        def work(connection: psycopg.Connection) -> tuple[int, int] | None:
+            row = connection.execute(
+                "SELECT pk, turn_count FROM conversations"
+                " WHERE owner = %s AND conversation_id = %s FOR UPDATE",
+                (ref.owner, ref.conversation_id),
+            ).fetchone()
+            if row is None:
+                return None
+            pk, count = row
+            keep = max(count - turns, 0)
+            connection.execute(
+                "DELETE FROM turns WHERE conversation_pk = %s AND seq > %s", (pk, keep)
+            )
+            connection.execute(
+                "UPDATE conversations SET turn_count = %s, updated_at = %s WHERE pk = %s",
+                (keep, time.time(), pk),
+            )
+            return count - keep, keep
+
+        return await self._run(work)
+
+    async def set_system_prompt(
+        self, ref: ConversationRef, prompt: str | None, tokens: int | None
+    ) -> None:
+        def work(connection: psycopg.Connection) -> None:
+            now = time.time()
+            connection.execute(
+                "INSERT INTO conversations (owner, conversation_id, system_prompt, system_tokens,"
+                " created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (owner, conversation_id) DO UPDATE SET"
+                " system_prompt = excluded.system_prompt, system_tokens = excluded.system_tokens,"
+                " updated_at = excluded.updated_at",
+                (ref.owner, ref.conversation_id, prompt, tokens, now, now),
+            )
+
+        await self._run(work)
+
+    async def import_turns(self, ref: ConversationRef, source: str, turns: list[NewTurn]) -> int:
+        def work(connection: psycopg.Connection) -> int:
+            row = connection.execute(
+                "SELECT entries FROM legacy_imports"
+                " WHERE owner = %s AND conversation_id = %s AND source = %s FOR UPDATE",
+                (ref.owner, ref.conversation_id, source),
+            ).fetchone()
+            done = row[0] if row else 0
+            for turn in turns[done:]:
+                _append(connection, ref, turn)
+            connection.execute(
+                "INSERT INTO legacy_imports VALUES (%s, %s, %s, %s)"
+                " ON CONFLICT (owner, conversation_id, source) DO UPDATE SET entries = excluded.entries",
+                (ref.owner, ref.conversation_id, source, max(done, len(turns))),
+            )
+            return max(len(turns) - done, 0)
+
+        return await self._run(work)
+
+    async def close(self) -> None:
+        await trio.to_thread.run_sync(self._pool.close)
+
+
+def _append(connection: psycopg.Connection, ref: ConversationRef, turn: NewTurn) -> int:
+    """Append ``turn`` inside the caller's transaction (the conversation row locked); returns its seq."""
+    pk, seq = connection.execute(
+        "INSERT INTO conversations (owner, conversation_id, created_at, updated_at)"
+        " VALUES (%s, %s, %s, %s) ON CONFLICT (owner, conversation_id)"
+        " DO UPDATE SET turn_count = conversations.turn_count"
+        " RETURNING pk, turn_count + 1",
+        (ref.owner, ref.conversation_id, turn.created_at, turn.finished_at),
+    ).fetchone()
+    connection.execute(
+        "INSERT INTO turns VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        (
+            pk,
+            seq,
+            turn.prompt,
+            turn.prompt_tokens,
+            turn.answer,
+            turn.answer_tokens,
+            turn.model,
+            turn.finish_reason,
+            turn.usage_prompt_tokens,
+            turn.usage_completion_tokens,
+            turn.created_at,
+            turn.finished_at,
+        ),
+    )
+    connection.execute(
+        "UPDATE conversations SET turn_count = %s, updated_at = greatest(updated_at, %s),"
+        " prompt_tokens = prompt_tokens + %s, completion_tokens = completion_tokens + %s"
+        " WHERE pk = %s",
+        (seq, turn.finished_at, turn.usage_prompt_tokens, turn.usage_completion_tokens, pk),
+    )
+    return seq
+
+
+def _migrate(connection: psycopg.Connection) -> None:
+    with connection.transaction():
+        connection.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        connection.execute(
+            "CREATE TABLE IF NOT EXISTS easybackend_schema (version INTEGER NOT NULL)"
+        )
+        row = connection.execute("SELECT version FROM easybackend_schema").fetchone()
+        if row is None:
+            connection.execute("INSERT INTO easybackend_schema VALUES (0)")
+        version = row[0] if row else 0
+        if version > len(MIGRATIONS):
+            raise psycopg.DatabaseError(
+                f"schema version {version} is newer than this EasyBackend understands"
+            )
+        for number in range(version, len(MIGRATIONS)):
+            connection.execute(MIGRATIONS[number])
+            connection.execute("UPDATE easybackend_schema SET version = %s", (number + 1,))
+
+
+def _lock_key(ref: ConversationRef) -> int:
+    """A signed 64-bit advisory lock key for the conversation."""
+    digest = hashlib.sha256(f"{ref.owner}\x00{ref.conversation_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def _reason(exc: BaseException) -> str:
+    """A one-line reason that never includes the connection string (it may hold a password)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:200]
