@@ -1,0 +1,272 @@
+"""One storage test suite, run against SQLite and against the real PostgreSQL server.
+
+Each PostgreSQL run gets a schema of its own, dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import AsyncIterator
+
+import psycopg
+import pytest
+import trio
+
+from easybackend.chat.context import turn_cost
+from easybackend.errors import StorageUnavailable
+from easybackend.settings import load_settings
+from easybackend.storage import ConversationRef, NewTurn, Storage, open_url
+from easybackend.storage.postgres import PostgresStorage
+from easybackend.storage.sqlite import SQLiteStorage
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+SETTINGS = load_settings({"OPENAI_API_KEY": "unused"}, environ={}, env_file=None)
+ALICE = ConversationRef("alice", "c1")
+
+
+def pg_url(schema: str) -> str:
+    return f"{PG_ADMIN}?options=-csearch_path%3D{schema}"
+
+
+@pytest.fixture
+def pg_schema() -> str:
+    schema = f"eb_{secrets.token_hex(6)}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+    yield schema
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request, tmp_path) -> AsyncIterator[Storage]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'store.sqlite3'}"
+    else:
+        url = pg_url(request.getfixturevalue("pg_schema"))
+    opened = await open_url(url, SETTINGS)
+    yield opened
+    await opened.close()
+
+
+def turn(prompt: str, answer: str = "", *, tokens: int = 10, at: float | None = None) -> NewTurn:
+    now = time.time() if at is None else at
+    return NewTurn(
+        prompt=prompt,
+        prompt_tokens=tokens,
+        answer=answer or f"answer to {prompt}",
+        answer_tokens=tokens,
+        model="m",
+        finish_reason="stop",
+        usage_prompt_tokens=3,
+        usage_completion_tokens=4,
+        created_at=now,
+        finished_at=now,
+    )
+
+
+def no_limit(system_prompt, system_tokens) -> int:
+    return 10**9
+
+
+async def test_backend_types(store, request):
+    expected = SQLiteStorage if "sqlite" in request.node.callspec.id else PostgresStorage
+    assert isinstance(store, expected)
+
+
+async def test_append_numbers_turns_and_context_returns_them_oldest_first(store):
+    for i in range(1, 6):
+        assert await store.append_turn(ALICE, turn(f"p{i}")) == i
+    context = await store.load_context(ALICE, no_limit, turn_cost)
+    assert [t.seq for t in context.turns] == [1, 2, 3, 4, 5]
+    assert [t.prompt for t in context.turns] == ["p1", "p2", "p3", "p4", "p5"]
+    assert context.turn_count == 5 and context.system_prompt is None
+
+
+async def test_context_keeps_only_the_newest_whole_turns_that_fit(store):
+    for i in range(1, 11):
+        await store.append_turn(ALICE, turn(f"p{i}", tokens=10))
+    per_turn = turn_cost((await store.load_context(ALICE, no_limit, turn_cost)).turns[0])
+    seen: list[tuple[str | None, int | None]] = []
+
+    def budget(system_prompt, system_tokens) -> int:
+        seen.append((system_prompt, system_tokens))
+        return 3 * per_turn + per_turn // 2
+
+    context = await store.load_context(ALICE, budget, turn_cost)
+    assert [t.prompt for t in context.turns] == ["p8", "p9", "p10"]
+    assert context.turn_count == 10
+    assert seen == [(None, None)]
+
+
+async def test_budget_callback_sees_the_system_prompt_and_can_refuse(store):
+    await store.set_system_prompt(ALICE, "be brief", 2)
+
+    def refuse(system_prompt, system_tokens) -> int:
+        assert (system_prompt, system_tokens) == ("be brief", 2)
+        raise ValueError("too long")
+
+    with pytest.raises(ValueError, match="too long"):
+        await store.load_context(ALICE, refuse, turn_cost)
+    unknown = await store.load_context(ConversationRef("alice", "new"), no_limit, turn_cost)
+    assert unknown.turns == [] and unknown.turn_count == 0
+
+
+async def test_owners_are_separate_namespaces(store):
+    await store.append_turn(ALICE, turn("alice speaks"))
+    bob = ConversationRef("bob", "c1")
+    await store.append_turn(bob, turn("bob speaks"))
+    assert [t.prompt for t in (await store.load_context(bob, no_limit, turn_cost)).turns] == [
+        "bob speaks"
+    ]
+    assert [c.conversation_id for c in await store.list_conversations("bob", 10, None)] == ["c1"]
+    assert await store.delete_conversation(bob)
+    assert (await store.get_conversation(ALICE)).summary.turn_count == 1
+
+
+async def test_get_conversation_returns_everything(store):
+    await store.set_system_prompt(ALICE, "persona", 1)
+    await store.append_turn(ALICE, turn("hello", "hi there", at=1000.0))
+    detail = await store.get_conversation(ALICE)
+    summary = detail.summary
+    assert (summary.conversation_id, summary.system_prompt, summary.turn_count) == (
+        "c1",
+        "persona",
+        1,
+    )
+    assert (summary.prompt_tokens, summary.completion_tokens) == (3, 4)
+    [record] = detail.turns
+    assert (record.seq, record.prompt, record.answer, record.model, record.finish_reason) == (
+        1, "hello", "hi there", "m", "stop",
+    )  # fmt: skip
+    assert record.created_at == 1000.0
+    assert await store.get_conversation(ConversationRef("alice", "none")) is None
+
+
+async def test_list_pages_newest_first_with_cursors(store):
+    for i in range(5):
+        await store.append_turn(ConversationRef("alice", f"c{i}"), turn("x", at=100.0 + i))
+    await store.append_turn(ConversationRef("alice", "c1"), turn("again", at=200.0))
+    pages, cursor = [], None
+    while True:
+        page = await store.list_conversations("alice", 2, cursor)
+        pages.append([c.conversation_id for c in page])
+        if len(page) < 2:
+            break
+        cursor = page[-1].cursor
+    assert pages == [["c1", "c4"], ["c3", "c2"], ["c0"]]
+    with pytest.raises(ValueError):
+        await store.list_conversations("alice", 2, "not-a-cursor!")
+
+
+async def test_rollback_and_delete(store):
+    for i in range(4):
+        await store.append_turn(ALICE, turn(f"p{i}"))
+    assert await store.rollback(ALICE, 3) == (3, 1)
+    assert (
+        await store.append_turn(ALICE, turn("new")) == 2
+    )  # numbering continues after the kept turn
+    assert await store.rollback(ALICE, 10) == (2, 0)
+    assert await store.rollback(ConversationRef("alice", "none"), 1) is None
+    assert await store.delete_conversation(ALICE)
+    assert not await store.delete_conversation(ALICE)
+    assert await store.get_conversation(ALICE) is None
+
+
+async def test_system_prompt_set_creates_and_clears(store):
+    ref = ConversationRef("alice", "persona")
+    await store.set_system_prompt(ref, "pirate", 1)
+    assert (await store.get_conversation(ref)).summary.system_prompt == "pirate"
+    await store.set_system_prompt(ref, None, None)
+    context = await store.load_context(ref, no_limit, turn_cost)
+    assert context.system_prompt is None and context.system_tokens is None
+
+
+async def test_import_is_idempotent_and_appends_only_new_entries(store):
+    entries = [turn("a"), turn("b")]
+    assert await store.import_turns(ALICE, "c1.json", entries) == 2
+    assert await store.import_turns(ALICE, "c1.json", entries) == 0
+    assert await store.import_turns(ALICE, "c1.json", [*entries, turn("c")]) == 1
+    prompts = [t.prompt for t in (await store.get_conversation(ALICE)).turns]
+    assert prompts == ["a", "b", "c"]
+    await store.delete_conversation(ALICE)
+    assert await store.import_turns(ALICE, "c1.json", entries) == 2  # deleting forgets the import
+
+
+async def test_concurrent_appends_never_lose_or_duplicate(store):
+    async with trio.open_nursery() as nursery:
+        for i in range(20):
+            nursery.start_soon(store.append_turn, ALICE, turn(f"p{i}"))
+    detail = await store.get_conversation(ALICE)
+    assert [t.seq for t in detail.turns] == list(range(1, 21))
+    assert sorted(t.prompt for t in detail.turns) == sorted(f"p{i}" for i in range(20))
+    assert detail.summary.turn_count == 20
+
+
+async def test_conversation_lock_is_exclusive_and_cancellable(store):
+    order: list[str] = []
+
+    async def hold(name: str, seconds: float) -> None:
+        async with store.conversation_lock(ALICE):
+            order.append(f"{name} in")
+            await trio.sleep(seconds)
+            order.append(f"{name} out")
+
+    if isinstance(store, SQLiteStorage):
+        return  # one process owns an SQLite file: the lock is the in-process one
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hold, "first", 0.2)
+        await trio.sleep(0.05)
+        nursery.start_soon(hold, "second", 0)
+    assert order == ["first in", "first out", "second in", "second out"]
+
+    async with store.conversation_lock(ALICE):
+        with trio.move_on_after(0.2) as waiting:  # a waiter can be cancelled and leaves no lock
+            async with store.conversation_lock(ALICE):
+                pass
+        assert waiting.cancelled_caught
+    with trio.fail_after(5):
+        async with store.conversation_lock(ALICE):
+            pass
+
+
+async def test_ping_and_reopening_keeps_data(store, request, tmp_path):
+    await store.ping()
+    await store.append_turn(ALICE, turn("kept"))
+    if isinstance(store, SQLiteStorage):
+        url = f"sqlite:///{tmp_path / 'store.sqlite3'}"
+    else:
+        url = pg_url(request.getfixturevalue("pg_schema"))
+    again = await open_url(
+        url, SETTINGS
+    )  # migrations are applied once; a second open changes nothing
+    try:
+        assert [t.prompt for t in (await again.get_conversation(ALICE)).turns] == ["kept"]
+    finally:
+        await again.close()
+
+
+async def test_two_instances_migrating_together_agree(pg_schema):
+    opened: list[Storage] = []
+
+    async def open_one() -> None:
+        opened.append(await open_url(pg_url(pg_schema), SETTINGS))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(open_one)
+    try:
+        await opened[0].append_turn(ALICE, turn("x"))
+        assert (await opened[2].get_conversation(ALICE)).summary.turn_count == 1
+    finally:
+        for store in opened:
+            await store.close()
+
+
+async def test_unreachable_postgres_is_storage_unavailable():
+    with pytest.raises(StorageUnavailable) as failed, trio.fail_after(15):
+        await PostgresStorage.open(
+            "postgresql://postgres:pw-SECRET@127.0.0.1:1/test", pool_timeout=1
+        )
+    assert "pw-SECRET" not in str(failed.value)
