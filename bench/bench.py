@@ -1,0 +1,569 @@
+"""EasyBackend benchmarks: what the server adds on top of talking to the model directly.
+
+    python bench/bench.py                 # the full run (several minutes)
+    python bench/bench.py --quick         # a smoke run with small sizes (CI)
+    python bench/bench.py --json out.json --markdown out.md
+
+Three processes: the fake upstream (``easybackend.fake_upstream``), the
+server (``run.py``, SQLite persistence on) and this client. Every figure of
+the server is set against the same client talking to the same fake directly:
+
+- added time to first token (p50, p99) per protocol (HTTP whole answer, SSE,
+  WebSocket, gRPC) at several concurrencies; for the whole-answer HTTP ask
+  the "first token" is the whole answer, against a direct non-streaming call;
+- whole-answer asks per second at concurrency 64;
+- concurrent open streams per protocol: errors and server memory per stream;
+- ask latency on a conversation of 10 turns against one of 10,000 turns;
+- start-up time until all three listeners accept.
+
+Each ask uses a conversation of its own unless said otherwise, so asks never
+wait for each other. Figures are medians over the samples of one run; the
+machine is shared, so compare ratios rather than absolute values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx2
+import purerpc
+import trio
+from trio_websocket import open_websocket_url
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from easybackend.proto_gen import chat_grpc, chat_pb2  # noqa: E402
+
+PROMPT = "hello there"
+STREAM_PROMPT = "[[fake:tokens=20]] hello there"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def wait_for_port(port: int, limit: float = 30) -> None:
+    with trio.fail_after(limit):
+        while True:
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                await stream.aclose()
+                return
+            except OSError:
+                await trio.sleep(0.005)
+
+
+class Stack:
+    """The fake upstream and the server as child processes."""
+
+    def __init__(self, data_dir: Path, token_delay: float) -> None:
+        self.data_dir = data_dir
+        self.token_delay = token_delay
+        self.upstream_port = free_port()
+        self.http, self.grpc, self.ws = free_port(), free_port(), free_port()
+        self.processes: list[subprocess.Popen] = []
+        self.server: subprocess.Popen | None = None
+
+    @property
+    def upstream_url(self) -> str:
+        return f"http://127.0.0.1:{self.upstream_port}/v1"
+
+    async def start_upstream(self) -> None:
+        command = [
+            sys.executable, "-m", "easybackend.fake_upstream", "--host", "127.0.0.1",
+            "--port", str(self.upstream_port), "--token-delay", str(self.token_delay),
+            "--api-key", "bench-key",
+        ]  # fmt: skip
+        self.processes.append(subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL))  # noqa: ASYNC220
+        await wait_for_port(self.upstream_port)
+
+    async def start_server(self) -> float:
+        """Start run.py; returns the seconds until all three listeners accept."""
+        env = {
+            **os.environ,
+            "OPENAI_API_KEY": "bench-key",
+            "OPENAI_BASE_URL": self.upstream_url,
+            "HOST": "127.0.0.1",
+            "HTTP_PORT": str(self.http),
+            "GRPC_PORT": str(self.grpc),
+            "WS_PORT": str(self.ws),
+            "CONVERSATIONS_DIR": str(self.data_dir),
+            "LOG_LEVEL": "WARNING",
+            "MAX_STREAMS_PER_KEY": "100000",
+        }
+        started = time.perf_counter()
+        command = [sys.executable, str(ROOT / "run.py")]
+        self.server = subprocess.Popen(command, cwd=self.data_dir, env=env)  # noqa: ASYNC220
+        self.processes.append(self.server)
+        for port in (self.http, self.grpc, self.ws):
+            await wait_for_port(port)
+        return time.perf_counter() - started
+
+    def stop_server(self) -> None:
+        if self.server is not None:
+            self.server.terminate()
+            self.server.wait(timeout=30)
+            self.processes.remove(self.server)
+            self.server = None
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            process.wait(timeout=30)
+
+
+# --- one client per protocol: `open()` once per worker, then `ask()` returns seconds to first token
+
+
+class Client:
+    """One worker's connection; ``async with`` it in the worker's own task."""
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        pass
+
+
+class DirectStream(Client):
+    """The baseline: the openai wire format straight to the fake, streaming."""
+
+    name = "direct (stream)"
+
+    def __init__(self, stack: Stack, client: httpx2.AsyncClient) -> None:
+        self.url = f"{stack.upstream_url}/chat/completions"
+        self.client = client
+
+    async def ask(self, conversation: str, prompt: str) -> float:
+        body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": prompt}]}
+        started = time.perf_counter()
+        first = None
+        async with self.client.stream("POST", self.url, json=body, headers=AUTH) as response:
+            async for line in response.aiter_lines():
+                if first is None and line.startswith("data: {"):
+                    choices = json.loads(line[6:])["choices"]
+                    if choices and choices[0]["delta"].get("content"):
+                        first = time.perf_counter() - started
+        return first if first is not None else time.perf_counter() - started
+
+
+class DirectWhole(DirectStream):
+    name = "direct (whole)"
+
+    async def ask(self, conversation: str, prompt: str) -> float:
+        body = {"model": "m", "messages": [{"role": "user", "content": prompt}]}
+        started = time.perf_counter()
+        response = await self.client.post(self.url, json=body, headers=AUTH)
+        response.raise_for_status()
+        return time.perf_counter() - started
+
+
+AUTH = {"Authorization": "Bearer bench-key"}
+
+
+class HttpWhole(Client):
+    name = "HTTP"
+    baseline = DirectWhole
+
+    def __init__(self, stack: Stack, client: httpx2.AsyncClient) -> None:
+        self.base = f"http://127.0.0.1:{stack.http}"
+        self.client = client
+
+    async def ask(self, conversation: str, prompt: str) -> float:
+        started = time.perf_counter()
+        response = await self.client.post(
+            f"{self.base}/ask/{conversation}", json={"prompt": prompt}
+        )
+        response.raise_for_status()
+        return time.perf_counter() - started
+
+
+class Sse(HttpWhole):
+    name = "SSE"
+    baseline = DirectStream
+
+    async def ask(self, conversation: str, prompt: str) -> float:
+        started = time.perf_counter()
+        first = None
+        async with self.client.stream(
+            "POST", f"{self.base}/ask/{conversation}/stream", json={"prompt": prompt}
+        ) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if first is None and line == "event: delta":
+                    first = time.perf_counter() - started
+                elif line.startswith("event: error"):
+                    raise RuntimeError("error event")
+        assert first is not None
+        return first
+
+
+class WebSocket(Client):
+    name = "WebSocket"
+    baseline = DirectStream
+
+    def __init__(self, stack: Stack, client: httpx2.AsyncClient) -> None:
+        self.url = f"ws://127.0.0.1:{stack.ws}"
+
+    async def __aenter__(self) -> WebSocket:
+        self._connection = open_websocket_url(self.url, message_queue_size=64)
+        self.ws = await self._connection.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._connection.__aexit__(*exc_info)
+
+    async def ask(self, conversation: str, prompt: str) -> float:
+        started = time.perf_counter()
+        await self.ws.send_message(
+            json.dumps({"type": "ask", "conversation_id": conversation, "prompt": prompt})
+        )
+        first = None
+        while True:
+            message = json.loads(await self.ws.get_message())
+            if message["type"] == "delta" and first is None:
+                first = time.perf_counter() - started
+            elif message["type"] == "error":
+                raise RuntimeError(message["message"])
+            elif message["type"] == "end":
+                return first if first is not None else time.perf_counter() - started
+
+
+class Grpc(Client):
+    name = "gRPC"
+    baseline = DirectStream
+
+    def __init__(self, stack: Stack, client: httpx2.AsyncClient) -> None:
+        self.port = stack.grpc
+
+    async def __aenter__(self) -> Grpc:
+        self._channel = purerpc.insecure_channel("127.0.0.1", self.port)
+        self.stub = chat_grpc.ChatStub(await self._channel.__aenter__())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._channel.__aexit__(*exc_info)
+
+    async def ask(self, conversation: str, prompt: str) -> float:
+        started = time.perf_counter()
+        first = None
+        async for reply in self.stub.Ask(
+            chat_pb2.AskRequest(conversation_id=conversation, prompt=prompt)
+        ):
+            if first is None and reply.response:
+                first = time.perf_counter() - started
+        return first if first is not None else time.perf_counter() - started
+
+
+# --- measurements
+
+
+async def run_workers(
+    concurrency: int, per_worker: int, make: Callable[[], Client], prompt: str
+) -> tuple[list[float], int]:
+    """``concurrency`` workers each asking ``per_worker`` times; returns (seconds per ask, errors)."""
+    samples: list[float] = []
+    errors = 0
+
+    async def worker(index: int) -> None:
+        nonlocal errors
+        try:
+            async with make() as client:
+                for round_ in range(per_worker):
+                    samples.append(
+                        await client.ask(f"w{index}-{round_}-{time.monotonic_ns()}", prompt)
+                    )
+        except Exception:
+            errors += 1
+
+    async with trio.open_nursery() as nursery:
+        for index in range(concurrency):
+            nursery.start_soon(worker, index)
+    return samples, errors
+
+
+async def ttft(
+    stack: Stack, protocol: type, concurrency: int, per_worker: int
+) -> dict[str, object]:
+    """Added time to first token of ``protocol`` over its direct baseline."""
+    limits = httpx2.Limits(max_connections=None, max_keepalive_connections=None)
+    results = {}
+    async with httpx2.AsyncClient(timeout=120, limits=limits) as http:
+        for label, kind in (("direct", protocol.baseline), ("server", protocol)):
+
+            def make(kind: type = kind) -> Client:
+                return kind(stack, http)
+
+            await run_workers(min(concurrency, 8), 2, make, STREAM_PROMPT)  # warm-up
+            results[label] = await run_workers(concurrency, per_worker, make, STREAM_PROMPT)
+    direct, server = results["direct"][0], results["server"][0]
+    return {
+        "protocol": protocol.name,
+        "concurrency": concurrency,
+        "samples": len(server),
+        "errors": results["server"][1],
+        "direct_p50_ms": round(statistics.median(direct) * 1000, 2),
+        "server_p50_ms": round(statistics.median(server) * 1000, 2),
+        "added_p50_ms": round((statistics.median(server) - statistics.median(direct)) * 1000, 2),
+        "added_p99_ms": round((percentile(server, 0.99) - percentile(direct, 0.99)) * 1000, 2),
+    }
+
+
+async def throughput(stack: Stack, concurrency: int, seconds: float) -> dict[str, object]:
+    """Whole-answer asks per second (persistence on), server and direct."""
+    figures = {}
+    limits = httpx2.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx2.AsyncClient(timeout=60, limits=limits) as client:
+        for label, kind in (("direct", DirectWhole), ("server", HttpWhole)):
+            counts: list[int] = []
+
+            async def worker(ask: Callable, name: str, deadline: float, counts: list[int]) -> None:
+                round_ = 0
+                while time.perf_counter() < deadline:
+                    await ask(f"{name}-{round_}", PROMPT)
+                    round_ += 1
+                counts.append(round_)
+
+            started = time.perf_counter()
+            async with trio.open_nursery() as nursery:
+                for index in range(concurrency):
+                    ask = kind(stack, client).ask
+                    nursery.start_soon(worker, ask, f"t{index}-{label}", started + seconds, counts)
+            figures[label] = sum(counts) / (time.perf_counter() - started)
+    return {
+        "concurrency": concurrency,
+        "server_asks_per_s": round(figures["server"], 1),
+        "direct_asks_per_s": round(figures["direct"], 1),
+        "ratio": round(figures["server"] / figures["direct"], 3),
+    }
+
+
+async def open_streams(
+    stack: Stack, protocol: type, count: int, answer_seconds: float
+) -> dict[str, object]:
+    """``count`` streams open at once (each answer lasts about ``answer_seconds``)."""
+    assert stack.server is not None
+    tokens = 20
+    delay = answer_seconds / tokens
+    prompt = f"[[fake:tokens={tokens}]][[fake:delay={delay}]] long"
+    before = rss_kib(stack.server.pid)
+    peak = before
+    errors = 0
+    limits = httpx2.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx2.AsyncClient(timeout=120, limits=limits) as http:
+        async with trio.open_nursery() as nursery:
+
+            async def one(index: int) -> None:
+                nonlocal errors
+                try:
+                    async with protocol(stack, http) as client:
+                        await client.ask(f"open-{protocol.name}-{index}", prompt)
+                except Exception:
+                    errors += 1
+
+            async def sample_memory() -> None:
+                nonlocal peak
+                while True:
+                    peak = max(peak, rss_kib(stack.server.pid))
+                    await trio.sleep(0.1)
+
+            nursery.start_soon(sample_memory)
+            async with trio.open_nursery() as streams:
+                for index in range(count):
+                    streams.start_soon(one, index)
+            nursery.cancel_scope.cancel()
+    return {
+        "protocol": protocol.name,
+        "streams": count,
+        "errors": errors,
+        "rss_before_mib": round(before / 1024, 1),
+        "rss_peak_mib": round(peak / 1024, 1),
+        "kib_per_stream": round((peak - before) / count, 1),
+    }
+
+
+def seed_long_conversation(database: Path, turns: int, conversation_id: str) -> None:
+    """Store ``turns`` turns directly (the server is stopped)."""
+    db = sqlite3.connect(database)
+    with db:
+        now = time.time()
+        db.execute(
+            "INSERT INTO conversations (owner, conversation_id, turn_count, created_at, updated_at)"
+            " VALUES ('', ?, ?, ?, ?)",
+            (conversation_id, turns, now, now),
+        )
+        (pk,) = db.execute(
+            "SELECT pk FROM conversations WHERE conversation_id = ?", (conversation_id,)
+        ).fetchone()
+        db.executemany(
+            "INSERT INTO turns VALUES (?, ?, ?, 3, ?, 5, 'm', 'stop', 3, 5, ?, ?)",
+            (
+                (pk, seq, f"question {seq}", f"answer number {seq}", now, now)
+                for seq in range(1, turns + 1)
+            ),
+        )
+    db.close()
+
+
+async def long_conversation(stack: Stack, asks: int) -> dict[str, object]:
+    latencies = {}
+    async with httpx2.AsyncClient(timeout=60) as client:
+        for name in ("short", "long"):
+            ask = HttpWhole(stack, client).ask
+            await ask(name, PROMPT)  # warm-up
+            samples = [await ask(name, PROMPT) for _ in range(asks)]
+            latencies[name] = statistics.median(samples)
+    return {
+        "p50_10_turns_ms": round(latencies["short"] * 1000, 2),
+        "p50_long_ms": round(latencies["long"] * 1000, 2),
+        "ratio": round(latencies["long"] / latencies["short"], 3),
+    }
+
+
+# --- the run
+
+
+async def main(args: argparse.Namespace) -> dict[str, object]:
+    quick = args.quick
+    concurrencies = [1, 10] if quick else [1, 100, 1000]
+    stream_counts = [20] if quick else [2000]
+    long_turns = 200 if quick else 10_000
+    report: dict[str, object] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "quick": quick,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        stack = Stack(Path(tmp), token_delay=args.token_delay)
+        try:
+            await stack.start_upstream()
+            startups = []
+            for _ in range(1 if quick else 3):
+                startups.append(await stack.start_server())
+                stack.stop_server()
+            report["startup_s"] = round(statistics.median(startups), 3)
+            await stack.start_server()
+
+            report["ttft"] = []
+            for concurrency in concurrencies:
+                per_worker = max(2, (20 if quick else 200) // concurrency)
+                for protocol in (HttpWhole, Sse, WebSocket, Grpc):
+                    row = await ttft(stack, protocol, concurrency, per_worker)
+                    report["ttft"].append(row)
+                    print(json.dumps(row), flush=True)
+
+            report["throughput"] = await throughput(
+                stack, 64 if not quick else 8, 3 if quick else 10
+            )
+            print(json.dumps(report["throughput"]), flush=True)
+
+            report["streams"] = []
+            for count in stream_counts:
+                for protocol in (Sse, WebSocket, Grpc):
+                    row = await open_streams(stack, protocol, count, 2 if quick else 5)
+                    report["streams"].append(row)
+                    print(json.dumps(row), flush=True)
+
+            stack.stop_server()
+            database = stack.data_dir / "easybackend.sqlite3"
+            seed_long_conversation(database, 10, "short")
+            seed_long_conversation(database, long_turns, "long")
+            await stack.start_server()
+            report["long_conversation"] = {
+                "turns": long_turns,
+                **await long_conversation(stack, 10 if quick else 50),
+            }
+            print(json.dumps(report["long_conversation"]), flush=True)
+        finally:
+            stack.stop()
+    return report
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"Machine: {report['machine']}.",
+        "",
+        f"Start-up until all three listeners accept: **{report['startup_s']} s**.",
+        "",
+    ]
+    lines += [
+        "| protocol | concurrency | direct p50 ms | server p50 ms | added p50 ms | added p99 ms | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in report["ttft"]:
+        lines.append(
+            f"| {row['protocol']} | {row['concurrency']} | {row['direct_p50_ms']} | {row['server_p50_ms']} "
+            f"| {row['added_p50_ms']} | {row['added_p99_ms']} | {row['errors']} |"
+        )
+    t = report["throughput"]
+    lines += [
+        "",
+        f"Whole-answer asks per second at concurrency {t['concurrency']} (persistence on): "
+        f"**{t['server_asks_per_s']}** through EasyBackend, {t['direct_asks_per_s']} direct (ratio {t['ratio']}).",
+        "",
+        "| protocol | open streams | errors | RSS before MiB | RSS peak MiB | KiB per stream |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in report["streams"]:
+        lines.append(
+            f"| {row['protocol']} | {row['streams']} | {row['errors']} | {row['rss_before_mib']} "
+            f"| {row['rss_peak_mib']} | {row['kib_per_stream']} |"
+        )
+    long = report["long_conversation"]
+    lines += [
+        "",
+        f"Whole-answer ask on a conversation of 10 turns: p50 {long['p50_10_turns_ms']} ms; "
+        f"of {long['turns']} turns: p50 {long['p50_long_ms']} ms (ratio {long['ratio']}).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    parser.add_argument(
+        "--token-delay", type=float, default=0.0, help="fake upstream delay per token (s)"
+    )
+    parser.add_argument("--json", type=Path, help="write the report as JSON here")
+    parser.add_argument("--markdown", type=Path, help="write the report as a Markdown table here")
+    args = parser.parse_args()
+    report = trio.run(main, args)
+    text = markdown(report)
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.markdown:
+        args.markdown.write_text(text)
+
+
+if __name__ == "__main__":
+    cli()
