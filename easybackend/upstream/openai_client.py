@@ -115,8 +115,12 @@ class OpenAIUpstream:
                     if content:
                         yield content
                     finish_reason = choice.get("finish_reason") or finish_reason
+            with trio.move_on_after(1):  # read the body to its end: the connection is reused
+                async for _ in lines:
+                    pass
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await lines.aclose()  # type: ignore[attr-defined]
                 await response.aclose()
         if finish_reason is None:
             raise self._failed(
