@@ -139,6 +139,7 @@ async def _serve_http(
     config.bind = [f"fd://{sock.detach()}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
+    config.errorlog.addFilter(_NOT_A_LIFESPAN_ERROR)
     config.graceful_timeout = settings.shutdown_grace
     config.keep_alive_timeout = 75
     if settings.tls_certfile is not None:  # checked at start-up by server_ssl_context
@@ -149,6 +150,23 @@ async def _serve_http(
         shutdown_trigger=shutdown.wait,
         task_status=task_status,
     )
+
+
+class _NotALifespanError(logging.Filter):
+    """Drops hypercorn's "ASGI Framework Lifespan error" when the lifespan task was only cancelled.
+
+    A second signal cancels everything at once, hypercorn's lifespan task too,
+    and hypercorn would log that cancellation as an error with a traceback.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, BaseExceptionGroup):
+            return error.split(trio.Cancelled)[1] is not None
+        return not isinstance(error, trio.Cancelled)
+
+
+_NOT_A_LIFESPAN_ERROR = _NotALifespanError()
 
 
 def _bind_all(settings: Settings) -> dict[str, socket.socket]:

@@ -60,6 +60,8 @@ class AskRecord:
 
     def failed(self, exc: BaseException) -> None:
         """Classify the exception that ended the ask."""
+        if self.outcome == "ok" and is_cancellation(exc):
+            return  # closed after its End (a whole-answer consumer): answered and stored
         if isinstance(exc, ChatError):
             self.outcome = exc.code
         elif is_cancellation(exc):
