@@ -2,9 +2,10 @@
 
 ``easybackend [serve] [flags]`` starts the server; flags override the
 environment and ``.env``. ``easybackend chat`` is the terminal client
-(:mod:`easybackend.client`). Bad configuration or a taken port prints one line
-``easybackend: error: …`` and exits 2 (configuration) or 1 (start-up), with
-no traceback.
+(:mod:`easybackend.client`); ``import-json``, ``export`` and
+``migrate-storage`` are storage commands (:mod:`easybackend.data_commands`).
+Bad configuration or a taken port prints one line ``easybackend: error: …``
+and exits 2 (configuration) or 1 (start-up), with no traceback.
 """
 
 from __future__ import annotations
@@ -91,6 +92,51 @@ def build_parser() -> argparse.ArgumentParser:
     exporter.add_argument(
         "--output", "-o", metavar="FILE", help="write to FILE instead of standard output"
     )
+    migrator = commands.add_parser(
+        "migrate-storage",
+        help="copy every conversation from one database to another (SQLite <-> PostgreSQL)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Copy every conversation from the database --from names into the one --to
+names, either way between SQLite and PostgreSQL: owner, id, system prompt,
+counters, times, all its turns, and the import-json bookkeeping. The source
+is not changed (beyond bringing its schema up to date, as a server would).
+
+Stop the servers using either database first. The target must hold no
+conversations, unless --force. Prints one summary line; on failure, one
+error line and a non-zero exit. PG_POOL_SIZE and PG_POOL_TIMEOUT apply.""",
+        epilog="""\
+example:
+  easybackend migrate-storage --from sqlite:///conversations/easybackend.sqlite3 \\
+      --to postgresql://easybackend:PASSWORD@db:5432/easybackend""",
+    )
+    migrator.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        metavar="URL",
+        help="the database to copy from: sqlite:///PATH (must exist) or postgresql://…",
+    )
+    migrator.add_argument(
+        "--to",
+        dest="target",
+        required=True,
+        metavar="URL",
+        help="the database to copy into: sqlite:///PATH (created if missing) or postgresql://…; "
+        "its schema is created or migrated as a server would",
+    )
+    migrator.add_argument(
+        "--force",
+        action="store_true",
+        help="copy even into a target that already holds conversations: a conversation in both "
+        "is replaced by the source's copy, the target's other conversations are kept",
+    )
+    migrator.add_argument(
+        "--env-file",
+        default=argparse.SUPPRESS,
+        metavar="PATH",
+        help="read settings (PG_POOL_SIZE, PG_POOL_TIMEOUT) from this file instead of ./.env",
+    )
     for command in (importer, exporter):
         for flag in ("--conversations-dir", "--database-url"):
             variable, text = SERVE_FLAGS[flag]
@@ -132,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .client import main as chat_main
 
         return chat_main(args["protocol"], args["url"], args["conversation"])
-    if command in ("import-json", "export"):
+    if command in ("import-json", "export", "migrate-storage"):
         return _data_command(command, args)
     demo = bool(args.pop("demo", False))
     env_file = args.pop("env_file", ".env")
@@ -156,12 +202,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _data_command(command: str, args: dict[str, str]) -> int:
-    """import-json and export: storage work that never calls the model."""
+    """import-json, export and migrate-storage: storage work that never calls the model."""
     from . import data_commands
 
     env_file = args.pop("env_file", ".env")
     positional = {
-        key: args.pop(key) for key in ("directory", "conversation_id", "output") if key in args
+        key: args.pop(key)
+        for key in ("directory", "conversation_id", "output", "source", "target", "force")
+        if key in args
     }
     try:
         settings = load_settings(args, env_file=env_file, need_api_key=False)

@@ -9,7 +9,7 @@ one transaction, so a crash leaves each turn either fully stored or absent.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
@@ -96,6 +96,26 @@ class ConversationDetail:
     turns: list[TurnRecord]
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConversationExport:
+    """One conversation whole, as moved from store to store (``easybackend migrate-storage``).
+
+    Everything the store keeps about it: the counters and times are copied as
+    they are, not recomputed (a rollback drops turns but not their usage).
+    """
+
+    ref: ConversationRef
+    system_prompt: str | None
+    system_tokens: int | None
+    turn_count: int
+    prompt_tokens: int
+    completion_tokens: int
+    created_at: float
+    updated_at: float
+    turns: list[TurnRecord]  # seq order
+    legacy_imports: dict[str, int]  # legacy file name -> entries imported from it (import-json)
+
+
 class Storage(Protocol):
     """A conversation store. Methods run their blocking work off the event loop.
 
@@ -158,6 +178,30 @@ class Storage(Protocol):
 
         ``turns`` is everything ``source`` holds now: the first ones already
         imported from the same source are skipped, so importing twice adds nothing.
+        """
+        ...
+
+    # Whole-store copies (``easybackend migrate-storage``). They are meant for a store no
+    # server is using: they take no conversation locks.
+
+    async def totals(self) -> tuple[int, int]:
+        """(conversations, turns) the store holds, all owners together."""
+        ...
+
+    def export_all(self) -> AsyncGenerator[ConversationExport, None]:
+        """Every conversation, whole, in the order the store created them.
+
+        Read a batch of conversations per transaction, so each one's counters
+        match its turns. Bookkeeping of an empty legacy file (zero entries, no
+        conversation) is left out: it changes nothing.
+        """
+        ...
+
+    async def import_conversations(self, conversations: Sequence[ConversationExport]) -> None:
+        """Write the conversations exactly as given, all in one transaction.
+
+        A conversation already held under the same owner and id is replaced
+        (its turns and legacy bookkeeping with it); the others are left alone.
         """
         ...
 

@@ -23,9 +23,11 @@ StorageUnavailable; the pool reconnects by itself once the server is back.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import hashlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
 import psycopg
@@ -36,6 +38,7 @@ from ..errors import StorageUnavailable
 from .base import (
     Context,
     ConversationDetail,
+    ConversationExport,
     ConversationRef,
     ConversationSummary,
     NewTurn,
@@ -48,6 +51,7 @@ T = TypeVar("T")
 
 LOCK_POLL = 0.02  # seconds between two tries of a conversation's advisory lock
 MIGRATION_LOCK = 0x45617379_4D696772  # advisory lock key held while migrating
+EXPORT_BATCH = 100  # conversations read per transaction by export_all
 
 MIGRATIONS: list[str] = [
     """
@@ -344,6 +348,31 @@ class PostgresStorage:
 
         return await self._run(work)
 
+    async def totals(self) -> tuple[int, int]:
+        def work(connection: psycopg.Connection) -> tuple[int, int]:
+            connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            (conversations,) = connection.execute("SELECT count(*) FROM conversations").fetchone()
+            (turns,) = connection.execute("SELECT count(*) FROM turns").fetchone()
+            return conversations, turns
+
+        return await self._run(work)
+
+    async def export_all(self) -> AsyncGenerator[ConversationExport, None]:
+        after = 0
+        while True:
+            batch, after = await self._run(functools.partial(_export_batch, after=after))
+            for conversation in batch:
+                yield conversation
+            if len(batch) < EXPORT_BATCH:
+                return
+
+    async def import_conversations(self, conversations: Sequence[ConversationExport]) -> None:
+        def work(connection: psycopg.Connection) -> None:
+            for conversation in conversations:
+                _import(connection, conversation)
+
+        await self._run(work)
+
     async def close(self) -> None:
         await trio.to_thread.run_sync(self._pool.close)
 
@@ -381,6 +410,84 @@ def _append(connection: psycopg.Connection, ref: ConversationRef, turn: NewTurn)
         (seq, turn.finished_at, turn.usage_prompt_tokens, turn.usage_completion_tokens, pk),
     )
     return seq
+
+
+_EXPORT_COLUMNS = (
+    "owner, conversation_id, system_prompt, system_tokens, turn_count, prompt_tokens,"
+    " completion_tokens, created_at, updated_at"
+)
+_TURN_COLUMNS = (
+    "seq, prompt, prompt_tokens, answer, answer_tokens, model, finish_reason,"
+    " usage_prompt_tokens, usage_completion_tokens, created_at, finished_at"
+)
+
+
+def _export_batch(
+    connection: psycopg.Connection, after: int
+) -> tuple[list[ConversationExport], int]:
+    """The next EXPORT_BATCH conversations with pk above ``after``, whole, and the last pk read.
+
+    Runs inside the caller's transaction, made REPEATABLE READ: one snapshot for the batch.
+    """
+    connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+    rows = connection.execute(
+        f"SELECT pk, {_EXPORT_COLUMNS} FROM conversations WHERE pk > %s ORDER BY pk LIMIT %s",
+        (after, EXPORT_BATCH),
+    ).fetchall()
+    if not rows:
+        return [], after
+    pks = [row[0] for row in rows]
+    turns: dict[int, list[TurnRecord]] = {pk: [] for pk in pks}
+    for pk, *turn in connection.execute(
+        f"SELECT conversation_pk, {_TURN_COLUMNS} FROM turns"
+        " WHERE conversation_pk = ANY(%s) ORDER BY conversation_pk, seq",
+        (pks,),
+    ):
+        turns[pk].append(TurnRecord(*turn))
+    legacy: dict[int, dict[str, int]] = {pk: {} for pk in pks}
+    for pk, source, entries in connection.execute(
+        "SELECT c.pk, l.source, l.entries FROM legacy_imports l JOIN conversations c"
+        " ON c.owner = l.owner AND c.conversation_id = l.conversation_id"
+        " WHERE c.pk = ANY(%s)",
+        (pks,),
+    ):
+        legacy[pk][source] = entries
+    batch = [
+        ConversationExport(ConversationRef(owner, cid), *values, turns[pk], legacy[pk])
+        for pk, owner, cid, *values in rows
+    ]
+    return batch, pks[-1]
+
+
+def _import(connection: psycopg.Connection, conversation: ConversationExport) -> None:
+    """Write one exported conversation inside the caller's transaction, replacing any namesake."""
+    ref = conversation.ref
+    key = (ref.owner, ref.conversation_id)
+    connection.execute("DELETE FROM conversations WHERE owner = %s AND conversation_id = %s", key)
+    connection.execute("DELETE FROM legacy_imports WHERE owner = %s AND conversation_id = %s", key)
+    (pk,) = connection.execute(
+        f"INSERT INTO conversations ({_EXPORT_COLUMNS})"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING pk",
+        (
+            *key,
+            conversation.system_prompt,
+            conversation.system_tokens,
+            conversation.turn_count,
+            conversation.prompt_tokens,
+            conversation.completion_tokens,
+            conversation.created_at,
+            conversation.updated_at,
+        ),
+    ).fetchone()
+    with connection.cursor() as cursor:
+        with cursor.copy(f"COPY turns (conversation_pk, {_TURN_COLUMNS}) FROM STDIN") as copy:
+            for turn in conversation.turns:
+                copy.write_row((pk, *dataclasses.astuple(turn)))
+        cursor.executemany(
+            "INSERT INTO legacy_imports (owner, conversation_id, source, entries)"
+            " VALUES (%s, %s, %s, %s)",
+            [(*key, source, entries) for source, entries in conversation.legacy_imports.items()],
+        )
 
 
 def _migrate(connection: psycopg.Connection) -> None:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
+import functools
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -23,6 +25,7 @@ from ..errors import StorageUnavailable
 from .base import (
     Context,
     ConversationDetail,
+    ConversationExport,
     ConversationRef,
     ConversationSummary,
     NewTurn,
@@ -31,6 +34,8 @@ from .base import (
 )
 
 T = TypeVar("T")
+
+EXPORT_BATCH = 100  # conversations read per transaction by export_all
 
 # Each entry moves the schema from version i to i + 1 (PRAGMA user_version).
 MIGRATIONS: list[str] = [
@@ -249,6 +254,34 @@ class SQLiteStorage:
 
         return await self._run(work)
 
+    async def totals(self) -> tuple[int, int]:
+        def work(db: sqlite3.Connection) -> tuple[int, int]:
+            with db:
+                db.execute("BEGIN")
+                (conversations,) = db.execute("SELECT count(*) FROM conversations").fetchone()
+                (turns,) = db.execute("SELECT count(*) FROM turns").fetchone()
+            return conversations, turns
+
+        return await self._run(work)
+
+    async def export_all(self) -> AsyncGenerator[ConversationExport, None]:
+        after = 0
+        while True:
+            batch, after = await self._run(functools.partial(_export_batch, after=after))
+            for conversation in batch:
+                yield conversation
+            if len(batch) < EXPORT_BATCH:
+                return
+
+    async def import_conversations(self, conversations: Sequence[ConversationExport]) -> None:
+        def work(db: sqlite3.Connection) -> None:
+            with db:
+                db.execute("BEGIN IMMEDIATE")
+                for conversation in conversations:
+                    _import(db, conversation)
+
+        await self._run(work)
+
     @contextlib.asynccontextmanager
     async def conversation_lock(self, ref: ConversationRef) -> AsyncIterator[None]:
         """Nothing to do: one process owns the database file (the in-process lock suffices)."""
@@ -320,6 +353,79 @@ def _append(db: sqlite3.Connection, ref: ConversationRef, turn: NewTurn) -> int:
         (seq, turn.finished_at, turn.usage_prompt_tokens, turn.usage_completion_tokens, pk),
     )
     return seq
+
+
+_EXPORT_COLUMNS = (
+    "owner, conversation_id, system_prompt, system_tokens, turn_count, prompt_tokens,"
+    " completion_tokens, created_at, updated_at"
+)
+_TURN_COLUMNS = (
+    "seq, prompt, prompt_tokens, answer, answer_tokens, model, finish_reason,"
+    " usage_prompt_tokens, usage_completion_tokens, created_at, finished_at"
+)
+
+
+def _export_batch(db: sqlite3.Connection, after: int) -> tuple[list[ConversationExport], int]:
+    """The next EXPORT_BATCH conversations with pk above ``after``, whole, and the last pk read."""
+    with db:
+        db.execute("BEGIN")  # one snapshot for the batch
+        rows = db.execute(
+            f"SELECT pk, {_EXPORT_COLUMNS} FROM conversations WHERE pk > ? ORDER BY pk LIMIT ?",
+            (after, EXPORT_BATCH),
+        ).fetchall()
+        if not rows:
+            return [], after
+        first, last = rows[0][0], rows[-1][0]
+        turns: dict[int, list[TurnRecord]] = {row[0]: [] for row in rows}
+        for pk, *turn in db.execute(
+            f"SELECT conversation_pk, {_TURN_COLUMNS} FROM turns"
+            " WHERE conversation_pk BETWEEN ? AND ? ORDER BY conversation_pk, seq",
+            (first, last),
+        ):
+            turns[pk].append(TurnRecord(*turn))
+        legacy: dict[int, dict[str, int]] = {row[0]: {} for row in rows}
+        for pk, source, entries in db.execute(
+            "SELECT c.pk, l.source, l.entries FROM legacy_imports l JOIN conversations c"
+            " ON c.owner = l.owner AND c.conversation_id = l.conversation_id"
+            " WHERE c.pk BETWEEN ? AND ?",
+            (first, last),
+        ):
+            legacy[pk][source] = entries
+    batch = [
+        ConversationExport(ConversationRef(owner, cid), *values, turns[pk], legacy[pk])
+        for pk, owner, cid, *values in rows
+    ]
+    return batch, last
+
+
+def _import(db: sqlite3.Connection, conversation: ConversationExport) -> None:
+    """Write one exported conversation inside the caller's transaction, replacing any namesake."""
+    ref = conversation.ref
+    key = (ref.owner, ref.conversation_id)
+    db.execute("DELETE FROM conversations WHERE owner = ? AND conversation_id = ?", key)
+    db.execute("DELETE FROM legacy_imports WHERE owner = ? AND conversation_id = ?", key)
+    pk = db.execute(
+        f"INSERT INTO conversations ({_EXPORT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            *key,
+            conversation.system_prompt,
+            conversation.system_tokens,
+            conversation.turn_count,
+            conversation.prompt_tokens,
+            conversation.completion_tokens,
+            conversation.created_at,
+            conversation.updated_at,
+        ),
+    ).lastrowid
+    db.executemany(
+        f"INSERT INTO turns (conversation_pk, {_TURN_COLUMNS})"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(pk, *dataclasses.astuple(turn)) for turn in conversation.turns],
+    )
+    db.executemany(
+        "INSERT INTO legacy_imports (owner, conversation_id, source, entries) VALUES (?, ?, ?, ?)",
+        [(*key, source, entries) for source, entries in conversation.legacy_imports.items()],
+    )
 
 
 def _connect(path: Path) -> sqlite3.Connection:

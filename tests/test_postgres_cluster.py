@@ -1,0 +1,591 @@
+"""Several EasyBackend processes on one PostgreSQL database (SPEC §3 "Ordering", §9 "Scale-out").
+
+Every test gets a PostgreSQL schema of its own on the local server (the URL
+sets ``search_path``), dropped afterwards even when the test fails. Servers
+are real ``python run.py`` processes answering from the fake upstream served
+in the test; the database is read with a connection of the test's own.
+Also here: a database outage and its recovery (through a TCP proxy the test
+cuts and restores), and ``easybackend migrate-storage`` both ways.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import psycopg
+import pytest
+import trio
+from conftest import UPSTREAM_KEY, free_port
+from helpers_core import (
+    ServerProcess,
+    clean_env,
+    echo,
+    error_code,
+    history_of,
+    run_cli,
+    upstream_messages,
+    wait_until,
+)
+
+from easybackend.chat.views import conversation_detail
+from easybackend.fake_upstream import FakeUpstream
+from easybackend.settings import load_settings
+from easybackend.storage import ConversationRef, NewTurn, Storage, open_url
+from easybackend.storage.legacy_json import import_directory
+
+PG_HOST, PG_PORT = "127.0.0.1", 5432
+PG_ADMIN = f"postgresql://postgres@{PG_HOST}:{PG_PORT}/test"
+STORE_SETTINGS = load_settings(
+    {"PG_POOL_TIMEOUT": "2"}, environ={}, env_file=None, need_api_key=False
+)
+
+
+def pg_url(schema: str, port: int = PG_PORT) -> str:
+    return f"postgresql://postgres@{PG_HOST}:{port}/test?options=-csearch_path%3D{schema}"
+
+
+@pytest.fixture
+def pg_schema() -> Iterator[str]:
+    """A fresh, empty schema; dropped with everything in it after the test."""
+    schema = f"eb_{secrets.token_hex(6)}"
+    try:
+        with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as admin:
+            admin.execute(f"CREATE SCHEMA {schema}")
+    except psycopg.OperationalError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"no PostgreSQL server at {PG_HOST}:{PG_PORT} ({exc.__class__.__name__})")
+    try:
+        yield schema
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as admin:
+            admin.execute("SET lock_timeout = '10s'")
+            admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+async def pg_rows(schema: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """One read query on the test's schema, with a connection of the test's own."""
+
+    def query() -> list[tuple[Any, ...]]:
+        with psycopg.connect(pg_url(schema), connect_timeout=5) as connection:
+            return connection.execute(sql, params).fetchall()
+
+    return await trio.to_thread.run_sync(query)
+
+
+async def whole_turns(
+    schema: str, conversation_id: str, owner: str = ""
+) -> list[tuple[int, str, str]]:
+    """(seq, prompt, answer) of the conversation, checking that the store holds only whole turns."""
+    turns = await pg_rows(
+        schema,
+        "SELECT t.seq, t.prompt, t.answer FROM turns t JOIN conversations c"
+        " ON c.pk = t.conversation_pk WHERE c.owner = %s AND c.conversation_id = %s"
+        " ORDER BY t.seq",
+        (owner, conversation_id),
+    )
+    assert [seq for seq, _, _ in turns] == list(range(1, len(turns) + 1))
+    assert all(prompt and answer for _, prompt, answer in turns), turns
+    count = await pg_rows(
+        schema,
+        "SELECT turn_count FROM conversations WHERE owner = %s AND conversation_id = %s",
+        (owner, conversation_id),
+    )
+    assert count == [(len(turns),)]
+    orphans = (
+        "SELECT count(*) FROM turns WHERE conversation_pk NOT IN (SELECT pk FROM conversations)"
+    )
+    assert await pg_rows(schema, orphans) == [(0,)]
+    return turns
+
+
+# -- the upstream's view ------------------------------------------------------------------------
+
+
+def last_user_text(request: dict[str, Any]) -> str:
+    return request["body"]["messages"][-1]["content"]
+
+
+def outcome(fake: FakeUpstream, request_id: str) -> str | None:
+    """How the fake saw a completion request end (completed, disconnected, failed), or None."""
+    ends = [
+        e["event"]
+        for e in fake.events
+        if e["id"] == request_id and e["event"] in ("completed", "disconnected", "failed")
+    ]
+    return ends[-1] if ends else None
+
+
+def completed(fake: FakeUpstream) -> int:
+    return sum(e["event"] == "completed" for e in fake.events)
+
+
+def check_serialised(fake: FakeUpstream, turns: list[tuple[int, str, str]]) -> None:
+    """Each stored turn came from one upstream request carrying exactly the turns before it.
+
+    So no two answers on the conversation overlapped, whichever instance gave them: each
+    started after the one before had been stored.
+    """
+    by_prompt = {
+        last_user_text(r): r for r in fake.requests if outcome(fake, r["id"]) == "completed"
+    }
+    previous_end = 0.0
+    for index, (_, prompt, _) in enumerate(turns):
+        request = by_prompt[prompt]
+        assert history_of(request["body"]["messages"]) == [(p, a) for _, p, a in turns[:index]]
+        times = {e["event"]: e["time"] for e in fake.events if e["id"] == request["id"]}
+        assert times["started"] >= previous_end, f"turn {index + 1} overlapped the one before"
+        previous_end = times["completed"]
+
+
+# -- servers ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Instance:
+    name: str
+    process: ServerProcess
+    port: int
+
+    def client(self, timeout: float = 30) -> httpx2.AsyncClient:
+        return httpx2.AsyncClient(base_url=f"http://127.0.0.1:{self.port}", timeout=timeout)
+
+
+StartInstance = Callable[..., Awaitable[Instance]]
+
+
+@pytest.fixture
+async def start_instance(
+    fake: FakeUpstream, tmp_path: Path, pg_schema: str
+) -> AsyncIterator[StartInstance]:
+    """Start ``python run.py`` processes on the test's schema; killed at teardown.
+
+    Keyword arguments are environment variables (``DATABASE_URL`` defaults to the schema).
+    """
+    started: list[ServerProcess] = []
+
+    async def start(name: str, **env: str) -> Instance:
+        port = free_port()
+        workdir = tmp_path / name
+        await trio.Path(workdir).mkdir()
+        variables = {
+            "OPENAI_API_KEY": UPSTREAM_KEY,
+            "OPENAI_BASE_URL": fake.base_url(),
+            "HOST": "127.0.0.1",
+            "HTTP_PORT": str(port),
+            "GRPC_PORT": "off",
+            "WS_PORT": "off",
+            "CONVERSATIONS_DIR": str(workdir / "data"),
+            "DATABASE_URL": pg_url(pg_schema),
+            "UPSTREAM_RETRIES": "0",
+            **env,
+        }
+        process = ServerProcess(workdir, clean_env(**variables))
+        started.append(process)
+        await process.start()
+        await process.wait_healthy(port)
+        return Instance(name, process, port)
+
+    yield start
+    for process in started:
+        if process.process is not None and process.process.returncode is None:
+            await process.kill()
+    for process in started:
+        assert UPSTREAM_KEY not in process.output
+
+
+async def start_pair(start: StartInstance) -> tuple[Instance, Instance]:
+    instances: dict[str, Instance] = {}
+
+    async def one(name: str) -> None:
+        instances[name] = await start(name)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(one, "a")
+        nursery.start_soon(one, "b")
+    return instances["a"], instances["b"]
+
+
+# -- two instances, one database ----------------------------------------------------------------
+
+
+async def test_a_conversation_started_on_one_instance_continues_on_the_other(
+    fake, start_instance, pg_schema
+):
+    a, b = await start_pair(start_instance)
+    async with a.client() as on_a, b.client() as on_b:
+        first = await on_a.post("/ask/shared", json={"prompt": "first, on a"})
+        assert first.status_code == 200, first.text
+        second = await on_b.post("/ask/shared", json={"prompt": "second, on b"})
+        assert second.status_code == 200, second.text
+        assert history_of(upstream_messages(fake)) == [("first, on a", echo(1, "first, on a"))]
+        assert second.json()["response"] == echo(3, "second, on b")
+
+        third = await on_a.post("/ask/shared", json={"prompt": "third, on a"})
+        assert third.status_code == 200, third.text
+        assert [p for p, _ in history_of(upstream_messages(fake))] == [
+            "first, on a",
+            "second, on b",
+        ]
+        seen_from_a = (await on_a.get("/conversations/shared")).json()
+        seen_from_b = (await on_b.get("/conversations/shared")).json()
+    assert seen_from_a == seen_from_b
+    assert seen_from_a["turns"] == 3
+    assert [t["turn"] for t in seen_from_a["history"]] == [1, 2, 3]
+    assert [seq for seq, _, _ in await whole_turns(pg_schema, "shared")] == [1, 2, 3]
+
+
+async def test_concurrent_asks_split_across_instances_are_answered_one_at_a_time(
+    fake, start_instance, pg_schema
+):
+    a, b = await start_pair(start_instance)
+    fake.token_delay = 0.01  # every answer takes a while, so the asks overlap
+    prompts = [f"ask {i} via {'ab'[i % 2]}" for i in range(20)]
+    answers: dict[str, str] = {}
+    async with a.client() as on_a, b.client() as on_b:
+
+        async def ask(client: httpx2.AsyncClient, prompt: str) -> None:
+            response = await client.post("/ask/burst", json={"prompt": prompt})
+            assert response.status_code == 200, response.text
+            answers[prompt] = response.json()["response"]
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for i, prompt in enumerate(prompts):
+                    nursery.start_soon(ask, (on_a, on_b)[i % 2], prompt)
+
+    turns = await whole_turns(pg_schema, "burst")
+    assert [seq for seq, _, _ in turns] == list(range(1, 21))
+    assert sorted(prompt for _, prompt, _ in turns) == sorted(prompts)  # each prompt once
+    assert {prompt: answer for _, prompt, answer in turns} == answers
+    assert len(fake.requests) == 20
+    check_serialised(fake, turns)
+    for index, (_, prompt, answer) in enumerate(turns):
+        assert answer == echo(2 * index + 1, prompt)  # the whole history went up every time
+
+
+async def active_asks(client: httpx2.AsyncClient) -> float:
+    """The instance's asks in progress (answering or waiting for the conversation), from /metrics."""
+    text = (await client.get("/metrics")).text
+    found = re.search(r'^easybackend_active_streams\{protocol="http"\} (\S+)$', text, re.M)
+    return float(found[1]) if found else 0.0
+
+
+async def test_kill_minus_nine_of_one_instance_mid_burst(fake, start_instance, pg_schema):
+    a, b = await start_pair(start_instance)
+    fake.token_delay = 0.01
+    victim = "a, killed mid-answer [[fake:stall_after=2]]"
+    on_a = [f"a{i}" for i in range(6)]
+    on_b = [f"b{i}" for i in range(6)]
+    late_on_b = [f"b, late {i}" for i in range(3)]
+    status: dict[str, int | str] = {}
+    async with a.client() as client_a, b.client() as client_b:
+
+        async def ask(client: httpx2.AsyncClient, prompt: str) -> None:
+            try:
+                response = await client.post("/ask/crash", json={"prompt": prompt})
+                status[prompt] = response.status_code
+            except httpx2.TransportError:
+                status[prompt] = "connection lost"
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for i in range(6):
+                    nursery.start_soon(ask, client_a, on_a[i])
+                    nursery.start_soon(ask, client_b, on_b[i])
+                await wait_until(lambda: completed(fake) >= 2, timeout=20)
+                # joins a's queue; streaming (and holding the conversation) when a is killed
+                nursery.start_soon(ask, client_a, victim)
+                await wait_until(
+                    lambda: any(e["event"] == "stalled" for e in fake.events), timeout=20
+                )
+                # more asks reach b, and wait there for the conversation a holds
+                for prompt in late_on_b:
+                    nursery.start_soon(ask, client_b, prompt)
+                while await active_asks(client_b) != len(
+                    [p for p in on_b + late_on_b if p not in status]
+                ):
+                    await trio.sleep(0.01)
+                await a.process.kill()
+
+            # b kept serving: every ask it had succeeded, those waiting at the kill too
+            assert all(status[p] == 200 for p in on_b + late_on_b), status
+            after = await client_b.post("/ask/crash", json={"prompt": "b, after the kill"})
+            assert after.status_code == 200, after.text
+
+    (stalled,) = [r for r in fake.requests if last_user_text(r) == victim]
+    await wait_until(lambda: outcome(fake, stalled["id"]) == "disconnected")
+    turns = await whole_turns(pg_schema, "crash")
+    stored = [prompt for _, prompt, _ in turns]
+    assert len(stored) == len(set(stored))
+    assert victim not in stored  # killed mid-answer: nothing of it was stored
+    answered = {p for p, s in status.items() if s == 200} | {"b, after the kill"}
+    assert answered <= set(stored)
+    assert set(stored) - answered <= set(on_a)  # stored by a, whose reply was lost in the kill
+    assert set(stored[-4:-1]) == set(late_on_b) and stored[-1] == "b, after the kill"
+    check_serialised(fake, turns)
+
+
+# -- a database outage --------------------------------------------------------------------------
+
+
+class TcpProxy:
+    """A loopback TCP forwarder to PostgreSQL that the test can cut and restore on the same port."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._scope: trio.CancelScope | None = None
+        self.connections = 0
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        try:
+            with trio.CancelScope() as self._scope:
+                task_status.started()
+                await trio.serve_listeners(self._forward, listeners)
+        finally:
+            for listener in listeners:
+                listener.socket.close()
+
+    def cut(self) -> None:
+        """Close the listener and every connection through it."""
+        assert self._scope is not None
+        self._scope.cancel()
+
+    async def _forward(self, client: trio.SocketStream) -> None:
+        self.connections += 1
+        async with client:
+            try:
+                server = await trio.open_tcp_stream("127.0.0.1", self.target_port)
+            except OSError:
+                return
+            async with server, trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump, client, server, nursery.cancel_scope)
+                nursery.start_soon(self._pump, server, client, nursery.cancel_scope)
+
+    @staticmethod
+    async def _pump(
+        source: trio.SocketStream, sink: trio.SocketStream, done: trio.CancelScope
+    ) -> None:
+        try:
+            while data := await source.receive_some(65536):
+                await sink.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        done.cancel()
+
+
+async def test_a_database_outage_gives_503_and_recovers_without_a_restart(
+    fake, start_instance, pg_schema, nursery
+):
+    proxy = TcpProxy(PG_PORT)
+    await nursery.start(proxy.serve)
+    server = await start_instance(
+        "a", DATABASE_URL=pg_url(pg_schema, proxy.port), PG_POOL_TIMEOUT="1"
+    )
+    pid = server.process.process.pid
+    async with server.client(timeout=15) as client:
+        assert (await client.get("/readyz")).status_code == 200
+        before = await client.post("/ask/outage", json={"prompt": "before the outage"})
+        assert before.status_code == 200, before.text
+        requests_before = len(fake.requests)
+
+        proxy.cut()
+        started = time.monotonic()
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503
+        assert error_code(ready) == "storage_unavailable"
+        during = await client.post("/ask/outage", json={"prompt": "during the outage"})
+        assert during.status_code == 503, during.text
+        assert error_code(during) == "storage_unavailable"
+        assert time.monotonic() - started < 6  # each within about PG_POOL_TIMEOUT
+        assert len(fake.requests) == requests_before  # the model was not called
+        assert (await client.get("/healthz")).status_code == 200  # alive, only not ready
+
+        await nursery.start(proxy.serve)  # the database is back, on the same address
+        with trio.fail_after(20):
+            while (await client.get("/readyz")).status_code != 200:
+                await trio.sleep(0.1)
+        after = await client.post("/ask/outage", json={"prompt": "after the outage"})
+        assert after.status_code == 200, after.text
+    assert server.process.process.returncode is None and server.process.process.pid == pid
+    assert history_of(upstream_messages(fake)) == [
+        ("before the outage", echo(1, "before the outage"))
+    ]
+    turns = await whole_turns(pg_schema, "outage")
+    assert [prompt for _, prompt, _ in turns] == ["before the outage", "after the outage"]
+
+
+# -- migrate-storage ----------------------------------------------------------------------------
+
+
+def new_turn(prompt: str, at: float, usage: int = 7) -> NewTurn:
+    return NewTurn(
+        prompt=prompt,
+        prompt_tokens=len(prompt.split()),
+        answer=f"answer to {prompt}",
+        answer_tokens=3 + len(prompt.split()),
+        model="gpt-test",
+        finish_reason="stop",
+        usage_prompt_tokens=usage,
+        usage_completion_tokens=usage + 1,
+        created_at=at,
+        finished_at=at + 0.25,
+    )
+
+
+async def fill(store: Storage, legacy: Path) -> None:
+    """Conversations of two owners, a system prompt, a rollback, unicode, and a legacy import."""
+    for i in range(3):
+        await store.append_turn(ConversationRef("", "plain"), new_turn(f"plain {i}", 1000.5 + i))
+    await store.set_system_prompt(ConversationRef("", "plain"), "Answer in haiku.", 4)
+    for i in range(4):
+        await store.append_turn(
+            ConversationRef("alice", "plain"), new_turn(f"ålice {i} 🙂", 2000 + i)
+        )
+    # a rollback drops turns, not their usage: the totals no longer add up from the turns
+    await store.rollback(ConversationRef("alice", "plain"), 2)
+    await store.set_system_prompt(ConversationRef("bob", "empty"), "Only a system prompt.", 5)
+    await trio.Path(legacy).mkdir()
+    await trio.Path(legacy / "old-1.json").write_text(
+        '["User: hi\\n\\n\\nChatGPT: hello<|im_end|>\\n",'
+        ' "User: again\\n\\n\\nChatGPT: sure<|im_end|>\\n"]',
+        encoding="utf-8",
+    )
+    report = await import_directory(legacy, store, lambda text: len(text.split()))
+    assert report.turns == 2
+
+
+async def contents(url: str) -> tuple[list[Any], dict[tuple[str, str], dict[str, object]]]:
+    """Everything a store holds (as export_all gives it) and each conversation as the API shows it."""
+    store = await open_url(url, STORE_SETTINGS)
+    try:
+        exported = [conversation async for conversation in store.export_all()]
+        shown = {}
+        for conversation in exported:
+            detail = await store.get_conversation(conversation.ref)
+            shown[conversation.ref.owner, conversation.ref.conversation_id] = conversation_detail(
+                detail
+            )
+    finally:
+        await store.close()
+    return exported, shown
+
+
+async def migrate(workdir: Path, *args: str, **env: str):
+    result = await run_cli(workdir, clean_env(**env), ["migrate-storage", *args])
+    return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+async def test_migrate_storage_from_sqlite_to_postgresql_and_back(
+    fake, tmp_path, pg_schema, start_server
+):
+    original = f"sqlite:///{tmp_path / 'original.sqlite3'}"
+    store = await open_url(original, STORE_SETTINGS)
+    try:
+        await fill(store, tmp_path / "legacy")
+    finally:
+        await store.close()
+    before, shown_before = await contents(original)
+    assert len(before) == 4 and sum(len(c.turns) for c in before) == 7
+
+    code, out, err = await migrate(tmp_path, "--from", original, "--to", pg_url(pg_schema))
+    assert code == 0, err
+    assert err == ""
+    assert out.count("\n") == 1 and out.startswith("copied 4 conversations with 7 turns"), out
+    on_postgres, shown_on_postgres = await contents(pg_url(pg_schema))
+    assert on_postgres == before
+    assert shown_on_postgres == shown_before
+    assert await pg_rows(
+        pg_schema, "SELECT owner, conversation_id, source, entries FROM legacy_imports"
+    ) == [("", "old-1", "old-1.json", 2)]
+    (system,) = await pg_rows(
+        pg_schema,
+        "SELECT system_tokens FROM conversations WHERE owner = '' AND conversation_id = 'plain'",
+    )
+    assert system == (4,)
+
+    # a non-empty target is refused without --force, and left as it was
+    code, out, err = await migrate(tmp_path, "--from", original, "--to", pg_url(pg_schema))
+    assert code == 1 and out == ""
+    assert err.startswith("easybackend: error: ") and err.count("\n") == 1, err
+    assert "already holds 4 conversations" in err and "--force" in err
+    assert (await contents(pg_url(pg_schema)))[0] == before
+    code, out, err = await migrate(
+        tmp_path, "--from", original, "--to", pg_url(pg_schema), "--force"
+    )
+    assert code == 0, err
+    assert (await contents(pg_url(pg_schema)))[0] == before  # replaced, not duplicated
+
+    # and back into a new SQLite file
+    back = f"sqlite:///{tmp_path / 'back' / 'easybackend.sqlite3'}"
+    code, out, err = await migrate(tmp_path, "--from", pg_url(pg_schema), "--to", back)
+    assert code == 0, err
+    assert out.startswith("copied 4 conversations with 7 turns (1 legacy import records)"), out
+    assert await contents(back) == (before, shown_before)
+
+    # the migrated store serves on: the history goes upstream, import-json adds nothing twice
+    store = await open_url(pg_url(pg_schema), STORE_SETTINGS)
+    try:
+        again = await import_directory(tmp_path / "legacy", store, lambda text: len(text.split()))
+        assert (again.turns, again.unchanged) == (0, 1)
+    finally:
+        await store.close()
+    server = await start_server(DATABASE_URL=pg_url(pg_schema))
+    async with server.client() as client:
+        response = await client.post("/ask/plain", json={"prompt": "and now?"})
+        assert response.status_code == 200, response.text
+    messages = upstream_messages(fake)
+    assert messages[0] == {"role": "system", "content": "Answer in haiku."}
+    assert [p for p, _ in history_of(messages)] == ["plain 0", "plain 1", "plain 2"]
+    turns = await whole_turns(pg_schema, "plain")
+    assert [(seq, prompt) for seq, prompt, _ in turns][-1] == (4, "and now?")
+
+
+async def test_migrate_storage_errors_are_one_line_without_the_password(tmp_path, pg_schema):
+    source = tmp_path / "source.sqlite3"
+    store = await open_url(f"sqlite:///{source}", STORE_SETTINGS)
+    await store.close()
+    closed = free_port()
+    cases = [
+        # (--from, --to, what the line must say)
+        (f"sqlite:///{tmp_path / 'missing.sqlite3'}", pg_url(pg_schema), "no such database file"),
+        ("mysql://root:PASSWORD-SECRET@db/x", pg_url(pg_schema), "not a supported database URL"),
+        (f"sqlite:///{source}", f"sqlite:///{source}", "the same database"),
+        (
+            f"sqlite:///{source}",
+            f"postgresql://postgres:PASSWORD-SECRET@127.0.0.1:{closed}/test",
+            "Connection refused",
+        ),
+        (
+            f"sqlite:///{source}",
+            f"postgresql://postgres:PASSWORD-SECRET%zz@127.0.0.1:{PG_PORT}/test",
+            "cannot connect",
+        ),
+    ]
+    results: dict[int, tuple[int, str, str]] = {}
+
+    async def run(index: int, source_url: str, target_url: str) -> None:
+        results[index] = await migrate(
+            tmp_path, "--from", source_url, "--to", target_url, PG_POOL_TIMEOUT="1"
+        )
+
+    async with trio.open_nursery() as nursery:
+        for index, (source_url, target_url, _) in enumerate(cases):
+            nursery.start_soon(run, index, source_url, target_url)
+    for index, (_, _, reason) in enumerate(cases):
+        code, out, err = results[index]
+        assert code == 1 and out == "", (cases[index], out, err)
+        assert err.startswith("easybackend: error: ") and err.count("\n") == 1, err
+        assert reason in err, err
+        assert "PASSWORD-SECRET" not in err, err
