@@ -19,7 +19,7 @@ import trio
 from .chat.tokens import UnknownEncoding
 from .errors import StorageUnavailable
 from .listeners import ListenError
-from .logs import configure_logging
+from .logs import configure_logging, redact, secrets_of
 from .settings import ConfigError, load_settings
 
 # flag -> (environment variable it overrides, help)
@@ -32,7 +32,7 @@ SERVE_FLAGS = {
         "CONVERSATIONS_DIR",
         "data directory (CONVERSATIONS_DIR, default ./conversations)",
     ),
-    "--database-url": ("DATABASE_URL", "sqlite:///PATH (DATABASE_URL)"),
+    "--database-url": ("DATABASE_URL", "sqlite:///PATH or postgresql://… (DATABASE_URL)"),
     "--max-context-tokens": (
         "MAX_CONTEXT_TOKENS",
         "token budget sent upstream (MAX_CONTEXT_TOKENS, default 4096)",
@@ -192,12 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         trio.run(serve, settings)
-    except ConfigError as exc:
-        print(f"easybackend: error: {exc}", file=sys.stderr)
-        return 2
-    except (ListenError, StorageUnavailable, UnknownEncoding) as exc:
-        print(f"easybackend: error: {exc}", file=sys.stderr)
-        return 1
+    except (ConfigError, ListenError, StorageUnavailable, UnknownEncoding) as exc:
+        print(f"easybackend: error: {redact(str(exc), secrets_of(settings))}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
     return 0
 
 

@@ -5,7 +5,8 @@
 ``protocol``, ``conversation_id``, ``key``, ``outcome``, ``ttft_ms``,
 ``duration_ms``, ``prompt_tokens``, ``completion_tokens``). ``LOG_FILE``
 adds a file rotated at :data:`FILE_MAX_BYTES` with :data:`FILE_BACKUPS` old
-files kept. hypercorn's own messages go through the same handlers. Loggers of
+files kept. Every line is checked for the secrets the settings hold (keys, a
+database password) and they are blanked out, whatever logged them. hypercorn's own messages go through the same handlers. Loggers of
 libraries that would log request bodies or URLs stay at WARNING.
 """
 
@@ -16,6 +17,7 @@ import json
 import logging
 import logging.handlers
 import sys
+import urllib.parse
 
 from .settings import Settings
 
@@ -42,11 +44,39 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data, ensure_ascii=False)
 
 
+def secrets_of(settings: Settings) -> list[str]:
+    """Every secret the settings hold: the upstream key, the backend keys, a database password."""
+    found = [settings.openai_api_key, *settings.api_keys.values()]
+    if "@" in settings.database_url:
+        password = urllib.parse.urlsplit(settings.database_url).password
+        if password:
+            found += [password, urllib.parse.unquote(password)]
+    return [secret for secret in found if secret and len(secret) >= 4]
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    """``text`` with every secret replaced by ``***``."""
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+class RedactingFormatter(logging.Formatter):
+    """Formats with ``inner``, then blanks out the secrets: a last guard, should any reach a line."""
+
+    def __init__(self, inner: logging.Formatter, secrets: list[str]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.secrets = secrets
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(self.inner.format(record), self.secrets)
+
+
 def configure_logging(settings: Settings) -> None:
     """Install the handlers on the root logger (replacing any), as the settings say."""
-    formatter = (
-        JsonFormatter() if settings.log_format == "json" else logging.Formatter(CONSOLE_FORMAT)
-    )
+    inner = JsonFormatter() if settings.log_format == "json" else logging.Formatter(CONSOLE_FORMAT)
+    formatter = RedactingFormatter(inner, secrets_of(settings))
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if settings.log_file is not None:
         settings.log_file.parent.mkdir(parents=True, exist_ok=True)

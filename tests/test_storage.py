@@ -270,3 +270,25 @@ async def test_unreachable_postgres_is_storage_unavailable():
             "postgresql://postgres:pw-SECRET@127.0.0.1:1/test", pool_timeout=1
         )
     assert "pw-SECRET" not in str(failed.value)
+
+
+async def test_more_concurrent_asks_than_pool_connections_wait_their_turn(start_server, pg_schema):
+    """Each ask holds one connection (its conversation's lock); asks beyond the pool wait, none fails."""
+    server = await start_server(DATABASE_URL=pg_url(pg_schema), PG_POOL_SIZE="2")
+    statuses: list[int] = []
+
+    async def ask(client, i: int) -> None:
+        reply = await client.post(f"/ask/pool-{i}", json={"prompt": "[[fake:delay=0.02]] hi"})
+        statuses.append(reply.status_code)
+
+    async with server.client() as client:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for i in range(12):
+                    nursery.start_soon(ask, client, i)
+                await trio.sleep(0.05)
+                ready = await client.get("/readyz")  # spare connections keep readiness answering
+        assert ready.status_code == 200
+        page = (await client.get("/conversations", params={"limit": 50})).json()
+    assert statuses == [200] * 12
+    assert len(page["conversations"]) == 12

@@ -23,6 +23,7 @@ StorageUnavailable; the pool reconnects by itself once the server is back.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import hashlib
@@ -49,6 +50,7 @@ from .sqlite import decode_cursor, encode_cursor
 
 T = TypeVar("T")
 
+SPARE_CONNECTIONS = 4  # pooled connections beyond PG_POOL_SIZE, kept for work outside asks
 LOCK_POLL = 0.02  # seconds between two tries of a conversation's advisory lock
 MIGRATION_LOCK = 0x45617379_4D696772  # advisory lock key held while migrating
 EXPORT_BATCH = 100  # conversations read per transaction by export_all
@@ -105,7 +107,16 @@ class PostgresStorage:
 
     def __init__(self, pool: psycopg_pool.ConnectionPool, pool_size: int) -> None:
         self._pool = pool
-        self._limiter = trio.CapacityLimiter(pool_size)
+        # Asks hold a connection each (the one with the conversation's lock); they take turns
+        # for the PG_POOL_SIZE slots in arrival order, while SPARE_CONNECTIONS stay free for
+        # everything else (listing, readiness, management).
+        self._ask_slots = trio.Semaphore(pool_size)
+        self._limiter = trio.CapacityLimiter(pool_size + SPARE_CONNECTIONS)
+        # The connection holding the current task's conversation lock, if any: the ask's own
+        # storage calls run on it, so an ask never needs a second connection.
+        self._locked: contextvars.ContextVar[psycopg.Connection | None] = contextvars.ContextVar(
+            f"easybackend_pg_locked_{id(self)}", default=None
+        )
 
     @classmethod
     async def open(
@@ -117,7 +128,7 @@ class PostgresStorage:
             pool = psycopg_pool.ConnectionPool(
                 url,
                 min_size=1,
-                max_size=pool_size,
+                max_size=pool_size + SPARE_CONNECTIONS,
                 timeout=pool_timeout,
                 open=False,
                 check=psycopg_pool.ConnectionPool.check_connection,
@@ -141,9 +152,17 @@ class PostgresStorage:
         return cls(pool, pool_size)
 
     async def _run(self, work: Callable[[psycopg.Connection], T]) -> T:
-        """Run ``work`` in one transaction on a pooled connection, in a worker thread."""
+        """Run ``work`` in one transaction, in a worker thread.
+
+        Inside :meth:`conversation_lock` the transaction runs on the connection
+        holding the lock; elsewhere on a pooled connection.
+        """
+        locked = self._locked.get()
 
         def in_transaction() -> T:
+            if locked is not None:
+                with locked.transaction():
+                    return work(locked)
             with self._pool.connection() as connection, connection.transaction():
                 return work(connection)
 
@@ -175,28 +194,42 @@ class PostgresStorage:
             finally:
                 self._pool.putconn(connection)
 
-        try:
-            connection = await trio.to_thread.run_sync(take_connection, limiter=self._limiter)
-        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-            raise StorageUnavailable(f"conversation storage failed: {_reason(exc)}") from None
-        locked = False
-        try:
-            while not locked:
-                try:
-                    locked = await trio.to_thread.run_sync(try_lock, connection)
-                except psycopg.Error as exc:
-                    raise StorageUnavailable(
-                        f"conversation storage failed: {_reason(exc)}"
-                    ) from None
-                if not locked:
-                    await trio.sleep(LOCK_POLL)
-            yield
-        finally:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(release, connection, locked)
+        async with self._ask_slots:
+            try:
+                connection = await trio.to_thread.run_sync(take_connection, limiter=self._limiter)
+            except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+                raise StorageUnavailable(f"conversation storage failed: {_reason(exc)}") from None
+            locked = False
+            token = None
+            try:
+                while not locked:
+                    try:
+                        locked = await trio.to_thread.run_sync(try_lock, connection)
+                    except psycopg.Error as exc:
+                        raise StorageUnavailable(
+                            f"conversation storage failed: {_reason(exc)}"
+                        ) from None
+                    if not locked:
+                        await trio.sleep(LOCK_POLL)
+                token = self._locked.set(connection)
+                yield
+            finally:
+                if token is not None:
+                    self._locked.reset(token)
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(release, connection, locked)
 
     async def ping(self) -> None:
-        await self._run(lambda connection: connection.execute("SELECT 1").fetchone())
+        """A trivial query; on cancellation it returns at once (the thread finishes on its own)."""
+
+        def work() -> None:
+            with self._pool.connection() as connection:
+                connection.execute("SELECT 1").fetchone()
+
+        try:
+            await trio.to_thread.run_sync(work, abandon_on_cancel=True)
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            raise StorageUnavailable(f"conversation storage failed: {_reason(exc)}") from None
 
     async def load_context(
         self,
