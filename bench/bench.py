@@ -411,7 +411,14 @@ async def open_streams(
 
 
 def seed_long_conversation(database: Path, turns: int, conversation_id: str) -> None:
-    """Store ``turns`` turns directly (the server is stopped)."""
+    """Store ``turns`` turns directly (the server is stopped).
+
+    Each turn is about 350 tokens, so the default 4096-token window holds about ten of them:
+    the 10-turn and the long conversation send about the same context upstream, and what
+    differs is only the history the server has to look through.
+    """
+    prompt = " ".join(f"word{i}" for i in range(150))
+    answer = " ".join(f"reply{i}" for i in range(200))
     db = sqlite3.connect(database)
     with db:
         now = time.time()
@@ -424,9 +431,9 @@ def seed_long_conversation(database: Path, turns: int, conversation_id: str) -> 
             "SELECT pk FROM conversations WHERE conversation_id = ?", (conversation_id,)
         ).fetchone()
         db.executemany(
-            "INSERT INTO turns VALUES (?, ?, ?, 3, ?, 5, 'm', 'stop', 3, 5, ?, ?)",
+            "INSERT INTO turns VALUES (?, ?, ?, 150, ?, 200, 'm', 'stop', 150, 200, ?, ?)",
             (
-                (pk, seq, f"question {seq}", f"answer number {seq}", now, now)
+                (pk, seq, f"{seq} {prompt}", f"{seq} {answer}", now, now)
                 for seq in range(1, turns + 1)
             ),
         )

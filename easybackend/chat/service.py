@@ -219,16 +219,8 @@ class ChatService:
             async with self._hold(ref):
                 plan = _ContextPlan(self, request, prompt_tokens)
                 context = await self.storage.load_context(ref, plan.history_budget, turn_cost)
-                messages = build_messages(plan.system, context.turns, prompt)
-                call = UpstreamCall(
-                    messages=messages,
-                    model=request.model or self.settings.model,
-                    temperature=(
-                        self.settings.temperature
-                        if request.temperature is None
-                        else request.temperature
-                    ),
-                    max_tokens=request.max_tokens or self.settings.max_response_tokens,
+                call = self._upstream_call(
+                    request, build_messages(plan.system, context.turns, prompt)
                 )
                 sent_tokens = plan.fixed_tokens + sum(turn_cost(t) for t in context.turns)
 
@@ -267,6 +259,18 @@ class ChatService:
             finish_reason=turn.finish_reason,
             usage=Usage(turn.usage_prompt_tokens, turn.usage_completion_tokens),
             turn=seq,
+        )
+
+    def _upstream_call(self, request: AskRequest, messages: list[dict[str, str]]) -> UpstreamCall:
+        """The call to the model: the request's overrides, else the settings."""
+        settings = self.settings
+        return UpstreamCall(
+            messages=messages,
+            model=request.model or settings.model,
+            temperature=settings.temperature
+            if request.temperature is None
+            else request.temperature,
+            max_tokens=request.max_tokens or settings.max_response_tokens,
         )
 
     @contextlib.contextmanager
