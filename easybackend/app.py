@@ -24,7 +24,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from .chat.service import ChatService
 from .chat.tokens import TokenCounter, encoding_name_for, load_encoding
 from .fake_upstream import FakeUpstream
-from .listeners import bind_tcp
+from .listeners import LISTEN_BACKLOG, bind_tcp
 from .metrics import Metrics
 from .settings import Settings
 from .storage import open_storage
@@ -142,6 +142,7 @@ async def _serve_http(
     config.errorlog.addFilter(_NOT_A_LIFESPAN_ERROR)
     config.graceful_timeout = settings.shutdown_grace
     config.keep_alive_timeout = 75
+    config.backlog = LISTEN_BACKLOG  # hypercorn listens again on the socket: keep our backlog
     if settings.tls_certfile is not None:  # checked at start-up by server_ssl_context
         config.certfile, config.keyfile = str(settings.tls_certfile), str(settings.tls_keyfile)
     await hypercorn_serve(

@@ -10,12 +10,14 @@ from __future__ import annotations
 import errno
 import socket
 
+LISTEN_BACKLOG = 4096  # connections the kernel queues before they are accepted (bursts of clients)
+
 
 class ListenError(Exception):
     """A listener could not be bound; the message names the port and the reason."""
 
 
-def bind_tcp(host: str, port: int, *, name: str, backlog: int = 1024) -> socket.socket:
+def bind_tcp(host: str, port: int, *, name: str, backlog: int = LISTEN_BACKLOG) -> socket.socket:
     """A listening TCP socket on ``host:port``; raises :class:`ListenError`."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
