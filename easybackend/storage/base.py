@@ -9,9 +9,9 @@ one transaction, so a crash leaves each turn either fully stored or absent.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -114,6 +114,24 @@ class ConversationExport:
     updated_at: float
     turns: list[TurnRecord]  # seq order
     legacy_imports: dict[str, int]  # legacy file name -> entries imported from it (import-json)
+
+
+def newest_that_fit(
+    newest_first: Iterable[Sequence[Any]], budget: int, cost: Callable[[StoredTurn], int]
+) -> list[StoredTurn]:
+    """The turns of ``newest_first`` rows (seq, prompt, prompt_tokens, answer, answer_tokens)
+    whose summed ``cost`` stays within ``budget``, oldest first; stops reading at the first
+    that does not fit, so a long history costs only the tail that is sent."""
+    turns: list[StoredTurn] = []
+    spent = 0
+    for record in newest_first:
+        turn = StoredTurn(*record)
+        spent += cost(turn)
+        if spent > budget:
+            break
+        turns.append(turn)
+    turns.reverse()
+    return turns
 
 
 class Storage(Protocol):

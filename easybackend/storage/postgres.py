@@ -45,6 +45,7 @@ from .base import (
     NewTurn,
     StoredTurn,
     TurnRecord,
+    newest_that_fit,
 )
 from .sqlite import decode_cursor, encode_cursor
 
@@ -247,7 +248,6 @@ class PostgresStorage:
             budget = history_budget(system_prompt, system_tokens)
             turns: list[StoredTurn] = []
             if turn_count:
-                spent = 0
                 cursor = connection.cursor(name="context")  # server-side: only the tail is read
                 cursor.itersize = 64
                 cursor.execute(
@@ -255,14 +255,8 @@ class PostgresStorage:
                     " WHERE conversation_pk = %s ORDER BY seq DESC",
                     (pk,),
                 )
-                for record in cursor:
-                    turn = StoredTurn(*record)
-                    spent += cost(turn)
-                    if spent > budget:
-                        break
-                    turns.append(turn)
+                turns = newest_that_fit(cursor, budget, cost)
                 cursor.close()
-                turns.reverse()
             return Context(system_prompt, system_tokens, turns, turn_count)
 
         return await self._run(work)

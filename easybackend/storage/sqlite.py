@@ -31,6 +31,7 @@ from .base import (
     NewTurn,
     StoredTurn,
     TurnRecord,
+    newest_that_fit,
 )
 
 T = TypeVar("T")
@@ -116,20 +117,13 @@ class SQLiteStorage:
             budget = history_budget(system_prompt, system_tokens)
             turns: list[StoredTurn] = []
             if turn_count:
-                spent = 0
                 newest_first = db.execute(
                     "SELECT seq, prompt, prompt_tokens, answer, answer_tokens FROM turns"
                     " WHERE conversation_pk = ? ORDER BY seq DESC",
                     (pk,),
                 )
-                for record in newest_first:
-                    turn = StoredTurn(*record)
-                    spent += cost(turn)
-                    if spent > budget:
-                        break
-                    turns.append(turn)
+                turns = newest_that_fit(newest_first, budget, cost)
                 newest_first.close()
-                turns.reverse()
             return Context(system_prompt, system_tokens, turns, turn_count)
 
         return await self._run(work)
