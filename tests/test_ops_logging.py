@@ -177,6 +177,12 @@ async def test_failed_and_cancelled_asks_get_one_access_line_each(fake, start_se
         "f4": ("ws", "upstream_rate_limited"),
     }
     assert by_conversation["f1"]["ttft_ms"] is None  # failed before any token
+    assert by_conversation["f1"]["completion_tokens"] == 0  # nothing stored, nothing counted
+    # the cancelled ask's partial turn was stored: its tokens are counted
+    assert (
+        by_conversation["f3"]["prompt_tokens"] > 0
+        and by_conversation["f3"]["completion_tokens"] > 0
+    )
     assert by_conversation["f2"]["ttft_ms"] is not None
     assert by_conversation["f2"]["duration_ms"] >= 300  # the idle timeout
     for line in lines:

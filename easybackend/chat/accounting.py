@@ -56,6 +56,10 @@ class AskRecord:
 
     def answered(self, prompt_tokens: int, completion_tokens: int) -> None:
         self.outcome = "ok"
+        self.tokens(prompt_tokens, completion_tokens)
+
+    def tokens(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """The tokens the ask cost (a cancelled ask's partial turn counts too)."""
         self.prompt_tokens, self.completion_tokens = prompt_tokens, completion_tokens
 
     def failed(self, exc: BaseException) -> None:

@@ -195,7 +195,7 @@ class ChatService:
             self.metrics, request.protocol, request.request_id, shown_id, request.owner
         )
         try:
-            async with contextlib.aclosing(self._answer(request)) as events:
+            async with contextlib.aclosing(self._answer(request, record)) as events:
                 async for event in events:
                     if isinstance(event, End):
                         record.answered(event.usage.prompt_tokens, event.usage.completion_tokens)
@@ -208,7 +208,7 @@ class ChatService:
         finally:
             record.close()
 
-    async def _answer(self, request: AskRequest) -> AsyncIterator[Delta | End]:
+    async def _answer(self, request: AskRequest, record: AskRecord) -> AsyncIterator[Delta | End]:
         ref = ConversationRef(request.owner, validate_conversation_id(request.conversation_id))
         prompt = self._checked_prompt(request.prompt)
         self._check_overrides(request)
@@ -236,9 +236,10 @@ class ChatService:
                                 yield Delta(item)
                 except BaseException:
                     if pieces and completion is None and is_cancellation(sys.exception()):
-                        await self._store_cancelled(
+                        turn = await self._store_cancelled(
                             ref, call, prompt, prompt_tokens, pieces, sent_tokens, created_at
                         )
+                        record.tokens(turn.usage_prompt_tokens, turn.usage_completion_tokens)
                     raise
                 assert completion is not None
                 answer = "".join(pieces)
@@ -408,13 +409,14 @@ class ChatService:
         pieces: list[str],
         sent_tokens: int,
         created_at: float,
-    ) -> None:
+    ) -> NewTurn:
         """Store the partial answer of a cancelled ask, shielded from the cancellation."""
         turn = self._new_turn(
             call, prompt, prompt_tokens, "".join(pieces), CANCELLED, sent_tokens, created_at, None
         )
         with trio.CancelScope(shield=True), trio.move_on_after(STORE_ON_CANCEL_SECONDS):
             await self.storage.append_turn(ref, turn)
+        return turn
 
 
 class _ContextPlan:
