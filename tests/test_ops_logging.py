@@ -103,13 +103,17 @@ async def test_request_ids_round_trip_on_every_protocol(start_server):
         assert result.code == grpc.StatusCode.OK
         assert result.metadata["x-request-id"] == "grpc-req-7"
         assert [line["protocol"] for line in access.by_request_id("grpc-req-7")] == ["grpc"]
+        # an error before any reply still carries the id, in the trailing metadata
+        failed = await grpc_ask(grpc_port, "bad id", "hi", request_id="grpc-req-8")
+        assert failed.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert failed.trailing["x-request-id"] == "grpc-req-8"
         result = await grpc_ask(grpc_port, "rid-grpc", "hi")
         generated = result.metadata["x-request-id"]
         assert GENERATED_ID.fullmatch(generated)
         assert [line["protocol"] for line in access.by_request_id(generated)] == ["grpc"]
 
     ids = [line["request_id"] for line in access.lines]
-    assert len(ids) == len(set(ids)) == 9  # one line per ask, each its own id
+    assert len(ids) == len(set(ids)) == 10  # one line per ask, each its own id
 
 
 async def test_one_access_line_per_ask_with_every_field(fake, start_server):

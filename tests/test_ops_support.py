@@ -140,6 +140,7 @@ class GrpcResult:
     metadata: dict[str, str]  # the initial metadata
     code: grpc.StatusCode
     details: str
+    trailing: dict[str, str] = dataclasses.field(default_factory=dict)  # the trailing metadata
 
     @property
     def text(self) -> str:
@@ -186,6 +187,7 @@ def grpc_ask_blocking(
             metadata=dict(call.initial_metadata() or ()),
             code=call.code(),
             details=call.details() or "",
+            trailing=dict(call.trailing_metadata() or ()),
         )
 
 

@@ -574,8 +574,12 @@ class _Connection:
             with scope:
                 status = await self.server.run_call(stream, refuse=self.draining)
             if status is not None and stream.stream_id not in self.resets:
+                # the request id (set by the server's run_call) also ends the call, so that a
+                # client gets it with an error that came before any response message
+                request_id = CURRENT_REQUEST_ID.get()
+                trailers = (("x-request-id", request_id),) if request_id else ()
                 try:
-                    await stream.close(status)
+                    await stream.close(status, custom_metadata=trailers)
                 except (h2.exceptions.H2Error, TypeError) as exc:
                     log.debug("gRPC: could not end stream %d: %r", stream.stream_id, exc)
         finally:
