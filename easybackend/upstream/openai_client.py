@@ -14,8 +14,10 @@ Resilience (the SDK's own retries are off, so that each one is seen):
   the client gets the rate-limit error at once);
 - timeouts: ``UPSTREAM_CONNECT_TIMEOUT`` to connect, ``UPSTREAM_IDLE_TIMEOUT``
   between two pieces of the stream (and for the first one), and
-  ``UPSTREAM_TIMEOUT`` for the whole call. A stalled provider becomes
-  :class:`~easybackend.errors.UpstreamTimeout`, never a hung client.
+  ``UPSTREAM_TIMEOUT`` for the whole call (checked as each piece arrives, so a
+  trickling answer may overrun it by one idle period at most). A stalled
+  provider becomes :class:`~easybackend.errors.UpstreamTimeout`, never a hung
+  client.
 """
 
 from __future__ import annotations
@@ -172,44 +174,40 @@ class OpenAIUpstream:
     ) -> dict[str, Any] | None:
         """The next chunk of the event stream, or None at its end.
 
-        Raises UpstreamError on a broken stream, an error event or a stall.
+        Raises UpstreamError on a broken stream, an error event or a stall. The
+        idle timeout is the HTTP client's read timeout (no cancel scope per
+        chunk: they cost more than the chunk); the total timeout is checked
+        after every line, so an answer may overrun it by at most one idle period.
         """
         idle = self.settings.upstream_idle_timeout
-        with trio.move_on_at(min(deadline, trio.current_time() + idle)) as waiting:
-            try:
-                async for line in lines:
-                    if not line.startswith("data:"):
-                        continue  # blank separators, comments, event names
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        return None
-                    chunk = json.loads(data)
-                    if not isinstance(chunk, dict) or "error" in chunk:
-                        raise UpstreamError(
-                            "the model provider reported an error in the middle of the answer"
-                        )
-                    return chunk
-                return None
-            except UpstreamError as exc:
-                raise self._failed(exc) from None
-            except ValueError as exc:
-                raise self._failed(
-                    UpstreamError("the model provider sent a malformed event")
-                ) from exc
-            except httpx2.TimeoutException as exc:
-                raise self._failed(
-                    UpstreamTimeout(f"the model provider sent nothing for {idle:g} seconds")
-                ) from exc
-            except httpx2.HTTPError as exc:
-                raise self._failed(
-                    UpstreamError("the model provider broke off the answer")
-                ) from exc
-        assert waiting.cancelled_caught
-        if trio.current_time() >= deadline:
-            message = f"the model provider did not finish within {self.settings.upstream_timeout:g} seconds"
-        else:
-            message = f"the model provider sent nothing for {idle:g} seconds"
-        raise self._failed(UpstreamTimeout(message))
+        try:
+            async for line in lines:
+                if trio.current_time() >= deadline:
+                    raise UpstreamTimeout(
+                        f"the model provider did not finish within {self.settings.upstream_timeout:g} seconds"
+                    )
+                if not line.startswith("data:"):
+                    continue  # blank separators, comments, event names
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    return None
+                chunk = json.loads(data)
+                if not isinstance(chunk, dict) or "error" in chunk:
+                    raise UpstreamError(
+                        "the model provider reported an error in the middle of the answer"
+                    )
+                return chunk
+            return None
+        except UpstreamError as exc:
+            raise self._failed(exc) from None
+        except ValueError as exc:
+            raise self._failed(UpstreamError("the model provider sent a malformed event")) from exc
+        except httpx2.TimeoutException as exc:
+            raise self._failed(
+                UpstreamTimeout(f"the model provider sent nothing for {idle:g} seconds")
+            ) from exc
+        except httpx2.HTTPError as exc:
+            raise self._failed(UpstreamError("the model provider broke off the answer")) from exc
 
     def _failed(self, error: UpstreamError) -> UpstreamError:
         self.metrics.upstream_errors.labels(error.code).inc()
