@@ -5,6 +5,7 @@ Each PostgreSQL run gets a schema of its own, dropped afterwards.
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -31,8 +32,15 @@ def pg_url(schema: str) -> str:
 
 @pytest.fixture
 def pg_schema() -> str:
+    """A fresh schema on the local PostgreSQL (skipped without one, except in CI)."""
     schema = f"eb_{secrets.token_hex(6)}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+    try:
+        admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("no PostgreSQL on 127.0.0.1:5432")
+    with admin:
         admin.execute(f"CREATE SCHEMA {schema}")
     yield schema
     with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
