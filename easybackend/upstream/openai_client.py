@@ -137,21 +137,28 @@ class OpenAIUpstream:
 
     async def _open(self, call: UpstreamCall, deadline: float) -> httpx2.Response:
         """Start the streaming call, retrying transient failures (see the module docstring)."""
-        options: dict[str, object] = {}
+        body: dict[str, object] = {
+            "model": call.model,
+            "messages": call.messages,
+            "temperature": call.temperature,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         if call.max_tokens is not None:
-            options["max_tokens"] = call.max_tokens
+            body["max_tokens"] = call.max_tokens
         for attempt in range(self.settings.upstream_retries + 1):
             try:
                 with trio.fail_at(deadline):
-                    raw = await self._client.chat.completions.with_raw_response.create(
-                        model=call.model,
-                        messages=list(call.messages),  # type: ignore[arg-type]
-                        temperature=call.temperature,
+                    # The SDK's generic POST (its documented way to a raw response): the same
+                    # request, headers, key and error mapping as chat.completions.create, minus
+                    # the re-validation of parameters built here, which grows with the history.
+                    return await self._client.post(
+                        "/chat/completions",
+                        cast_to=httpx2.Response,
+                        body=body,
                         stream=True,
-                        stream_options={"include_usage": True},
-                        **options,  # type: ignore[arg-type]
+                        stream_cls=openai.AsyncStream[httpx2.Response],
                     )
-                    return raw.http_response
             except trio.TooSlowError:
                 raise self._failed(
                     UpstreamTimeout("the model provider did not answer in time")
