@@ -24,7 +24,11 @@ def instance_env(tmp_path: Path, **ports: str) -> dict[str, str]:
 
 @pytest.fixture
 async def first_instance(tmp_path: Path):
-    ports = {"HTTP_PORT": str(free_port()), "GRPC_PORT": str(free_port()), "WS_PORT": str(free_port())}
+    ports = {
+        "HTTP_PORT": str(free_port()),
+        "GRPC_PORT": str(free_port()),
+        "WS_PORT": str(free_port()),
+    }
     process = await trio.lowlevel.open_process(
         [sys.executable, str(ROOT / "run.py"), "--demo"],
         env=instance_env(tmp_path, **ports),
@@ -50,7 +54,11 @@ async def first_instance(tmp_path: Path):
 @pytest.mark.parametrize("taken", ["HTTP_PORT", "GRPC_PORT", "WS_PORT"])
 async def test_second_instance_on_a_taken_port_exits_naming_it(first_instance, tmp_path, taken):
     ports, url = first_instance
-    second_ports = {"HTTP_PORT": str(free_port()), "GRPC_PORT": str(free_port()), "WS_PORT": str(free_port())}
+    second_ports = {
+        "HTTP_PORT": str(free_port()),
+        "GRPC_PORT": str(free_port()),
+        "WS_PORT": str(free_port()),
+    }
     second_ports[taken] = ports[taken]
     with trio.fail_after(20):
         result = await trio.run_process(

@@ -68,13 +68,19 @@ async def test_rollback_is_seen_by_the_next_ask(server):
         reply = await client.post("/conversations/rb/rollback", json={"turns": 2})
         assert reply.json() == {"conversation_id": "rb", "removed": 2, "turns": 1}
         await ask(client, "rb", "four")
-        assert upstream_messages(server) == [("user", "one"), ("assistant", "echo(1): one"), ("user", "four")]
+        assert upstream_messages(server) == [
+            ("user", "one"),
+            ("assistant", "echo(1): one"),
+            ("user", "four"),
+        ]
         reply = await client.post("/conversations/rb/rollback", json={"turns": 10})
         assert reply.json() == {"conversation_id": "rb", "removed": 2, "turns": 0}
         for bad in ({"turns": 0}, {"turns": "x"}, {}):
             reply = await client.post("/conversations/rb/rollback", json=bad)
             assert reply.status_code == 400, bad
-        assert (await client.post("/conversations/nope/rollback", json={"turns": 1})).status_code == 404
+        assert (
+            await client.post("/conversations/nope/rollback", json={"turns": 1})
+        ).status_code == 404
 
 
 async def test_system_prompt_per_conversation_and_per_ask(start_server):
@@ -133,7 +139,9 @@ def write_legacy(directory: Path) -> None:
         "User: 你好\n\n\nChatGPT: 你好！有什么可以帮你的吗？<|im_end|>\n",
         "User: line one\nline two $x\n\n\nChatGPT: answer two<|im_end|>\n",
     ]
-    (directory / "111222333.json").write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
+    (directory / "111222333.json").write_text(
+        json.dumps(entries, ensure_ascii=False), encoding="utf-8"
+    )
     (directory / "broken.json").write_text("[not json", encoding="utf-8")
     (directory / "wrong-shape.json").write_text(json.dumps(["hello"]), encoding="utf-8")
 
@@ -185,15 +193,23 @@ async def test_import_adds_only_new_entries_and_export_writes_json(tmp_path):
     data = tmp_path / "conversations"
     await run_command("import-json", str(legacy), env_dir=data)
     path = legacy / "111222333.json"
-    entries = json.loads(path.read_text(encoding="utf-8")) + ["User: third\n\n\nChatGPT: 3<|im_end|>\n"]
+    entries = json.loads(path.read_text(encoding="utf-8")) + [
+        "User: third\n\n\nChatGPT: 3<|im_end|>\n"
+    ]
     path.write_text(json.dumps(entries), encoding="utf-8")
     result = await run_command("import-json", str(legacy), env_dir=data)
     assert result.stdout.decode().startswith("imported 1 turns into 1 conversations")
 
     exported = await run_command("export", "111222333", env_dir=data)
     body = json.loads(exported.stdout)
-    assert [turn["messages"][0]["text"] for turn in body["history"]] == ["你好", "line one\nline two $x", "third"]
+    assert [turn["messages"][0]["text"] for turn in body["history"]] == [
+        "你好",
+        "line one\nline two $x",
+        "third",
+    ]
     missing = await run_command("export", "nope", env_dir=data)
-    assert missing.returncode == 1 and missing.stderr.decode().startswith("easybackend: error: no conversation")
+    assert missing.returncode == 1 and missing.stderr.decode().startswith(
+        "easybackend: error: no conversation"
+    )
     not_a_dir = await run_command("import-json", str(tmp_path / "nowhere"), env_dir=data)
     assert not_a_dir.returncode == 1 and "not a directory" in not_a_dir.stderr.decode()
