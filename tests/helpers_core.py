@@ -73,6 +73,18 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> Non
 # -- the database ------------------------------------------------------------------------------
 
 
+async def port_closed(port: int, within: float = 5.0) -> None:
+    """Wait until nothing accepts connections on ``port`` any more."""
+    with trio.fail_after(within):
+        while True:
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                return
+            await stream.aclose()
+            await trio.sleep(0.01)
+
+
 def db_rows(path: Path, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
     """Run one read query on the database file with a connection of our own."""
     db = sqlite3.connect(path)

@@ -12,7 +12,6 @@ import dataclasses
 import importlib
 import re
 import shutil
-import sqlite3
 import struct
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -25,6 +24,7 @@ import grpc
 import h2.config
 import h2.connection
 import h2.events
+import helpers_core
 import purerpc
 import pytest
 import trio
@@ -137,10 +137,11 @@ async def purerpc_ask(server: Server, request: chat_pb2.AskRequest) -> list[chat
             return [reply async for reply in stub.Ask(request)]
 
 
-async def purerpc_error(server: Server, request: chat_pb2.AskRequest) -> purerpc.RpcFailedError:
-    """Ask with purerpc, expecting the call to fail; returns the error (purerpc wraps it in groups)."""
+async def expect_rpc_failure(call: Awaitable[Any]) -> purerpc.RpcFailedError:
+    """Await ``call`` expecting it to fail; returns the error, unwrapped from the exception
+    groups purerpc's channel raises it in."""
     try:
-        replies = await purerpc_ask(server, request)
+        result = await call
     except purerpc.RpcFailedError as exc:
         return exc
     except BaseExceptionGroup as group:
@@ -149,7 +150,12 @@ async def purerpc_error(server: Server, request: chat_pb2.AskRequest) -> purerpc
         while isinstance(failed, BaseExceptionGroup):
             [failed] = failed.exceptions
         return failed
-    raise AssertionError(f"the call succeeded: {replies!r}")
+    raise AssertionError(f"the call succeeded: {result!r}")
+
+
+async def purerpc_error(server: Server, request: chat_pb2.AskRequest) -> purerpc.RpcFailedError:
+    """Ask with purerpc, expecting the call to fail; returns the error."""
+    return await expect_rpc_failure(purerpc_ask(server, request))
 
 
 async def wait_for_event(fake: FakeUpstream, event: str, *, within: float = 1.0) -> dict:
@@ -164,13 +170,8 @@ async def wait_for_event(fake: FakeUpstream, event: str, *, within: float = 1.0)
 
 def stored_turns(server: Server, conversation_id: str) -> list[tuple[str, str]]:
     """(answer, finish_reason) of the stored turns of a conversation, in order."""
-    with sqlite3.connect(server.settings.sqlite_path) as db:
-        return db.execute(
-            "SELECT t.answer, t.finish_reason FROM turns t"
-            " JOIN conversations c ON c.pk = t.conversation_pk"
-            " WHERE c.conversation_id = ? ORDER BY t.seq",
-            (conversation_id,),
-        ).fetchall()
+    turns = helpers_core.stored_turns(server.settings.sqlite_path, conversation_id)
+    return [(turn["answer"], turn["finish_reason"]) for turn in turns]
 
 
 async def wait_for_turn(server: Server, conversation_id: str, *, within: float = 2.0):

@@ -16,6 +16,7 @@ import pytest
 import trio
 from conftest import Server, free_port
 from google.protobuf import json_format
+from test_grpc import expect_rpc_failure
 
 from easybackend.proto_gen import chat_grpc, chat_pb2
 
@@ -52,19 +53,8 @@ async def rpc(
 async def rpc_error(
     server: Server, method: str, request: Any, *, authorization: str | None = None
 ) -> purerpc.RpcFailedError:
-    """Like :func:`rpc`, expecting the call to fail; returns the error (unwrapped from
-    the exception groups purerpc's channel raises it in)."""
-    try:
-        result = await rpc(server, method, request, authorization=authorization)
-    except purerpc.RpcFailedError as exc:
-        return exc
-    except BaseExceptionGroup as group:
-        failed, rest = group.split(purerpc.RpcFailedError)
-        assert failed is not None and rest is None, repr(group)
-        while isinstance(failed, BaseExceptionGroup):
-            [failed] = failed.exceptions
-        return failed
-    raise AssertionError(f"the call succeeded: {result!r}")
+    """Like :func:`rpc`, expecting the call to fail; returns the error."""
+    return await expect_rpc_failure(rpc(server, method, request, authorization=authorization))
 
 
 async def ask(server: Server, conversation_id: str, prompt: str, **fields: Any) -> str:

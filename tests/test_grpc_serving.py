@@ -18,6 +18,7 @@ import pytest
 import trio
 import trustme
 from conftest import Server, free_port
+from helpers_core import port_closed
 
 from easybackend.auth import KeyRing
 from easybackend.chat.service import AskRequest, Delta, End, Usage
@@ -63,18 +64,6 @@ async def start_grpc(start_server: StartServer, grace: float) -> Server:
 async def stopped(server: Server, within: float) -> None:
     with trio.fail_after(within):
         await server.stopped.wait()
-
-
-async def port_closed(port: int, within: float = 5.0) -> None:
-    """Wait until nothing accepts connections on ``port`` any more."""
-    with trio.fail_after(within):
-        while True:
-            try:
-                stream = await trio.open_tcp_stream("127.0.0.1", port)
-            except OSError:
-                return
-            await stream.aclose()
-            await trio.sleep(0.01)
 
 
 async def test_shutdown_lets_calls_in_flight_finish_and_refuses_new_ones(
@@ -242,7 +231,9 @@ async def test_unexpected_errors_are_internal_without_details(
     assert received == ["echo: ", "crash"]
     assert error.code() == grpc.StatusCode.INTERNAL
     assert error.details() == "internal server error"
-    logged = [r for r in caplog.records if r.exc_info and "hidden internal detail" in str(r.exc_info[1])]
+    logged = [
+        r for r in caplog.records if r.exc_info and "hidden internal detail" in str(r.exc_info[1])
+    ]
     assert logged and logged[0].levelname == "ERROR"
     replies = await trio.to_thread.run_sync(ask_stub, server.port, "next")
     assert "".join(r.response for r in replies) == "echo: next"

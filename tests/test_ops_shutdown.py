@@ -20,6 +20,7 @@ from helpers_core import (
     clean_env,
     full_answer,
     history_of,
+    port_closed,
     stored_turns,
     upstream_messages,
     wait_until,
@@ -42,18 +43,6 @@ def server_env(fake, data: Path, **env: str) -> dict[str, str]:
         UPSTREAM_RETRIES="0",
         **env,
     )
-
-
-async def refused(port: int, within: float = 3.0) -> None:
-    """Wait until a new connection to ``port`` is refused."""
-    with trio.fail_after(within):
-        while True:
-            try:
-                stream = await trio.open_tcp_stream("127.0.0.1", port)
-            except OSError:
-                return
-            await stream.aclose()
-            await trio.sleep(0.01)
 
 
 class SseReader:
@@ -137,7 +126,7 @@ async def test_sigterm_finishes_short_answers_and_cuts_long_ones_at_the_grace(
                     sigterm_at = trio.current_time()
                     process.process.send_signal(signal.SIGTERM)
                     for port in (http_port, grpc_port, ws_port):  # no new connection is taken
-                        await refused(port)
+                        await port_closed(port, within=3.0)
                     assert "response" not in short  # ... while an answer is still in flight
                 with trio.fail_after(10):
                     assert await process.process.wait() == 0

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 
+import helpers_core
 import pytest
 import trio
 from conftest import Server, free_port
@@ -23,13 +23,8 @@ def ws_url(server: Server) -> str:
 
 
 def stored_turns(server: Server, conversation_id: str) -> list[tuple[str, str, str]]:
-    with sqlite3.connect(server.settings.sqlite_path) as db:
-        return db.execute(
-            "SELECT t.prompt, t.answer, t.finish_reason FROM turns t"
-            " JOIN conversations c ON c.pk = t.conversation_pk"
-            " WHERE c.conversation_id = ? ORDER BY t.seq",
-            (conversation_id,),
-        ).fetchall()
+    turns = helpers_core.stored_turns(server.settings.sqlite_path, conversation_id)
+    return [(turn["prompt"], turn["answer"], turn["finish_reason"]) for turn in turns]
 
 
 async def original_answer(ws, conversation_id: str, prompt: str) -> list[str]:
@@ -97,7 +92,9 @@ async def test_memory_carries_over_between_asks(ws_server):
 
 async def test_json_protocol_ask_ping_and_errors(ws_server):
     async with open_websocket_url(ws_url(ws_server)) as ws:
-        replies = await json_exchange(ws, {"type": "ask", "conversation_id": "j1", "prompt": "hi there", "id": "a1"})
+        replies = await json_exchange(
+            ws, {"type": "ask", "conversation_id": "j1", "prompt": "hi there", "id": "a1"}
+        )
         *deltas, end = replies
         assert all(d["type"] == "delta" and d["id"] == "a1" for d in deltas)
         assert "".join(d["text"] for d in deltas) == "echo(1): hi there"
@@ -112,17 +109,34 @@ async def test_json_protocol_ask_ping_and_errors(ws_server):
             ("{not json", "invalid_input"),
             (json.dumps([1, 2]), "invalid_input"),
             (json.dumps({"type": "dance"}), "invalid_input"),
-            (json.dumps({"type": "ask", "conversation_id": "../x", "prompt": "p"}), "invalid_input"),
+            (
+                json.dumps({"type": "ask", "conversation_id": "../x", "prompt": "p"}),
+                "invalid_input",
+            ),
             (json.dumps({"type": "ask", "conversation_id": "ok", "prompt": ""}), "invalid_input"),
-            (json.dumps({"type": "ask", "conversation_id": "ok", "prompt": "p", "temperature": 9}), "invalid_input"),
+            (
+                json.dumps(
+                    {"type": "ask", "conversation_id": "ok", "prompt": "p", "temperature": 9}
+                ),
+                "invalid_input",
+            ),
         ):
             await ws.send_message(bad)
             with trio.fail_after(5):
                 reply = json.loads(await ws.get_message())
-            assert reply["type"] == "error" and reply["code"] == code and reply["message"], (bad, reply)
+            assert reply["type"] == "error" and reply["code"] == code and reply["message"], (
+                bad,
+                reply,
+            )
 
         replies = await json_exchange(
-            ws, {"type": "ask", "conversation_id": "j1", "prompt": "[[fake:tokens=500]] x", "max_tokens": 3}
+            ws,
+            {
+                "type": "ask",
+                "conversation_id": "j1",
+                "prompt": "[[fake:tokens=500]] x",
+                "max_tokens": 3,
+            },
         )
         assert replies[-1]["finish_reason"] == "length"
         assert ws_server.fake.requests[-1]["body"]["max_tokens"] == 3
@@ -130,7 +144,9 @@ async def test_json_protocol_ask_ping_and_errors(ws_server):
 
 async def test_json_cancel_stops_the_answer_and_stores_the_partial_turn(ws_server):
     async with open_websocket_url(ws_url(ws_server)) as ws:
-        await ws.send_message(json.dumps({"type": "ask", "conversation_id": "c1", "prompt": LONG, "id": 1}))
+        await ws.send_message(
+            json.dumps({"type": "ask", "conversation_id": "c1", "prompt": LONG, "id": 1})
+        )
         received = []
         with trio.fail_after(10):
             while len(received) < 3:
@@ -145,7 +161,9 @@ async def test_json_cancel_stops_the_answer_and_stores_the_partial_turn(ws_serve
         disconnected = await wait_for_event(ws_server, "disconnected", timeout=1)
         assert disconnected["chunks"] < 300
         # the socket stays usable
-        replies = await json_exchange(ws, {"type": "ask", "conversation_id": "c1", "prompt": "after"})
+        replies = await json_exchange(
+            ws, {"type": "ask", "conversation_id": "c1", "prompt": "after"}
+        )
         assert replies[-1]["finish_reason"] == "stop"
     turns = stored_turns(ws_server, "c1")
     (prompt, answer, reason), after = turns

@@ -36,7 +36,7 @@ from ..chat.service import AskRequest, ChatService, Delta, End, validate_convers
 from ..errors import ChatError, NotFound
 from ..request_ids import accept_request_id, new_request_id
 from .http_conversations import conversation_routes
-from .openapi import EasyBackendOpenAPI
+from .openapi import EasyBackendOpenAPI, UsageBody
 
 DOC_PATHS = {"/docs", "/openapi.json"}
 STATUS_BY_CODE = {
@@ -77,12 +77,6 @@ class AskBody(pydantic.BaseModel):
     )
     max_tokens: int | None = pydantic.Field(None, gt=0, description="Cap on the answer's tokens.")
     system: str | None = pydantic.Field(None, description="System prompt for this turn only.")
-
-
-class UsageBody(pydantic.BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
 
 
 class AnswerBody(pydantic.BaseModel):

@@ -14,14 +14,9 @@ from quart_schema import document_response, tag, validate_querystring, validate_
 
 from ..chat.service import MAX_PAGE, ChatService
 from ..chat.views import conversation_detail, conversation_summary
+from .openapi import UsageBody
 
 EXAMPLE_TIME = "2026-11-25T17:19:00.123Z"
-
-
-class UsageTotals(pydantic.BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
 
 
 class ConversationSummaryBody(pydantic.BaseModel):
@@ -32,7 +27,7 @@ class ConversationSummaryBody(pydantic.BaseModel):
         description="The conversation's own system prompt, if set"
     )
     turns: int = pydantic.Field(description="Number of stored turns")
-    usage: UsageTotals = pydantic.Field(
+    usage: UsageBody = pydantic.Field(
         description="Tokens of every turn answered, rolled-back ones included"
     )
     created_at: str
@@ -92,7 +87,7 @@ class TurnBody(pydantic.BaseModel):
     messages: list[MessageBody]
     model: str
     finish_reason: str = pydantic.Field(description="stop, length, … or cancelled")
-    usage: UsageTotals
+    usage: UsageBody
     created_at: str = pydantic.Field(description="When the ask arrived")
     finished_at: str = pydantic.Field(description="When the answer ended")
 

@@ -92,6 +92,14 @@ def error_responses_for(path: str) -> tuple[str, ...]:
     return LIST_ERRORS
 
 
+class UsageBody(pydantic.BaseModel):
+    """Tokens: prompt, completion and their sum."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
 class ErrorDetail(pydantic.BaseModel):
     code: str = pydantic.Field(description="Stable machine-readable code, e.g. prompt_too_long")
     message: str = pydantic.Field(description="What went wrong, for humans")
