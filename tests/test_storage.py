@@ -215,9 +215,12 @@ async def test_concurrent_appends_never_lose_or_duplicate(store):
 async def test_conversation_lock_is_exclusive_and_cancellable(store):
     order: list[str] = []
 
+    first_inside = trio.Event()
+
     async def hold(name: str, seconds: float) -> None:
         async with store.conversation_lock(ALICE):
             order.append(f"{name} in")
+            first_inside.set()
             await trio.sleep(seconds)
             order.append(f"{name} out")
 
@@ -225,7 +228,7 @@ async def test_conversation_lock_is_exclusive_and_cancellable(store):
         return  # one process owns an SQLite file: the lock is the in-process one
     async with trio.open_nursery() as nursery:
         nursery.start_soon(hold, "first", 0.2)
-        await trio.sleep(0.05)
+        await first_inside.wait()
         nursery.start_soon(hold, "second", 0)
     assert order == ["first in", "first out", "second in", "second out"]
 
@@ -294,7 +297,8 @@ async def test_more_concurrent_asks_than_pool_connections_wait_their_turn(start_
             async with trio.open_nursery() as nursery:
                 for i in range(12):
                     nursery.start_soon(ask, client, i)
-                await trio.sleep(0.05)
+                while len(server.fake.requests) < 2:  # both slots taken by answers in progress
+                    await trio.sleep(0.005)
                 ready = await client.get("/readyz")  # spare connections keep readiness answering
         assert ready.status_code == 200
         page = (await client.get("/conversations", params={"limit": 50})).json()
