@@ -9,8 +9,9 @@ server (``run.py``, SQLite persistence on) and this client. Every figure of
 the server is set against the same client talking to the same fake directly:
 
 - added time to first token (p50, p99) per protocol (HTTP whole answer, SSE,
-  WebSocket, gRPC) at several concurrencies; for the whole-answer HTTP ask
-  the "first token" is the whole answer, against a direct non-streaming call;
+  WebSocket, gRPC) at concurrencies 1, 100 and 1,000 (1 and 10 with --quick);
+  for the whole-answer HTTP ask the "first token" is the whole answer, against
+  a direct non-streaming call;
 - whole-answer asks per second at concurrency 64;
 - concurrent open streams per protocol: errors and server memory per stream;
 - ask latency on a conversation of 10 turns against one of 10,000 turns;
@@ -19,12 +20,29 @@ the server is set against the same client talking to the same fake directly:
 Each ask uses a conversation of its own unless said otherwise, so asks never
 wait for each other. Figures are medians over the samples of one run; the
 machine is shared, so compare ratios rather than absolute values.
+
+The load of a time-to-first-token row, the same direct and through the server:
+at concurrency N, N workers ask back to back (a closed loop). Worker i waits
+i/N of one answer's duration before it connects and asks, so the asks arrive
+spread out, as from N independent users, not in lock step. Each worker asks
+once more than it is counted: its first ask warms its connection up during the
+ramp-up, while later workers are still arriving; an answer lasts at least one
+answer's duration, so every counted ask starts once all N workers are asking:
+N asks are in flight. Above concurrency 1 the answers are paced like a hosted
+model's: --answer-tokens tokens (default 100) at --token-delay seconds each
+(default 0.02, 50 tokens per second), so an answer lasts 2 s; --quick makes
+them 10 tokens at 0.005 s. At concurrency 1 there is no load to model: the
+answers are 20 tokens with no delay. Each worker is counted ceil(200 / N)
+times (ceil(20 / N) with --quick), so a row has at least 200 samples: 200 asks
+at concurrency 1, 2 per worker at 100, 1 at 1,000. Every other figure uses
+answers with no delay.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import socket
@@ -35,6 +53,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2
@@ -48,7 +67,6 @@ sys.path.insert(0, str(ROOT))
 from easybackend.proto_gen import chat_grpc, chat_pb2  # noqa: E402
 
 PROMPT = "hello there"
-STREAM_PROMPT = "[[fake:tokens=20]] hello there"
 
 
 def free_port() -> int:
@@ -83,9 +101,8 @@ async def wait_for_port(port: int, limit: float = 30) -> None:
 class Stack:
     """The fake upstream and the server as child processes."""
 
-    def __init__(self, data_dir: Path, token_delay: float) -> None:
+    def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
-        self.token_delay = token_delay
         self.upstream_port = free_port()
         self.http, self.grpc, self.ws = free_port(), free_port(), free_port()
         self.processes: list[subprocess.Popen] = []
@@ -98,8 +115,7 @@ class Stack:
     async def start_upstream(self) -> None:
         command = [
             sys.executable, "-m", "easybackend.fake_upstream", "--host", "127.0.0.1",
-            "--port", str(self.upstream_port), "--token-delay", str(self.token_delay),
-            "--api-key", "bench-key",
+            "--port", str(self.upstream_port), "--api-key", "bench-key",
         ]  # fmt: skip
         self.processes.append(subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL))  # noqa: ASYNC220
         await wait_for_port(self.upstream_port)
@@ -286,21 +302,54 @@ class Grpc(Client):
 # --- measurements
 
 
+@dataclass(frozen=True)
+class Load:
+    """The answers the fake upstream gives in a time-to-first-token row."""
+
+    tokens: int
+    token_delay: float  # seconds before each token
+
+    @property
+    def prompt(self) -> str:
+        return f"[[fake:tokens={self.tokens}]][[fake:delay={self.token_delay}]] hello there"
+
+    @property
+    def answer_s(self) -> float:
+        """How long one answer streams: the span over which the workers start."""
+        return self.tokens * self.token_delay
+
+
+UNPACED = Load(tokens=20, token_delay=0.0)  # concurrency 1
+
+
+def paced_load(args: argparse.Namespace) -> Load:
+    """The load above concurrency 1: the flags, else 100 tokens at 0.02 s (quick: 10 at 0.005)."""
+    tokens = args.answer_tokens if args.answer_tokens is not None else 10 if args.quick else 100
+    delay = args.token_delay if args.token_delay is not None else 0.005 if args.quick else 0.02
+    return Load(tokens, delay)
+
+
 async def run_workers(
-    concurrency: int, per_worker: int, make: Callable[[], Client], prompt: str
+    concurrency: int, per_worker: int, make: Callable[[], Client], load: Load
 ) -> tuple[list[float], int]:
-    """``concurrency`` workers each asking ``per_worker`` times; returns (seconds per ask, errors)."""
+    """Staggered workers asking back to back; returns (seconds per counted ask, errors).
+
+    Worker i waits i/concurrency of one answer's duration, then asks 1 + ``per_worker``
+    times; its first ask (the warm-up, during the ramp-up) is not counted.
+    """
     samples: list[float] = []
     errors = 0
 
     async def worker(index: int) -> None:
         nonlocal errors
+        await trio.sleep(index / concurrency * load.answer_s)
         try:
             async with make() as client:
-                for round_ in range(per_worker):
-                    samples.append(
-                        await client.ask(f"w{index}-{round_}-{time.monotonic_ns()}", prompt)
-                    )
+                for round_ in range(1 + per_worker):
+                    conversation = f"w{index}-{round_}-{time.monotonic_ns()}"
+                    seconds = await client.ask(conversation, load.prompt)
+                    if round_:
+                        samples.append(seconds)
         except Exception:
             errors += 1
 
@@ -311,9 +360,9 @@ async def run_workers(
 
 
 async def ttft(
-    stack: Stack, protocol: type, concurrency: int, per_worker: int
+    stack: Stack, protocol: type, concurrency: int, per_worker: int, load: Load
 ) -> dict[str, object]:
-    """Added time to first token of ``protocol`` over its direct baseline."""
+    """Added time to first token of ``protocol`` over its direct baseline, under ``load``."""
     limits = httpx2.Limits(max_connections=None, max_keepalive_connections=None)
     results = {}
     async with httpx2.AsyncClient(timeout=120, limits=limits) as http:
@@ -322,12 +371,13 @@ async def ttft(
             def make(kind: type = kind) -> Client:
                 return kind(stack, http)
 
-            await run_workers(min(concurrency, 8), 2, make, STREAM_PROMPT)  # warm-up
-            results[label] = await run_workers(concurrency, per_worker, make, STREAM_PROMPT)
+            results[label] = await run_workers(concurrency, per_worker, make, load)
     direct, server = results["direct"][0], results["server"][0]
     return {
         "protocol": protocol.name,
         "concurrency": concurrency,
+        "answer_tokens": load.tokens,
+        "token_delay_s": load.token_delay,
         "samples": len(server),
         "errors": results["server"][1],
         "direct_p50_ms": round(statistics.median(direct) * 1000, 2),
@@ -461,6 +511,8 @@ async def long_conversation(stack: Stack, asks: int) -> dict[str, object]:
 async def main(args: argparse.Namespace) -> dict[str, object]:
     quick = args.quick
     concurrencies = [1, 10] if quick else [1, 100, 1000]
+    samples = 20 if quick else 200
+    paced = paced_load(args)
     stream_counts = [20] if quick else [2000]
     long_turns = 200 if quick else 10_000
     report: dict[str, object] = {
@@ -468,7 +520,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         "quick": quick,
     }
     with tempfile.TemporaryDirectory() as tmp:
-        stack = Stack(Path(tmp), token_delay=args.token_delay)
+        stack = Stack(Path(tmp))
         try:
             await stack.start_upstream()
             startups = []
@@ -480,9 +532,10 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
 
             report["ttft"] = []
             for concurrency in concurrencies:
-                per_worker = max(2, (20 if quick else 200) // concurrency)
+                per_worker = math.ceil(samples / concurrency)
+                load = paced if concurrency > 1 else UNPACED
                 for protocol in (HttpWhole, Sse, WebSocket, Grpc):
-                    row = await ttft(stack, protocol, concurrency, per_worker)
+                    row = await ttft(stack, protocol, concurrency, per_worker, load)
                     report["ttft"].append(row)
                     print(json.dumps(row), flush=True)
 
@@ -513,6 +566,18 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     return report
 
 
+def load_sentence(rows: list[dict]) -> str:
+    single = next(row for row in rows if row["concurrency"] == 1)
+    paced = next(row for row in rows if row["concurrency"] > 1)
+    return (
+        f"Load, the same direct and through EasyBackend: at concurrency 1, one client asks for "
+        f"{single['answer_tokens']}-token answers with no delay; at concurrency N above 1, N clients, "
+        "starting spread over one answer's duration, each ask back to back for "
+        f"{paced['answer_tokens']}-token answers at {paced['token_delay_s']} s per token, so N asks "
+        "are in flight (each client's first ask is not counted)."
+    )
+
+
 def markdown(report: dict) -> str:
     lines = [
         f"Machine: {report['machine']}.",
@@ -521,6 +586,8 @@ def markdown(report: dict) -> str:
         "",
     ]
     lines += [
+        load_sentence(report["ttft"]),
+        "",
         "| protocol | concurrency | direct p50 ms | server p50 ms | added p50 ms | added p99 ms | errors |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
@@ -558,7 +625,15 @@ def cli() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     parser.add_argument(
-        "--token-delay", type=float, default=0.0, help="fake upstream delay per token (s)"
+        "--token-delay",
+        type=float,
+        help="fake upstream delay per token (s) in the time-to-first-token rows above concurrency"
+        " 1; about what hosted models stream (default 0.02: 50 tokens/s; 0.005 with --quick)",
+    )
+    parser.add_argument(
+        "--answer-tokens",
+        type=int,
+        help="tokens per answer in those rows (default 100; 10 with --quick)",
     )
     parser.add_argument("--json", type=Path, help="write the report as JSON here")
     parser.add_argument("--markdown", type=Path, help="write the report as a Markdown table here")

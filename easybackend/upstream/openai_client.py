@@ -38,6 +38,7 @@ import trio
 from ..errors import UpstreamError, UpstreamTimeout, from_upstream
 from ..metrics import Metrics
 from ..settings import Settings
+from .transport import LeanTransport
 
 log = logging.getLogger("easybackend.upstream")
 
@@ -84,10 +85,7 @@ class OpenAIUpstream:
             base_url=base_url or settings.openai_base_url,
             max_retries=0,
             timeout=timeout,
-            http_client=openai.DefaultAsyncHttpxClient(
-                timeout=timeout,
-                limits=httpx2.Limits(max_connections=None, max_keepalive_connections=256),
-            ),
+            http_client=openai.DefaultAsyncHttpxClient(timeout=timeout, transport=LeanTransport()),
         )
 
     async def stream(self, call: UpstreamCall) -> AsyncIterator[str | Completion]:
@@ -104,7 +102,7 @@ class OpenAIUpstream:
         """
         deadline = trio.current_time() + self.settings.upstream_timeout
         response = await self._open(call, deadline)
-        lines = response.aiter_lines()
+        lines = _lines(response)
         finish_reason: str | None = None
         model: str | None = None
         usage: dict[str, Any] | None = None
@@ -177,7 +175,7 @@ class OpenAIUpstream:
         raise AssertionError("unreachable")
 
     async def _next_chunk(
-        self, lines: AsyncIterator[str], deadline: float
+        self, lines: AsyncIterator[bytes], deadline: float
     ) -> dict[str, Any] | None:
         """The next chunk of the event stream, or None at its end.
 
@@ -193,10 +191,10 @@ class OpenAIUpstream:
                     raise UpstreamTimeout(
                         f"the model provider did not finish within {self.settings.upstream_timeout:g} seconds"
                     )
-                if not line.startswith("data:"):
+                if not line.startswith(b"data:"):
                     continue  # blank separators, comments, event names
                 data = line[5:].strip()
-                if data == "[DONE]":
+                if data == b"[DONE]":
                     return None
                 chunk = json.loads(data)
                 if not isinstance(chunk, dict) or "error" in chunk:
@@ -223,6 +221,24 @@ class OpenAIUpstream:
     async def aclose(self) -> None:
         """Close the connection pool."""
         await self._client.close()
+
+
+async def _lines(response: httpx2.Response) -> AsyncIterator[bytes]:
+    """The body's lines (without line endings), as bytes: no text decoding per piece.
+
+    The raw body when it is not content-encoded (the usual case for event
+    streams), else httpx's decoded bytes.
+    """
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    parts = response.aiter_raw() if encoding in ("", "identity") else response.aiter_bytes()
+    rest = b""
+    async for part in parts:
+        lines = (rest + part).split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            yield line.rstrip(b"\r")
+    if rest:
+        yield rest.rstrip(b"\r")
 
 
 def _retry_wait(exc: Exception, attempt: int) -> float | None:
