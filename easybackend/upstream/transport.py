@@ -61,12 +61,12 @@ class _Connection:
         poller.register(self.sock.fileno(), select.POLLIN)
         return not poller.poll(0)
 
-    async def receive(self, timeout: float | None) -> bytes:
+    async def receive(self, read_timeout: float | None) -> bytes:
         """The next bytes from the peer (b"" at its end); raises ReadTimeout or ReadError."""
         try:
-            if timeout is None:
+            if read_timeout is None:
                 return await self.stream.receive_some(RECEIVE_SIZE)
-            with trio.move_on_after(timeout):
+            with trio.move_on_after(read_timeout):
                 return await self.stream.receive_some(RECEIVE_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise httpx2.ReadError(str(exc) or type(exc).__name__) from exc
@@ -120,11 +120,11 @@ class LeanTransport(httpx2.AsyncBaseTransport):
             connection.sock.close()
         return None
 
-    async def _connect(self, origin: Origin, timeout: float | None) -> _Connection:
+    async def _connect(self, origin: Origin, connect_timeout: float | None) -> _Connection:
         scheme, host, port = origin
         hostname = host.decode("ascii")
         try:
-            with _fail_after(timeout, httpx2.ConnectTimeout):
+            with _fail_after(connect_timeout, httpx2.ConnectTimeout):
                 tcp = await trio.open_tcp_stream(hostname, port)
                 stream: trio.abc.Stream = tcp
                 if scheme == b"https":
@@ -177,7 +177,7 @@ class LeanTransport(httpx2.AsyncBaseTransport):
         )
 
     async def _read_head(
-        self, connection: _Connection, timeout: float | None
+        self, connection: _Connection, read_timeout: float | None
     ) -> tuple[int, bytes, list[tuple[bytes, bytes]], bool]:
         """Status, reason, headers and keep-alive of the next final (non-1xx) response."""
         while True:
@@ -185,7 +185,7 @@ class LeanTransport(httpx2.AsyncBaseTransport):
                 if len(connection.buffer) > MAX_HEAD_BYTES:
                     raise httpx2.RemoteProtocolError("the response head is too large")
                 try:
-                    data = await connection.receive(timeout)
+                    data = await connection.receive(read_timeout)
                 except httpx2.ReadError as exc:
                     if not connection.buffer:
                         raise _ClosedBeforeAnswer from exc
