@@ -22,8 +22,8 @@ The answer reveals what was received: ``f"echo({len(messages)}): {last_user_text
 ``last_user_text`` is the content of the last ``user`` message, verbatim. It is split into
 "tokens" with ``re.findall(r"\\s*\\S+|\\s+", answer)`` (joining them gives the answer back);
 ``max_tokens``/``max_completion_tokens`` below the token count cuts it (finish_reason
-``"length"``). Streaming sends a role chunk, one ``chat.completion.chunk`` per token (sleeping
-the token delay before each), a finish chunk, a usage chunk if ``stream_options.include_usage``,
+``"length"``). Streaming sends a role chunk, one ``chat.completion.chunk`` per token (token i is
+due i token delays after the start, as from a model generating at a steady rate), a finish chunk, a usage chunk if ``stream_options.include_usage``,
 then ``data: [DONE]``. Usage: ``prompt_tokens`` = sum over messages of (words + 4),
 ``completion_tokens`` = tokens sent.
 
@@ -387,7 +387,13 @@ class FakeUpstream:
         self._event(reply.id, "completed", reply.chunks)
 
     async def _produce(self, reply: _Reply, emit: Callable[[str], Awaitable[None]]) -> bool:
-        """Emit the tokens, applying delay/stall/disconnect faults; False = drop the connection."""
+        """Emit the tokens, applying delay/stall/disconnect faults; False = drop the connection.
+
+        Tokens are paced like a model generating at a steady rate: token i (from 1) is due
+        i delays after the start, however long sending the earlier ones took, so a streamed
+        answer and a whole one are ready at the same moment.
+        """
+        started = trio.current_time()
         for index, piece in enumerate([*reply.pieces, None]):
             if index == reply.fault.get("stall_after"):
                 self._event(reply.id, "stalled", reply.chunks)
@@ -397,7 +403,7 @@ class FakeUpstream:
             if piece is None:
                 break
             if reply.delay:
-                await trio.sleep(reply.delay)
+                await trio.sleep_until(started + (index + 1) * reply.delay)
             await emit(piece)
             reply.chunks += 1
         return True

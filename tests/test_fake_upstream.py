@@ -333,6 +333,30 @@ async def test_delays_slow_every_token():
             assert trio.current_time() - start >= 3 * 0.1
 
 
+async def test_tokens_come_at_a_steady_rate_however_slow_sending_is():
+    """Token i is due i delays after the start: time spent sending does not add up."""
+
+    class SlowSending(FakeUpstream):
+        async def _produce(self, reply, emit):
+            async def slow_emit(piece: str) -> None:
+                await trio.sleep(0.03)
+                await emit(piece)
+
+            return await super()._produce(reply, slow_emit)
+
+    async with serving(SlowSending(token_delay=0.05)) as fake:
+        async with openai.AsyncOpenAI(base_url=fake.base_url(), api_key="k", max_retries=0) as c:
+            start = trio.current_time()
+            stream = await c.chat.completions.create(
+                model="m", messages=user("[[fake:tokens=10]] a"), stream=True
+            )
+            assert len([chunk async for chunk in stream]) == 12
+            elapsed = trio.current_time() - start
+    # 10 tokens at 0.05 s are due by 0.5 s, the last sent 0.03 s later; adding up the
+    # sending time would take 10 * (0.05 + 0.03) = 0.8 s.
+    assert 0.5 <= elapsed < 0.7
+
+
 async def test_keep_alive_serves_several_requests_on_one_connection(upstream):
     request = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
     with trio.fail_after(5):
