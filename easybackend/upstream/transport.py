@@ -27,6 +27,7 @@ never reused.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import select
 import ssl
 import time
@@ -95,7 +96,7 @@ class LeanTransport(httpx2.AsyncBaseTransport):
             raise httpx2.UnsupportedProtocol(f"unsupported URL scheme {url.scheme!r}")
         origin: Origin = (url.raw_scheme, url.raw_host, url.port or _default_port(url.scheme))
         timeouts = request.extensions.get("timeout", {})
-        message = _request_head(request) + await request.aread()
+        message = _request_head(request) + _framed(request, await request.aread())
         connection = self._reusable(origin)
         if connection is not None:
             try:
@@ -160,26 +161,20 @@ class LeanTransport(httpx2.AsyncBaseTransport):
                     await connection.stream.send_all(message)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise _ClosedBeforeAnswer from exc
-            status, reason, headers, keep_alive = await self._read_head(
-                connection, timeouts.get("read")
-            )
+            head = await self._read_head(connection, timeouts.get("read"))
+            body = _Body(self, connection, origin, request.method, head, timeouts.get("read"))
         except BaseException:
             await connection.close()
             raise
-        body = _Body(
-            self, connection, origin, request.method, status, headers, keep_alive, timeouts
-        )
         return httpx2.Response(
-            status_code=status,
-            headers=headers,
+            status_code=head.status,
+            headers=head.headers,
             stream=body,
-            extensions={"http_version": b"HTTP/1.1", "reason_phrase": reason},
+            extensions={"http_version": head.version, "reason_phrase": head.reason},
         )
 
-    async def _read_head(
-        self, connection: _Connection, read_timeout: float | None
-    ) -> tuple[int, bytes, list[tuple[bytes, bytes]], bool]:
-        """Status, reason, headers and keep-alive of the next final (non-1xx) response."""
+    async def _read_head(self, connection: _Connection, read_timeout: float | None) -> _Head:
+        """The head of the next final (non-1xx) response."""
         while True:
             while (end := connection.buffer.find(b"\r\n\r\n")) < 0:
                 if len(connection.buffer) > MAX_HEAD_BYTES:
@@ -195,10 +190,12 @@ class LeanTransport(httpx2.AsyncBaseTransport):
                         raise _ClosedBeforeAnswer
                     raise httpx2.RemoteProtocolError("the server closed the connection mid-head")
                 connection.buffer += data
-            head, connection.buffer = connection.buffer[:end], connection.buffer[end + 4 :]
-            status, reason, headers, keep_alive = _parse_head(head)
-            if not 100 <= status < 200 or status == 101:
-                return status, reason, headers, keep_alive
+            if end > MAX_HEAD_BYTES:
+                raise httpx2.RemoteProtocolError("the response head is too large")
+            raw, connection.buffer = connection.buffer[:end], connection.buffer[end + 4 :]
+            head = _parse_head(raw)
+            if not 100 <= head.status < 200 or head.status == 101:
+                return head
 
     def _release(self, connection: _Connection, origin: Origin) -> None:
         """Keep a connection whose response was read to its end, for the next request."""
@@ -230,46 +227,37 @@ class _Body(httpx2.AsyncByteStream):
         connection: _Connection,
         origin: Origin,
         method: str,
-        status: int,
-        headers: list[tuple[bytes, bytes]],
-        keep_alive: bool,
-        timeouts: dict[str, float | None],
+        head: _Head,
+        read_timeout: float | None,
     ) -> None:
+        """Raises RemoteProtocolError when the head does not say how the body is framed."""
         self._transport = transport
         self._connection: _Connection | None = connection
         self._origin = origin
-        self._timeout = timeouts.get("read")
-        self._complete = False
-        self._keep_alive = keep_alive
-        self._chunked = False
-        fields = {name.lower(): value for name, value in headers}
-        if method == "HEAD" or status in (204, 304):
-            self._length: int | None = 0
+        self._timeout = read_timeout
+        self._complete = False  # set by the reader at the body's end, never after an error
+        self._keep_alive = head.keep_alive
+        fields = {name.lower(): value for name, value in head.headers}
+        parts: AsyncIterator[bytes]
+        if method == "HEAD" or head.status in (204, 304):
+            parts = self._read_length(connection, 0)
         elif b"chunked" in fields.get(b"transfer-encoding", b"").lower():
-            self._length = None
-            self._chunked = True
+            parts = self._read_chunked(connection)
         elif (length := fields.get(b"content-length")) is not None:
             if not length.strip().isdigit():
                 raise httpx2.RemoteProtocolError("invalid Content-Length in the response")
-            self._length = int(length)
+            parts = self._read_length(connection, int(length))
         else:  # the body ends with the connection
-            self._length = None
+            parts = self._read_to_close(connection)
             self._keep_alive = False
+        self._parts = parts
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        connection = self._connection
-        if connection is None:
+        """The body's bytes as they arrive; a second iteration goes on where the first stopped."""
+        if self._connection is None:
             raise httpx2.StreamClosed()
-        if self._chunked:
-            parts = self._read_chunked(connection)
-        elif self._length is not None:
-            parts = self._read_length(connection, self._length)
-        else:
-            parts = self._read_to_close(connection)
-        async with contextlib.aclosing(parts):
-            async for part in parts:
-                yield part
-        self._complete = True
+        async for part in self._parts:
+            yield part
 
     async def _read_length(self, connection: _Connection, length: int) -> AsyncIterator[bytes]:
         remaining = length
@@ -284,6 +272,7 @@ class _Body(httpx2.AsyncByteStream):
             part, connection.buffer = connection.buffer[:remaining], connection.buffer[remaining:]
             remaining -= len(part)
             yield part
+        self._complete = True
 
     async def _read_to_close(self, connection: _Connection) -> AsyncIterator[bytes]:
         if connection.buffer:
@@ -291,6 +280,7 @@ class _Body(httpx2.AsyncByteStream):
             yield part
         while data := await connection.receive(self._timeout):
             yield data
+        self._complete = True
 
     async def _read_chunked(self, connection: _Connection) -> AsyncIterator[bytes]:
         """Decode chunked transfer encoding, giving each chunk's data as soon as it arrives."""
@@ -305,6 +295,7 @@ class _Body(httpx2.AsyncByteStream):
             if size == 0:
                 while await self._line(connection):  # trailers, up to the blank line
                     pass
+                self._complete = True
                 return
             while size:
                 if not connection.buffer:
@@ -337,6 +328,7 @@ class _Body(httpx2.AsyncByteStream):
         connection, self._connection = self._connection, None
         if connection is None:
             return
+        await self._parts.aclose()  # type: ignore[attr-defined]
         if self._complete and self._keep_alive and not connection.buffer:
             self._transport._release(connection, self._origin)
         else:
@@ -355,11 +347,26 @@ def _request_head(request: httpx2.Request) -> bytes:
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
-def _parse_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]], bool]:
-    """Status, reason, header fields and whether the connection stays open after the response.
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Head:
+    """A response's status line and header fields."""
 
-    Raises RemoteProtocolError on anything but an HTTP/1.x response head.
-    """
+    version: bytes
+    status: int
+    reason: bytes
+    headers: list[tuple[bytes, bytes]]
+    keep_alive: bool  # the connection stays open after this response
+
+
+def _framed(request: httpx2.Request, body: bytes) -> bytes:
+    """The body as sent: chunk-encoded when the request says so (httpx does for a generator)."""
+    if b"chunked" not in request.headers.get("transfer-encoding", "").encode().lower():
+        return body
+    return (b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + b"0\r\n\r\n"
+
+
+def _parse_head(head: bytes) -> _Head:
+    """Raises RemoteProtocolError on anything but an HTTP/1.x response head."""
     status_line, _, fields = head.partition(b"\r\n")
     parts = status_line.split(b" ", 2)
     if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
@@ -374,7 +381,7 @@ def _parse_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]], boo
         headers.append((name, value.strip()))
     connection = b",".join(value for name, value in headers if name.lower() == b"connection")
     keep_alive = parts[0] != b"HTTP/1.0" and b"close" not in connection.lower()
-    return status, reason, headers, keep_alive
+    return _Head(parts[0], status, reason, headers, keep_alive)
 
 
 @contextlib.contextmanager

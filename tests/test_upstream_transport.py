@@ -1,0 +1,702 @@
+"""LeanTransport, the upstream HTTP/1.1 transport, on real loopback sockets.
+
+Wire-level cases talk to a tiny raw trio server defined here, which reads each request head
+and writes exactly the bytes a test chooses, counting the connections it accepts; the SDK
+cases go through the real ``openai`` client to the in-process FakeUpstream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+
+import httpx2
+import openai
+import pytest
+import trio
+import trustme
+
+from easybackend.fake_upstream import FakeUpstream
+from easybackend.upstream.transport import LeanTransport
+
+OK_HELLO = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+# -- a raw HTTP server ----------------------------------------------------------------------
+
+
+class Peer:
+    """One accepted connection, seen from the raw server."""
+
+    def __init__(self, server: RawServer, stream: trio.abc.Stream, index: int) -> None:
+        self.server = server
+        self.stream = stream
+        self.index = index  # 0 for the first connection accepted
+        self.buffer = b""
+
+    async def read_head(self) -> bytes | None:
+        """The next request head (without its blank line), or None when the client closed."""
+        while (end := self.buffer.find(b"\r\n\r\n")) < 0:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                self.server.closed_by_client.append(self.index)
+                self.server.client_closed.set()
+                return None
+            self.buffer += data
+        head, self.buffer = self.buffer[:end], self.buffer[end + 4 :]
+        self.server.heads.append(head)
+        return head
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_eof(self) -> None:
+        """Read (and drop) until the client closes the connection, then record that."""
+        with contextlib.suppress(trio.BrokenResourceError):  # a reset is a close too
+            while await self.stream.receive_some(65536):
+                pass
+        self.server.closed_by_client.append(self.index)
+        self.server.client_closed.set()
+
+
+class RawServer:
+    """A loopback TCP server running ``handler`` on each connection, with what it saw."""
+
+    def __init__(self, handler: Callable[[Peer], Awaitable[None]]) -> None:
+        self.handler = handler
+        self.port = 0
+        self.accepted = 0
+        self.heads: list[bytes] = []
+        self.closed_by_client: list[int] = []  # connections the client closed first
+        self.client_closed = trio.Event()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        peer = Peer(self, stream, self.accepted)
+        self.accepted += 1
+        try:
+            async with stream:
+                await self.handler(peer)
+        except trio.BrokenResourceError:  # the client reset the connection
+            self.closed_by_client.append(peer.index)
+            self.client_closed.set()
+
+
+def answer(response: bytes | Callable[[bytes], bytes], *, close: bool = False):
+    """A handler sending ``response`` (or ``response(head)``) to every request on a connection.
+
+    With ``close``, the server closes the connection after the first response.
+    """
+
+    async def handler(peer: Peer) -> None:
+        while (head := await peer.read_head()) is not None:
+            await peer.send(response(head) if callable(response) else response)
+            if close:
+                return
+
+    return handler
+
+
+@pytest.fixture
+def serve_raw(nursery: trio.Nursery) -> Callable[..., Awaitable[RawServer]]:
+    async def start(handler: Callable[[Peer], Awaitable[None]]) -> RawServer:
+        server = RawServer(handler)
+        listeners = await nursery.start(partial(trio.serve_tcp, server.handle, 0, host="127.0.0.1"))
+        server.port = listeners[0].socket.getsockname()[1]
+        return server
+
+    return start
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx2.AsyncClient]:
+    async with httpx2.AsyncClient(transport=LeanTransport(), timeout=5) as http:
+        yield http
+
+
+# -- body framing ---------------------------------------------------------------------------
+
+
+async def test_content_length_body_is_read_exactly(serve_raw, client):
+    server = await serve_raw(answer(OK_HELLO))
+    with trio.fail_after(5):
+        response = await client.get(server.url + "/a?b=1")
+    assert response.status_code == 200
+    assert response.content == b"hello"
+    assert server.heads[0].startswith(b"GET /a?b=1 HTTP/1.1\r\n")
+    assert b"\r\nHost: 127.0.0.1:%d" % server.port in server.heads[0]
+
+
+async def test_chunked_body_with_extensions_and_trailers(serve_raw, client):
+    """Chunk extensions are ignored, trailers consumed: the connection then serves another request."""
+    body = b"5;ext=1\r\nhello\r\n6;a=b;c\r\n world\r\n0\r\nX-Trailer: t\r\nX-More: u\r\n\r\n"
+    server = await serve_raw(answer(CHUNKED_HEAD + body))
+    with trio.fail_after(5):
+        first = await client.get(server.url)
+        second = await client.get(server.url)
+    assert first.content == second.content == b"hello world"
+    assert server.accepted == 1 and len(server.heads) == 2
+
+
+async def test_body_delimited_by_connection_close(serve_raw, client):
+    payload = bytes(range(256)) * 1024  # 256 KiB: several reads
+
+    async def handler(peer: Peer) -> None:
+        await peer.read_head()
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Type: x/y\r\n\r\n" + payload)
+
+    server = await serve_raw(handler)
+    with trio.fail_after(5):
+        response = await client.get(server.url)
+        assert response.content == payload
+        await client.get(server.url)
+    assert server.accepted == 2  # a body ended by the close leaves nothing to reuse
+
+
+async def test_204_304_and_head_responses_have_empty_bodies_without_waiting(serve_raw, client):
+    """The server keeps the connection open and sends no body: nothing is waited for."""
+
+    def respond(head: bytes) -> bytes:
+        if head.startswith(b"HEAD "):
+            return b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"
+        if head.startswith(b"GET /304 "):
+            return b"HTTP/1.1 304 Not Modified\r\nContent-Length: 100\r\n\r\n"
+        return b"HTTP/1.1 204 No Content\r\n\r\n"
+
+    server = await serve_raw(answer(respond))
+    with trio.fail_after(5):
+        no_content = await client.get(server.url)
+        head = await client.head(server.url)
+        not_modified = await client.get(server.url + "/304")
+        after = await client.head(server.url)
+    assert (no_content.status_code, no_content.content) == (204, b"")
+    assert (head.status_code, head.content) == (200, b"")
+    assert head.headers["content-length"] == "100"
+    assert (not_modified.status_code, not_modified.content) == (304, b"")
+    assert after.status_code == 200
+    assert server.accepted == 1 and len(server.heads) == 4
+
+
+async def test_chunks_are_delivered_as_they_arrive(serve_raw, client):
+    """The server sends the rest only once the client has seen the first chunk: no buffering."""
+    first_seen = trio.Event()
+
+    async def handler(peer: Peer) -> None:
+        await peer.read_head()
+        await peer.send(CHUNKED_HEAD + b"5\r\nfirst\r\n")
+        await first_seen.wait()
+        await peer.send(b"4\r\nrest\r\n0\r\n\r\n")
+
+    server = await serve_raw(handler)
+    parts = []
+    with trio.fail_after(5):
+        async with client.stream("GET", server.url) as response:
+            async for part in response.aiter_raw():
+                parts.append(part)
+                first_seen.set()
+    assert parts == [b"first", b"rest"]
+
+
+# -- keep-alive -----------------------------------------------------------------------------
+
+
+async def test_sequential_requests_reuse_one_connection(serve_raw, client):
+    server = await serve_raw(answer(OK_HELLO))
+    with trio.fail_after(5):
+        for _ in range(3):
+            assert (await client.get(server.url)).content == b"hello"
+    assert server.accepted == 1 and len(server.heads) == 3
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 5\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nconnection: Keep-Alive, Close\r\nContent-Length: 5\r\n\r\nhello",
+        b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+    ],
+    ids=["connection-close", "close-in-a-list", "http-1.0"],
+)
+async def test_response_that_ends_the_connection_is_not_reused(serve_raw, client, response):
+    """The server would keep the connection open, but the response said it would not."""
+    server = await serve_raw(answer(response))
+    with trio.fail_after(5):
+        assert (await client.get(server.url)).content == b"hello"
+        await server.client_closed.wait()  # the client closed the first connection
+        assert (await client.get(server.url)).content == b"hello"
+    assert server.closed_by_client[0] == 0
+    assert server.accepted == 2 and len(server.heads) == 2
+
+
+async def test_response_closed_early_is_not_reused_and_its_connection_is_closed(serve_raw, client):
+    async def handler(peer: Peer) -> None:
+        if peer.index == 0:
+            await peer.read_head()
+            await peer.send(CHUNKED_HEAD + b"5\r\nfirst\r\n")
+            await peer.wait_eof()
+        else:
+            await answer(OK_HELLO)(peer)
+
+    server = await serve_raw(handler)
+    with trio.fail_after(5):
+        async with client.stream("GET", server.url) as response:
+            parts = response.aiter_raw()
+            assert await parts.__anext__() == b"first"
+            await parts.aclose()
+            await response.aclose()  # before the end of the body
+        await server.client_closed.wait()
+        assert (await client.get(server.url)).content == b"hello"
+    assert server.closed_by_client[0] == 0
+    assert server.accepted == 2
+
+
+async def test_idle_connection_closed_by_server_is_not_used(serve_raw, client):
+    server = await serve_raw(answer(OK_HELLO, close=True))
+    with trio.fail_after(5):
+        assert (await client.get(server.url)).content == b"hello"
+        await trio.sleep(0.05)  # the FIN reaches the client's idle socket
+        assert (await client.get(server.url)).content == b"hello"
+    assert server.accepted == 2 and len(server.heads) == 2
+
+
+async def test_idle_connection_that_received_unexpected_bytes_is_not_used(serve_raw, client):
+    """Bytes arriving on an idle connection (a stray response) make it unusable."""
+    stray_sent = trio.Event()
+
+    async def handler(peer: Peer) -> None:
+        if peer.index == 0:
+            await peer.read_head()
+            await peer.send(OK_HELLO)
+            await trio.sleep(0.05)  # after the client has put the connection back in its pool
+            await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray")
+            stray_sent.set()
+            await peer.wait_eof()
+        else:
+            await answer(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nright")(peer)
+
+    server = await serve_raw(handler)
+    with trio.fail_after(5):
+        assert (await client.get(server.url)).content == b"hello"
+        await stray_sent.wait()
+        assert (await client.get(server.url)).content == b"right"
+        await server.client_closed.wait()  # the dropped connection was closed
+    assert server.closed_by_client[0] == 0
+    assert server.accepted == 2 and len(server.heads) == 2
+
+
+async def test_request_on_reused_connection_closed_before_answer_is_sent_again(serve_raw, client):
+    """The server reads the second request on the kept connection, then closes it unanswered."""
+
+    async def handler(peer: Peer) -> None:
+        await peer.read_head()
+        await peer.send(OK_HELLO)
+        if peer.index == 0:
+            await peer.read_head()  # and close without answering
+        else:
+            await answer(OK_HELLO)(peer)
+
+    server = await serve_raw(handler)
+    with trio.fail_after(5):
+        await client.get(server.url)
+        assert (await client.get(server.url)).content == b"hello"
+    assert server.accepted == 2
+    assert len(server.heads) == 3  # the second request went out twice
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+
+async def test_connecting_to_a_closed_port_is_a_connect_error(client):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, never listening: refused
+        with trio.fail_after(5), pytest.raises(httpx2.ConnectError):
+            await client.get(f"http://127.0.0.1:{port}/")
+
+
+async def test_server_that_never_answers_is_a_read_timeout(serve_raw, client):
+    async def handler(peer: Peer) -> None:
+        await peer.read_head()
+        await peer.wait_eof()
+
+    server = await serve_raw(handler)
+    with trio.fail_after(5), pytest.raises(httpx2.ReadTimeout):
+        await client.get(server.url, timeout=httpx2.Timeout(5, read=0.2))
+    with trio.fail_after(5):
+        await server.client_closed.wait()  # the timed-out connection was closed
+
+
+async def test_server_closing_without_an_answer_is_a_protocol_error(serve_raw, client):
+    async def handler(peer: Peer) -> None:
+        await peer.read_head()
+
+    server = await serve_raw(handler)
+    with trio.fail_after(5), pytest.raises(httpx2.RemoteProtocolError):
+        await client.get(server.url)
+    assert server.accepted == 1  # a fresh connection is not tried again
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"SSH-2.0-OpenSSH_9.6\r\n\r\n",
+        b"HTTP/2 200\r\n\r\n",
+        b"HTTP/1.1 abc OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n folded: x\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5",  # then the server closes mid-head
+    ],
+    ids=["not-http", "http-2", "bad-status", "no-colon", "folded", "truncated-head"],
+)
+async def test_malformed_response_head_is_a_protocol_error(serve_raw, client, head):
+    server = await serve_raw(answer(head, close=True))
+    with trio.fail_after(5), pytest.raises(httpx2.RemoteProtocolError):
+        await client.get(server.url)
+
+
+async def test_connection_closed_mid_chunked_body_raises_while_iterating(serve_raw, client):
+    async def handler(peer: Peer) -> None:
+        await peer.read_head()
+        await peer.send(CHUNKED_HEAD + b"5\r\nhello\r\n5\r\nwo")
+
+    server = await serve_raw(handler)
+    parts = []
+    with trio.fail_after(5):
+        async with client.stream("GET", server.url) as response:
+            assert response.status_code == 200
+            with pytest.raises(httpx2.RemoteProtocolError):
+                async for part in response.aiter_raw():
+                    parts.append(part)
+    assert b"".join(parts).startswith(b"hello")
+
+
+async def test_connection_closed_before_content_length_is_reached(serve_raw, client):
+    server = await serve_raw(
+        answer(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello", close=True)
+    )
+    with trio.fail_after(5), pytest.raises(httpx2.RemoteProtocolError):
+        await client.get(server.url)
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [b"zz\r\nhello\r\n0\r\n\r\n", b"-5\r\nhello\r\n0\r\n\r\n", b"\r\n", b"2\r\nhello\r\n"],
+    ids=["not-hex", "negative", "empty", "data-longer-than-size"],
+)
+async def test_malformed_chunk_framing_is_a_protocol_error(serve_raw, client, chunks):
+    server = await serve_raw(answer(CHUNKED_HEAD + chunks))
+    with trio.fail_after(5), pytest.raises(httpx2.RemoteProtocolError):
+        await client.get(server.url)
+
+
+async def test_response_head_larger_than_64_kib_is_a_protocol_error(serve_raw, client):
+    big = b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (200 * 1024) + b"\r\nContent-Length: 0\r\n\r\n"
+    server = await serve_raw(answer(big))
+    with trio.fail_after(5), pytest.raises(httpx2.RemoteProtocolError):
+        await client.get(server.url)
+
+
+async def test_unsupported_scheme(client):
+    with pytest.raises(httpx2.UnsupportedProtocol, match="unsupported URL scheme"):
+        await client.get("ftp://127.0.0.1/file")
+
+
+async def test_interim_100_continue_responses_are_skipped(serve_raw, client):
+    async def handler(peer: Peer) -> None:
+        await peer.read_head()
+        await peer.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+        await trio.sleep(0.01)  # the final response comes in a later read
+        await peer.send(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n" + OK_HELLO)
+
+    server = await serve_raw(handler)
+    with trio.fail_after(5):
+        response = await client.post(server.url, content=b"data")
+    assert (response.status_code, response.content) == (200, b"hello")
+    assert "link" not in response.headers
+
+
+# -- cancellation ---------------------------------------------------------------------------
+
+
+async def test_cancelling_a_body_read_closes_the_connection(serve_raw, client):
+    async def handler(peer: Peer) -> None:
+        if peer.index == 0:
+            await peer.read_head()
+            await peer.send(CHUNKED_HEAD + b"5\r\nfirst\r\n")
+            await peer.wait_eof()
+        else:
+            await answer(OK_HELLO)(peer)
+
+    server = await serve_raw(handler)
+    first_seen = trio.Event()
+    parts = []
+
+    async def read() -> None:
+        async with client.stream("GET", server.url) as response:
+            async for part in response.aiter_raw():
+                parts.append(part)
+                first_seen.set()
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await first_seen.wait()
+            nursery.cancel_scope.cancel()
+        await server.client_closed.wait()
+        assert (await client.get(server.url)).content == b"hello"
+    assert parts == [b"first"]
+    assert server.closed_by_client[0] == 0 and server.accepted == 2
+
+
+async def test_cancelling_while_waiting_for_the_head_closes_the_connection(serve_raw, client):
+    async def handler(peer: Peer) -> None:
+        if peer.index == 0:
+            await peer.read_head()
+            await peer.wait_eof()
+        else:
+            await answer(OK_HELLO)(peer)
+
+    server = await serve_raw(handler)
+    with trio.fail_after(5):
+        with trio.move_on_after(0.2) as waited:
+            await client.get(server.url)
+        assert waited.cancelled_caught
+        await server.client_closed.wait()
+        assert (await client.get(server.url)).content == b"hello"
+    assert server.accepted == 2
+
+
+# -- TLS ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+async def tls_server(nursery: trio.Nursery, ca: trustme.CA) -> RawServer:
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost", "127.0.0.1").configure_cert(server_context)
+    server = RawServer(answer(OK_HELLO))
+    listeners = await nursery.start(
+        partial(trio.serve_ssl_over_tcp, server.handle, 0, server_context, host="127.0.0.1")
+    )
+    server.port = listeners[0].transport_listener.socket.getsockname()[1]
+    return server
+
+
+async def test_https_with_a_trusted_ca(tls_server, ca):
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    url = f"https://127.0.0.1:{tls_server.port}/x"
+    with trio.fail_after(5):
+        async with httpx2.AsyncClient(transport=LeanTransport(ssl_context=context)) as http:
+            first = await http.get(url)
+            second = await http.get(url)
+    assert first.content == second.content == b"hello"
+    assert tls_server.accepted == 1 and len(tls_server.heads) == 2
+
+
+async def test_https_with_an_untrusted_certificate_is_a_connect_error(tls_server):
+    with trio.fail_after(5):
+        async with httpx2.AsyncClient(transport=LeanTransport()) as http:
+            with pytest.raises(httpx2.ConnectError):
+                await http.get(f"https://127.0.0.1:{tls_server.port}/x")
+    assert tls_server.heads == []
+
+
+# -- through the openai SDK -----------------------------------------------------------------
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[FakeUpstream]:
+    fake = FakeUpstream()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fake.serve)
+        yield fake
+        nursery.cancel_scope.cancel()
+
+
+def sdk_client(base_url: str) -> openai.AsyncOpenAI:
+    http = openai.DefaultAsyncHttpxClient(transport=LeanTransport())
+    return openai.AsyncOpenAI(base_url=base_url, api_key="k", max_retries=0, http_client=http)
+
+
+@pytest.fixture
+async def sdk(upstream: FakeUpstream) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with sdk_client(upstream.base_url()) as c:
+        yield c
+
+
+def user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+async def test_sdk_streamed_completion_yields_every_chunk(sdk):
+    with trio.fail_after(5):
+        stream = await sdk.chat.completions.create(
+            model="m", messages=user("one two three"), stream=True
+        )
+        chunks = [chunk async for chunk in stream]
+    contents = [c.choices[0].delta.content for c in chunks]
+    assert contents == ["", "echo(1):", " one", " two", " three", None]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+async def test_sdk_non_streamed_completion_returns_the_message(sdk):
+    with trio.fail_after(5):
+        reply = await sdk.chat.completions.create(model="m", messages=user("hello there"))
+    assert reply.choices[0].message.content == "echo(1): hello there"
+    assert reply.usage.completion_tokens == 3
+
+
+async def test_sdk_error_status_raises_the_sdk_error(sdk):
+    with trio.fail_after(5), pytest.raises(openai.RateLimitError) as limited:
+        await sdk.chat.completions.create(model="m", messages=user("x [[fake:status=429]]"))
+    assert limited.value.status_code == 429
+    assert limited.value.code == "rate_limit_exceeded"
+
+
+async def test_sdk_stream_broken_mid_body_raises_a_connection_error(upstream, sdk):
+    received = []
+    with trio.fail_after(5):
+        stream = await sdk.chat.completions.create(
+            model="m", messages=user("one two three [[fake:disconnect_after=2]]"), stream=True
+        )
+        with pytest.raises(openai.APIConnectionError) as broken:
+            async for chunk in stream:
+                received.append(chunk.choices[0].delta.content)
+        assert isinstance(broken.value.__cause__, httpx2.RemoteProtocolError)
+        assert received == ["", "echo(1):", " one"]
+        reply = await sdk.chat.completions.create(model="m", messages=user("fine"))
+    assert reply.choices[0].message.content == "echo(1): fine"
+
+
+@asynccontextmanager
+async def counting_relay(port: int) -> AsyncIterator[RawServer]:
+    """A TCP relay to ``127.0.0.1:port`` that counts the connections it accepts."""
+
+    async def relay(peer: Peer) -> None:
+        async with await trio.open_tcp_stream("127.0.0.1", port) as target:
+            async with trio.open_nursery() as nursery:
+
+                async def pipe(source: trio.abc.Stream, sink: trio.abc.Stream) -> None:
+                    try:
+                        while data := await source.receive_some(65536):
+                            await sink.send_all(data)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(pipe, peer.stream, target)
+                nursery.start_soon(pipe, target, peer.stream)
+
+    server = RawServer(relay)
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, server.handle, 0, host="127.0.0.1"))
+        server.port = listeners[0].socket.getsockname()[1]
+        yield server
+        nursery.cancel_scope.cancel()
+
+
+async def test_sdk_sequential_calls_reuse_one_connection(upstream):
+    async with counting_relay(upstream.port) as relay, sdk_client(relay.url + "/v1") as sdk:
+        with trio.fail_after(5):
+            for i in range(5):
+                reply = await sdk.chat.completions.create(model="m", messages=user(f"n{i}"))
+                assert reply.choices[0].message.content == f"echo(1): n{i}"
+    assert len(upstream.requests) == 5
+    assert relay.accepted == 1
+
+
+# -- framing and reuse corner cases ---------------------------------------------------------
+
+
+async def test_streamed_request_body_is_sent_chunk_encoded(serve_raw, client):
+    bodies = []
+
+    async def handler(peer: Peer) -> None:
+        head = await peer.read_head()
+        assert b"transfer-encoding: chunked" in head.lower()
+        with trio.move_on_after(0.5):
+            while not peer.buffer.endswith(b"0\r\n\r\n"):
+                peer.buffer += await peer.stream.receive_some(65536)
+        bodies.append(peer.buffer)
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+    async def content() -> AsyncIterator[bytes]:
+        yield b"hello"
+        yield b" world"
+
+    server = await serve_raw(handler)
+    with trio.fail_after(5):
+        await client.post(server.url, content=content())
+    assert bodies == [b"b\r\nhello world\r\n0\r\n\r\n"]  # one chunk, then the last
+
+
+async def test_invalid_content_length_closes_the_connection(serve_raw, client):
+    async def handler(peer: Peer) -> None:
+        await peer.read_head()
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: five\r\n\r\nhello")
+        await peer.wait_eof()
+
+    server = await serve_raw(handler)
+    with trio.fail_after(5), pytest.raises(httpx2.RemoteProtocolError) as error:
+        await client.get(server.url)
+    with trio.move_on_after(1):
+        await server.client_closed.wait()
+    assert server.client_closed.is_set(), error  # the error (as a caller would) is still held
+
+
+async def test_sdk_sequential_streamed_calls_reuse_one_connection(upstream):
+    async with counting_relay(upstream.port) as relay, sdk_client(relay.url + "/v1") as sdk:
+        with trio.fail_after(5):
+            for i in range(3):
+                stream = await sdk.chat.completions.create(
+                    model="m", messages=user(f"s{i}"), stream=True
+                )
+                assert [c async for c in stream][-1].choices[0].finish_reason == "stop"
+    assert len(upstream.requests) == 3
+    assert relay.accepted == 1  # the SDK drains each stream, and the connection is reused
+
+
+async def test_response_stream_resumes_where_an_earlier_iteration_stopped(serve_raw, client):
+    """What the SDK's drain does: iterate response.stream after aiter_raw() stopped early."""
+    server = await serve_raw(answer(CHUNKED_HEAD + b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"))
+    with trio.fail_after(5):
+        async with client.stream("GET", server.url) as response:
+            parts = response.aiter_raw()
+            assert await parts.__anext__() == b"hello"
+            rest = [part async for part in response.stream]
+            await parts.aclose()
+    assert b"".join(rest) == b" world"
+
+
+async def test_head_just_over_64_kib_is_a_protocol_error(serve_raw, client):
+    async def handler(peer: Peer) -> None:
+        await peer.read_head()
+        start = b"HTTP/1.1 200 OK\r\nX-Big: "
+        await peer.send(start + b"a" * (65536 - len(start) - 2) + b"\r\n")  # exactly 64 KiB
+        await trio.sleep(0.1)
+        await peer.send(b"X-More: " + b"b" * 1000 + b"\r\nContent-Length: 0\r\n\r\n")
+        await peer.wait_eof()
+
+    server = await serve_raw(handler)
+    with trio.fail_after(5), pytest.raises(httpx2.RemoteProtocolError):
+        await client.get(server.url)
+
+
+async def test_http_1_0_response_reports_its_version(serve_raw, client):
+    server = await serve_raw(answer(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello"))
+    with trio.fail_after(5):
+        response = await client.get(server.url)
+    assert response.http_version == "HTTP/1.0"
