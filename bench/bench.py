@@ -33,9 +33,10 @@ model's: --answer-tokens tokens (default 100) at --token-delay seconds each
 (default 0.02, 50 tokens per second), so an answer lasts 2 s; --quick makes
 them 10 tokens at 0.005 s. At concurrency 1 there is no load to model: the
 answers are 20 tokens with no delay. Each worker is counted ceil(200 / N)
-times (ceil(20 / N) with --quick), so a row has at least 200 samples: 200 asks
-at concurrency 1, 2 per worker at 100, 1 at 1,000. Every other figure uses
-answers with no delay.
+times (ceil(20 / N) with --quick), so a row has at least 200 samples: 2 per
+worker at 100, 1 at 1,000; concurrency 1 is measured in five rounds of 200,
+direct and server taking turns, so that a drift in the machine's speed weighs
+on both alike. Every other figure uses answers with no delay.
 """
 
 from __future__ import annotations
@@ -360,26 +361,34 @@ async def run_workers(
 
 
 async def ttft(
-    stack: Stack, protocol: type, concurrency: int, per_worker: int, load: Load
+    stack: Stack, protocol: type, concurrency: int, per_worker: int, load: Load, rounds: int = 1
 ) -> dict[str, object]:
-    """Added time to first token of ``protocol`` over its direct baseline, under ``load``."""
+    """Added time to first token of ``protocol`` over its direct baseline, under ``load``.
+
+    Direct and server take turns for ``rounds`` rounds (``per_worker`` asks per worker
+    each), so a drift in the machine's speed weighs on both alike.
+    """
     limits = httpx2.Limits(max_connections=None, max_keepalive_connections=None)
-    results = {}
+    samples: dict[str, list[float]] = {"direct": [], "server": []}
+    errors = 0
     async with httpx2.AsyncClient(timeout=120, limits=limits) as http:
-        for label, kind in (("direct", protocol.baseline), ("server", protocol)):
+        for _ in range(rounds):
+            for label, kind in (("direct", protocol.baseline), ("server", protocol)):
 
-            def make(kind: type = kind) -> Client:
-                return kind(stack, http)
+                def make(kind: type = kind) -> Client:
+                    return kind(stack, http)
 
-            results[label] = await run_workers(concurrency, per_worker, make, load)
-    direct, server = results["direct"][0], results["server"][0]
+                taken, failed = await run_workers(concurrency, per_worker, make, load)
+                samples[label] += taken
+                errors += failed if label == "server" else 0
+    direct, server = samples["direct"], samples["server"]
     return {
         "protocol": protocol.name,
         "concurrency": concurrency,
         "answer_tokens": load.tokens,
         "token_delay_s": load.token_delay,
         "samples": len(server),
-        "errors": results["server"][1],
+        "errors": errors,
         "direct_p50_ms": round(statistics.median(direct) * 1000, 2),
         "server_p50_ms": round(statistics.median(server) * 1000, 2),
         "added_p50_ms": round((statistics.median(server) - statistics.median(direct)) * 1000, 2),
@@ -532,10 +541,12 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
 
             report["ttft"] = []
             for concurrency in concurrencies:
+                # concurrency 1 is quick to sample: five rounds of it, in turns against drift
+                rounds = 5 if concurrency == 1 else 1
                 per_worker = math.ceil(samples / concurrency)
                 load = paced if concurrency > 1 else UNPACED
                 for protocol in (HttpWhole, Sse, WebSocket, Grpc):
-                    row = await ttft(stack, protocol, concurrency, per_worker, load)
+                    row = await ttft(stack, protocol, concurrency, per_worker, load, rounds)
                     report["ttft"].append(row)
                     print(json.dumps(row), flush=True)
 

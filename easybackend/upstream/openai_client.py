@@ -89,7 +89,11 @@ class OpenAIUpstream:
         )
 
     async def stream(self, call: UpstreamCall) -> AsyncIterator[str | Completion]:
-        """Yield the answer's text pieces as they arrive, then one :class:`Completion`.
+        """Yield the answer's text as it arrives, then one :class:`Completion`.
+
+        Each item is the text of the pieces that arrived together (one read
+        of the body): a provider streaming faster than it is read gives fewer,
+        longer items, which costs every transport less per piece.
 
         Raises :class:`~easybackend.errors.UpstreamError` (never an SDK
         exception). On cancellation, or when the consumer closes the
@@ -102,33 +106,26 @@ class OpenAIUpstream:
         """
         deadline = trio.current_time() + self.settings.upstream_timeout
         response = await self._open(call, deadline)
-        lines = _lines(response)
-        finish_reason: str | None = None
-        model: str | None = None
-        usage: dict[str, Any] | None = None
+        batches = _line_batches(response)
+        answer = _Answer()
         try:
-            while (chunk := await self._next_chunk(lines, deadline)) is not None:
-                model = chunk.get("model") or model
-                usage = chunk.get("usage") or usage
-                for choice in (chunk.get("choices") or [])[:1]:
-                    content = (choice.get("delta") or {}).get("content")
-                    if content:
-                        yield content
-                    finish_reason = choice.get("finish_reason") or finish_reason
+            while (text := await self._next_text(batches, answer, deadline)) is not None:
+                yield text
             with trio.move_on_after(1):  # read the body to its end: the connection is reused
-                async for _ in lines:
+                async for _ in batches:
                     pass
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await lines.aclose()  # type: ignore[attr-defined]
+                await batches.aclose()  # type: ignore[attr-defined]
                 await response.aclose()
-        if finish_reason is None:
+        if answer.finish_reason is None:
             raise self._failed(
                 UpstreamError("the model provider ended the answer without a finish reason")
             )
+        usage = answer.usage
         yield Completion(
-            finish_reason=finish_reason,
-            model=model,
+            finish_reason=answer.finish_reason,
+            model=answer.model,
             prompt_tokens=usage.get("prompt_tokens") if usage else None,
             completion_tokens=usage.get("completion_tokens") if usage else None,
         )
@@ -174,34 +171,28 @@ class OpenAIUpstream:
                 await trio.sleep(wait)
         raise AssertionError("unreachable")
 
-    async def _next_chunk(
-        self, lines: AsyncIterator[bytes], deadline: float
-    ) -> dict[str, Any] | None:
-        """The next chunk of the event stream, or None at its end.
+    async def _next_text(
+        self, batches: AsyncIterator[list[bytes]], answer: _Answer, deadline: float
+    ) -> str | None:
+        """The text of the next lines that carry some, or None at the end of the answer.
 
         Raises UpstreamError on a broken stream, an error event or a stall. The
         idle timeout is the HTTP client's read timeout (no cancel scope per
-        chunk: they cost more than the chunk); the total timeout is checked
-        after every line, so an answer may overrun it by at most one idle period.
+        read: they cost more than the piece); the total timeout is checked
+        after every read, so an answer may overrun it by at most one idle period.
         """
         idle = self.settings.upstream_idle_timeout
         try:
-            async for line in lines:
+            while not answer.done:
+                lines = await anext(batches, None)
+                if lines is None:
+                    return None
                 if trio.current_time() >= deadline:
                     raise UpstreamTimeout(
                         f"the model provider did not finish within {self.settings.upstream_timeout:g} seconds"
                     )
-                if not line.startswith(b"data:"):
-                    continue  # blank separators, comments, event names
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    return None
-                chunk = json.loads(data)
-                if not isinstance(chunk, dict) or "error" in chunk:
-                    raise UpstreamError(
-                        "the model provider reported an error in the middle of the answer"
-                    )
-                return chunk
+                if text := answer.feed(lines):
+                    return text
             return None
         except UpstreamError as exc:
             raise self._failed(exc) from None
@@ -223,11 +214,50 @@ class OpenAIUpstream:
         await self._client.close()
 
 
-async def _lines(response: httpx2.Response) -> AsyncIterator[bytes]:
-    """The body's lines (without line endings), as bytes: no text decoding per piece.
+class _Answer:
+    """What the event stream has said so far: the end, the model, usage and finish reason."""
+
+    __slots__ = ("done", "finish_reason", "model", "usage")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.finish_reason: str | None = None
+        self.model: str | None = None
+        self.usage: dict[str, Any] | None = None
+
+    def feed(self, lines: list[bytes]) -> str:
+        """Take in some lines of the event stream; returns the answer text they carry.
+
+        Raises UpstreamError on an error event, ValueError on a malformed one.
+        """
+        pieces = []
+        for line in lines:
+            if not line.startswith(b"data:"):
+                continue  # blank separators, comments, event names
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                self.done = True
+                break
+            chunk = json.loads(data)
+            if not isinstance(chunk, dict) or "error" in chunk:
+                raise UpstreamError(
+                    "the model provider reported an error in the middle of the answer"
+                )
+            self.model = chunk.get("model") or self.model
+            self.usage = chunk.get("usage") or self.usage
+            for choice in (chunk.get("choices") or [])[:1]:
+                if content := (choice.get("delta") or {}).get("content"):
+                    pieces.append(content)
+                self.finish_reason = choice.get("finish_reason") or self.finish_reason
+        return "".join(pieces)
+
+
+async def _line_batches(response: httpx2.Response) -> AsyncIterator[list[bytes]]:
+    """The body's complete lines, one list per read, as bytes: no text decoding.
 
     The raw body when it is not content-encoded (the usual case for event
-    streams), else httpx's decoded bytes.
+    streams), else httpx's decoded bytes. Line endings are left on; a last
+    line without one is given at the end.
     """
     encoding = response.headers.get("content-encoding", "identity").strip().lower()
     parts = response.aiter_raw() if encoding in ("", "identity") else response.aiter_bytes()
@@ -235,10 +265,10 @@ async def _lines(response: httpx2.Response) -> AsyncIterator[bytes]:
     async for part in parts:
         lines = (rest + part).split(b"\n")
         rest = lines.pop()
-        for line in lines:
-            yield line.rstrip(b"\r")
+        if lines:
+            yield lines
     if rest:
-        yield rest.rstrip(b"\r")
+        yield [rest]
 
 
 def _retry_wait(exc: Exception, attempt: int) -> float | None:
