@@ -24,7 +24,7 @@ async def test_stream_sends_deltas_then_exactly_one_end(server):
     events = parse_sse(response.text)
     names = [name for name, _ in events]
     assert names == ["delta"] * (len(events) - 1) + ["end"], names
-    assert len(events) - 1 == 12  # one delta per upstream piece
+    assert 1 <= len(events) - 1 <= 12  # pieces that arrive together make one delta
     text = "".join(data["text"] for _, data in events[:-1])
     assert text == full_answer(1, "stream me", 12)
     end = events[-1][1]
@@ -92,8 +92,8 @@ async def test_upstream_disconnect_mid_stream_gives_one_error_event_and_stores_n
         assert response.status_code == 200
         events = parse_sse(response.text)
         names = [name for name, _ in events]
-        assert names == ["delta"] * 3 + ["error"], names
-        assert "".join(d["text"] for _, d in events[:3]) == "echo(1): a b"
+        assert names == ["delta"] * (len(names) - 1) + ["error"] and len(names) > 1, names
+        assert "".join(d["text"] for _, d in events[:-1]) == "echo(1): a b"
         error = events[-1][1]
         assert error["code"] == "upstream_error" and "broke off" in error["message"], error
         assert error["message"]

@@ -148,7 +148,8 @@ async def test_disconnect_mid_stream_gives_the_partial_text_then_an_error(fake, 
             response = await client.post("/ask/broken/stream", json={"prompt": prompt})
     assert response.status_code == 200
     frames = parse_sse(response.text)
-    assert [event for event, _ in frames] == ["delta"] * 3 + ["error"]
+    events = [event for event, _ in frames]
+    assert events == ["delta"] * (len(events) - 1) + ["error"] and len(events) > 1, events
     assert "".join(data["text"] for _, data in frames[:-1]) == partial
     assert frames[-1][1]["code"] == "upstream_error"
     assert "broke off" in frames[-1][1]["message"]
@@ -156,7 +157,8 @@ async def test_disconnect_mid_stream_gives_the_partial_text_then_an_error(fake, 
     replies = await ws_json_ask(
         server.running.ws_port, {"conversation_id": "broken-ws", "prompt": prompt}
     )
-    assert [r["type"] for r in replies] == ["delta"] * 3 + ["error"]
+    types = [r["type"] for r in replies]
+    assert types == ["delta"] * (len(types) - 1) + ["error"] and len(types) > 1, types
     assert "".join(r["text"] for r in replies[:-1]) == partial
     assert replies[-1]["code"] == "upstream_error"
 

@@ -8,6 +8,7 @@ cases go through the real ``openai`` client to the in-process FakeUpstream.
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,6 +22,9 @@ import trio
 import trustme
 
 from easybackend.fake_upstream import FakeUpstream
+from easybackend.metrics import Metrics
+from easybackend.settings import Settings
+from easybackend.upstream.openai_client import Completion, OpenAIUpstream, UpstreamCall
 from easybackend.upstream.transport import LeanTransport
 
 OK_HELLO = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
@@ -671,7 +675,14 @@ async def test_sdk_sequential_streamed_calls_reuse_one_connection(upstream):
 
 async def test_response_stream_resumes_where_an_earlier_iteration_stopped(serve_raw, client):
     """What the SDK's drain does: iterate response.stream after aiter_raw() stopped early."""
-    server = await serve_raw(answer(CHUNKED_HEAD + b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"))
+    async def handler(peer: Peer) -> None:
+        await peer.read_head()
+        await peer.send(CHUNKED_HEAD + b"5\r\nhello\r\n")
+        await trio.sleep(0.1)
+        await peer.send(b"6\r\n world\r\n0\r\n\r\n")
+        await peer.wait_eof()
+
+    server = await serve_raw(handler)
     with trio.fail_after(5):
         async with client.stream("GET", server.url) as response:
             parts = response.aiter_raw()
@@ -700,3 +711,49 @@ async def test_http_1_0_response_reports_its_version(serve_raw, client):
     with trio.fail_after(5):
         response = await client.get(server.url)
     assert response.http_version == "HTTP/1.0"
+
+
+# -- the upstream client on top: pieces that arrive together make one item ------------------
+
+
+def sse_chunk(content: str | None = None, finish: str | None = None) -> bytes:
+    delta = {} if content is None else {"content": content}
+    event = {"model": "m", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    data = b"data: " + json.dumps(event).encode() + b"\n\n"
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+SSE_END = sse_chunk(finish="stop") + b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n"
+
+
+async def read_answer(settings: Settings, url: str) -> list[str | Completion]:
+    upstream = OpenAIUpstream(settings, Metrics(), base_url=url)
+    call = UpstreamCall(
+        messages=[{"role": "user", "content": "hi"}], model="m", temperature=1.0, max_tokens=None
+    )
+    try:
+        with trio.fail_after(5):
+            return [item async for item in upstream.stream(call)]
+    finally:
+        await upstream.aclose()
+
+
+async def test_pieces_read_together_are_one_item(serve_raw, make_settings):
+    """A provider faster than the relay costs one delta per read, not one per token."""
+
+    async def handler(peer: Peer) -> None:
+        await peer.read_head()
+        await peer.send(SSE_HEAD + b"".join(sse_chunk(word) for word in ("a", " b", " c")))
+        await trio.sleep(0.1)
+        await peer.send(sse_chunk(" d") + SSE_END)
+        await peer.wait_eof()
+
+    server = await serve_raw(handler)
+    items = await read_answer(make_settings(), server.url + "/v1")
+    assert items[:2] == ["a b c", " d"]
+    assert items[2] == Completion(
+        finish_reason="stop", model="m", prompt_tokens=None, completion_tokens=None
+    )

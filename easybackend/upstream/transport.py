@@ -283,36 +283,50 @@ class _Body(httpx2.AsyncByteStream):
         self._complete = True
 
     async def _read_chunked(self, connection: _Connection) -> AsyncIterator[bytes]:
-        """Decode chunked transfer encoding, giving each chunk's data as soon as it arrives."""
+        """Decode chunked transfer encoding.
+
+        Whatever has arrived is given before waiting for more: the data of
+        every chunk one read completed comes as one piece, and a chunk that
+        arrives in parts comes in those parts.
+        """
+        pending: list[bytes] = []
         while True:
-            size_line = await self._line(connection)
-            try:
-                size = int(size_line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise httpx2.RemoteProtocolError("invalid chunk size in the response") from None
-            if size < 0:
-                raise httpx2.RemoteProtocolError("invalid chunk size in the response")
+            if (size_line := _take_line(connection)) is None:
+                if pending:
+                    yield b"".join(pending)
+                    pending.clear()
+                size_line = await self._line(connection)
+            size = _chunk_size(size_line)
             if size == 0:
+                if pending:
+                    yield b"".join(pending)
                 while await self._line(connection):  # trailers, up to the blank line
                     pass
                 self._complete = True
                 return
             while size:
                 if not connection.buffer:
+                    if pending:
+                        yield b"".join(pending)
+                        pending.clear()
                     connection.buffer = await self._more(connection)
                 part, connection.buffer = connection.buffer[:size], connection.buffer[size:]
                 size -= len(part)
-                yield part
-            if await self._line(connection):
+                pending.append(part)
+            if (end := _take_line(connection)) is None:
+                if pending:
+                    yield b"".join(pending)
+                    pending.clear()
+                end = await self._line(connection)
+            if end:
                 raise httpx2.RemoteProtocolError("chunk data longer than its size")
 
     async def _line(self, connection: _Connection) -> bytes:
         """The next CRLF-terminated line of the chunked framing, without its CRLF."""
-        while (end := connection.buffer.find(b"\r\n")) < 0:
+        while (line := _take_line(connection)) is None:
             if len(connection.buffer) > MAX_HEAD_BYTES:
                 raise httpx2.RemoteProtocolError("a chunk header line is too long")
             connection.buffer += await self._more(connection)
-        line, connection.buffer = connection.buffer[:end], connection.buffer[end + 2 :]
         return line
 
     async def _more(self, connection: _Connection) -> bytes:
@@ -333,6 +347,26 @@ class _Body(httpx2.AsyncByteStream):
             self._transport._release(connection, self._origin)
         else:
             await connection.close()
+
+
+def _take_line(connection: _Connection) -> bytes | None:
+    """The next CRLF-terminated line already read, without its CRLF; None if none is complete."""
+    end = connection.buffer.find(b"\r\n")
+    if end < 0:
+        return None
+    line, connection.buffer = connection.buffer[:end], connection.buffer[end + 2 :]
+    return line
+
+
+def _chunk_size(line: bytes) -> int:
+    """The size in a chunk-size line (extensions ignored); raises RemoteProtocolError."""
+    try:
+        size = int(line.split(b";", 1)[0].strip(), 16)
+    except ValueError:
+        raise httpx2.RemoteProtocolError("invalid chunk size in the response") from None
+    if size < 0:
+        raise httpx2.RemoteProtocolError("invalid chunk size in the response")
+    return size
 
 
 def _default_port(scheme: str) -> int:
