@@ -675,6 +675,7 @@ async def test_sdk_sequential_streamed_calls_reuse_one_connection(upstream):
 
 async def test_response_stream_resumes_where_an_earlier_iteration_stopped(serve_raw, client):
     """What the SDK's drain does: iterate response.stream after aiter_raw() stopped early."""
+
     async def handler(peer: Peer) -> None:
         await peer.read_head()
         await peer.send(CHUNKED_HEAD + b"5\r\nhello\r\n")
@@ -757,3 +758,21 @@ async def test_pieces_read_together_are_one_item(serve_raw, make_settings):
     assert items[2] == Completion(
         finish_reason="stop", model="m", prompt_tokens=None, completion_tokens=None
     )
+
+
+async def test_a_proxy_in_the_environment_is_used(serve_raw, make_settings, monkeypatch):
+    """With HTTP(S)_PROXY set, calls go through httpx's own transport, which honours it."""
+
+    async def proxy(peer: Peer) -> None:
+        head = await peer.read_head()
+        if head.startswith(b"POST http://upstream.invalid/v1/chat/completions "):
+            await peer.send(SSE_HEAD + sse_chunk("via proxy") + SSE_END)
+        await peer.wait_eof()
+
+    server = await serve_raw(proxy)
+    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", server.url)
+    items = await read_answer(make_settings(), "http://upstream.invalid/v1")
+    assert items[0] == "via proxy"
+    assert server.accepted == 1

@@ -28,6 +28,7 @@ import json
 import logging
 import random
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -85,7 +86,9 @@ class OpenAIUpstream:
             base_url=base_url or settings.openai_base_url,
             max_retries=0,
             timeout=timeout,
-            http_client=openai.DefaultAsyncHttpxClient(timeout=timeout, transport=LeanTransport()),
+            http_client=openai.DefaultAsyncHttpxClient(
+                timeout=timeout, transport=_transport_unless_proxied()
+            ),
         )
 
     async def stream(self, call: UpstreamCall) -> AsyncIterator[str | Completion]:
@@ -269,6 +272,17 @@ async def _line_batches(response: httpx2.Response) -> AsyncIterator[list[bytes]]
             yield lines
     if rest:
         yield [rest]
+
+
+def _transport_unless_proxied() -> LeanTransport | None:
+    """The lean transport, or None (httpx's own) when the environment names a proxy.
+
+    httpx honours ``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY`` and ``NO_PROXY``
+    (read through ``urllib.request.getproxies``) only with its own transport,
+    so a proxied deployment keeps it.
+    """
+    proxies = urllib.request.getproxies()
+    return None if any(scheme != "no" for scheme in proxies) else LeanTransport()
 
 
 def _retry_wait(exc: Exception, attempt: int) -> float | None:

@@ -13,9 +13,9 @@ connection; a pool of idle keep-alive connections per origin, each checked
 before reuse (a connection the server has closed is dropped, and a request on
 a reused connection that the server closed before answering is sent once more
 on a new one); the SDK's connect, read and write timeouts. Content decoding
-(gzip and the like), redirects and proxies stay with httpx: its proxy mounts,
-configured from ``HTTPS_PROXY`` and the like, take precedence over this
-transport.
+(gzip and the like) and redirects stay with httpx. Proxies are not spoken
+here: when the environment names one, the upstream client keeps httpx's own
+transport, which honours it.
 
 Errors are httpx's own exception types (``ConnectError``, ``ReadTimeout``,
 ``RemoteProtocolError``...), so the SDK maps them as it would its default
