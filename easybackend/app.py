@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import ipaddress
 import logging
 import signal
@@ -89,6 +90,7 @@ async def serve(
                     ports = {name: sock.getsockname()[1] for name, sock in sockets.items()}
                     for name, sock in sockets.items():  # each server takes its socket over
                         await listeners.start(SERVERS[name], service, settings, sock, shutdown)
+                    _freeze_startup_objects()
                     task_status.started(
                         Running(**ports, service=service, upstream_url=upstream_url)
                     )
@@ -102,6 +104,20 @@ async def serve(
         with trio.CancelScope(shield=True):
             await storage.close()
     log.info("EasyBackend stopped")
+
+
+def _freeze_startup_objects() -> None:
+    """Leave what start-up built (modules, apps, schemas) out of every later garbage collection.
+
+    A full collection walks every tracked object; with the start-up objects in
+    it, each one stalls the event loop for about 20 ms under load, which shows
+    as a spike in every answer in progress. Frozen, they are never walked again.
+    Done once per process (a process that serves again, as the tests do, keeps
+    its first freeze).
+    """
+    if not gc.get_freeze_count():
+        gc.collect()
+        gc.freeze()
 
 
 @contextlib.asynccontextmanager

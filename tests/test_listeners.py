@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -79,3 +80,8 @@ async def test_second_instance_on_a_taken_port_exits_naming_it(first_instance, t
         reply = await client.post("/ask/still-here", json={"prompt": "are you there?"})
     assert reply.status_code == 200
     assert reply.json()["response"] == "echo(1): are you there?"
+
+
+async def test_startup_objects_are_left_out_of_later_garbage_collections(server):
+    """Full collections would otherwise walk everything start-up built, stalling every answer."""
+    assert gc.get_freeze_count() > 10_000  # modules, the apps, schemas: frozen once serving
