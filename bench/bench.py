@@ -32,11 +32,11 @@ N asks are in flight. Above concurrency 1 the answers are paced like a hosted
 model's: --answer-tokens tokens (default 100) at --token-delay seconds each
 (default 0.02, 50 tokens per second), so an answer lasts 2 s; --quick makes
 them 10 tokens at 0.005 s. At concurrency 1 there is no load to model: the
-answers are 20 tokens with no delay. Each worker is counted ceil(200 / N)
-times (ceil(20 / N) with --quick), so a row has at least 200 samples: 2 per
-worker at 100, 1 at 1,000; concurrency 1 is measured in five rounds of 200,
-direct and server taking turns, so that a drift in the machine's speed weighs
-on both alike. Every other figure uses answers with no delay.
+answers are 20 tokens with no delay. Direct and server take turns, in rounds,
+so that a drift in the machine's speed weighs on both alike: at concurrency 1,
+five rounds of 200 asks; at 100, three rounds in which each worker is counted
+once (300 samples); at 1,000, one round, each worker counted once (--quick:
+a tenth of the asks). Every other figure uses answers with no delay.
 """
 
 from __future__ import annotations
@@ -541,9 +541,9 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
 
             report["ttft"] = []
             for concurrency in concurrencies:
-                # concurrency 1 is quick to sample: five rounds of it, in turns against drift
-                rounds = 5 if concurrency == 1 else 1
-                per_worker = math.ceil(samples / concurrency)
+                # in turns against drift: 5 rounds at 1, 3 up to 100, 1 above (it takes long)
+                rounds = 5 if concurrency == 1 else 3 if concurrency <= 100 else 1
+                per_worker = math.ceil(samples / concurrency / (rounds if concurrency > 1 else 1))
                 load = paced if concurrency > 1 else UNPACED
                 for protocol in (HttpWhole, Sse, WebSocket, Grpc):
                     row = await ttft(stack, protocol, concurrency, per_worker, load, rounds)

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -78,7 +78,7 @@ def relay_app(upstream: OpenAIUpstream) -> QuartTrio:
 class FloorStack(bench.Stack):
     """The fake upstream as a child process, and the bare relay in this process on ``self.http``."""
 
-    async def start_relay(self, nursery: trio.Nursery) -> None:
+    async def start_relay(self, nursery: trio.Nursery, stop: trio.Event) -> None:
         settings = load_settings(
             environ={"OPENAI_API_KEY": "bench-key", "OPENAI_BASE_URL": self.upstream_url},
             env_file=None,
@@ -86,8 +86,8 @@ class FloorStack(bench.Stack):
         upstream = OpenAIUpstream(settings, Metrics())
         config = Config()
         config.bind = [f"127.0.0.1:{self.http}"]
-        config.accesslog = None
-        await nursery.start(serve, relay_app(upstream), config)
+        config.accesslog = config.errorlog = None
+        await nursery.start(partial(serve, relay_app(upstream), config, shutdown_trigger=stop.wait))
 
 
 async def main(args: argparse.Namespace) -> list[dict[str, object]]:
@@ -97,16 +97,15 @@ async def main(args: argparse.Namespace) -> list[dict[str, object]]:
         stack = FloorStack(Path(tmp))
         try:
             await stack.start_upstream()
+            stop = trio.Event()
             async with trio.open_nursery() as nursery:
-                await stack.start_relay(nursery)
+                await stack.start_relay(nursery, stop)
                 for protocol in (bench.HttpWhole, bench.Sse):
-                    row = await bench.ttft(
-                        stack, protocol, 1, math.ceil(samples), bench.UNPACED, rounds=5
-                    )
+                    row = await bench.ttft(stack, protocol, 1, samples, bench.UNPACED, rounds=5)
                     row["protocol"] = f"{row['protocol']} (bare relay)"
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-                nursery.cancel_scope.cancel()
+                stop.set()
         finally:
             stack.stop()
     return rows
