@@ -109,6 +109,16 @@ def answer(response: bytes | Callable[[bytes], bytes], *, close: bool = False):
     return handler
 
 
+async def first_chunk_then_hello(peer: Peer) -> None:
+    """The first connection gets one chunk of a body that never ends; later ones get "hello"."""
+    if peer.index == 0:
+        await peer.read_head()
+        await peer.send(CHUNKED_HEAD + b"5\r\nfirst\r\n")
+        await peer.wait_eof()
+    else:
+        await answer(OK_HELLO)(peer)
+
+
 @pytest.fixture
 def serve_raw(nursery: trio.Nursery) -> Callable[..., Awaitable[RawServer]]:
     async def start(handler: Callable[[Peer], Awaitable[None]]) -> RawServer:
@@ -241,15 +251,7 @@ async def test_response_that_ends_the_connection_is_not_reused(serve_raw, client
 
 
 async def test_response_closed_early_is_not_reused_and_its_connection_is_closed(serve_raw, client):
-    async def handler(peer: Peer) -> None:
-        if peer.index == 0:
-            await peer.read_head()
-            await peer.send(CHUNKED_HEAD + b"5\r\nfirst\r\n")
-            await peer.wait_eof()
-        else:
-            await answer(OK_HELLO)(peer)
-
-    server = await serve_raw(handler)
+    server = await serve_raw(first_chunk_then_hello)
     with trio.fail_after(5):
         async with client.stream("GET", server.url) as response:
             parts = response.aiter_raw()
@@ -431,15 +433,7 @@ async def test_interim_100_continue_responses_are_skipped(serve_raw, client):
 
 
 async def test_cancelling_a_body_read_closes_the_connection(serve_raw, client):
-    async def handler(peer: Peer) -> None:
-        if peer.index == 0:
-            await peer.read_head()
-            await peer.send(CHUNKED_HEAD + b"5\r\nfirst\r\n")
-            await peer.wait_eof()
-        else:
-            await answer(OK_HELLO)(peer)
-
-    server = await serve_raw(handler)
+    server = await serve_raw(first_chunk_then_hello)
     first_seen = trio.Event()
     parts = []
 
