@@ -308,7 +308,7 @@ class Load:
     """The answers the fake upstream gives in a time-to-first-token row."""
 
     tokens: int
-    token_delay: float  # seconds before each token
+    token_delay: float  # seconds between tokens (token i is due i delays after the start)
 
     @property
     def prompt(self) -> str:

@@ -22,9 +22,9 @@ The answer reveals what was received: ``f"echo({len(messages)}): {last_user_text
 ``last_user_text`` is the content of the last ``user`` message, verbatim. It is split into
 "tokens" with ``re.findall(r"\\s*\\S+|\\s+", answer)`` (joining them gives the answer back);
 ``max_tokens``/``max_completion_tokens`` below the token count cuts it (finish_reason
-``"length"``). Streaming sends a role chunk, one ``chat.completion.chunk`` per token (token i is
-due i token delays after the start, as from a model generating at a steady rate), a finish chunk, a usage chunk if ``stream_options.include_usage``,
-then ``data: [DONE]``. Usage: ``prompt_tokens`` = sum over messages of (words + 4),
+``"length"``). Streaming sends a role chunk, one ``chat.completion.chunk`` per token (token i
+is due i token delays after the start, as from a model generating at a steady rate), a finish
+chunk, a usage chunk if ``stream_options.include_usage``, then ``data: [DONE]``. Usage: ``prompt_tokens`` = sum over messages of (words + 4),
 ``completion_tokens`` = tokens sent.
 
 Faults, queued or inline in the last user message as ``[[fake:key=value]]`` (inline wins per

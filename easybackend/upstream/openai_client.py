@@ -87,7 +87,10 @@ class OpenAIUpstream:
             max_retries=0,
             timeout=timeout,
             http_client=openai.DefaultAsyncHttpxClient(
-                timeout=timeout, transport=_transport_unless_proxied()
+                timeout=timeout,
+                transport=_transport_unless_proxied(),
+                # for httpx's own transport (with a proxy); LeanTransport has no limit
+                limits=httpx2.Limits(max_connections=None, max_keepalive_connections=256),
             ),
         )
 
@@ -259,8 +262,9 @@ async def _line_batches(response: httpx2.Response) -> AsyncIterator[list[bytes]]
     """The body's complete lines, one list per read, as bytes: no text decoding.
 
     The raw body when it is not content-encoded (the usual case for event
-    streams), else httpx's decoded bytes. Line endings are left on; a last
-    line without one is given at the end.
+    streams), else httpx's decoded bytes. Lines are split at ``\n`` (a ``\r``
+    before it stays: the parser strips it); a last line without one comes at
+    the end.
     """
     encoding = response.headers.get("content-encoding", "identity").strip().lower()
     parts = response.aiter_raw() if encoding in ("", "identity") else response.aiter_bytes()

@@ -394,7 +394,7 @@ class _Head:
 
 def _framed(request: httpx2.Request, body: bytes) -> bytes:
     """The body as sent: chunk-encoded when the request says so (httpx does for a generator)."""
-    if b"chunked" not in request.headers.get("transfer-encoding", "").encode().lower():
+    if "chunked" not in request.headers.get("transfer-encoding", "").lower():
         return body
     return (b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + b"0\r\n\r\n"
 
