@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 
 import httpx2
 import trio
+from conftest import UPSTREAM_KEY
 
 from easybackend.fake_upstream import FakeUpstream
 from easybackend.settings import ENVIRONMENT
@@ -178,6 +179,17 @@ def clean_env(**env: str) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if k not in ENVIRONMENT and k != "API_KEYS"}
     base["PYTHONUNBUFFERED"] = "1"
     return {**base, **env}
+
+
+def server_env(fake: FakeUpstream, **env: str) -> dict[str, str]:
+    """A clean environment for ``python run.py`` on loopback, talking to ``fake``, no retries."""
+    return clean_env(
+        OPENAI_API_KEY=UPSTREAM_KEY,
+        OPENAI_BASE_URL=fake.base_url(),
+        HOST="127.0.0.1",
+        UPSTREAM_RETRIES="0",
+        **env,
+    )
 
 
 class ServerProcess:

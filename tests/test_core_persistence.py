@@ -8,12 +8,12 @@ from collections import defaultdict
 import httpx2
 import pytest
 import trio
-from conftest import UPSTREAM_KEY, free_port
+from conftest import free_port
 from helpers_core import (
     ServerProcess,
-    clean_env,
     echo,
     history_of,
+    server_env,
     stored_turns,
     upstream_messages,
     wait_until,
@@ -94,15 +94,12 @@ def check_database(path) -> dict[str, list[sqlite3.Row]]:
 async def test_kill_minus_nine_mid_burst_leaves_every_turn_whole(fake, tmp_path, start_server):
     data = tmp_path / "data"
     port = free_port()
-    env = clean_env(
-        OPENAI_API_KEY=UPSTREAM_KEY,
-        OPENAI_BASE_URL=fake.base_url(),
-        HOST="127.0.0.1",
+    env = server_env(
+        fake,
         HTTP_PORT=str(port),
         GRPC_PORT="off",
         WS_PORT="off",
         CONVERSATIONS_DIR=str(data),
-        UPSTREAM_RETRIES="0",
         LOG_LEVEL="WARNING",
     )
     server = await ServerProcess(tmp_path, env).start()

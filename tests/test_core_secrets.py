@@ -7,7 +7,7 @@ import logging
 import httpx2
 import pytest
 from conftest import UPSTREAM_KEY, free_port
-from helpers_core import ServerProcess, clean_env, parse_sse, run_cli
+from helpers_core import ServerProcess, clean_env, parse_sse, run_cli, server_env
 
 WRONG_KEY = "sk-wrong-but-still-SECRET-9876543210"
 SECRETS = (UPSTREAM_KEY, WRONG_KEY, UPSTREAM_KEY[-12:], WRONG_KEY[-12:])
@@ -104,16 +104,7 @@ async def test_key_rejected_by_the_upstream_is_not_echoed(start_server, debug_lo
 
 async def test_key_is_not_in_the_output_of_a_server_process_logging_at_debug(fake, tmp_path):
     port = free_port()
-    env = clean_env(
-        OPENAI_API_KEY=UPSTREAM_KEY,
-        OPENAI_BASE_URL=fake.base_url(),
-        HOST="127.0.0.1",
-        HTTP_PORT=str(port),
-        GRPC_PORT="off",
-        WS_PORT="off",
-        UPSTREAM_RETRIES="0",
-        LOG_LEVEL="DEBUG",
-    )
+    env = server_env(fake, HTTP_PORT=str(port), GRPC_PORT="off", WS_PORT="off", LOG_LEVEL="DEBUG")
     process = ServerProcess(tmp_path, env)
     await process.start()
     recorder = Recorder()

@@ -9,18 +9,17 @@ from __future__ import annotations
 import json
 import re
 import signal
-from pathlib import Path
 
 import grpc
 import httpx2
 import trio
-from conftest import UPSTREAM_KEY, free_port
+from conftest import free_port
 from helpers_core import (
     ServerProcess,
-    clean_env,
     full_answer,
     history_of,
     port_closed,
+    server_env,
     stored_turns,
     upstream_messages,
     wait_until,
@@ -32,17 +31,6 @@ SHORT = "short [[fake:tokens=20]] [[fake:delay=0.05]]"  # about 1 s
 LONG = "long [[fake:tokens=3000]] [[fake:delay=0.01]]"  # about 30 s
 LONG_ANSWER = full_answer(1, "long", 3000)
 GRACE = 2.0
-
-
-def server_env(fake, data: Path, **env: str) -> dict[str, str]:
-    return clean_env(
-        OPENAI_API_KEY=UPSTREAM_KEY,
-        OPENAI_BASE_URL=fake.base_url(),
-        HOST="127.0.0.1",
-        CONVERSATIONS_DIR=str(data),
-        UPSTREAM_RETRIES="0",
-        **env,
-    )
 
 
 class SseReader:
@@ -74,7 +62,7 @@ async def test_sigterm_finishes_short_answers_and_cuts_long_ones_at_the_grace(
     data = tmp_path / "data"
     env = server_env(
         fake,
-        data,
+        CONVERSATIONS_DIR=str(data),
         HTTP_PORT=str(http_port),
         GRPC_PORT=str(grpc_port),
         WS_PORT=str(ws_port),
@@ -194,7 +182,12 @@ async def test_a_second_sigterm_stops_at_once(fake, tmp_path):
     http_port = free_port()
     data = tmp_path / "data"
     env = server_env(
-        fake, data, HTTP_PORT=str(http_port), GRPC_PORT="off", WS_PORT="off", SHUTDOWN_GRACE="30"
+        fake,
+        CONVERSATIONS_DIR=str(data),
+        HTTP_PORT=str(http_port),
+        GRPC_PORT="off",
+        WS_PORT="off",
+        SHUTDOWN_GRACE="30",
     )
     process = ServerProcess(tmp_path, env)
     await process.start()
