@@ -263,9 +263,16 @@ async def run_cli(
     workdir: Path, env: dict[str, str], args: Iterable[str] = (), timeout: float = 30.0
 ) -> subprocess.CompletedProcess[bytes]:
     """Run ``python run.py ARGS`` to completion (it must exit by itself)."""
+    return await run_python(workdir, env, [str(RUN_PY), *args], timeout)
+
+
+async def run_python(
+    workdir: Path, env: dict[str, str], argv: Iterable[str], timeout: float = 30.0
+) -> subprocess.CompletedProcess[bytes]:
+    """Run ``python ARGV`` in ``workdir`` to completion, its output captured, any exit status."""
     with trio.fail_after(timeout):
         return await trio.run_process(
-            [sys.executable, str(RUN_PY), *args],
+            [sys.executable, *argv],
             cwd=workdir,
             env=env,
             stdin=subprocess.DEVNULL,

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
-import trio
-from helpers_core import clean_env
+from helpers_core import clean_env, run_python
 
 from easybackend.chat.tokens import (
     FALLBACK_ENCODING,
@@ -57,16 +54,7 @@ async def run_offline(tmp_path, *names: str, cache_dir: str | None = None):
     env["TIKTOKEN_CACHE_DIR"] = str(tmp_path / "tiktoken-cache") if cache_dir is None else cache_dir
     for variable in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
         env.pop(variable, None)
-    with trio.fail_after(30):
-        return await trio.run_process(
-            [sys.executable, "-c", OFFLINE_SCRIPT, *names],
-            env=env,
-            cwd=tmp_path,
-            stdin=subprocess.DEVNULL,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
+    return await run_python(tmp_path, env, ["-c", OFFLINE_SCRIPT, *names])
 
 
 async def test_bundled_encodings_load_with_the_network_disabled_and_an_empty_cache(tmp_path):
