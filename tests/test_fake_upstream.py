@@ -16,7 +16,7 @@ import openai
 import pytest
 import trio
 
-from easybackend.fake_upstream import FakeUpstream
+from easybackend.fake_upstream import FakeUpstream, _Reply
 
 PIECES = re.compile(r"\s*\S+|\s+")
 
@@ -333,28 +333,23 @@ async def test_delays_slow_every_token():
             assert trio.current_time() - start >= 3 * 0.1
 
 
-async def test_tokens_come_at_a_steady_rate_however_slow_sending_is():
-    """Token i is due i delays after the start: time spent sending does not add up."""
+async def test_tokens_come_at_a_steady_rate_however_slow_sending_is(autojump_clock):
+    """Token i is due i delays after the start: time spent sending does not add up.
 
-    class SlowSending(FakeUpstream):
-        async def _produce(self, reply, emit):
-            async def slow_emit(piece: str) -> None:
-                await trio.sleep(0.03)
-                await emit(piece)
+    On trio's virtual clock, so the figures are exact whatever the machine's load.
+    """
+    reply = _Reply("r", "m", ["a", " b", " c", " d"], "stop", {}, {}, 0.05, False)
+    sent_at: list[float] = []
 
-            return await super()._produce(reply, slow_emit)
+    async def slow_emit(piece: str) -> None:
+        await trio.sleep(0.03)  # sending takes most of the delay
+        sent_at.append(trio.current_time())
 
-    async with serving(SlowSending(token_delay=0.05)) as fake:
-        async with openai.AsyncOpenAI(base_url=fake.base_url(), api_key="k", max_retries=0) as c:
-            start = trio.current_time()
-            stream = await c.chat.completions.create(
-                model="m", messages=user("[[fake:tokens=10]] a"), stream=True
-            )
-            assert len([chunk async for chunk in stream]) == 12
-            elapsed = trio.current_time() - start
-    # 10 tokens at 0.05 s are due by 0.5 s, the last sent 0.03 s later; adding up the
-    # sending time would take 10 * (0.05 + 0.03) = 0.8 s.
-    assert 0.5 <= elapsed < 0.7
+    start = trio.current_time()
+    assert await FakeUpstream()._produce(reply, slow_emit)
+    # due at 0.05, 0.10, 0.15, 0.20, each sent 0.03 s later; adding up the sending time
+    # would give 0.08, 0.16, 0.24, 0.32
+    assert [round(t - start, 6) for t in sent_at] == [0.08, 0.13, 0.18, 0.23]
 
 
 async def test_keep_alive_serves_several_requests_on_one_connection(upstream):
