@@ -275,13 +275,13 @@ async def test_idle_connection_closed_by_server_is_not_used(serve_raw, client):
 
 async def test_idle_connection_that_received_unexpected_bytes_is_not_used(serve_raw, client):
     """Bytes arriving on an idle connection (a stray response) make it unusable."""
-    stray_sent = trio.Event()
+    first_answered, stray_sent = trio.Event(), trio.Event()
 
     async def handler(peer: Peer) -> None:
         if peer.index == 0:
             await peer.read_head()
             await peer.send(OK_HELLO)
-            await trio.sleep(0.05)  # after the client has put the connection back in its pool
+            await first_answered.wait()  # the connection is back in the client's pool
             await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray")
             stray_sent.set()
             await peer.wait_eof()
@@ -291,6 +291,7 @@ async def test_idle_connection_that_received_unexpected_bytes_is_not_used(serve_
     server = await serve_raw(handler)
     with trio.fail_after(5):
         assert (await client.get(server.url)).content == b"hello"
+        first_answered.set()
         await stray_sent.wait()
         assert (await client.get(server.url)).content == b"right"
         await server.client_closed.wait()  # the dropped connection was closed
@@ -670,10 +671,12 @@ async def test_sdk_sequential_streamed_calls_reuse_one_connection(upstream):
 async def test_response_stream_resumes_where_an_earlier_iteration_stopped(serve_raw, client):
     """What the SDK's drain does: iterate response.stream after aiter_raw() stopped early."""
 
+    first_read = trio.Event()
+
     async def handler(peer: Peer) -> None:
         await peer.read_head()
         await peer.send(CHUNKED_HEAD + b"5\r\nhello\r\n")
-        await trio.sleep(0.1)
+        await first_read.wait()
         await peer.send(b"6\r\n world\r\n0\r\n\r\n")
         await peer.wait_eof()
 
@@ -682,6 +685,7 @@ async def test_response_stream_resumes_where_an_earlier_iteration_stopped(serve_
         async with client.stream("GET", server.url) as response:
             parts = response.aiter_raw()
             assert await parts.__anext__() == b"hello"
+            first_read.set()
             rest = [part async for part in response.stream]
             await parts.aclose()
     assert b"".join(rest) == b" world"
@@ -724,30 +728,40 @@ SSE_HEAD = (
 SSE_END = sse_chunk(finish="stop") + b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n"
 
 
-async def read_answer(settings: Settings, url: str) -> list[str | Completion]:
+async def read_answer(
+    settings: Settings, url: str, *, after_first: trio.Event | None = None
+) -> list[str | Completion]:
+    """Everything OpenAIUpstream.stream yields for one call; ``after_first`` is set at the first."""
     upstream = OpenAIUpstream(settings, Metrics(), base_url=url)
     call = UpstreamCall(
         messages=[{"role": "user", "content": "hi"}], model="m", temperature=1.0, max_tokens=None
     )
+    items: list[str | Completion] = []
     try:
         with trio.fail_after(5):
-            return [item async for item in upstream.stream(call)]
+            async for item in upstream.stream(call):
+                items.append(item)
+                if after_first is not None:
+                    after_first.set()
     finally:
         await upstream.aclose()
+    return items
 
 
 async def test_pieces_read_together_are_one_item(serve_raw, make_settings):
     """A provider faster than the relay costs one delta per read, not one per token."""
 
+    first_item = trio.Event()
+
     async def handler(peer: Peer) -> None:
         await peer.read_head()
         await peer.send(SSE_HEAD + b"".join(sse_chunk(word) for word in ("a", " b", " c")))
-        await trio.sleep(0.1)
+        await first_item.wait()
         await peer.send(sse_chunk(" d") + SSE_END)
         await peer.wait_eof()
 
     server = await serve_raw(handler)
-    items = await read_answer(make_settings(), server.url + "/v1")
+    items = await read_answer(make_settings(), server.url + "/v1", after_first=first_item)
     assert items[:2] == ["a b c", " d"]
     assert items[2] == Completion(
         finish_reason="stop", model="m", prompt_tokens=None, completion_tokens=None
