@@ -3,38 +3,50 @@
     python bench/floor.py            # 5 rounds of 200 asks per protocol
     python bench/floor.py --quick    # a smoke run
 
-A bare relay built from the same parts as the server, and nothing else: a
-quart-trio app served by hypercorn's trio worker, whose two routes pass the
-prompt to the model through EasyBackend's upstream client (the ``openai`` SDK
-on the lean transport) and send the answer back, as JSON or as Server-Sent
-Events in EasyBackend's format. No validation, storage, token counting,
-authentication, logging or metrics.
+Bare relays built from the same parts as the server, and nothing else, each
+passing the prompt to the model through EasyBackend's upstream client (the
+``openai`` SDK on the lean transport) and sending the answer back in
+EasyBackend's format:
 
-Its added time to first token at concurrency 1, measured as bench.py measures
+- HTTP and SSE: a quart-trio app served by hypercorn's trio worker, with the
+  two ask routes (whole answer as JSON, Server-Sent Events);
+- WebSocket: trio-websocket's server, one ``ask`` message in, ``delta``
+  messages and an ``end`` message out;
+- gRPC: purerpc's own ``Server`` (which listens on every interface) with the
+  ``chat.Chat`` service's ``Ask``.
+
+No validation, storage, token counting, authentication, logging or metrics.
+
+Their added time to first token at concurrency 1, measured as bench.py measures
 the server (same clients, same fake upstream, direct and relay taking turns),
-is the part of EasyBackend's figure that comes with quart, hypercorn and the
-SDK; the rest is what EasyBackend itself does per ask.
+is the part of EasyBackend's figure that comes with these libraries; the rest
+is what EasyBackend itself does per ask.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import sys
 import tempfile
 from functools import partial
 from pathlib import Path
 
+import purerpc
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 from quart import Response, request
 from quart_trio import QuartTrio
+from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench  # noqa: E402
 from easybackend.metrics import Metrics  # noqa: E402
+from easybackend.proto_gen import chat_grpc, chat_pb2  # noqa: E402
 from easybackend.settings import load_settings  # noqa: E402
 from easybackend.upstream.openai_client import (  # noqa: E402
     Completion,
@@ -43,12 +55,13 @@ from easybackend.upstream.openai_client import (  # noqa: E402
 )
 
 
+def call(prompt: str) -> UpstreamCall:
+    messages = [{"role": "user", "content": prompt}]
+    return UpstreamCall(messages=messages, model="m", temperature=1.0, max_tokens=None)
+
+
 def relay_app(upstream: OpenAIUpstream) -> QuartTrio:
     app = QuartTrio(__name__)
-
-    def call(prompt: str) -> UpstreamCall:
-        messages = [{"role": "user", "content": prompt}]
-        return UpstreamCall(messages=messages, model="m", temperature=1.0, max_tokens=None)
 
     @app.post("/ask/<conversation_id>")
     async def ask(conversation_id: str) -> Response:
@@ -75,10 +88,42 @@ def relay_app(upstream: OpenAIUpstream) -> QuartTrio:
     return app
 
 
+async def serve_ws_relay(
+    upstream: OpenAIUpstream, port: int, *, task_status: trio.TaskStatus[None]
+) -> None:
+    async def handle(request: WebSocketRequest) -> None:
+        ws = await request.accept()
+        with contextlib.suppress(ConnectionClosed):  # the client is done
+            while True:
+                ask = json.loads(await ws.get_message())
+                async for item in upstream.stream(call(ask["prompt"])):
+                    if isinstance(item, Completion):
+                        end = {"type": "end", "finish_reason": item.finish_reason}
+                        await ws.send_message(json.dumps(end))
+                    else:
+                        await ws.send_message(json.dumps({"type": "delta", "text": item}))
+
+    await serve_websocket(handle, "127.0.0.1", port, None, task_status=task_status)
+
+
+class GrpcRelay(chat_grpc.ChatServicer):
+    def __init__(self, upstream: OpenAIUpstream) -> None:
+        self.upstream = upstream
+
+    async def Ask(self, message: chat_pb2.AskRequest):  # noqa: N802
+        async for item in self.upstream.stream(call(message.prompt)):
+            if isinstance(item, Completion):
+                yield chat_pb2.AskResponse(finish_reason=item.finish_reason)
+            else:
+                yield chat_pb2.AskResponse(response=item)
+
+
 class FloorStack(bench.Stack):
-    """The fake upstream as a child process, and the bare relay in this process on ``self.http``."""
+    """The fake upstream as a child process, and the bare relays in this process on the
+    stack's HTTP, WebSocket and gRPC ports."""
 
     async def start_relay(self, nursery: trio.Nursery, stop: trio.Event) -> None:
+        logging.getLogger("purerpc.server").setLevel(logging.ERROR)  # a client closing is no news
         settings = load_settings(
             environ={"OPENAI_API_KEY": "bench-key", "OPENAI_BASE_URL": self.upstream_url},
             env_file=None,
@@ -88,6 +133,10 @@ class FloorStack(bench.Stack):
         config.bind = [f"127.0.0.1:{self.http}"]
         config.accesslog = config.errorlog = None
         await nursery.start(partial(serve, relay_app(upstream), config, shutdown_trigger=stop.wait))
+        await nursery.start(serve_ws_relay, upstream, self.ws)
+        grpc = purerpc.Server(self.grpc)
+        grpc.add_service(GrpcRelay(upstream).service)
+        await nursery.start(grpc.serve_async)
 
 
 async def main(args: argparse.Namespace) -> list[dict[str, object]]:
@@ -100,12 +149,13 @@ async def main(args: argparse.Namespace) -> list[dict[str, object]]:
             stop = trio.Event()
             async with trio.open_nursery() as nursery:
                 await stack.start_relay(nursery, stop)
-                for protocol in (bench.HttpWhole, bench.Sse):
+                for protocol in (bench.HttpWhole, bench.Sse, bench.WebSocket, bench.Grpc):
                     row = await bench.ttft(stack, protocol, 1, samples, bench.UNPACED, rounds=5)
                     row["protocol"] = f"{row['protocol']} (bare relay)"
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                 stop.set()
+                nursery.cancel_scope.cancel()  # the WebSocket and gRPC relays
         finally:
             stack.stop()
     return rows
