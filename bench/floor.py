@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import json
 import logging
+import subprocess
 import sys
 import tempfile
 from functools import partial
@@ -88,9 +89,7 @@ def relay_app(upstream: OpenAIUpstream) -> QuartTrio:
     return app
 
 
-async def serve_ws_relay(
-    upstream: OpenAIUpstream, port: int, *, task_status: trio.TaskStatus[None]
-) -> None:
+async def serve_ws_relay(upstream: OpenAIUpstream, port: int) -> None:
     async def handle(request: WebSocketRequest) -> None:
         ws = await request.accept()
         with contextlib.suppress(ConnectionClosed):  # the client is done
@@ -103,7 +102,7 @@ async def serve_ws_relay(
                     else:
                         await ws.send_message(json.dumps({"type": "delta", "text": item}))
 
-    await serve_websocket(handle, "127.0.0.1", port, None, task_status=task_status)
+    await serve_websocket(handle, "127.0.0.1", port, None)
 
 
 class GrpcRelay(chat_grpc.ChatServicer):
@@ -119,24 +118,36 @@ class GrpcRelay(chat_grpc.ChatServicer):
 
 
 class FloorStack(bench.Stack):
-    """The fake upstream as a child process, and the bare relays in this process on the
-    stack's HTTP, WebSocket and gRPC ports."""
+    """The fake upstream and the bare relays as child processes, the relays on the stack's
+    HTTP, WebSocket and gRPC ports: a process of their own, as the server has, so that the
+    client's messages cross between processes as often on the relay as on the server."""
 
-    async def start_relay(self, nursery: trio.Nursery, stop: trio.Event) -> None:
-        logging.getLogger("purerpc.server").setLevel(logging.ERROR)  # a client closing is no news
-        settings = load_settings(
-            environ={"OPENAI_API_KEY": "bench-key", "OPENAI_BASE_URL": self.upstream_url},
-            env_file=None,
-        )
-        upstream = OpenAIUpstream(settings, Metrics())
-        config = Config()
-        config.bind = [f"127.0.0.1:{self.http}"]
-        config.accesslog = config.errorlog = None
-        await nursery.start(partial(serve, relay_app(upstream), config, shutdown_trigger=stop.wait))
-        await nursery.start(serve_ws_relay, upstream, self.ws)
-        grpc = purerpc.Server(self.grpc)
-        grpc.add_service(GrpcRelay(upstream).service)
-        await nursery.start(grpc.serve_async)
+    async def start_relays(self) -> None:
+        command = [
+            sys.executable, __file__, "--serve-relays", self.upstream_url,
+            str(self.http), str(self.ws), str(self.grpc),
+        ]  # fmt: skip
+        self.processes.append(subprocess.Popen(command, cwd=bench.ROOT))  # noqa: ASYNC220
+        for port in (self.http, self.ws, self.grpc):
+            await bench.wait_for_port(port)
+
+
+async def serve_relays(upstream_url: str, http: int, ws: int, grpc: int) -> None:
+    """Run the three relays until cancelled (the benchmark terminates this process)."""
+    logging.getLogger("purerpc.server").setLevel(logging.ERROR)  # a client closing is no news
+    settings = load_settings(
+        environ={"OPENAI_API_KEY": "bench-key", "OPENAI_BASE_URL": upstream_url}, env_file=None
+    )
+    upstream = OpenAIUpstream(settings, Metrics())
+    config = Config()
+    config.bind = [f"127.0.0.1:{http}"]
+    config.accesslog = config.errorlog = None
+    grpc_server = purerpc.Server(grpc)
+    grpc_server.add_service(GrpcRelay(upstream).service)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(serve, relay_app(upstream), config))
+        nursery.start_soon(serve_ws_relay, upstream, ws)
+        nursery.start_soon(grpc_server.serve_async)
 
 
 async def main(args: argparse.Namespace) -> list[dict[str, object]]:
@@ -146,16 +157,12 @@ async def main(args: argparse.Namespace) -> list[dict[str, object]]:
         stack = FloorStack(Path(tmp))
         try:
             await stack.start_upstream()
-            stop = trio.Event()
-            async with trio.open_nursery() as nursery:
-                await stack.start_relay(nursery, stop)
-                for protocol in (bench.HttpWhole, bench.Sse, bench.WebSocket, bench.Grpc):
-                    row = await bench.ttft(stack, protocol, 1, samples, bench.UNPACED, rounds=5)
-                    row["protocol"] = f"{row['protocol']} (bare relay)"
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-                stop.set()
-                nursery.cancel_scope.cancel()  # the WebSocket and gRPC relays
+            await stack.start_relays()
+            for protocol in (bench.HttpWhole, bench.Sse, bench.WebSocket, bench.Grpc):
+                row = await bench.ttft(stack, protocol, 1, samples, bench.UNPACED, rounds=5)
+                row["protocol"] = f"{row['protocol']} (bare relay)"
+                rows.append(row)
+                print(json.dumps(row), flush=True)
         finally:
             stack.stop()
     return rows
@@ -166,7 +173,19 @@ def cli() -> None:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
-    trio.run(main, parser.parse_args())
+    parser.add_argument(
+        "--serve-relays",
+        nargs=4,
+        metavar=("UPSTREAM_URL", "HTTP_PORT", "WS_PORT", "GRPC_PORT"),
+        help="only run the relays (the benchmark starts this process itself)",
+    )
+    args = parser.parse_args()
+    if args.serve_relays:
+        url, *ports = args.serve_relays
+        with contextlib.suppress(KeyboardInterrupt):
+            trio.run(serve_relays, url, *map(int, ports))
+    else:
+        trio.run(main, args)
 
 
 if __name__ == "__main__":
