@@ -1,4 +1,4 @@
-"""Helpers shared by the tests of the chat core (``test_core_*.py``).
+"""Helpers shared by the tests.
 
 Everything here talks to real sockets or reads the real SQLite file: the
 fake upstream's records, the server's database, a server run as a real
@@ -45,6 +45,11 @@ def full_answer(messages: int, text: str, tokens: int) -> str:
 
 
 # -- the upstream's view -----------------------------------------------------------------------
+
+
+def user(text: str) -> list[dict[str, str]]:
+    """The messages of a one-prompt chat completion request."""
+    return [{"role": "user", "content": text}]
 
 
 def upstream_messages(fake: FakeUpstream, index: int = -1) -> list[dict[str, str]]:

@@ -8,17 +8,16 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import httpx2
 import openai
 import pytest
 import trio
+from helpers_core import PIECES, events_of, user, wait_until
 
 from easybackend.fake_upstream import FakeUpstream, _Reply
-
-PIECES = re.compile(r"\s*\S+|\s+")
 
 
 @asynccontextmanager
@@ -47,20 +46,6 @@ async def control(upstream: FakeUpstream) -> AsyncIterator[httpx2.AsyncClient]:
     root = upstream.base_url().removesuffix("/v1")
     async with httpx2.AsyncClient(base_url=root, timeout=5) as http:
         yield http
-
-
-def user(text: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": text}]
-
-
-def events_of(fake: FakeUpstream, request_id: str) -> list[str]:
-    return [e["event"] for e in fake.events if e["id"] == request_id]
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 1.0) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.005)
 
 
 async def test_non_streaming_answer_and_usage(upstream, client):

@@ -20,6 +20,7 @@ import openai
 import pytest
 import trio
 import trustme
+from helpers_core import user
 
 from easybackend.fake_upstream import FakeUpstream
 from easybackend.metrics import Metrics
@@ -534,10 +535,6 @@ def sdk_client(base_url: str) -> openai.AsyncOpenAI:
 async def sdk(upstream: FakeUpstream) -> AsyncIterator[openai.AsyncOpenAI]:
     async with sdk_client(upstream.base_url()) as c:
         yield c
-
-
-def user(text: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": text}]
 
 
 async def test_sdk_streamed_completion_yields_every_chunk(sdk):
