@@ -6,7 +6,15 @@ import httpx2
 import trio
 from conftest import free_port
 from helpers_core import error_code, parse_sse, wait_until
-from test_ops_support import grpc_ask, grpc_health, metric, scrape, ws_json_ask, ws_original_ask
+from test_ops_support import (
+    grpc_ask,
+    grpc_health,
+    metric,
+    scrape,
+    sse_leave_after_first_piece,
+    ws_json_ask,
+    ws_original_ask,
+)
 
 from easybackend.errors import StorageUnavailable
 from easybackend.proto_gen import health_pb2
@@ -131,15 +139,7 @@ async def test_failed_and_cancelled_asks_are_counted_by_outcome(fake, start_serv
         assert error_code(response) == "upstream_error"
 
         # a client that goes away mid-answer
-        with trio.fail_after(5):
-            async with client.stream(
-                "POST",
-                "/ask/gone/stream",
-                json={"prompt": "[[fake:tokens=500]] [[fake:delay=0.01]]"},
-            ) as response:
-                async for line in response.aiter_lines():
-                    if line.startswith("event: delta"):
-                        break
+        await sse_leave_after_first_piece(client, "gone")
 
         def outcome(name: str, protocol: str) -> float:
             return metric(text, "easybackend_asks_total", protocol=protocol, outcome=name)

@@ -226,6 +226,18 @@ async def ws_json_ask(
                     return replies
 
 
+async def sse_leave_after_first_piece(client: httpx2.AsyncClient, conversation_id: str) -> None:
+    """Ask for a long streamed answer and go away once its first piece has arrived."""
+    prompt = "[[fake:tokens=500]] [[fake:delay=0.01]]"
+    with trio.fail_after(5):
+        async with client.stream(
+            "POST", f"/ask/{conversation_id}/stream", json={"prompt": prompt}
+        ) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("event: delta"):
+                    return
+
+
 async def ws_original_ask(port: int, conversation_id: str, prompt: str) -> list[str]:
     """The original text protocol: the frames up to and including ``<|end|>`` or ``<|err|>``."""
     frames = []
