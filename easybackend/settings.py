@@ -9,6 +9,7 @@ whose message is the single line the command prints before exiting.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 from collections.abc import Mapping
@@ -65,6 +66,11 @@ class Settings:
     public_metrics: bool = True
     ws_handshake_timeout: float = 10.0
     ws_idle_timeout: float = 300.0
+    # Hostile-input limits (README "Hostile input")
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    client_send_timeout: float = 30.0  # seconds one send to a client may block
+    max_answer_chars: int = 1_000_000  # longest answer kept; beyond it the answer ends "length"
+    http_header_timeout: float = 10.0  # seconds a client may take to send a request head
     demo: bool = False
 
     @property
@@ -161,6 +167,19 @@ def _origins(value: str) -> tuple[str, ...]:
     return origins
 
 
+def _networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    try:
+        return tuple(
+            ipaddress.ip_network(item.strip(), strict=False)
+            for item in value.split(",")
+            if item.strip()
+        )
+    except ValueError:
+        raise ValueError(
+            "must be IP addresses or networks (10.0.0.0/8), separated by commas"
+        ) from None
+
+
 ENVIRONMENT = {
     "OPENAI_API_KEY": ("openai_api_key", _text),
     "OPENAI_BASE_URL": ("openai_base_url", _optional_text),
@@ -198,6 +217,10 @@ ENVIRONMENT = {
     "PUBLIC_METRICS": ("public_metrics", _bool),
     "WS_HANDSHAKE_TIMEOUT": ("ws_handshake_timeout", _seconds),
     "WS_IDLE_TIMEOUT": ("ws_idle_timeout", _seconds),
+    "TRUSTED_PROXIES": ("trusted_proxies", _networks),
+    "CLIENT_SEND_TIMEOUT": ("client_send_timeout", _seconds),
+    "MAX_ANSWER_CHARS": ("max_answer_chars", _positive_int),
+    "HTTP_HEADER_TIMEOUT": ("http_header_timeout", _seconds),
 }
 SECRET_VARIABLES = {"OPENAI_API_KEY", "API_KEYS"}  # never echoed in an error
 
