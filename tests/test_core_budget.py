@@ -5,9 +5,12 @@ from __future__ import annotations
 import tiktoken
 from helpers_core import error_code, history_of, stored_turns, upstream_messages
 
+from easybackend.chat.tokens import load_encoding
+
 # Counted independently of the server: tiktoken's own o200k_base (the encoding of the
 # default model) and the chat framing the budget rule is written in (4 per message, 3 to
 # prime the reply).
+load_encoding("o200k_base")  # puts the bundled vocabulary where tiktoken looks: no download
 ENCODING = tiktoken.get_encoding("o200k_base")
 PER_MESSAGE, PRIMING = 4, 3
 
