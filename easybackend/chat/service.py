@@ -44,6 +44,7 @@ from ..settings import Settings
 from ..storage import ConversationDetail, ConversationRef, ConversationSummary, NewTurn, Storage
 from ..upstream.openai_client import Completion, OpenAIUpstream, UpstreamCall
 from .accounting import CANCELLED, AskRecord, is_cancellation
+from .caller import current_client
 from .context import Budget, build_messages, turn_cost
 from .locks import KeyedLock
 from .tokens import TokenCounter
@@ -77,6 +78,8 @@ class AskRequest:
     system: str | None = None  # this turn only, instead of the conversation's system prompt
     protocol: str = "internal"  # http, sse, ws, grpc: for the access log and the metrics
     request_id: str = dataclasses.field(default_factory=current_request_id)
+    # the client's address (see chat/caller.py): what MAX_STREAMS_PER_KEY counts when keys are off
+    client: str = dataclasses.field(default_factory=current_client)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -142,7 +145,7 @@ class ChatService:
         self._locks = KeyedLock()
         self._streams: collections.Counter[str] = (
             collections.Counter()
-        )  # answers in progress per owner
+        )  # answers in progress per key or client address (see _admitted)
         self.first_prompt_tokens = (
             counter.text(settings.first_prompt) if settings.first_prompt is not None else None
         )
@@ -215,7 +218,7 @@ class ChatService:
         prompt_tokens = self.counter.text(prompt)
         created_at = time.time()
 
-        with self._admitted(request.owner):
+        with self._admitted(request):
             async with self._hold(ref):
                 plan = _ContextPlan(self, request, prompt_tokens)
                 context = await self.storage.load_context(ref, plan.history_budget, turn_cost)
@@ -275,20 +278,29 @@ class ChatService:
         )
 
     @contextlib.contextmanager
-    def _admitted(self, owner: str) -> Iterator[None]:
-        """Count an answer in progress for ``owner``; raises TooManyRequests beyond the limit."""
+    def _admitted(self, request: AskRequest) -> Iterator[None]:
+        """Count an answer in progress for the asking client; raises TooManyRequests beyond the limit.
+
+        The client is the request's key when API keys are configured, else its
+        address (so one address cannot hold every slot). The slot is given back
+        when the block ends, however it ends (cancellation included).
+        """
+        if self.settings.api_keys:
+            counted, who = f"key:{request.owner}", "this key"
+        else:
+            counted, who = f"address:{request.client}", f"the address {request.client or '-'}"
         limit = self.settings.max_streams_per_key
-        if self._streams[owner] >= limit:
+        if self._streams[counted] >= limit:
             raise TooManyRequests(
-                f"this key already has {limit} answers in progress; retry when one ends"
+                f"{who} already has {limit} answers in progress; retry when one ends"
             )
-        self._streams[owner] += 1
+        self._streams[counted] += 1
         try:
             yield
         finally:
-            self._streams[owner] -= 1
-            if not self._streams[owner]:
-                del self._streams[owner]
+            self._streams[counted] -= 1
+            if not self._streams[counted]:
+                del self._streams[counted]
 
     async def complete(self, request: AskRequest) -> Answer:
         """The whole answer at once (non-streaming transports). Same guarantees as :meth:`ask`."""

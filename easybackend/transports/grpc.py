@@ -110,6 +110,9 @@ from purerpc.grpclib.connection import GRPCConnection
 from purerpc.grpclib.events import MessageReceived, RequestEnded, RequestReceived
 from purerpc.grpclib.exceptions import MessageTooLargeError, ProtocolError
 
+from ..chat.caller import CURRENT as CLIENT
+from ..chat.caller import PEER as CALLER_PEER
+from ..chat.caller import client_address, stream_peer
 from ..chat.service import AskRequest, ChatService, Delta
 from ..chat.views import conversation_detail, conversation_summary
 from ..errors import ChatError
@@ -232,6 +235,8 @@ class _Chat(chat_grpc.ChatServicer):
     async def Ask(  # noqa: N802 (the RPC's name)
         self, message: chat_pb2.AskRequest, request: RequestReceived
     ) -> AsyncIterator[chat_pb2.AskResponse]:
+        forwarded_for = [v for name, v in request.custom_metadata if name == "x-forwarded-for"]
+        CLIENT.set(client_address(CALLER_PEER.get(), forwarded_for, self._service.settings))
         ask = _ask_request(message, self._owner(request))
         async with contextlib.aclosing(self._service.ask(ask)) as events:
             async for event in events:
@@ -625,6 +630,7 @@ class _Server:
         """Serve one accepted connection until it closes (trio closes ``stream`` afterwards)."""
         connection = _Connection(self)
         self.connections.add(connection)
+        CALLER_PEER.set(stream_peer(stream))  # its calls' tasks inherit it
         try:
             await connection.serve(stream)
         except Exception as exc:  # the client went away or spoke something else than gRPC

@@ -32,6 +32,7 @@ from quart_trio import QuartTrio
 from quart_trio.wrappers import TrioRequest
 from werkzeug.exceptions import BadRequest, HTTPException, MethodNotAllowed
 
+from ..chat.caller import client_address
 from ..chat.service import AskRequest, ChatService, Delta, End, validate_conversation_id
 from ..errors import ChatError, NotFound
 from ..request_ids import accept_request_id, new_request_id
@@ -232,6 +233,7 @@ def create_app(service: ChatService) -> Quart:
             owner=g.owner,
             protocol=protocol,
             request_id=g.request_id,
+            client=client_address(request.remote_addr, request.headers.getlist("X-Forwarded-For"), service.settings),
             **body.model_dump(),
         )
 

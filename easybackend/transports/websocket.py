@@ -38,6 +38,8 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, WebSocketServer
 
 from ..auth import bearer_token
+from ..chat.caller import CURRENT as CLIENT
+from ..chat.caller import client_address, forwarded_for_values
 from ..chat.service import AskRequest, ChatService, End
 from ..errors import ChatError, Unauthenticated
 from ..settings import Settings
@@ -94,6 +96,7 @@ async def serve_websocket(
                     401, extra_headers=[(b"WWW-Authenticate", b"Bearer")], body=body
                 )
                 return
+            CLIENT.set(client_address(request.remote, forwarded_for_values(request.headers), settings))
             connection = await request.accept()
             await _Connection(
                 service, connection, shutdown, owner, settings.ws_idle_timeout, live
