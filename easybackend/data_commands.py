@@ -13,20 +13,12 @@ import trio
 from .chat.service import validate_conversation_id
 from .chat.tokens import TokenCounter, encoding_name_for, load_encoding
 from .chat.views import conversation_detail
+from .database_url import DatabaseURL
 from .errors import ChatError, StorageUnavailable
 from .settings import Settings
 from .storage import ConversationRef, Storage, open_url
 from .storage.legacy_json import import_directory
-from .storage.migrate import (
-    POSTGRES_SCHEMES,
-    TargetNotEmpty,
-    check_url,
-    copy_conversations,
-    redact,
-    same_store,
-    scrub,
-    sqlite_path,
-)
+from .storage.migrate import TargetNotEmpty, copy_conversations
 
 
 class CommandError(Exception):
@@ -39,7 +31,7 @@ async def import_json(settings: Settings, args: dict[str, str]) -> int:
     if not await trio.Path(directory).is_dir():
         raise CommandError(f"{directory} is not a directory")
     counter = TokenCounter(load_encoding(encoding_name_for(settings.model, settings.encoding_name)))
-    storage = await _open("DATABASE_URL", settings.database_url, settings)
+    storage = await _open("DATABASE_URL", settings.database, settings)
     try:
         report = await import_directory(directory, storage, counter.text)
     finally:
@@ -56,14 +48,14 @@ async def export(settings: Settings, args: dict[str, str]) -> int:
         ref = ConversationRef("", validate_conversation_id(args["conversation_id"]))
     except ChatError as exc:
         raise CommandError(exc.message) from None
-    storage = await _open("DATABASE_URL", settings.database_url, settings)
+    storage = await _open("DATABASE_URL", settings.database, settings)
     try:
         detail = await storage.get_conversation(ref)
     finally:
         await storage.close()
     if detail is None:
         raise CommandError(
-            f"no conversation {ref.conversation_id!r} in {redact(settings.database_url)}"
+            f"no conversation {ref.conversation_id!r} in {settings.database.redacted()}"
         )
     text = json.dumps(conversation_detail(detail), ensure_ascii=False, indent=2) + "\n"
     if args.get("output"):
@@ -79,19 +71,15 @@ async def migrate_storage(settings: Settings, args: dict[str, str]) -> int:
     Prints one summary line. Refuses a target that holds conversations unless
     ``--force``. Messages never show a password of either URL.
     """
-    source_url, target_url = args["source"], args["target"]
     try:
-        check_url("--from", source_url)
-        check_url("--to", target_url)
+        source_url = DatabaseURL.parse(args["source"], name="--from")
+        target_url = DatabaseURL.parse(args["target"], name="--to")
     except ValueError as exc:
         raise CommandError(str(exc)) from None
-    if same_store(source_url, target_url):
+    if source_url.same_store(target_url):
         raise CommandError("--from and --to name the same database")
-    if (
-        not source_url.startswith(POSTGRES_SCHEMES)
-        and not await trio.Path(sqlite_path(source_url)).is_file()
-    ):
-        raise CommandError(f"--from {redact(source_url)}: no such database file")
+    if not source_url.is_postgres and not await trio.Path(source_url.sqlite_path).is_file():
+        raise CommandError(f"--from {source_url.redacted()}: no such database file")
     try:
         source = await _open("--from", source_url, settings)
         try:
@@ -103,12 +91,12 @@ async def migrate_storage(settings: Settings, args: dict[str, str]) -> int:
         finally:
             await source.close()
     except (StorageUnavailable, TargetNotEmpty) as exc:
-        raise CommandError(scrub(str(exc), source_url, target_url)) from None
-    print(report.summary(redact(source_url), redact(target_url)))
+        raise CommandError(target_url.scrub(source_url.scrub(str(exc)))) from None
+    print(report.summary(source_url.redacted(), target_url.redacted()))
     return 0
 
 
-async def _open(flag: str, url: str, settings: Settings) -> Storage:
+async def _open(flag: str, url: DatabaseURL, settings: Settings) -> Storage:
     """Open the store at ``url``; a PostgreSQL error names ``flag`` and the URL without its password.
 
     (A SQLite error names its file already.)
@@ -117,19 +105,19 @@ async def _open(flag: str, url: str, settings: Settings) -> Storage:
     try:
         return await open_url(url, settings)
     except StorageUnavailable as exc:
-        if not url.startswith(POSTGRES_SCHEMES):
+        if not url.is_postgres:
             raise StorageUnavailable(f"{flag}: {exc.message}") from None
         reason = await _connection_failure(url, settings) or exc.message
-        raise StorageUnavailable(f"{flag} {redact(url)}: {scrub(reason, url)}") from None
+        raise StorageUnavailable(f"{flag} {url.redacted()}: {url.scrub(reason)}") from None
 
 
-async def _connection_failure(url: str, settings: Settings) -> str | None:
+async def _connection_failure(url: DatabaseURL, settings: Settings) -> str | None:
     """Why one plain connection to ``url`` fails (the pool only says it timed out), or None."""
     import psycopg  # only loaded for PostgreSQL URLs
 
     def probe() -> str | None:
         try:
-            psycopg.connect(url, connect_timeout=max(1, int(settings.pg_pool_timeout))).close()
+            psycopg.connect(url.text, connect_timeout=max(1, int(settings.pg_pool_timeout))).close()
         except psycopg.Error as exc:
             lines = str(exc).strip().splitlines()
             return f"cannot connect: {lines[0] if lines else type(exc).__name__}"[:300]

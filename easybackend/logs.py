@@ -17,7 +17,6 @@ import json
 import logging
 import logging.handlers
 import sys
-import urllib.parse
 
 from .settings import Settings
 
@@ -46,11 +45,7 @@ class JsonFormatter(logging.Formatter):
 
 def secrets_of(settings: Settings) -> list[str]:
     """Every secret the settings hold: the upstream key, the backend keys, a database password."""
-    found = [settings.openai_api_key, *settings.api_keys.values()]
-    if "@" in settings.database_url:
-        password = urllib.parse.urlsplit(settings.database_url).password
-        if password:
-            found += [password, urllib.parse.unquote(password)]
+    found = [settings.openai_api_key, *settings.api_keys.values(), *settings.database.secrets]
     return [secret for secret in found if secret and len(secret) >= 4]
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import dotenv
 
 from .auth import parse_api_keys
+from .database_url import DatabaseURL
 
 DEFAULT_MODEL = "gpt-4.1-mini"
 
@@ -74,13 +75,14 @@ class Settings:
     demo: bool = False
 
     @property
-    def uses_postgres(self) -> bool:
-        return self.database_url.startswith(("postgresql://", "postgres://"))
+    def database(self) -> DatabaseURL:
+        """``database_url`` as the checked type every user of it goes through."""
+        return DatabaseURL(self.database_url)
 
     @property
     def sqlite_path(self) -> Path:
         """The SQLite database file named by ``database_url``."""
-        return Path(self.database_url.removeprefix("sqlite:///"))
+        return self.database.sqlite_path
 
 
 # variable name -> (field, parser). Parsers raise ValueError with a short reason.
@@ -279,11 +281,8 @@ def _checked(settings: Settings, need_api_key: bool) -> Settings:
     database_url = (
         settings.database_url or f"sqlite:///{settings.conversations_dir / 'easybackend.sqlite3'}"
     )
-    if database_url.startswith(("postgresql://", "postgres://")):
-        return dataclasses.replace(settings, database_url=database_url)
-    if not database_url.startswith("sqlite:///") or database_url == "sqlite:///":
-        scheme = database_url.partition(":")[0]
-        raise ConfigError(
-            f"DATABASE_URL scheme {scheme!r} is not supported; use sqlite:///PATH or postgresql://…"
-        )
+    try:
+        DatabaseURL.parse(database_url)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return dataclasses.replace(settings, database_url=database_url)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from ..database_url import DatabaseURL
 from ..settings import Settings
 from .base import (
     Context,
@@ -32,15 +31,20 @@ __all__ = [
 
 async def open_storage(settings: Settings) -> Storage:
     """Open the backend ``settings.database_url`` names. Raises StorageUnavailable."""
-    return await open_url(settings.database_url, settings)
+    return await open_url(settings.database, settings)
 
 
-async def open_url(url: str, settings: Settings) -> Storage:
-    """Open the store at ``url`` (sqlite:///PATH or postgresql://…). Raises StorageUnavailable."""
-    if url.startswith(("postgresql://", "postgres://")):
+async def open_url(url: DatabaseURL | str, settings: Settings) -> Storage:
+    """Open the store at ``url`` (sqlite:///PATH or postgresql://…).
+
+    Raises StorageUnavailable, or ValueError for text that is no database URL.
+    """
+    if isinstance(url, str):
+        url = DatabaseURL.parse(url)
+    if url.is_postgres:
         from .postgres import PostgresStorage  # psycopg is only loaded when used
 
         return await PostgresStorage.open(
-            url, pool_size=settings.pg_pool_size, pool_timeout=settings.pg_pool_timeout
+            url.text, pool_size=settings.pg_pool_size, pool_timeout=settings.pg_pool_timeout
         )
-    return await SQLiteStorage.open(Path(url.removeprefix("sqlite:///")))
+    return await SQLiteStorage.open(url.sqlite_path)

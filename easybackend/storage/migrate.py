@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import urllib.parse
-from pathlib import Path
 
 from .base import ConversationExport, Storage
 
 BATCH_ROWS = 5000  # conversations plus turns written per transaction, roughly
-POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 class TargetNotEmpty(Exception):
@@ -87,70 +84,3 @@ async def copy_conversations(
         await target.import_conversations(batch)
         report.add(batch)
     return report
-
-
-def check_url(flag: str, url: str) -> str:
-    """``url`` if it names a store (sqlite:///PATH or postgresql://…); raises ValueError."""
-    if url.startswith(POSTGRES_SCHEMES) or (url.startswith("sqlite:///") and url != "sqlite:///"):
-        return url
-    scheme = url.partition("://")[0]
-    named = f"(scheme {scheme!r}) " if "://" in url and scheme.isalnum() else ""
-    raise ValueError(
-        f"{flag} {named}is not a supported database URL: use sqlite:///PATH or postgresql://…"
-    )
-
-
-def same_store(first: str, second: str) -> bool:
-    """Whether two store URLs (checked by :func:`check_url`) obviously name the same database."""
-    if first.startswith(POSTGRES_SCHEMES) or second.startswith(POSTGRES_SCHEMES):
-        return first == second
-    return sqlite_path(first).resolve() == sqlite_path(second).resolve()
-
-
-def sqlite_path(url: str) -> Path:
-    return Path(url.removeprefix("sqlite:///"))
-
-
-def redact(url: str) -> str:
-    """``url`` fit to print: the password (in the user part or a ``password=`` parameter) hidden."""
-    if not url.startswith(POSTGRES_SCHEMES):
-        return url
-    try:
-        parts = urllib.parse.urlsplit(url)
-        netloc = parts.netloc
-        if parts.password is not None:
-            user, _, host = netloc.rpartition("@")
-            netloc = f"{user.partition(':')[0]}:***@{host}"
-        query = "&".join(
-            f"{name}=***" if name.strip().lower() == "password" else f"{name}={value}"
-            for name, value in (pair.partition("=")[::2] for pair in parts.query.split("&") if pair)
-        )
-        return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
-    except ValueError:
-        return "(a database URL that cannot be parsed)"
-
-
-def secrets_of(url: str) -> list[str]:
-    """The password(s) in ``url``, as written and decoded, to scrub them from any message."""
-    found: list[str] = []
-    try:
-        parts = urllib.parse.urlsplit(url)
-        userinfo = parts.netloc.rpartition("@")[0]
-        if ":" in userinfo:
-            found.append(userinfo.partition(":")[2])
-        for pair in parts.query.split("&"):
-            name, _, value = pair.partition("=")
-            if name.strip().lower() == "password":
-                found.append(value)
-    except ValueError:
-        pass
-    found += [urllib.parse.unquote(secret) for secret in found]
-    return sorted({secret for secret in found if secret}, key=len, reverse=True)
-
-
-def scrub(text: str, *urls: str) -> str:
-    """``text`` with every password of ``urls`` replaced by ``***``."""
-    for url in urls:
-        for secret in secrets_of(url):
-            text = text.replace(secret, "***")
-    return text
