@@ -16,16 +16,19 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+import os
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
 import httpx2
+import psycopg
 import pytest
 import trio
 import trio_websocket
 from conftest import Server, free_port
-from test_ops_support import CALL_TIMEOUT
+from test_ops_support import CALL_TIMEOUT, metric, scrape
 
 from easybackend.chat.caller import client_address
 from easybackend.proto_gen import chat_pb2
@@ -279,3 +282,143 @@ def test_client_address_rule(peer: str, forwarded_for: list[str], client: str) -
         {"OPENAI_API_KEY": "x", "TRUSTED_PROXIES": f"{PROXY}/32"}, environ={}, env_file=None
     )
     assert client_address(peer, forwarded_for, settings) == client
+
+
+# --------------------------------------------------------------------------- point: text fields
+
+NUL = "before\x00after"
+SURROGATE = "before\ud800after"  # what the JSON escape "\ud800" decodes to
+ASK_FIELDS = ("prompt", "system", "model")
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_env(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
+    """DATABASE_URL for a fresh SQLite file (the default) or a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield {}
+        return
+    schema = f"eb_{secrets.token_hex(6)}"
+    try:
+        admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("no PostgreSQL on 127.0.0.1:5432")
+    with admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+    yield {"DATABASE_URL": f"{PG_ADMIN}?options=-csearch_path%3D{schema}"}
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def bad_texts() -> list[tuple[str, str]]:
+    return [(field, text) for field in ASK_FIELDS for text in (NUL, SURROGATE)]
+
+
+def ascii_json(payload: dict[str, Any]) -> bytes:
+    """JSON with every non-ASCII character escaped, so a lone surrogate travels as ``\\ud800``."""
+    return json.dumps(payload, ensure_ascii=True).encode()
+
+
+def assert_names(message: str, field: str, text: str) -> None:
+    assert message.startswith(f"{field} must"), message
+    assert ("NUL" if "\x00" in text else "surrogate") in message, message
+
+
+async def test_http_refuses_bad_text_in_every_field_before_the_upstream(
+    start_server: StartServer, database_env: dict[str, str]
+) -> None:
+    server = await start_server(**database_env)
+    headers = {"Content-Type": "application/json"}
+    async with server.client() as client:
+        for field, text in bad_texts():
+            body = {"prompt": "hello", field: text}
+            for path in ("/ask/c1", "/ask/c1/stream"):
+                response = await client.post(path, content=ascii_json(body), headers=headers)
+                assert response.status_code == 400, (field, path, response.text)
+                error = response.json()["error"]
+                assert error["code"] == "invalid_input"
+                assert field in error["message"], error
+        for text in (NUL, SURROGATE):
+            body = ascii_json({"prompt": text})
+            response = await client.put("/conversations/c1/system", content=body, headers=headers)
+            assert response.status_code == 400, response.text
+            assert response.json()["error"]["code"] == "invalid_input"
+            assert "prompt" in response.json()["error"]["message"]
+        assert (await client.get("/conversations/c1")).status_code == 404  # nothing stored
+    assert server.fake.requests == []
+
+
+async def test_websocket_refuses_bad_text_in_every_field_before_the_upstream(
+    start_server: StartServer, database_env: dict[str, str]
+) -> None:
+    server = await start_server(WS_PORT=str(free_port()), **database_env)
+    with trio.fail_after(CALL_TIMEOUT):
+        async with trio_websocket.open_websocket(
+            "127.0.0.1", server.running.ws_port, "/", use_ssl=False
+        ) as ws:
+            for field, text in bad_texts():
+                ask = {"type": "ask", "conversation_id": "c1", "prompt": "hello", field: text}
+                await ws.send_message(ascii_json(ask).decode())
+                reply = json.loads(await ws.get_message())
+                assert reply["type"] == "error" and reply["code"] == "invalid_input", reply
+                assert_names(reply["message"], field, text)
+            await ws.send_message("<|ask|>$c1$" + NUL)  # the original protocol: the same rule
+            assert await ws.get_message() == "<|err|>$prompt must not contain NUL characters"
+    assert server.fake.requests == []
+    async with server.client() as client:
+        assert (await client.get("/conversations/c1")).status_code == 404
+        metrics = await scrape(client)
+    assert metric(metrics, "easybackend_upstream_errors_total", kind="upstream_error") == 0
+
+
+def grpc_raw_call(port: int, method: str, body: bytes) -> tuple[grpc.StatusCode, str]:
+    """One unary-request call of ``chat.Chat/<method>`` with ``body`` sent as the serialised message."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_stream(
+            f"/chat.Chat/{method}", request_serializer=lambda raw: raw, response_deserializer=bytes
+        )(body, timeout=CALL_TIMEOUT)
+        with contextlib.suppress(grpc.RpcError):
+            list(call)
+        return call.code(), call.details() or ""
+
+
+def with_invalid_utf8(message: Any, field: str) -> bytes:
+    """``message`` serialised with ``field`` holding a UTF-8-encoded lone surrogate (invalid UTF-8)."""
+    setattr(message, field, "MARK")
+    return message.SerializeToString().replace(b"MARK", b"\xed\xa0\x80")
+
+
+async def test_grpc_refuses_bad_text_in_every_field_before_the_upstream(
+    start_server: StartServer, database_env: dict[str, str]
+) -> None:
+    server = await start_server(GRPC_PORT=str(free_port()), **database_env)
+    port = server.running.grpc_port
+
+    async def call(method: str, body: bytes) -> tuple[grpc.StatusCode, str]:
+        with trio.fail_after(CALL_TIMEOUT + 5):
+            return await trio.to_thread.run_sync(grpc_raw_call, port, method, body)
+
+    for field in ASK_FIELDS:
+        ask = chat_pb2.AskRequest(conversation_id="c1", prompt="hello")
+        setattr(ask, field, NUL)
+        code, details = await call("Ask", ask.SerializeToString())
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (field, details)
+        assert_names(details, field, NUL)
+        # protobuf strings are UTF-8: a lone surrogate can only come as invalid UTF-8 bytes
+        ask = chat_pb2.AskRequest(conversation_id="c1", prompt="hello")
+        code, details = await call("Ask", with_invalid_utf8(ask, field))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (field, details)
+    system = chat_pb2.SetSystemPromptRequest(conversation_id="c1", prompt=NUL)
+    code, details = await call("SetSystemPrompt", system.SerializeToString())
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+    assert_names(details, "prompt", NUL)
+    system = chat_pb2.SetSystemPromptRequest(conversation_id="c1")
+    code, details = await call("SetSystemPrompt", with_invalid_utf8(system, "prompt"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+    assert server.fake.requests == []
+    code, details = await call(
+        "GetConversation", chat_pb2.ConversationRequest(conversation_id="c1").SerializeToString()
+    )
+    assert code == grpc.StatusCode.NOT_FOUND, details  # nothing stored

@@ -13,7 +13,13 @@ Guarantees (SPEC §3):
 - when the consumer is cancelled or closes the generator mid-answer, the
   upstream call is closed and the partial answer (if any text arrived) is
   stored with finish reason ``cancelled``;
+- an answer is cut after ``MAX_ANSWER_CHARS`` characters: the upstream call is
+  closed there and the answer ends with finish reason ``length``, its turn
+  holding exactly the text sent;
 - when the upstream fails, nothing is stored and the error is raised.
+
+Long texts (a prompt, an answer) are counted in a worker thread, so counting
+never holds up the event loop (see :meth:`TokenCounter.text_off_loop`).
 
 Errors are raised as :class:`~easybackend.errors.ChatError` subclasses.
 """
@@ -63,6 +69,27 @@ def validate_conversation_id(conversation_id: object) -> str:
             "conversation_id must be 1-128 characters of A-Z, a-z, 0-9, '_', '-', '.', ':'"
         )
     return conversation_id
+
+
+def checked_text(field: str, value: object) -> str:
+    """``value`` if it is text the store and the upstream can take, else raise InvalidInput naming ``field``.
+
+    The one rule for every text a client sends (prompt, system prompts, model):
+    a string, without NUL (PostgreSQL cannot store it), that UTF-8 can encode
+    (no lone surrogates, which a JSON ``\\ud800`` escape can make). Checked
+    before any upstream call, so a refused text costs nothing upstream.
+    """
+    if not isinstance(value, str):
+        raise InvalidInput(f"{field} must be a string")
+    if "\x00" in value:
+        raise InvalidInput(f"{field} must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(
+            f"{field} must be valid Unicode text (it holds a lone surrogate, which UTF-8 cannot encode)"
+        ) from None
+    return value
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -153,9 +180,7 @@ class ChatService:
     @staticmethod
     def _check_overrides(request: AskRequest) -> None:
         """The per-ask overrides, whichever transport they came from; raises InvalidInput."""
-        if request.model is not None and (
-            not isinstance(request.model, str) or not request.model.strip()
-        ):
+        if request.model is not None and not checked_text("model", request.model).strip():
             raise InvalidInput("model must be a non-empty string")
         temperature = request.temperature
         if temperature is not None and (
@@ -169,8 +194,8 @@ class ChatService:
             isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0
         ):
             raise InvalidInput("max_tokens must be a positive whole number")
-        if request.system is not None and not isinstance(request.system, str):
-            raise InvalidInput("system must be a string")
+        if request.system is not None:
+            checked_text("system", request.system)
 
     def _checked_prompt(self, prompt: object) -> str:
         if not isinstance(prompt, str) or not prompt.strip():
@@ -179,8 +204,7 @@ class ChatService:
             raise PromptTooLong(
                 f"the prompt has {len(prompt)} characters; the limit is {self.settings.max_prompt_chars}"
             )
-        if "\x00" in prompt:
-            raise InvalidInput("prompt must not contain NUL characters")
+        checked_text("prompt", prompt)
         if self.settings.strip_blank_lines:
             prompt = "\n".join(line for line in prompt.splitlines() if line.strip())
         return prompt
@@ -215,7 +239,7 @@ class ChatService:
         ref = ConversationRef(request.owner, validate_conversation_id(request.conversation_id))
         prompt = self._checked_prompt(request.prompt)
         self._check_overrides(request)
-        prompt_tokens = self.counter.text(prompt)
+        prompt_tokens = await self.counter.text_off_loop(prompt)
         created_at = time.time()
 
         with self._admitted(request):
@@ -230,8 +254,11 @@ class ChatService:
                 pieces: list[str] = []
                 completion: Completion | None = None
                 try:
-                    async with contextlib.aclosing(self.upstream.stream(call)) as stream:
-                        async for item in stream:
+                    async with (
+                        contextlib.aclosing(self.upstream.stream(call)) as stream,
+                        contextlib.aclosing(_cut_at(stream, self.settings.max_answer_chars)) as items,
+                    ):
+                        async for item in items:
                             if isinstance(item, Completion):
                                 completion = item
                             else:
@@ -255,6 +282,7 @@ class ChatService:
                     sent_tokens,
                     created_at,
                     completion,
+                    answer_tokens=await self.counter.text_off_loop(answer),
                 )
                 seq = await self.storage.append_turn(ref, turn)
         yield End(
@@ -375,10 +403,10 @@ class ChatService:
     ) -> None:
         """Set the conversation's own system prompt (creating the conversation); None or "" clears it."""
         ref = ConversationRef(owner, validate_conversation_id(conversation_id))
-        if prompt is not None and not isinstance(prompt, str):
-            raise InvalidInput("prompt must be a string or null")
+        if prompt is not None:
+            checked_text("prompt", prompt)
         prompt = prompt or None
-        tokens = self.counter.text(prompt) if prompt is not None else None
+        tokens = await self.counter.text_off_loop(prompt) if prompt is not None else None
         async with self._hold(ref):
             await self.storage.set_system_prompt(ref, prompt, tokens)
 
@@ -392,8 +420,9 @@ class ChatService:
         sent_tokens: int,
         created_at: float,
         completion: Completion | None,
+        *,
+        answer_tokens: int,
     ) -> NewTurn:
-        answer_tokens = self.counter.text(answer)
         reported = completion if completion and completion.prompt_tokens is not None else None
         return NewTurn(
             prompt=prompt,
@@ -422,13 +451,54 @@ class ChatService:
         sent_tokens: int,
         created_at: float,
     ) -> NewTurn:
-        """Store the partial answer of a cancelled ask, shielded from the cancellation."""
+        """Store the partial answer of a cancelled ask, shielded from the cancellation.
+
+        Counting the answer is shielded too and not bounded in time (a thread
+        cannot be interrupted; the answer is at most MAX_ANSWER_CHARS long);
+        storing it may take STORE_ON_CANCEL_SECONDS.
+        """
+        answer = "".join(pieces)
+        with trio.CancelScope(shield=True):
+            answer_tokens = await self.counter.text_off_loop(answer)
         turn = self._new_turn(
-            call, prompt, prompt_tokens, "".join(pieces), CANCELLED, sent_tokens, created_at, None
+            call,
+            prompt,
+            prompt_tokens,
+            answer,
+            CANCELLED,
+            sent_tokens,
+            created_at,
+            None,
+            answer_tokens=answer_tokens,
         )
         with trio.CancelScope(shield=True), trio.move_on_after(STORE_ON_CANCEL_SECONDS):
             await self.storage.append_turn(ref, turn)
         return turn
+
+
+async def _cut_at(
+    stream: AsyncIterator[str | Completion], max_chars: int
+) -> AsyncIterator[str | Completion]:
+    """The upstream's items, with the answer's text cut after ``max_chars`` characters.
+
+    The piece that goes past the cap is cut there and followed by a
+    Completion with finish reason ``length`` (what OpenAI reports for an
+    answer cut by a cap), with no model or usage (the turn gets the requested
+    model and our own counts); then this generator ends, and the caller's
+    ``aclosing`` closes the upstream call.
+    """
+    room = max_chars  # characters the answer may still take
+    async for item in stream:
+        if isinstance(item, Completion):
+            yield item
+        elif len(item) <= room:
+            room -= len(item)
+            yield item
+        else:
+            if room:
+                yield item[:room]
+            yield Completion("length", model=None, prompt_tokens=None, completion_tokens=None)
+            return
 
 
 class _ContextPlan:
