@@ -33,7 +33,7 @@ from .tls import server_ssl_context
 from .transports.grpc import serve_grpc
 from .transports.http import create_app
 from .transports.websocket import serve_websocket
-from .upstream.openai_client import OpenAIUpstream
+from .upstream.openai_client import OpenAIUpstream, check_proxy_environment
 
 log = logging.getLogger("easybackend")
 
@@ -64,6 +64,7 @@ async def serve(
     stops at once: in-flight asks are cancelled and stored as ``cancelled``.
     """
     server_ssl_context(settings, [])  # a bad certificate or key stops start-up here (ConfigError)
+    check_proxy_environment()  # so does a proxy variable httpx cannot use (ConfigError)
     if not settings.api_keys and not _is_loopback(settings.host):
         log.warning(
             "API_KEYS is not set and HOST %s is reachable from other machines: anyone who can "

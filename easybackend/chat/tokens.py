@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 import tiktoken
+import trio
 
 # Per-message framing the chat format adds around each message's content
 # (role and separators), and the tokens that prime the assistant's reply.
@@ -29,6 +30,9 @@ REPLY_PRIMING = 3
 _PUBLIC_URL = "https://openaipublic.blob.core.windows.net/encodings/{name}.tiktoken"
 _BUNDLED = ("o200k_base", "cl100k_base")
 FALLBACK_ENCODING = "o200k_base"
+# Texts at least this long are counted in a worker thread (about a millisecond of the event
+# loop's time at most stays on it; tiktoken releases the GIL while it encodes).
+OFF_LOOP_CHARS = 16_384
 
 
 class UnknownEncoding(ValueError):
@@ -98,6 +102,17 @@ class TokenCounter:
     def text(self, text: str) -> int:
         """Tokens of ``text`` alone (special-token strings are counted as plain text)."""
         return len(self.encoding.encode_ordinary(text))
+
+    async def text_off_loop(self, text: str) -> int:
+        """:meth:`text`, in a worker thread when ``text`` is long, so the event loop keeps serving.
+
+        On cancellation a count already running in its thread is waited for
+        (it cannot be interrupted; answers are capped by MAX_ANSWER_CHARS and
+        prompts by MAX_PROMPT_CHARS, so that is bounded), then Cancelled is raised.
+        """
+        if len(text) < OFF_LOOP_CHARS:
+            return self.text(text)
+        return await trio.to_thread.run_sync(self.text, text)
 
     def message(self, text: str) -> int:
         """Tokens one chat message with content ``text`` costs, framing included."""

@@ -13,20 +13,34 @@ Resilience (the SDK's own retries are off, so that each one is seen):
   it sends one (a wait longer than :data:`MAX_RETRY_AFTER` is not waited for:
   the client gets the rate-limit error at once);
 - timeouts: ``UPSTREAM_CONNECT_TIMEOUT`` to connect, ``UPSTREAM_IDLE_TIMEOUT``
-  between two pieces of the stream (and for the first one), and
-  ``UPSTREAM_TIMEOUT`` for the whole call (checked as each piece arrives, so a
-  trickling answer may overrun it by one idle period at most). A stalled
-  provider becomes :class:`~easybackend.errors.UpstreamTimeout`, never a hung
-  client.
+  between two reads of the stream (and for the first one) and between two
+  complete lines of it, and ``UPSTREAM_TIMEOUT`` for the whole call (checked
+  after every read, so a trickling answer may overrun it by one idle period at
+  most). A stalled provider becomes :class:`~easybackend.errors.UpstreamTimeout`,
+  never a hung client.
+
+What the provider sends is checked before anything uses it (see
+:class:`_Answer`): one line of the event stream may hold at most
+:func:`max_line_bytes` bytes; malformed JSON, a ``choices`` entry, ``delta``,
+``content`` or ``finish_reason`` of the wrong type is
+:class:`~easybackend.errors.UpstreamError`; a ``model`` or ``usage`` that is
+not a short printable name or whole numbers in ``0..MAX_REPORTED_TOKENS`` is
+ignored (the requested model and our own token counts are used instead); NUL
+and lone surrogates in the text become U+FFFD. Redirects are followed only
+within the provider's origin (scheme, host and port): one to another origin
+is an UpstreamError naming that origin, since following it would re-send the
+prompt and the history to someone else.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import email.utils
+import importlib.util
 import json
 import logging
 import random
+import re
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Sequence
@@ -38,7 +52,7 @@ import trio
 
 from ..errors import UpstreamError, UpstreamTimeout, from_upstream
 from ..metrics import Metrics
-from ..settings import Settings
+from ..settings import ConfigError, Settings
 from .transport import LeanTransport
 
 log = logging.getLogger("easybackend.upstream")
@@ -46,6 +60,18 @@ log = logging.getLogger("easybackend.upstream")
 MAX_RETRY_AFTER = 30.0  # seconds: a provider asking to wait longer gets its error passed on
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 8.0
+
+# One line of the event stream: at least this many bytes, more when MAX_ANSWER_CHARS is large
+# (see max_line_bytes); a longer line fails the call instead of growing a buffer.
+MIN_LINE_BYTES = 1024 * 1024
+# What the provider may report, checked before it is stored or used (see _Answer).
+MAX_MODEL_NAME = 256  # characters
+MAX_FINISH_REASON = 64  # characters
+# Usage figures above this are not believed (no model takes that many tokens in one call); the
+# bound also keeps a turn's and a conversation's totals inside gRPC's int32 fields.
+MAX_REPORTED_TOKENS = 100_000_000
+PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")  # what httpx can speak to a proxy
+_UNSAFE_TEXT = re.compile("[\x00\ud800-\udfff]")  # NUL and lone surrogates: not storable
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -91,6 +117,7 @@ class OpenAIUpstream:
                 transport=_transport_unless_proxied(),
                 # for httpx's own transport (with a proxy); LeanTransport has no limit
                 limits=httpx2.Limits(max_connections=None, max_keepalive_connections=256),
+                event_hooks={"response": [_refuse_redirect_to_another_origin]},
             ),
         )
 
@@ -112,14 +139,12 @@ class OpenAIUpstream:
         """
         deadline = trio.current_time() + self.settings.upstream_timeout
         response = await self._open(call, deadline)
-        batches = _line_batches(response)
+        batches = _line_batches(response, self._limits(deadline))
         answer = _Answer()
         try:
-            while (text := await self._next_text(batches, answer, deadline)) is not None:
+            while (text := await self._next_text(batches, answer)) is not None:
                 yield text
-            with trio.move_on_after(1):  # read the body to its end: the connection is reused
-                async for _ in batches:
-                    pass
+            await _drain(batches)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await batches.aclose()  # type: ignore[attr-defined]
@@ -177,15 +202,23 @@ class OpenAIUpstream:
                 await trio.sleep(wait)
         raise AssertionError("unreachable")
 
-    async def _next_text(
-        self, batches: AsyncIterator[list[bytes]], answer: _Answer, deadline: float
-    ) -> str | None:
+    def _limits(self, deadline: float) -> _LineLimits:
+        settings = self.settings
+        return _LineLimits(
+            deadline=deadline,
+            total=settings.upstream_timeout,
+            idle=settings.upstream_idle_timeout,
+            max_line_bytes=max_line_bytes(settings.max_answer_chars),
+        )
+
+    async def _next_text(self, batches: AsyncIterator[list[bytes]], answer: _Answer) -> str | None:
         """The text of the next lines that carry some, or None at the end of the answer.
 
-        Raises UpstreamError on a broken stream, an error event or a stall. The
-        idle timeout is the HTTP client's read timeout (no cancel scope per
-        read: they cost more than the piece); the total timeout is checked
-        after every read, so an answer may overrun it by at most one idle period.
+        Raises UpstreamError on a broken stream, an error event, a malformed
+        event or a stall. The idle timeout is the HTTP client's read timeout
+        (no cancel scope per read: they cost more than the piece); the total
+        timeout and the line limits are checked by :func:`_line_batches` after
+        every read, so an answer may overrun it by at most one idle period.
         """
         idle = self.settings.upstream_idle_timeout
         try:
@@ -193,17 +226,11 @@ class OpenAIUpstream:
                 lines = await anext(batches, None)
                 if lines is None:
                     return None
-                if trio.current_time() >= deadline:
-                    raise UpstreamTimeout(
-                        f"the model provider did not finish within {self.settings.upstream_timeout:g} seconds"
-                    )
                 if text := answer.feed(lines):
                     return text
             return None
         except UpstreamError as exc:
             raise self._failed(exc) from None
-        except ValueError as exc:
-            raise self._failed(UpstreamError("the model provider sent a malformed event")) from exc
         except httpx2.TimeoutException as exc:
             raise self._failed(
                 UpstreamTimeout(f"the model provider sent nothing for {idle:g} seconds")
@@ -221,7 +248,11 @@ class OpenAIUpstream:
 
 
 class _Answer:
-    """What the event stream has said so far: the end, the model, usage and finish reason."""
+    """What the event stream has said so far: the end, the model, usage and finish reason.
+
+    Everything is checked as it arrives (see the module docstring): what is
+    kept here is safe to store and to send on every protocol.
+    """
 
     __slots__ = ("done", "finish_reason", "model", "usage")
 
@@ -229,12 +260,13 @@ class _Answer:
         self.done = False
         self.finish_reason: str | None = None
         self.model: str | None = None
-        self.usage: dict[str, Any] | None = None
+        self.usage: dict[str, int | None] | None = None
 
     def feed(self, lines: list[bytes]) -> str:
         """Take in some lines of the event stream; returns the answer text they carry.
 
-        Raises UpstreamError on an error event, ValueError on a malformed one.
+        Raises UpstreamError on an error event or a malformed one (JSON that
+        does not parse, however it fails, or content of the wrong shape).
         """
         pieces = []
         for line in lines:
@@ -244,38 +276,252 @@ class _Answer:
             if data == b"[DONE]":
                 self.done = True
                 break
-            chunk = json.loads(data)
+            chunk = _parse_event(data)
             if not isinstance(chunk, dict) or "error" in chunk:
                 raise UpstreamError(
                     "the model provider reported an error in the middle of the answer"
                 )
-            self.model = chunk.get("model") or self.model
-            self.usage = chunk.get("usage") or self.usage
-            for choice in (chunk.get("choices") or [])[:1]:
-                if content := (choice.get("delta") or {}).get("content"):
-                    pieces.append(content)
-                self.finish_reason = choice.get("finish_reason") or self.finish_reason
+            self._take_metadata(chunk)
+            choices = chunk.get("choices")
+            if not choices:
+                continue
+            if not isinstance(choices, list):
+                raise _malformed("choices is not a list")
+            content, finish_reason = _first_choice(choices[0])
+            if content:
+                # NUL and lone surrogates come only from \u escapes: skip the scan without one
+                pieces.append(_UNSAFE_TEXT.sub("\ufffd", content) if b"\\u" in data else content)
+            self.finish_reason = finish_reason or self.finish_reason
         return "".join(pieces)
 
+    def _take_metadata(self, chunk: dict[str, Any]) -> None:
+        """Keep the chunk's model and usage when they are believable; ignore them otherwise."""
+        model = chunk.get("model")
+        if model:
+            if _is_short_name(model, MAX_MODEL_NAME):
+                self.model = model
+            else:
+                log.warning("ignoring a malformed model name from the model provider")
+        usage = chunk.get("usage")
+        if usage:
+            if (checked := _checked_usage(usage)) is not None:
+                self.usage = checked
+            else:
+                log.warning("ignoring malformed usage figures from the model provider")
 
-async def _line_batches(response: httpx2.Response) -> AsyncIterator[list[bytes]]:
+
+def _parse_event(data: bytes) -> object:
+    """The JSON of one event; raises UpstreamError however parsing fails (deep nesting too)."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise _malformed("its JSON does not parse") from exc
+
+
+def _first_choice(choice: object) -> tuple[str | None, str | None]:
+    """The content and finish reason of a ``choices`` entry; raises UpstreamError on a bad shape."""
+    if not isinstance(choice, dict):
+        raise _malformed("a choice is not an object")
+    delta = choice.get("delta")
+    if delta is None:
+        content = None
+    elif isinstance(delta, dict):
+        content = delta.get("content")
+        if content is not None and not isinstance(content, str):
+            raise _malformed("the delta's content is not a string")
+    else:
+        raise _malformed("a choice's delta is not an object")
+    finish_reason = choice.get("finish_reason")
+    if finish_reason is not None and not _is_short_name(finish_reason, MAX_FINISH_REASON):
+        raise _malformed(f"finish_reason is not a string of at most {MAX_FINISH_REASON} characters")
+    return content, finish_reason
+
+
+def _checked_usage(usage: object) -> dict[str, int | None] | None:
+    """Usage with whole token counts in 0..MAX_REPORTED_TOKENS (or absent), else None."""
+    if not isinstance(usage, dict):
+        return None
+    checked: dict[str, int | None] = {}
+    for field in ("prompt_tokens", "completion_tokens"):
+        value = usage.get(field)
+        if value is not None and (
+            type(value) is not int or not 0 <= value <= MAX_REPORTED_TOKENS
+        ):
+            return None
+        checked[field] = value
+    return checked
+
+
+def _is_short_name(value: object, limit: int) -> bool:
+    """A non-empty printable string (no NUL, controls or lone surrogates) of at most ``limit``."""
+    return isinstance(value, str) and 0 < len(value) <= limit and value.isprintable()
+
+
+def _malformed(what: str) -> UpstreamError:
+    return UpstreamError(f"the model provider sent a malformed event ({what})")
+
+
+def max_line_bytes(max_answer_chars: int) -> int:
+    """The longest line of the event stream accepted: 1 MiB, or 4 bytes per answer character.
+
+    Real providers send one small event per piece; the bound lets even a
+    provider that sends the whole allowed answer in one event through.
+    """
+    return max(MIN_LINE_BYTES, 4 * max_answer_chars)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _LineLimits:
+    """What one read of the event stream is checked against."""
+
+    deadline: float  # trio time by which the whole answer must have come
+    total: float  # UPSTREAM_TIMEOUT, for the message
+    idle: float  # longest wait for a complete line, in seconds
+    max_line_bytes: int
+
+
+async def _line_batches(
+    response: httpx2.Response, limits: _LineLimits
+) -> AsyncIterator[list[bytes]]:
     """The body's complete lines, one list per read, as bytes: no text decoding.
 
     The raw body when it is not content-encoded (the usual case for event
     streams), else httpx's decoded bytes. Lines are split at ``\n`` (a ``\r``
     before it stays: the parser strips it); a last line without one comes at
-    the end.
+    the end. The bytes of an unfinished line are kept as they came and joined
+    once, when its end arrives, so a long line costs time linear in its length.
+
+    Raises UpstreamTimeout when, after a read, the total deadline has passed or
+    no line has been completed for ``limits.idle`` seconds; UpstreamError when
+    a line is longer than ``limits.max_line_bytes``.
     """
     encoding = response.headers.get("content-encoding", "identity").strip().lower()
     parts = response.aiter_raw() if encoding in ("", "identity") else response.aiter_bytes()
-    rest = b""
+    held: list[bytes] = []  # the unfinished line, in the parts it came in
+    held_bytes = 0
+    last_line_at = trio.current_time()
     async for part in parts:
-        lines = (rest + part).split(b"\n")
+        now = trio.current_time()
+        if now >= limits.deadline:
+            raise UpstreamTimeout(
+                f"the model provider did not finish within {limits.total:g} seconds"
+            )
+        lines = part.split(b"\n")
+        if len(lines) == 1:  # no end of line in this read
+            held.append(part)
+            held_bytes += len(part)
+            _check_unfinished_line(held_bytes, now - last_line_at, limits)
+            continue
+        last_line_at = now
+        if held:
+            held.append(lines[0])
+            lines[0] = b"".join(held)
+            held.clear()
         rest = lines.pop()
-        if lines:
-            yield lines
-    if rest:
-        yield [rest]
+        if rest:
+            held.append(rest)
+        held_bytes = len(rest)
+        if len(lines[0]) > limits.max_line_bytes or len(part) > limits.max_line_bytes:
+            _check_lines(lines, limits.max_line_bytes)
+        yield lines
+    if held:
+        yield [b"".join(held)]
+
+
+def _check_unfinished_line(held_bytes: int, waited: float, limits: _LineLimits) -> None:
+    if held_bytes > limits.max_line_bytes:
+        raise _line_too_long(limits.max_line_bytes)
+    if waited >= limits.idle:
+        raise UpstreamTimeout(
+            f"the model provider sent no complete event for {limits.idle:g} seconds"
+        )
+
+
+def _check_lines(lines: list[bytes], max_bytes: int) -> None:
+    if any(len(line) > max_bytes for line in lines):
+        raise _line_too_long(max_bytes)
+
+
+def _line_too_long(max_bytes: int) -> UpstreamError:
+    return UpstreamError(
+        f"the model provider sent an event stream line longer than {max_bytes} bytes"
+    )
+
+
+async def _drain(batches: AsyncIterator[list[bytes]]) -> None:
+    """Read what follows the end of the answer, briefly, so the connection can be reused.
+
+    Best effort: a failure or a body that does not end within a second only
+    means the connection is closed instead of reused; the answer stands.
+    """
+    with trio.move_on_after(1):
+        try:
+            async for _ in batches:
+                pass
+        except (UpstreamError, httpx2.HTTPError):
+            pass
+
+
+async def _refuse_redirect_to_another_origin(response: httpx2.Response) -> None:
+    """An httpx response hook: raise UpstreamError for a redirect that leaves the origin.
+
+    httpx calls it for every response before it follows a redirect (with
+    either transport); a redirect within the provider's origin is followed.
+    The error names the origin only (no path, no query, no credentials).
+    """
+    if not response.has_redirect_location:
+        return
+    here = response.request.url
+    try:
+        there = here.join(response.headers["location"])
+        origin = _origin(there)
+    except (httpx2.InvalidURL, ValueError):
+        raise UpstreamError(
+            f"the model provider answered HTTP {response.status_code} with a malformed redirect"
+        ) from None
+    if origin != _origin(here):
+        scheme, host, port = origin
+        shown_host = f"[{host}]" if ":" in host else host
+        raise UpstreamError(
+            f"the model provider redirected the call (HTTP {response.status_code}) to another "
+            f"origin, {scheme}://{shown_host}:{port}; redirects to another origin are not "
+            "followed: check OPENAI_BASE_URL"
+        )
+
+
+def _origin(url: httpx2.URL) -> tuple[str, str, int]:
+    port = url.port or (443 if url.scheme == "https" else 80)
+    return url.scheme, url.host, port
+
+
+def check_proxy_environment() -> None:
+    """Raise ConfigError when a proxy variable names a proxy httpx cannot use.
+
+    httpx reads ``HTTP_PROXY``, ``HTTPS_PROXY`` and ``ALL_PROXY`` (either case;
+    a value without a scheme means ``http://``). Called at start-up, so a bad
+    one stops the server with one line instead of a traceback on the first ask.
+    """
+    for name, url in urllib.request.getproxies().items():
+        if name not in ("http", "https", "all"):
+            continue  # httpx reads no other
+        variable = f"{name.upper()}_PROXY"
+        scheme = url.split("://", 1)[0].lower() if "://" in url else "http"
+        if scheme not in PROXY_SCHEMES:
+            raise ConfigError(
+                f"{variable} names a {scheme}:// proxy; supported are "
+                + ", ".join(f"{known}://" for known in PROXY_SCHEMES)
+            )
+        if scheme.startswith("socks") and importlib.util.find_spec("socksio") is None:
+            raise ConfigError(
+                f"{variable} names a SOCKS proxy, which needs the socksio package "
+                "(pip install 'httpx2[socks]')"
+            )
+    try:
+        httpx2.AsyncClient(trust_env=True)
+    except (ValueError, ImportError, httpx2.InvalidURL) as exc:
+        raise ConfigError(
+            f"HTTP_PROXY, HTTPS_PROXY or ALL_PROXY is not a proxy URL httpx can use ({type(exc).__name__})"
+        ) from None
 
 
 def _transport_unless_proxied() -> LeanTransport | None:
