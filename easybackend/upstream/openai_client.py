@@ -44,7 +44,6 @@ import re
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
 
 import httpx2
 import openai
@@ -254,13 +253,14 @@ class _Answer:
     kept here is safe to store and to send on every protocol.
     """
 
-    __slots__ = ("done", "finish_reason", "model", "usage")
+    __slots__ = ("_last_model", "done", "finish_reason", "model", "usage")
 
     def __init__(self) -> None:
         self.done = False
         self.finish_reason: str | None = None
         self.model: str | None = None
         self.usage: dict[str, int | None] | None = None
+        self._last_model: object = None  # the model field as last sent, checked or not
 
     def feed(self, lines: list[bytes]) -> str:
         """Take in some lines of the event stream; returns the answer text they carry.
@@ -277,15 +277,17 @@ class _Answer:
                 self.done = True
                 break
             chunk = _parse_event(data)
-            if not isinstance(chunk, dict) or "error" in chunk:
+            if type(chunk) is not dict or "error" in chunk:
                 raise UpstreamError(
                     "the model provider reported an error in the middle of the answer"
                 )
-            self._take_metadata(chunk)
-            choices = chunk.get("choices")
-            if not choices:
+            if (model := chunk.get("model")) != self._last_model:  # checked once per name
+                self._take_model(model)
+            if usage := chunk.get("usage"):
+                self._take_usage(usage)
+            if not (choices := chunk.get("choices")):
                 continue
-            if not isinstance(choices, list):
+            if type(choices) is not list:
                 raise _malformed("choices is not a list")
             content, finish_reason = _first_choice(choices[0])
             if content:
@@ -294,20 +296,22 @@ class _Answer:
             self.finish_reason = finish_reason or self.finish_reason
         return "".join(pieces)
 
-    def _take_metadata(self, chunk: dict[str, Any]) -> None:
-        """Keep the chunk's model and usage when they are believable; ignore them otherwise."""
-        model = chunk.get("model")
-        if model:
-            if _is_short_name(model, MAX_MODEL_NAME):
-                self.model = model
-            else:
-                log.warning("ignoring a malformed model name from the model provider")
-        usage = chunk.get("usage")
-        if usage:
-            if (checked := _checked_usage(usage)) is not None:
-                self.usage = checked
-            else:
-                log.warning("ignoring malformed usage figures from the model provider")
+    def _take_model(self, model: object) -> None:
+        """Keep a model name that is a short printable string; ignore (and log) any other."""
+        self._last_model = model
+        if not model:
+            return
+        if _is_short_name(model, MAX_MODEL_NAME):
+            self.model = model  # type: ignore[assignment]
+        else:
+            log.warning("ignoring a malformed model name from the model provider")
+
+    def _take_usage(self, usage: object) -> None:
+        """Keep believable usage figures; ignore (and log) any others."""
+        if (checked := _checked_usage(usage)) is not None:
+            self.usage = checked
+        else:
+            log.warning("ignoring malformed usage figures from the model provider")
 
 
 def _parse_event(data: bytes) -> object:
