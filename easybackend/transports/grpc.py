@@ -121,6 +121,7 @@ from ..request_ids import CURRENT as CURRENT_REQUEST_ID
 from ..request_ids import accept_request_id
 from ..settings import Settings
 from ..tls import server_ssl_context
+from .pieces import split_utf8
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,7 @@ TLS_HANDSHAKE_TIMEOUT = 10.0  # seconds
 # Seconds a new connection has to send the HTTP/2 preface and its SETTINGS (real clients
 # send them at once); one that has not is closed.
 PREFACE_TIMEOUT = 10.0
+RESPONSE_OVERHEAD = 16  # bytes of an AskResponse besides its text (tag, length; 6 at most)
 
 
 def status_for(error: ChatError) -> Status:
@@ -227,6 +229,8 @@ class _Abort(Exception):
 class _Chat(chat_grpc.ChatServicer):
     def __init__(self, service: ChatService) -> None:
         self._service = service
+        # an AskResponse stays within the message limit: its text, plus the field's tag and length
+        self._piece_bytes = service.settings.max_body_bytes - RESPONSE_OVERHEAD
 
     def _owner(self, request: RequestReceived) -> str:
         """The name of the caller's key (``""`` with auth off); raises Unauthenticated."""
@@ -241,7 +245,8 @@ class _Chat(chat_grpc.ChatServicer):
         async with contextlib.aclosing(self._service.ask(ask)) as events:
             async for event in events:
                 if isinstance(event, Delta):
-                    yield chat_pb2.AskResponse(response=event.text)
+                    for piece in split_utf8(event.text, self._piece_bytes):
+                        yield chat_pb2.AskResponse(response=piece)
                 else:
                     usage = event.usage
                     yield chat_pb2.AskResponse(
@@ -633,8 +638,10 @@ class _Server:
         CALLER_PEER.set(stream_peer(stream))  # its calls' tasks inherit it
         try:
             await connection.serve(stream)
-        except Exception as exc:  # the client went away or spoke something else than gRPC
-            log.debug("gRPC connection ended: %r", exc)
+        except* Exception as group:  # the client went away or spoke something else than gRPC
+            # except*: the calls' nursery raises a group, which may also hold Cancelled when the
+            # server is being stopped; `except Exception` would let such a group through
+            log.debug("gRPC connection ended: %r", group)
         finally:
             self.connections.discard(connection)
             if self.draining and not self.connections:

@@ -30,16 +30,18 @@ from quart_schema import (
 )
 from quart_trio import QuartTrio
 from quart_trio.wrappers import TrioRequest
-from werkzeug.exceptions import BadRequest, HTTPException, MethodNotAllowed
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from ..chat.caller import client_address
+from ..chat.client_json import parse_client_json
 from ..chat.service import AskRequest, ChatService, Delta, End, validate_conversation_id
-from ..errors import ChatError, NotFound
+from ..errors import ChatError, InvalidInput, NotFound
 from ..request_ids import accept_request_id, new_request_id
 from .http_conversations import conversation_routes
 from .openapi import EasyBackendOpenAPI, UsageBody
 
 DOC_PATHS = {"/docs", "/openapi.json"}
+INTERNAL_MESSAGE = "the server failed to answer; see its log"
 STATUS_BY_CODE = {
     "invalid_input": 400,
     "unauthenticated": 401,
@@ -129,17 +131,27 @@ def _end_data(end: End) -> dict[str, object]:
 
 
 class _Request(TrioRequest):
-    """A request whose body is read as JSON whatever its Content-Type (as the original did);
-    an unreadable body is a 400 that says what is wrong with it."""
+    """A request whose body is read as JSON whatever its Content-Type (as the original did)."""
 
     async def get_json(self, force: bool = False, silent: bool = False, cache: bool = True) -> Any:
-        try:
-            return await super().get_json(force=True, silent=silent, cache=cache)
-        except UnicodeDecodeError:
-            raise BadRequest("the request body must be JSON encoded as UTF-8") from None
+        """The body parsed by the one client-JSON parser, cached per ``silent``.
 
-    def on_json_loading_failed(self, error: Exception) -> Any:
-        raise BadRequest(f"the request body is not valid JSON ({error})")
+        A body that is not UTF-8 JSON (or nests too deep) raises InvalidInput, a 400
+        that says what is wrong with it; with ``silent`` it gives None instead. A body
+        over MAX_BODY_BYTES raises werkzeug's 413. On cancellation nothing is cached.
+        """
+        if cache and self._cached_json[silent] is not Ellipsis:
+            return self._cached_json[silent]
+        body = await self.get_data(cache=cache)
+        try:
+            result = parse_client_json(body, "the request body")
+        except InvalidInput:
+            if not silent:
+                raise
+            result = None
+        if cache:
+            self._cached_json[silent] = result
+        return result
 
 
 def create_app(service: ChatService) -> Quart:
@@ -219,6 +231,8 @@ def create_app(service: ChatService) -> Quart:
             return error_response(
                 "request_too_large", f"the request body is larger than {limit} bytes", 413
             )
+        if status == 500:  # an unexpected exception: quart has logged it with its traceback
+            return error_response("internal_error", INTERNAL_MESSAGE, 500)
         code = {400: "invalid_input", 404: "not_found", 405: "method_not_allowed"}.get(
             status, "http_error"
         )

@@ -35,15 +35,18 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, WebSocketServer
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
 from ..auth import bearer_token
 from ..chat.caller import CURRENT as CLIENT
 from ..chat.caller import client_address, forwarded_for_values
+from ..chat.client_json import parse_client_json
 from ..chat.service import AskRequest, ChatService, End
-from ..errors import ChatError, Unauthenticated
+from ..errors import ChatError, InvalidInput, Unauthenticated
 from ..settings import Settings
 from ..tls import server_ssl_context
+from ._trio_websocket_compat import WebSocketServer
+from .pieces import MAX_JSON_BYTES_PER_CHAR, split_json_text, split_utf8
 
 log = logging.getLogger("easybackend.websocket")
 
@@ -52,6 +55,9 @@ ORIGINAL_END = "<|end|>"
 ORIGINAL_ERROR = "<|err|>$"
 MAX_QUEUED_ASKS = 16
 GOING_AWAY = 1001
+INTERNAL_ERROR = 1011
+CLOSE_TIMEOUT = 5.0  # seconds a closing handshake may take
+MIN_PIECE_BYTES = 1024  # of a delta's text, however long the ask's id
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -168,17 +174,30 @@ class _Connection:
         self.pending = 0  # asks queued or running on this socket
         self.send_asks, self.receive_asks = trio.open_memory_channel[_Ask](MAX_QUEUED_ASKS)
         self.current: trio.CancelScope | None = None
+        # the largest message a client is told to accept: longer answer pieces are cut
+        self.max_message_bytes = service.settings.max_body_bytes
 
     async def run(self) -> None:
-        """Serve the socket until the client closes it (or shutdown drains it)."""
+        """Serve the socket until the client closes it (or shutdown drains it).
+
+        When the client goes away, whichever task notices first (``ConnectionClosed``)
+        stops the socket's other tasks, and the answer in progress is cancelled. Any other
+        error is logged and closes this socket with 1011 (internal error); none reaches the
+        server. Cancellation stops every task of the socket.
+        """
         self.live.add(1)
         try:
-            with contextlib.suppress(ConnectionClosed):
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._answer_asks)
-                    nursery.start_soon(self._stop_taking_asks_on_shutdown)
-                    await self._read_messages()
-                    nursery.cancel_scope.cancel()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._answer_asks)
+                nursery.start_soon(self._stop_taking_asks_on_shutdown)
+                await self._read_messages()
+                nursery.cancel_scope.cancel()
+        except* ConnectionClosed:
+            pass  # the client went away (a nursery raises it in a group: `except*`, not suppress)
+        except* Exception:
+            log.exception("serving a WebSocket connection failed")
+            with trio.move_on_after(CLOSE_TIMEOUT):
+                await self.ws.aclose(INTERNAL_ERROR, "internal server error")
         finally:
             self.live.add(-1)
 
@@ -221,9 +240,9 @@ class _Connection:
 
     async def _take_json(self, message: str) -> None:
         try:
-            data = json.loads(message)
-        except ValueError:
-            await self._send_json(None, _error("invalid_input", "the message is not valid JSON"))
+            data = parse_client_json(message, "the message")
+        except InvalidInput as exc:
+            await self._send_json(None, _error(exc.code, exc.message))
             return
         if not isinstance(data, dict):
             await self._send_json(None, _error("invalid_input", "a JSON message must be an object"))
@@ -274,9 +293,11 @@ class _Connection:
                     if isinstance(event, End):
                         await self._send_end(ask, event)
                     elif ask.original:
-                        await self.ws.send_message(event.text)
+                        for piece in split_utf8(event.text, self.max_message_bytes):
+                            await self.ws.send_message(piece)
                     else:
-                        await self._send_json(ask.json_id, {"type": "delta", "text": event.text})
+                        for piece in self._json_pieces(ask, event.text):
+                            await self._send_json(ask.json_id, {"type": "delta", "text": piece})
         except ChatError as exc:
             await self._send_failure(ask, exc.code, exc.message)
         except (ConnectionClosed, trio.Cancelled):
@@ -286,6 +307,14 @@ class _Connection:
             await self._send_failure(
                 ask, "internal_error", "the server failed to answer; see its log"
             )
+
+    def _json_pieces(self, ask: _Ask, text: str) -> list[str]:
+        """``text`` cut so that each ``delta`` message of ``ask`` fits the message limit."""
+        if len(text) * MAX_JSON_BYTES_PER_CHAR <= self.max_message_bytes // 2:
+            return [text]  # fits even if every character were escaped, with room for the rest
+        envelope = json.dumps({"type": "delta", "text": "", "id": ask.json_id}, ensure_ascii=False)
+        room = self.max_message_bytes - len(envelope.encode("utf-8", "surrogatepass"))
+        return split_json_text(text, max(room, MIN_PIECE_BYTES))
 
     async def _send_end(self, ask: _Ask, end: End | None) -> None:
         """The end of an answer; ``None`` for one the client cancelled."""
