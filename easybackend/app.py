@@ -2,7 +2,8 @@
 
 Start-up order: bind every enabled port (a taken port stops start-up before
 anything is served), load the token encoding, open storage, start the demo
-upstream if asked, then serve. SIGINT/SIGTERM stop accepting and give
+upstream if asked, then serve. SIGINT/SIGTERM during start-up stop it at once
+(exit 0, nothing served); once serving, they stop accepting and give
 in-flight answers ``SHUTDOWN_GRACE`` seconds before they are cancelled (and
 stored as ``cancelled``); a second signal cancels at once.
 """
@@ -14,6 +15,7 @@ import dataclasses
 import gc
 import ipaddress
 import logging
+import math
 import signal
 import socket
 from collections.abc import AsyncIterator
@@ -62,7 +64,24 @@ async def serve(
     Raises ListenError (a port cannot be bound), StorageUnavailable or
     UnknownEncoding before anything is served. On cancellation everything
     stops at once: in-flight asks are cancelled and stored as ``cancelled``.
+
+    SIGINT/SIGTERM are handled from serve's first instant (see
+    :func:`_stop_on_signals`): during start-up one stops it at once and serve
+    returns normally, having served nothing.
     """
+    shutdown = shutdown if shutdown is not None else trio.Event()
+    async with _stop_on_signals(shutdown) as signals:
+        await _start_and_serve(settings, shutdown, signals, task_status)
+    log.info("EasyBackend stopped" if signals.served else "EasyBackend stopped during start-up")
+
+
+async def _start_and_serve(
+    settings: Settings,
+    shutdown: trio.Event,
+    signals: _Signals,
+    task_status: trio.TaskStatus[Running],
+) -> None:
+    """Start every listener, report ``task_status``, serve until they all stop (see :func:`serve`)."""
     server_ssl_context(settings, [])  # a bad certificate or key stops start-up here (ConfigError)
     check_proxy_environment()  # so does a proxy variable httpx cannot use (ConfigError)
     if not settings.api_keys and not _is_loopback(settings.host):
@@ -72,9 +91,22 @@ async def serve(
             settings.host,
         )
     sockets = _bind_all(settings)
+    try:
+        await _serve_on(settings, sockets, shutdown, signals, task_status)
+    finally:
+        for sock in sockets.values():  # those a server did not take over (start-up stopped)
+            sock.close()
+
+
+async def _serve_on(
+    settings: Settings,
+    sockets: dict[str, socket.socket],
+    shutdown: trio.Event,
+    signals: _Signals,
+    task_status: trio.TaskStatus[Running],
+) -> None:
     counter = TokenCounter(load_encoding(encoding_name_for(settings.model, settings.encoding_name)))
     storage = await open_storage(settings)
-    shutdown = shutdown if shutdown is not None else trio.Event()
     try:
         async with trio.open_nursery() as nursery:
             upstream_url = None
@@ -86,25 +118,22 @@ async def serve(
             metrics = Metrics()
             upstream = OpenAIUpstream(settings, metrics, base_url=upstream_url)
             service = ChatService(settings, storage, upstream, counter, metrics)
-            async with _stop_on_signals(shutdown, nursery.cancel_scope):
-                async with trio.open_nursery() as listeners:
-                    ports = {name: sock.getsockname()[1] for name, sock in sockets.items()}
-                    for name, sock in sockets.items():  # each server takes its socket over
-                        await listeners.start(SERVERS[name], service, settings, sock, shutdown)
-                    _freeze_startup_objects()
-                    task_status.started(
-                        Running(**ports, service=service, upstream_url=upstream_url)
-                    )
-                    log.info(
-                        "EasyBackend ready: HTTP %s, gRPC %s, WebSocket %s",
-                        *(_where(settings.host, ports.get(name)) for name in SERVERS),
-                    )
+            async with trio.open_nursery() as listeners:
+                ports = {name: sock.getsockname()[1] for name, sock in sockets.items()}
+                for name, sock in sockets.items():  # each server takes its socket over
+                    await listeners.start(SERVERS[name], service, settings, sock, shutdown)
+                _freeze_startup_objects()
+                signals.serving()
+                task_status.started(Running(**ports, service=service, upstream_url=upstream_url))
+                log.info(
+                    "EasyBackend ready: HTTP %s, gRPC %s, WebSocket %s",
+                    *(_where(settings.host, ports.get(name)) for name in SERVERS),
+                )
             await upstream.aclose()
             nursery.cancel_scope.cancel()  # the demo upstream
     finally:
         with trio.CancelScope(shield=True):
             await storage.close()
-    log.info("EasyBackend stopped")
 
 
 def _freeze_startup_objects() -> None:
@@ -121,26 +150,68 @@ def _freeze_startup_objects() -> None:
         gc.freeze()
 
 
-@contextlib.asynccontextmanager
-async def _stop_on_signals(
-    shutdown: trio.Event, hard_stop: trio.CancelScope
-) -> AsyncIterator[None]:
-    """First SIGINT/SIGTERM sets ``shutdown``; the second cancels ``hard_stop``."""
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
-    async def watch(receiver: AsyncIterator[int]) -> None:
+
+class _Signals:
+    """What SIGINT/SIGTERM do, as serve() goes from starting to serving.
+
+    While starting, a signal cancels ``hard_stop`` (around all of serve): start-up
+    stops at once, nothing having been served. Once :meth:`serving`, the first
+    signal sets ``shutdown`` (stop accepting, let answers finish for
+    SHUTDOWN_GRACE) and the second cancels ``hard_stop``.
+    """
+
+    def __init__(self, shutdown: trio.Event) -> None:
+        self.shutdown = shutdown
+        self.hard_stop = trio.CancelScope()
+        self.served = False
+
+    def serving(self) -> None:
+        """Every listener accepts: from now on the first signal drains instead of stopping."""
+        self.served = True
+
+    async def watch(self, receiver: AsyncIterator[int]) -> None:
         async for signum in receiver:
-            if shutdown.is_set():
-                log.warning("second %s: stopping now", signal.Signals(signum).name)
-                hard_stop.cancel()
-                return
-            log.info("%s received: finishing in-flight answers", signal.Signals(signum).name)
-            shutdown.set()
+            name = signal.Signals(signum).name
+            if not self.served:
+                log.info("%s received during start-up: stopping", name)
+                self.hard_stop.cancel()
+            elif self.shutdown.is_set():
+                log.warning("second %s: stopping now", name)
+                self.hard_stop.cancel()
+            else:
+                log.info("%s received: finishing in-flight answers", name)
+                self.shutdown.set()
 
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as receiver:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch, receiver)
-            yield
-            nursery.cancel_scope.cancel()
+
+@contextlib.asynccontextmanager
+async def _stop_on_signals(shutdown: trio.Event) -> AsyncIterator[_Signals]:
+    """Handle SIGINT/SIGTERM inside the block as :class:`_Signals` says.
+
+    The block runs inside ``hard_stop``: a stop by signal ends it with no
+    error. SIGINT and SIGTERM that the command held back (blocked, see
+    ``cli.main``) until now are delivered once the handler is in place; on
+    the way out the signal mask is put back as it was. An exception of the
+    block propagates as it was raised (not in an exception group).
+    """
+    signals = _Signals(shutdown)
+    error: BaseException | None = None
+    with trio.open_signal_receiver(*STOP_SIGNALS) as receiver:
+        held = signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(signals.watch, receiver)
+                try:
+                    with signals.hard_stop:
+                        yield signals
+                except BaseException as exc:  # noqa: B036 (re-raised below, outside the nursery)
+                    error = exc
+                nursery.cancel_scope.cancel()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    if error is not None:
+        raise error
 
 
 async def _serve_http(
@@ -174,14 +245,26 @@ class _NotALifespanError(logging.Filter):
     """Drops hypercorn's "ASGI Framework Lifespan error" when the lifespan task was only cancelled.
 
     A second signal cancels everything at once, hypercorn's lifespan task too,
-    and hypercorn would log that cancellation as an error with a traceback.
+    and hypercorn would log that cancellation as an error with a traceback. A
+    signal during start-up cancels the lifespan task before it started, and
+    hypercorn warns (with no exception attached) from the cancelled task.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
+        if error is None:
+            return not (str(record.msg).startswith("ASGI Framework Lifespan") and _cancelled())
         if isinstance(error, BaseExceptionGroup):
             return error.split(trio.Cancelled)[1] is not None
         return not isinstance(error, trio.Cancelled)
+
+
+def _cancelled() -> bool:
+    """True in a trio task whose cancel scope is cancelled (False outside trio)."""
+    try:
+        return trio.current_effective_deadline() == -math.inf
+    except RuntimeError:
+        return False
 
 
 _NOT_A_LIFESPAN_ERROR = _NotALifespanError()

@@ -11,16 +11,14 @@ and exits 2 (configuration) or 1 (start-up), with no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
-import trio
+# Everything else is imported inside the commands, once SIGINT and SIGTERM are held (see main).
 
-from .chat.tokens import UnknownEncoding
-from .errors import StorageUnavailable
-from .listeners import ListenError
-from .logs import configure_logging, redact, secrets_of
-from .settings import ConfigError, load_settings
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 # flag -> (environment variable it overrides, help)
 SERVE_FLAGS = {
@@ -172,14 +170,54 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = vars(build_parser().parse_args(argv))
-    command = args.pop("command", None)
+    """Run the command; returns the exit status.
+
+    When serving, SIGINT and SIGTERM are held back (blocked) from the first
+    instant of the command until the server's own handler takes them over:
+    one sent while the command is still importing or binding its ports is
+    not lost and does not kill the process, it stops the start-up (exit 0).
+    The other commands get the usual handling at once.
+    """
+    with _stop_signals_held():
+        args = vars(build_parser().parse_args(argv))
+        command = args.pop("command", None)
+        if command in (None, "serve"):
+            return _serve(args)
     if command == "chat":
         from .client import main as chat_main
 
         return chat_main(args["protocol"], args["url"], args["conversation"])
-    if command in ("import-json", "export", "migrate-storage"):
-        return _data_command(command, args)
+    return _data_command(command, args)
+
+
+@contextlib.contextmanager
+def _stop_signals_held() -> Iterator[None]:
+    """Block SIGINT and SIGTERM inside the block; one sent meanwhile waits, pending.
+
+    ``serve()`` unblocks them once its handler is in place (and blocks them
+    again on its way out). On leaving the block a signal still pending is
+    dropped (the command is over anyway: it served and stopped, or its
+    start-up failed and said why), then the mask is put back as it was.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        for signum in signal.sigpending() & STOP_SIGNALS:  # standard signals: one pending each
+            signal.sigwait({signum})
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _serve(args: dict[str, str]) -> int:
+    """The server, until it is stopped (0) or cannot start (1; 2 for bad configuration)."""
+    import trio
+
+    from .chat.tokens import UnknownEncoding
+    from .errors import StorageUnavailable
+    from .listeners import ListenError
+    from .logs import configure_logging, redact, secrets_of
+    from .settings import ConfigError, load_settings
+
     demo = bool(args.pop("demo", False))
     env_file = args.pop("env_file", ".env")
     try:
@@ -188,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"easybackend: error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings)
-    from .app import serve  # imported late: `--help` stays fast
+    from .app import serve
 
     try:
         trio.run(serve, settings)
@@ -200,7 +238,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _data_command(command: str, args: dict[str, str]) -> int:
     """import-json, export and migrate-storage: storage work that never calls the model."""
+    import trio
+
     from . import data_commands
+    from .errors import StorageUnavailable
+    from .settings import ConfigError, load_settings
 
     env_file = args.pop("env_file", ".env")
     positional = {

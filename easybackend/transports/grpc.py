@@ -2,8 +2,9 @@
 
 ``Ask`` adapts one ``AskRequest`` to :meth:`ChatService.ask` and streams the
 events back: one ``AskResponse`` per piece of the answer (``response`` holds
-the text), then a last ``AskResponse`` with an empty ``response`` carrying
-``finish_reason``, ``usage`` and ``model``. ``proto/chat.proto`` is
+the text; a piece longer than MAX_BODY_BYTES, the message limit, is cut
+across several, never inside a character), then a last ``AskResponse`` with
+an empty ``response`` carrying ``finish_reason``, ``usage`` and ``model``. ``proto/chat.proto`` is
 wire-compatible with the original (same package, service, method and field
 numbers 1-2), so clients generated from the original proto keep working.
 

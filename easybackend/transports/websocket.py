@@ -15,9 +15,15 @@ Each text message is read as one of:
   ``{"type": "ping"}`` → ``{"type": "pong"}``.
 
 Asks on one socket are answered one after another, in the order they
-arrived; the socket stays usable after any error. Binary frames and unknown
-messages get an error reply. A message over the size limit closes the socket
-with code 1009 (the WebSocket "message too big" code).
+arrived; the socket stays usable after any error. Binary frames, unknown
+messages and JSON that cannot be parsed (or nests too deep) get an error
+reply. A message over the size limit closes the socket with code 1009 (the
+WebSocket "message too big" code); a text frame that is not UTF-8 with 1007,
+a frame that breaks the protocol (unmasked, reserved opcode) with 1002. No
+message to the client exceeds MAX_BODY_BYTES: a longer answer piece is sent
+as several text frames (or ``delta`` messages), never cut inside a character.
+One connection's failure ends that connection only (see
+:mod:`._trio_websocket_compat`).
 
 Cancellation: closing the socket, ``cancel``, or server shutdown cancels the
 answer in progress; the chat core closes the upstream call and stores the
