@@ -4,9 +4,10 @@
 events back: one ``AskResponse`` per piece of the answer (``response`` holds
 the text; a piece longer than MAX_BODY_BYTES, the message limit, is cut
 across several, never inside a character), then a last ``AskResponse`` with
-an empty ``response`` carrying ``finish_reason``, ``usage`` and ``model``. ``proto/chat.proto`` is
-wire-compatible with the original (same package, service, method and field
-numbers 1-2), so clients generated from the original proto keep working.
+an empty ``response`` carrying ``finish_reason``, ``usage`` and ``model``.
+``proto/chat.proto`` is wire-compatible with the original (same package,
+service, method and field numbers 1-2), so clients generated from the
+original proto keep working.
 
 The conversation-management RPCs (``ListConversations``,
 ``GetConversation``, ``DeleteConversation``, ``Rollback``,
