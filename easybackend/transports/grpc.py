@@ -186,7 +186,7 @@ async def serve_grpc(
         ssl_context = server_ssl_context(settings, ["h2"])
     server = _Server(
         {
-            CHAT_SERVICE: _Chat(service).service,
+            CHAT_SERVICE: _Chat(service, max_message_bytes=settings.max_body_bytes).service,
             HEALTH_SERVICE: _Health(service, shutdown).service,
         },
         max_message_length=settings.max_body_bytes,
@@ -229,10 +229,10 @@ class _Abort(Exception):
 
 
 class _Chat(chat_grpc.ChatServicer):
-    def __init__(self, service: ChatService) -> None:
+    def __init__(self, service: ChatService, *, max_message_bytes: int) -> None:
         self._service = service
         # an AskResponse stays within the message limit: its text, plus the field's tag and length
-        self._piece_bytes = service.settings.max_body_bytes - RESPONSE_OVERHEAD
+        self._piece_bytes = max_message_bytes - RESPONSE_OVERHEAD
 
     def _owner(self, request: RequestReceived) -> str:
         """The name of the caller's key (``""`` with auth off); raises Unauthenticated."""
