@@ -10,17 +10,26 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import secrets
 import signal
 import socket
-from collections.abc import Callable
+import subprocess
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 import trio
-from conftest import free_port
-from helpers_core import ServerProcess, server_env
+from conftest import Server, free_port
+from helpers_core import ServerProcess, error_code, server_env
+from test_ops_support import grpc_health
 
 from easybackend.fake_upstream import FakeUpstream
+from easybackend.proto_gen import health_pb2
+
+StartServer = Callable[..., Awaitable[Server]]
 
 # --------------------------------------------------------------------------- signals at start-up
 
@@ -91,3 +100,125 @@ async def test_a_stop_signal_during_start_up_exits_0_without_a_traceback(
     assert "Traceback" not in server.output, server.output
     assert "stopped during start-up" in server.output, server.output  # nothing was served
     assert not accepts(http_port)
+
+
+# --------------------------------------------------------------------------- writes that fail
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs mounted for the test (skipped where mounting is not allowed)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a size-limited tmpfs here: {result.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill_up(directory: Path) -> Path:
+    """Write a file into ``directory`` until its filesystem is full; returns the file."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        for chunk in (64 * 1024, 4096, 1):
+            for _ in range(100_000):  # a 4 MiB filesystem is full long before
+                try:
+                    os.write(fd, b"\0" * chunk)
+                except OSError as exc:
+                    assert exc.errno == errno.ENOSPC, exc
+                    break
+    finally:
+        os.close(fd)
+    return filler
+
+
+@pytest.fixture
+def pg_own_role() -> Iterator[tuple[str, str]]:
+    """A PostgreSQL role owning a fresh schema: (role, DATABASE_URL that connects as it)."""
+    role = f"eb_{secrets.token_hex(6)}"
+    try:
+        admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("no PostgreSQL on 127.0.0.1:5432")
+    with admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN")
+        admin.execute(f"CREATE SCHEMA {role} AUTHORIZATION {role}")
+    yield role, f"postgresql://{role}@127.0.0.1:5432/test?options=-csearch_path%3D{role}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f"DROP SCHEMA {role} CASCADE")
+        admin.execute(f"DROP ROLE {role}")
+
+
+def pg_admin(sql: str) -> None:
+    with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as admin:
+        admin.execute(sql)
+
+
+async def readiness(server: Server) -> tuple[int, int]:
+    """(``/readyz`` status, gRPC health status)."""
+    async with server.client() as client:
+        http = (await client.get("/readyz")).status_code
+    return http, await grpc_health(server.running.grpc_port)
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def check_unready_while_writes_fail(
+    server: Server, break_writes: Callable[[], object], mend_writes: Callable[[], object]
+) -> None:
+    """Ready; writes broken: an ask fails, readiness 503/NOT_SERVING; mended: ready, asks work."""
+    assert await readiness(server) == (200, SERVING)
+    async with server.client() as client:
+        assert (await client.post("/ask/before", json={"prompt": "hello"})).status_code == 200
+        await trio.to_thread.run_sync(break_writes)
+        response = await client.post("/ask/during", json={"prompt": "hello"})
+        assert response.status_code == 503, response.text
+        assert error_code(response) == "storage_unavailable"
+        assert await readiness(server) == (503, NOT_SERVING)
+        assert await readiness(server) == (503, NOT_SERVING)  # it stays so: each check writes
+        await trio.to_thread.run_sync(mend_writes)
+        assert await readiness(server) == (200, SERVING)  # by itself, no ask needed
+        assert (await client.post("/ask/after", json={"prompt": "hello"})).status_code == 200
+        assert await readiness(server) == (200, SERVING)
+
+
+async def test_readiness_reports_a_full_disk_under_sqlite(
+    small_filesystem: Path, start_server: StartServer
+) -> None:
+    server = await start_server(
+        CONVERSATIONS_DIR=str(small_filesystem / "conversations"), GRPC_PORT=str(free_port())
+    )
+    filler: list[Path] = []
+    await check_unready_while_writes_fail(
+        server,
+        break_writes=lambda: filler.append(fill_up(small_filesystem)),
+        mend_writes=lambda: filler.pop().unlink(),
+    )
+
+
+async def test_readiness_reports_a_database_that_refuses_writes_under_postgresql(
+    pg_own_role: tuple[str, str], start_server: StartServer
+) -> None:
+    role, url = pg_own_role
+    server = await start_server(DATABASE_URL=url, GRPC_PORT=str(free_port()))
+    tables = f"ALL TABLES IN SCHEMA {role}"
+    await check_unready_while_writes_fail(
+        server,
+        break_writes=lambda: pg_admin(f"REVOKE INSERT, UPDATE, DELETE ON {tables} FROM {role}"),
+        mend_writes=lambda: pg_admin(f"GRANT INSERT, UPDATE, DELETE ON {tables} TO {role}"),
+    )

@@ -9,9 +9,13 @@ one transaction, so a crash leaves each turn either fully stored or absent.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+
+from ..errors import StorageUnavailable
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -134,6 +138,38 @@ def newest_that_fit(
     return turns
 
 
+# The row a readiness probe writes and deletes again in one transaction (see WriteHealth):
+# no conversation has an empty id, so it never meets a real one.
+PROBE_ROW = ("", "", "readiness-probe")  # legacy_imports (owner, conversation_id, source)
+
+
+class WriteHealth:
+    """The outcome of a store's last write, which its readiness check reports.
+
+    A store records every write here. While the last one failed, ``ping()``
+    does not trust a read: it writes for real (the probe row, inserted and
+    deleted in one transaction), so readiness reports the fault until writes
+    work again, and then recovers by itself.
+    """
+
+    def __init__(self) -> None:
+        self.failure: str | None = None  # why the last write failed; None once one worked
+
+    async def record(self, write: Awaitable[T]) -> T:
+        """Await ``write``, remembering whether it worked; its StorageUnavailable propagates."""
+        try:
+            result = await write
+        except StorageUnavailable as exc:
+            self.failure = exc.message
+            raise
+        self.failure = None
+        return result
+
+    def unready(self, probe_error: StorageUnavailable) -> StorageUnavailable:
+        """The readiness error when the probe write failed too."""
+        return StorageUnavailable(f"writes fail: {probe_error.message}")
+
+
 class Storage(Protocol):
     """A conversation store. Methods run their blocking work off the event loop.
 
@@ -232,7 +268,11 @@ class Storage(Protocol):
         ...
 
     async def ping(self) -> None:
-        """Raise StorageUnavailable unless the store answers a trivial query."""
+        """Raise StorageUnavailable unless the store answers a trivial query.
+
+        While the last write failed, the store must take a write: the check
+        writes and deletes the probe row (see :class:`WriteHealth`).
+        """
         ...
 
     async def close(self) -> None:

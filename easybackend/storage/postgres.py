@@ -37,6 +37,7 @@ import trio
 
 from ..errors import StorageUnavailable
 from .base import (
+    PROBE_ROW,
     Context,
     ConversationDetail,
     ConversationExport,
@@ -45,6 +46,7 @@ from .base import (
     NewTurn,
     StoredTurn,
     TurnRecord,
+    WriteHealth,
     newest_that_fit,
 )
 from .sqlite import decode_cursor, encode_cursor
@@ -112,6 +114,7 @@ class PostgresStorage:
         # for the PG_POOL_SIZE slots in arrival order, while SPARE_CONNECTIONS stay free for
         # everything else (listing, readiness, management).
         self._ask_slots = trio.Semaphore(pool_size)
+        self._writes = WriteHealth()
         self._limiter = trio.CapacityLimiter(pool_size + SPARE_CONNECTIONS)
         # The connection holding the current task's conversation lock, if any: the ask's own
         # storage calls run on it, so an ask never needs a second connection.
@@ -172,6 +175,10 @@ class PostgresStorage:
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             raise StorageUnavailable(f"conversation storage failed: {_reason(exc)}") from None
 
+    async def _write(self, work: Callable[[psycopg.Connection], T]) -> T:
+        """:meth:`_run` for a call that writes: its outcome is what readiness reports."""
+        return await self._writes.record(self._run(work))
+
     @contextlib.asynccontextmanager
     async def conversation_lock(self, ref: ConversationRef) -> AsyncIterator[None]:
         """Hold the conversation's advisory lock (see the module docstring). Cancellable while waiting."""
@@ -221,14 +228,30 @@ class PostgresStorage:
                     await trio.to_thread.run_sync(release, connection, locked)
 
     async def ping(self) -> None:
-        """A trivial query; on cancellation it returns at once (the thread finishes on its own)."""
+        """A trivial query; while the last write failed, a write (see WriteHealth).
 
-        def work() -> None:
+        On cancellation it returns at once (the thread finishes on its own).
+        """
+        if self._writes.failure is None:
+            await self._abandoned_on_cancel(lambda c: c.execute("SELECT 1").fetchone())
+            return
+        try:
+            await self._writes.record(self._abandoned_on_cancel(_probe_write))
+        except StorageUnavailable as exc:
+            raise self._writes.unready(exc) from None
+
+    async def _abandoned_on_cancel(self, work: Callable[[psycopg.Connection], object]) -> None:
+        """``work`` on a pooled connection, in a worker thread left behind on cancellation.
+
+        Raises StorageUnavailable.
+        """
+
+        def run() -> None:
             with self._pool.connection() as connection:
-                connection.execute("SELECT 1").fetchone()
+                work(connection)
 
         try:
-            await trio.to_thread.run_sync(work, abandon_on_cancel=True)
+            await trio.to_thread.run_sync(run, abandon_on_cancel=True)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             raise StorageUnavailable(f"conversation storage failed: {_reason(exc)}") from None
 
@@ -262,7 +285,7 @@ class PostgresStorage:
         return await self._run(work)
 
     async def append_turn(self, ref: ConversationRef, turn: NewTurn) -> int:
-        return await self._run(lambda connection: _append(connection, ref, turn))
+        return await self._write(lambda connection: _append(connection, ref, turn))
 
     async def list_conversations(
         self, owner: str, limit: int, after: str | None
@@ -316,7 +339,7 @@ class PostgresStorage:
             )
             return deleted > 0
 
-        return await self._run(work)
+        return await self._write(work)
 
     async def rollback(self, ref: ConversationRef, turns: int) -> tuple[int, int] | None:
         def work(connection: psycopg.Connection) -> tuple[int, int] | None:
@@ -338,7 +361,7 @@ class PostgresStorage:
             )
             return count - keep, keep
 
-        return await self._run(work)
+        return await self._write(work)
 
     async def set_system_prompt(
         self, ref: ConversationRef, prompt: str | None, tokens: int | None
@@ -354,7 +377,7 @@ class PostgresStorage:
                 (ref.owner, ref.conversation_id, prompt, tokens, now, now),
             )
 
-        await self._run(work)
+        await self._write(work)
 
     async def import_turns(self, ref: ConversationRef, source: str, turns: list[NewTurn]) -> int:
         def work(connection: psycopg.Connection) -> int:
@@ -373,7 +396,7 @@ class PostgresStorage:
             )
             return max(len(turns) - done, 0)
 
-        return await self._run(work)
+        return await self._write(work)
 
     async def totals(self) -> tuple[int, int]:
         def work(connection: psycopg.Connection) -> tuple[int, int]:
@@ -398,7 +421,7 @@ class PostgresStorage:
             for conversation in conversations:
                 _import(connection, conversation)
 
-        await self._run(work)
+        await self._write(work)
 
     async def close(self) -> None:
         await trio.to_thread.run_sync(self._pool.close)
@@ -534,6 +557,20 @@ def _migrate(connection: psycopg.Connection) -> None:
         for number in range(version, len(MIGRATIONS)):
             connection.execute(MIGRATIONS[number])
             connection.execute("UPDATE easybackend_schema SET version = %s", (number + 1,))
+
+
+def _probe_write(connection: psycopg.Connection) -> None:
+    """Write the probe row and delete it again, committed: fails while the database takes no writes."""
+    with connection.transaction():
+        connection.execute(
+            "INSERT INTO legacy_imports (owner, conversation_id, source, entries)"
+            " VALUES (%s, %s, %s, 0) ON CONFLICT DO NOTHING",
+            PROBE_ROW,
+        )
+        connection.execute(
+            "DELETE FROM legacy_imports WHERE owner = %s AND conversation_id = %s AND source = %s",
+            PROBE_ROW,
+        )
 
 
 def _lock_key(ref: ConversationRef) -> int:

@@ -23,6 +23,7 @@ import trio
 
 from ..errors import StorageUnavailable
 from .base import (
+    PROBE_ROW,
     Context,
     ConversationDetail,
     ConversationExport,
@@ -31,6 +32,7 @@ from .base import (
     NewTurn,
     StoredTurn,
     TurnRecord,
+    WriteHealth,
     newest_that_fit,
 )
 
@@ -89,6 +91,7 @@ class SQLiteStorage:
     def __init__(self, connection: sqlite3.Connection) -> None:
         self._db = connection
         self._limiter = trio.CapacityLimiter(1)
+        self._writes = WriteHealth()
 
     @classmethod
     async def open(cls, path: Path) -> SQLiteStorage:
@@ -100,6 +103,10 @@ class SQLiteStorage:
             return await trio.to_thread.run_sync(work, self._db, limiter=self._limiter)
         except sqlite3.Error as exc:
             raise StorageUnavailable(f"conversation storage failed: {exc}") from exc
+
+    async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """:meth:`_run` for a call that writes: its outcome is what readiness reports."""
+        return await self._writes.record(self._run(work))
 
     async def load_context(
         self,
@@ -134,7 +141,7 @@ class SQLiteStorage:
                 db.execute("BEGIN IMMEDIATE")
                 return _append(db, ref, turn)
 
-        return await self._run(work)
+        return await self._write(work)
 
     async def list_conversations(
         self, owner: str, limit: int, after: str | None
@@ -186,7 +193,7 @@ class SQLiteStorage:
                 )
             return deleted > 0
 
-        return await self._run(work)
+        return await self._write(work)
 
     async def rollback(self, ref: ConversationRef, turns: int) -> tuple[int, int] | None:
         def work(db: sqlite3.Connection) -> tuple[int, int] | None:
@@ -207,7 +214,7 @@ class SQLiteStorage:
                 )
             return count - keep, keep
 
-        return await self._run(work)
+        return await self._write(work)
 
     async def set_system_prompt(
         self, ref: ConversationRef, prompt: str | None, tokens: int | None
@@ -225,7 +232,7 @@ class SQLiteStorage:
                     (ref.owner, ref.conversation_id, prompt, tokens, now, now),
                 )
 
-        await self._run(work)
+        await self._write(work)
 
     async def import_turns(self, ref: ConversationRef, source: str, turns: list[NewTurn]) -> int:
         def work(db: sqlite3.Connection) -> int:
@@ -246,7 +253,7 @@ class SQLiteStorage:
                 )
             return max(len(turns) - done, 0)
 
-        return await self._run(work)
+        return await self._write(work)
 
     async def totals(self) -> tuple[int, int]:
         def work(db: sqlite3.Connection) -> tuple[int, int]:
@@ -274,7 +281,7 @@ class SQLiteStorage:
                 for conversation in conversations:
                     _import(db, conversation)
 
-        await self._run(work)
+        await self._write(work)
 
     @contextlib.asynccontextmanager
     async def conversation_lock(self, ref: ConversationRef) -> AsyncIterator[None]:
@@ -282,10 +289,18 @@ class SQLiteStorage:
         yield
 
     async def ping(self) -> None:
+        """A trivial query; while the last write failed, a write (see WriteHealth)."""
+
         def work(db: sqlite3.Connection) -> None:
             db.execute("SELECT count(*) FROM conversations WHERE pk = 0").fetchone()
 
-        await self._run(work)
+        if self._writes.failure is None:
+            await self._run(work)
+            return
+        try:
+            await self._write(_probe_write)
+        except StorageUnavailable as exc:
+            raise self._writes.unready(exc) from None
 
     async def close(self) -> None:
         await self._run(lambda db: db.close())
@@ -420,6 +435,21 @@ def _import(db: sqlite3.Connection, conversation: ConversationExport) -> None:
         "INSERT INTO legacy_imports (owner, conversation_id, source, entries) VALUES (?, ?, ?, ?)",
         [(*key, source, entries) for source, entries in conversation.legacy_imports.items()],
     )
+
+
+def _probe_write(db: sqlite3.Connection) -> None:
+    """Write the probe row and delete it again, committed: fails while the file takes no writes."""
+    with db:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute(
+            "INSERT OR REPLACE INTO legacy_imports (owner, conversation_id, source, entries)"
+            " VALUES (?, ?, ?, 0)",
+            PROBE_ROW,
+        )
+        db.execute(
+            "DELETE FROM legacy_imports WHERE owner = ? AND conversation_id = ? AND source = ?",
+            PROBE_ROW,
+        )
 
 
 def _connect(path: Path) -> sqlite3.Connection:
