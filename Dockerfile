@@ -18,9 +18,11 @@ USER easybackend
 VOLUME ["/app/conversations"]
 EXPOSE 8000 9000 9001
 
-# /healthz over HTTP, or HTTPS when TLS is on (the certificate is not checked: this is loopback)
-HEALTHCHECK --interval=30s --timeout=3s --start-period=10s \
-    CMD python -c "import os, ssl, urllib.request as r; scheme = 'https' if os.environ.get('TLS_CERTFILE') else 'http'; r.urlopen(f\"{scheme}://127.0.0.1:{os.environ.get('HTTP_PORT', '8000')}/healthz\", timeout=2, context=ssl._create_unverified_context())"
+# Readiness, /readyz, over HTTP, or HTTPS when TLS is on (the certificate is not checked: this
+# is loopback). Not a TCP probe: the ports accept connections before the server answers, and
+# /readyz also says 503 while the database does not answer or takes no writes.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10s \
+    CMD python -c "import os, ssl, urllib.request as r; scheme = 'https' if os.environ.get('TLS_CERTFILE') else 'http'; r.urlopen(f\"{scheme}://127.0.0.1:{os.environ.get('HTTP_PORT', '8000')}/readyz\", timeout=4, context=ssl._create_unverified_context())"
 
 ENTRYPOINT ["easybackend"]
 CMD ["serve"]

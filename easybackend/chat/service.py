@@ -348,7 +348,12 @@ class ChatService:
             yield
 
     async def ready(self) -> bool:
-        """True when the conversation store answers within READY_TIMEOUT seconds."""
+        """True when the conversation store answers within READY_TIMEOUT seconds.
+
+        After a failed write the store must also take a write (see
+        :class:`~easybackend.storage.base.WriteHealth`), so a store that reads
+        but cannot write is not ready.
+        """
         with trio.move_on_after(READY_TIMEOUT):
             try:
                 await self.storage.ping()

@@ -308,7 +308,7 @@ def create_app(service: ChatService) -> Quart:
         """Readiness: 200 while the conversation store answers, else 503 (not ready)."""
         if await service.ready():
             return Response('{"status": "ready"}', mimetype="application/json")
-        return error_response("storage_unavailable", "the conversation store does not answer")
+        return error_response("storage_unavailable", "the conversation store does not answer or takes no writes")
 
     @app.get("/metrics")
     @tag(["operations"])
