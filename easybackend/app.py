@@ -198,7 +198,7 @@ async def _stop_on_signals(shutdown: trio.Event) -> AsyncIterator[_Signals]:
     signals = _Signals(shutdown)
     error: BaseException | None = None
     with trio.open_signal_receiver(*STOP_SIGNALS) as receiver:
-        held = signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        held = _set_stop_signal_mask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(signals.watch, receiver)
@@ -209,9 +209,16 @@ async def _stop_on_signals(shutdown: trio.Event) -> AsyncIterator[_Signals]:
                     error = exc
                 nursery.cancel_scope.cancel()
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+            _set_stop_signal_mask(signal.SIG_SETMASK, held)
     if error is not None:
         raise error
+
+
+def _set_stop_signal_mask(how: int, signals: set[int]) -> set[int]:
+    """``signal.pthread_sigmask`` where there is one (not on Windows); returns the old mask."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return set()
+    return signal.pthread_sigmask(how, signals)
 
 
 async def _serve_http(

@@ -199,6 +199,9 @@ def _stop_signals_held() -> Iterator[None]:
     dropped (the command is over anyway: it served and stopped, or its
     start-up failed and said why), then the mask is put back as it was.
     """
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks, nothing to hold
+        yield
+        return
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
