@@ -33,7 +33,8 @@ from .settings import Settings
 from .storage import open_storage
 from .tls import server_ssl_context
 from .transports.grpc import serve_grpc
-from .transports.http import create_app
+from .transports.http import Stopping, create_app
+from .transports.send_deadline import GOODBYE_SECONDS, StopOnBrokenSend, bound_hypercorn_sends
 from .transports.websocket import serve_websocket
 from .upstream.openai_client import OpenAIUpstream, check_proxy_environment
 
@@ -229,23 +230,38 @@ async def _serve_http(
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the HTTP app on ``sock`` until ``shutdown`` is set, then drain for SHUTDOWN_GRACE."""
+    """Serve the HTTP app on ``sock`` until ``shutdown`` is set, then drain for SHUTDOWN_GRACE.
+
+    Asks still running when the grace ends answer 503 ``shutting_down``; GOODBYE_SECONDS
+    later hypercorn drops every connection still open. A client has HTTP_HEADER_TIMEOUT
+    seconds to send a request head from the moment its connection opens or its last
+    response ended (hypercorn's keep-alive timeout bounds exactly that span, trickled bytes
+    or not; its read timeout would bound each read only, and cut streamed answers too).
+    Every write to a client may block for CLIENT_SEND_TIMEOUT seconds, then the
+    connection is closed.
+    """
     config = HypercornConfig()
     config.bind = [f"fd://{sock.detach()}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.errorlog.addFilter(_NOT_A_LIFESPAN_ERROR)
-    config.graceful_timeout = settings.shutdown_grace
-    config.keep_alive_timeout = 75
+    config.graceful_timeout = settings.shutdown_grace + GOODBYE_SECONDS
+    config.keep_alive_timeout = settings.http_header_timeout
+    bound_hypercorn_sends(config, settings.client_send_timeout)
     config.backlog = LISTEN_BACKLOG  # hypercorn listens again on the socket: keep our backlog
     if settings.tls_certfile is not None:  # checked at start-up by server_ssl_context
         config.certfile, config.keyfile = str(settings.tls_certfile), str(settings.tls_keyfile)
-    await hypercorn_serve(
-        create_app(service),  # type: ignore[arg-type]
-        config,
-        shutdown_trigger=shutdown.wait,
-        task_status=task_status,
-    )
+    stopping = Stopping()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stopping.follow, shutdown, settings.shutdown_grace)
+        await hypercorn_serve(
+            StopOnBrokenSend(create_app(service, stopping)),  # type: ignore[arg-type]
+            config,
+            shutdown_trigger=shutdown.wait,
+            task_status=task_status,
+            mode="asgi",
+        )
+        nursery.cancel_scope.cancel()
 
 
 class _NotALifespanError(logging.Filter):

@@ -11,8 +11,11 @@ Guarantees (SPEC §3):
   in parallel;
 - a finished answer is stored as one turn, atomically;
 - when the consumer is cancelled or closes the generator mid-answer, the
-  upstream call is closed and the partial answer (if any text arrived) is
-  stored with finish reason ``cancelled``;
+  upstream call is closed and the partial answer is stored with finish reason
+  ``cancelled`` (nothing if no piece was delivered). Only delivered pieces are
+  stored: a piece counts once the consumer comes back for the next event, that
+  is once the transport's send of it returned; the piece being sent when the
+  client went away (or a shutdown cut the answer) is left out;
 - an answer is cut after ``MAX_ANSWER_CHARS`` characters: the upstream call is
   closed there and the answer ends with finish reason ``length``, its turn
   holding exactly the text sent;
@@ -262,8 +265,8 @@ class ChatService:
                             if isinstance(item, Completion):
                                 completion = item
                             else:
-                                pieces.append(item)
                                 yield Delta(item)
+                                pieces.append(item)  # delivered: the transport's send returned
                 except BaseException:
                     if pieces and completion is None and is_cancellation(sys.exception()):
                         turn = await self._store_cancelled(

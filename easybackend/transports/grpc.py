@@ -124,6 +124,7 @@ from ..request_ids import accept_request_id
 from ..settings import Settings
 from ..tls import server_ssl_context
 from .pieces import split_utf8
+from .send_deadline import GOODBYE_SECONDS, ClientTooSlow, SendBoundedStream, send_deadline
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,7 @@ async def serve_grpc(
             HEALTH_SERVICE: _Health(service, shutdown).service,
         },
         max_message_length=settings.max_body_bytes,
+        send_timeout=settings.client_send_timeout,
     )
     listener: trio.abc.Listener[Any] = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
     if ssl_context is not None:
@@ -471,8 +473,11 @@ class _ServerSocket(GRPCProtoSocket):
 class _AnyioStream(anyio.abc.ByteStream):
     """A trio stream with the anyio socket-stream interface purerpc's framing uses."""
 
-    def __init__(self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]) -> None:
-        self._stream = stream
+    def __init__(
+        self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream], send_timeout: float
+    ) -> None:
+        # a write the client does not take within send_timeout closes the connection
+        self._stream = SendBoundedStream(stream, send_timeout)
         transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
         self._socket = transport.socket
 
@@ -526,7 +531,8 @@ class _Connection:
             self.on_reset,
         )
         with trio.CancelScope() as connection_scope:
-            async with _ServerSocket(connection, _AnyioStream(stream)) as grpc_socket:
+            client_stream = _AnyioStream(stream, self.server.send_timeout)
+            async with _ServerSocket(connection, client_stream) as grpc_socket:
                 self.socket = grpc_socket
                 async with trio.open_nursery() as calls:
                     greeting = trio.CancelScope()
@@ -585,6 +591,8 @@ class _Connection:
             status = None
             with scope:
                 status = await self.server.run_call(stream, refuse=self.draining)
+            if scope.cancelled_caught and self.server.cutting:  # the shutdown grace is over
+                status = Status(StatusCode.UNAVAILABLE, "the server is shutting down")
             if status is not None and stream.stream_id not in self.resets:
                 # the request id (set by the server's run_call) also ends the call, so that a
                 # client gets it with an error that came before any response message
@@ -613,6 +621,11 @@ class _Connection:
         if not self.active:
             self.close()
 
+    def cut(self) -> None:
+        """Cancel the calls in flight (each then ends with UNAVAILABLE)."""
+        for scope in self.scopes.values():
+            scope.cancel()
+
     def close(self) -> None:
         """Say goodbye (GOAWAY) and stop reading; what is queued is still sent."""
         if self.socket is not None:
@@ -624,10 +637,18 @@ class _Connection:
 class _Server:
     """Dispatches calls to services and keeps track of connections for the shutdown drain."""
 
-    def __init__(self, services: dict[str, Service], *, max_message_length: int) -> None:
+    def __init__(
+        self,
+        services: dict[str, Service],
+        *,
+        max_message_length: int,
+        send_timeout: float = math.inf,
+    ) -> None:
         self.services = services
         self.max_message_length = max_message_length
+        self.send_timeout = send_timeout  # seconds one send to a client may block
         self.draining = False
+        self.cutting = False  # the shutdown grace is over: calls in flight are being cut
         self.connections: set[_Connection] = set()
         self._all_closed = trio.Event()
 
@@ -650,7 +671,11 @@ class _Server:
                 self._all_closed.set()
 
     async def drain(self, grace: float) -> None:
-        """Close idle connections; wait up to ``grace`` seconds for the calls in flight."""
+        """Close idle connections; wait up to ``grace`` seconds for the calls in flight.
+
+        Calls still running then are cancelled (their asks stored as ``cancelled``)
+        and end with UNAVAILABLE; the connections have GOODBYE_SECONDS to send that.
+        """
         self.draining = True
         for connection in list(self.connections):
             connection.drain()
@@ -662,6 +687,11 @@ class _Server:
             log.warning(
                 "gRPC: cancelling the calls still running after %s s of shutdown grace", grace
             )
+            self.cutting = True
+            for connection in list(self.connections):
+                connection.cut()
+            with trio.move_on_after(GOODBYE_SECONDS):
+                await self._all_closed.wait()
 
     async def run_call(self, stream: GRPCProtoStream, *, refuse: bool) -> Status | None:
         """Run the call on ``stream``; return the status to end it with (None: nobody to tell)."""
@@ -682,7 +712,7 @@ class _Server:
         timeout = request.timeout.total_seconds() if request.timeout is not None else math.inf
         request_id = accept_request_id(_metadata(request, "x-request-id"))
         CURRENT_REQUEST_ID.set(request_id)  # read by the core when it makes the AskRequest
-        response = _Response(stream, request_id)
+        response = _Response(stream, request_id, self.send_timeout)
         try:
             with trio.move_on_after(timeout) as deadline:
                 message = await _single_message(stream)
@@ -699,6 +729,9 @@ class _Server:
             return exc.status
         except h2.exceptions.StreamClosedError:
             return None  # the stream was reset under us
+        except ClientTooSlow as exc:  # as if the client had gone; it is told, should it read
+            log.info("gRPC %s: giving up on a client that stopped reading: %s", path, exc)
+            return Status(StatusCode.CANCELLED, str(exc))
         except Exception:
             log.exception("gRPC %s failed", path)
             return Status(StatusCode.INTERNAL, INTERNAL_MESSAGE)
@@ -710,16 +743,24 @@ class _Server:
 class _Response:
     """Sends response messages, starting the response (headers, with the request id) before the first."""
 
-    def __init__(self, stream: GRPCProtoStream, request_id: str) -> None:
+    def __init__(self, stream: GRPCProtoStream, request_id: str, send_timeout: float) -> None:
         self._stream = stream
         self._request_id = request_id
+        self._send_timeout = send_timeout
         self._started = False
 
     async def send(self, message: Any) -> None:
-        if not self._started:
-            await self._stream.start_response(custom_metadata=(("x-request-id", self._request_id),))
-            self._started = True
-        await self._stream.send_message(message)
+        """Send one message; raises ClientTooSlow if the client does not take it in time.
+
+        purerpc waits here for the stream's HTTP/2 flow-control window, which a
+        client that stops reading never reopens.
+        """
+        with send_deadline(self._send_timeout):
+            if not self._started:
+                metadata = (("x-request-id", self._request_id),)
+                await self._stream.start_response(custom_metadata=metadata)
+                self._started = True
+            await self._stream.send_message(message)
 
 
 async def _single_message(stream: GRPCProtoStream) -> Any:

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pydantic
+import trio
 from quart import Quart, Response, g, request
 from quart_schema import (
     Info,
@@ -35,7 +36,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from ..chat.caller import client_address
 from ..chat.client_json import parse_client_json
 from ..chat.service import AskRequest, ChatService, Delta, End, validate_conversation_id
-from ..errors import ChatError, InvalidInput, NotFound
+from ..errors import ChatError, InvalidInput, NotFound, ShuttingDown
 from ..request_ids import accept_request_id, new_request_id
 from .http_conversations import conversation_routes
 from .openapi import EasyBackendOpenAPI, UsageBody
@@ -154,8 +155,53 @@ class _Request(TrioRequest):
         return result
 
 
-def create_app(service: ChatService) -> Quart:
-    """The HTTP application for ``service``."""
+class Stopping:
+    """The HTTP side of a shutdown, shared by the app and the server that runs it.
+
+    Once the shutdown has begun, new asks are refused with 503 ``shutting_down``
+    and every HTTP/1 response carries ``Connection: close``, so that a kept-alive
+    connection is not reused. When the grace ends, the asks still in progress
+    are cancelled (the chat core stores their partial answers as ``cancelled``)
+    and answer 503 ``shutting_down``; a streamed answer ends with an ``error``
+    event of that code.
+    """
+
+    def __init__(self) -> None:
+        self.begun = False
+        self.grace_over = False
+        self._cuttable: set[trio.CancelScope] = set()
+
+    async def follow(self, shutdown: trio.Event, grace: float) -> None:
+        """Begin when ``shutdown`` is set, end the grace ``grace`` seconds later."""
+        await shutdown.wait()
+        self.begun = True
+        await trio.sleep(grace)
+        self.grace_over = True
+        for scope in list(self._cuttable):
+            scope.cancel()
+
+    @contextlib.contextmanager
+    def cut_at_grace_end(self) -> Iterator[trio.CancelScope]:
+        """A cancel scope that is cancelled when the grace ends (at once if it has)."""
+        with trio.CancelScope() as scope:
+            if self.grace_over:
+                scope.cancel()
+            self._cuttable.add(scope)
+            try:
+                yield scope
+            finally:
+                self._cuttable.discard(scope)
+
+    async def next_event(self, events: AsyncIterator[Delta | End]) -> Delta | End:
+        """The ask's next event; raises ShuttingDown if the grace ends first."""
+        with self.cut_at_grace_end():
+            return await anext(events)
+        raise ShuttingDown("the server is shutting down")
+
+
+def create_app(service: ChatService, stopping: Stopping | None = None) -> Quart:
+    """The HTTP application for ``service``; ``stopping`` tells it of a shutdown."""
+    stopping = stopping if stopping is not None else Stopping()
     app = QuartTrio(__name__)
     app.request_class = _Request
     app.config.update(
@@ -200,6 +246,19 @@ def create_app(service: ChatService) -> Quart:
             g.owner = ""
             return
         g.owner = service.keys.owner_for_header(request.headers.get("Authorization"))
+
+    @app.before_request
+    async def refuse_asks_when_stopping() -> None:
+        """Once the shutdown has begun, an ask is refused (503 shutting_down)."""
+        if stopping.begun and request.method == "POST" and request.path.startswith("/ask/"):
+            raise ShuttingDown("the server is shutting down")
+
+    @app.after_request
+    async def close_when_stopping(response: Response) -> Response:
+        """Once the shutdown has begun, an HTTP/1 connection is not kept alive."""
+        if stopping.begun and request.http_version.startswith("1"):
+            response.headers["Connection"] = "close"
+        return response
 
     allowed_origins = set(service.settings.cors_origins)
 
@@ -262,9 +321,11 @@ def create_app(service: ChatService) -> Quart:
         sends the system prompt, the most recent turns that fit the context
         window and the new prompt to the model, then stores the new turn.
         """
-        answer = await service.complete(ask_request(conversation_id, data, "http"))
-        body = {"response": answer.text, **_end_data(answer.end)}
-        return Response(json.dumps(body, ensure_ascii=False), mimetype="application/json")
+        with stopping.cut_at_grace_end():
+            answer = await service.complete(ask_request(conversation_id, data, "http"))
+            body = {"response": answer.text, **_end_data(answer.end)}
+            return Response(json.dumps(body, ensure_ascii=False), mimetype="application/json")
+        raise ShuttingDown("the server is shutting down")  # the grace ended first
 
     @app.post("/ask/<conversation_id>/stream")
     @validate_request(AskBody)
@@ -282,11 +343,11 @@ def create_app(service: ChatService) -> Quart:
         """
         events = service.ask(ask_request(conversation_id, data, "sse"))
         try:
-            first = await anext(events)
+            first = await stopping.next_event(events)
         except BaseException:
             await events.aclose()
             raise
-        response = Response(_sse_body(first, events), mimetype="text/event-stream")
+        response = Response(_sse_body(first, events, stopping), mimetype="text/event-stream")
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"
         response.timeout = None
@@ -326,8 +387,13 @@ def create_app(service: ChatService) -> Quart:
     return app
 
 
-async def _sse_body(first: Delta | End, events: AsyncIterator[Delta | End]) -> AsyncIterator[str]:
-    """Encode chat events as SSE frames; a ChatError after the first frame becomes an ``error`` event."""
+async def _sse_body(
+    first: Delta | End, events: AsyncIterator[Delta | End], stopping: Stopping
+) -> AsyncIterator[str]:
+    """Encode chat events as SSE frames; a ChatError after the first frame becomes an ``error`` event.
+
+    So does the end of the shutdown grace (``shutting_down``).
+    """
     async with contextlib.aclosing(events):  # type: ignore[type-var]
         try:
             event = first
@@ -337,7 +403,7 @@ async def _sse_body(first: Delta | End, events: AsyncIterator[Delta | End]) -> A
                 else:
                     yield _sse("end", _end_data(event))
                     return
-                event = await anext(events)
+                event = await stopping.next_event(events)
         except ChatError as exc:
             yield _sse("error", {"code": exc.code, "message": exc.message})
 

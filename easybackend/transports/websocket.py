@@ -41,7 +41,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection, WebSocketRequest
 
 from ..auth import bearer_token
 from ..chat.caller import CURRENT as CLIENT
@@ -53,6 +53,7 @@ from ..settings import Settings
 from ..tls import server_ssl_context
 from ._trio_websocket_compat import WebSocketServer
 from .pieces import MAX_JSON_BYTES_PER_CHAR, split_json_text, split_utf8
+from .send_deadline import GOODBYE_SECONDS, ClientTooSlow, send_deadline
 
 log = logging.getLogger("easybackend.websocket")
 
@@ -61,6 +62,7 @@ ORIGINAL_END = "<|end|>"
 ORIGINAL_ERROR = "<|err|>$"
 MAX_QUEUED_ASKS = 16
 GOING_AWAY = 1001
+ABNORMAL_CLOSURE = 1006  # the code a socket closed without a close frame is reported with
 INTERNAL_ERROR = 1011
 CLOSE_TIMEOUT = 5.0  # seconds a closing handshake may take
 MIN_PIECE_BYTES = 1024  # of a delta's text, however long the ask's id
@@ -87,8 +89,11 @@ async def serve_websocket(
     Bearer <key>`` or ``?api_key=<key>``, else it is refused with HTTP 401.
     With TLS configured the socket speaks WSS only. After ``shutdown`` no
     connection is accepted, no new ask is taken and answers in progress have
-    ``settings.shutdown_grace`` seconds to finish; then every connection is
-    closed (1001, going away). Cancellation stops everything at once.
+    ``settings.shutdown_grace`` seconds to finish; then those still running are
+    cancelled (stored as ``cancelled``) and answered with a ``shutting_down``
+    error, and every connection is closed (1001, going away) within
+    GOODBYE_SECONDS; one whose client takes no close frame is dropped.
+    Cancellation stops everything at once.
     """
     listener: trio.abc.Listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
     ssl_context = server_ssl_context(settings, ["http/1.1"])
@@ -96,6 +101,7 @@ async def serve_websocket(
         listener = trio.SSLListener(listener, ssl_context, https_compatible=True)
 
     live = _Count()  # open connections
+    grace_over = trio.Event()
 
     async with trio.open_nursery() as handlers:
 
@@ -111,7 +117,7 @@ async def serve_websocket(
             CLIENT.set(client_address(request.remote, forwarded_for_values(request.headers), settings))
             connection = await request.accept()
             await _Connection(
-                service, connection, shutdown, owner, settings.ws_idle_timeout, live
+                service, connection, shutdown, owner, settings.ws_idle_timeout, live, grace_over
             ).run()
 
         server = WebSocketServer(
@@ -130,7 +136,11 @@ async def serve_websocket(
         # Each connection finishes its queued answers, then closes itself (1001).
         with trio.move_on_after(settings.shutdown_grace):
             await live.zero()
-        handlers.cancel_scope.cancel()  # handshakes in progress, answers past the grace
+        # The grace is over: answers still in progress end with shutting_down, then 1001.
+        grace_over.set()
+        with trio.move_on_after(GOODBYE_SECONDS):
+            await live.zero()
+        handlers.cancel_scope.cancel()  # handshakes in progress, clients that took no goodbye
 
 
 class _Count:
@@ -170,6 +180,7 @@ class _Connection:
         owner: str,
         idle_timeout: float,
         live: _Count,
+        grace_over: trio.Event,
     ) -> None:
         self.service = service
         self.ws = ws
@@ -182,6 +193,9 @@ class _Connection:
         self.current: trio.CancelScope | None = None
         # the largest message a client is told to accept: longer answer pieces are cut
         self.max_message_bytes = service.settings.max_body_bytes
+        self.send_timeout = service.settings.client_send_timeout
+        self.grace_over = grace_over  # set when the shutdown grace ends
+        self.cut = False  # the grace is over: answers in progress or queued end with shutting_down
 
     async def run(self) -> None:
         """Serve the socket until the client closes it (or shutdown drains it).
@@ -196,6 +210,7 @@ class _Connection:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._answer_asks)
                 nursery.start_soon(self._stop_taking_asks_on_shutdown)
+                nursery.start_soon(self._cut_at_grace_end)
                 await self._read_messages()
                 nursery.cancel_scope.cancel()
         except* ConnectionClosed:
@@ -216,7 +231,7 @@ class _Connection:
                 return
             if idle.cancelled_caught:
                 if not self.pending:
-                    await self.ws.aclose(GOING_AWAY, f"idle for {self.idle_timeout:g} seconds")
+                    await self._close(GOING_AWAY, f"idle for {self.idle_timeout:g} seconds")
                     return
                 continue
             if isinstance(message, bytes):
@@ -228,7 +243,7 @@ class _Connection:
             elif message.lstrip()[:1] in ("{", "["):
                 await self._take_json(message)
             else:
-                await self.ws.send_message(
+                await self._send(
                     ORIGINAL_ERROR
                     + "unknown message: send <|ask|>$<conversation_id>$<prompt> or a JSON object"
                 )
@@ -236,7 +251,7 @@ class _Connection:
     async def _take_original(self, message: str) -> None:
         parts = message.split("$", 2)
         if len(parts) != 3 or parts[0] != ORIGINAL_ASK:
-            await self.ws.send_message(
+            await self._send(
                 ORIGINAL_ERROR + "malformed ask: expected <|ask|>$<conversation_id>$<prompt>"
             )
             return
@@ -285,12 +300,16 @@ class _Connection:
         async for ask in self.receive_asks:
             with trio.CancelScope() as scope:
                 self.current = scope
+                if self.cut:
+                    scope.cancel()  # queued, not started: the grace is over
                 await self._answer(ask)
             self.current = None
             self.pending -= 1
-            if scope.cancelled_caught:  # the client's `cancel`: the answer ends, the socket stays
+            if scope.cancelled_caught and self.cut:  # the shutdown grace ended first
+                await self._send_failure(ask, "shutting_down", "the server is shutting down")
+            elif scope.cancelled_caught:  # the client's `cancel`: the answer ends, the socket stays
                 await self._send_end(ask, None)
-        await self.ws.aclose(GOING_AWAY, "server shutting down")
+        await self._close(GOING_AWAY, "server shutting down")
 
     async def _answer(self, ask: _Ask) -> None:
         try:
@@ -300,7 +319,7 @@ class _Connection:
                         await self._send_end(ask, event)
                     elif ask.original:
                         for piece in split_utf8(event.text, self.max_message_bytes):
-                            await self.ws.send_message(piece)
+                            await self._send(piece)
                     else:
                         for piece in self._json_pieces(ask, event.text):
                             await self._send_json(ask.json_id, {"type": "delta", "text": piece})
@@ -325,7 +344,7 @@ class _Connection:
     async def _send_end(self, ask: _Ask, end: End | None) -> None:
         """The end of an answer; ``None`` for one the client cancelled."""
         if ask.original:
-            await self.ws.send_message(ORIGINAL_END)
+            await self._send(ORIGINAL_END)
         elif end is None:
             payload = {"type": "end", "finish_reason": "cancelled", "usage": None}
             await self._send_json(ask.json_id, payload, ask.request.request_id)
@@ -340,7 +359,7 @@ class _Connection:
 
     async def _send_failure(self, ask: _Ask, code: str, message: str) -> None:
         if ask.original:
-            await self.ws.send_message(ORIGINAL_ERROR + message)
+            await self._send(ORIGINAL_ERROR + message)
         else:
             await self._send_json(ask.json_id, _error(code, message), ask.request.request_id)
 
@@ -351,11 +370,45 @@ class _Connection:
             payload = {**payload, "id": json_id}
         if request_id is not None:
             payload = {**payload, "request_id": request_id}
-        await self.ws.send_message(json.dumps(payload, ensure_ascii=False))
+        await self._send(json.dumps(payload, ensure_ascii=False))
+
+    async def _send(self, message: str) -> None:
+        """Send one message; every message to the client goes through here.
+
+        A client that has not taken the message within CLIENT_SEND_TIMEOUT
+        seconds (it stopped reading) is dropped: the TCP connection is closed at
+        once, as no close frame gets through a full buffer, and ConnectionClosed
+        is raised, so the answer in progress ends as when a client goes away.
+        """
+        try:
+            with send_deadline(self.send_timeout):
+                await self.ws.send_message(message)
+        except ClientTooSlow as exc:
+            log.info("dropping a WebSocket connection: %s", exc)
+            await trio.aclose_forcefully(self.ws)
+            raise ConnectionClosed(CloseReason(ABNORMAL_CLOSURE, str(exc))) from None
+
+    async def _close(self, code: int, reason: str) -> None:
+        """Close the socket with ``code``; one whose client takes no close frame is dropped.
+
+        The closing handshake (our close frame, the client's reply) may take
+        CLOSE_TIMEOUT seconds; then the TCP connection is closed regardless.
+        """
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            await self.ws.aclose(code, reason)
+            return
+        await trio.aclose_forcefully(self.ws)
 
     async def _stop_taking_asks_on_shutdown(self) -> None:
         await self.shutdown.wait()
         self.send_asks.close()
+
+    async def _cut_at_grace_end(self) -> None:
+        """At the end of the shutdown grace: the answer in progress ends with shutting_down."""
+        await self.grace_over.wait()
+        self.cut = True
+        if self.current is not None:
+            self.current.cancel()
 
 
 def _error(code: str, message: str) -> dict[str, Any]:
