@@ -25,9 +25,7 @@ the slot is freed.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import hypercorn.trio.run
@@ -55,18 +53,32 @@ class ClientTooSlow(ClientGone):
         self.seconds = seconds
 
 
-@contextlib.contextmanager
-def send_deadline(seconds: float) -> Iterator[None]:
-    """Bound the send inside the block by ``seconds``; raises ClientTooSlow when it passes.
+def send_deadline(seconds: float) -> _SendDeadline:
+    """Bound the send inside the ``with`` block by ``seconds``; raises ClientTooSlow when it passes.
 
     The send is cancelled at the deadline (a byte stream left half-written must
     then be closed). Outer cancellation passes through unchanged.
     """
-    try:
-        with trio.fail_after(seconds):
-            yield
-    except trio.TooSlowError:
-        raise ClientTooSlow(seconds) from None
+    return _SendDeadline(seconds)
+
+
+class _SendDeadline:
+    """The context manager of :func:`send_deadline` (a class: it is entered once per send)."""
+
+    __slots__ = ("_scope", "_seconds")
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._scope = trio.CancelScope(deadline=trio.current_time() + seconds)
+
+    def __enter__(self) -> None:
+        self._scope.__enter__()
+
+    def __exit__(self, *exc_info: Any) -> bool:
+        suppressed = self._scope.__exit__(*exc_info)
+        if self._scope.cancelled_caught:
+            raise ClientTooSlow(self._seconds)
+        return suppressed
 
 
 class SendBoundedStream(trio.abc.HalfCloseableStream):
