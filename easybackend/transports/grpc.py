@@ -187,7 +187,7 @@ async def serve_grpc(
         ssl_context = server_ssl_context(settings, ["h2"])
     server = _Server(
         {
-            CHAT_SERVICE: _Chat(service, max_message_bytes=settings.max_body_bytes).service,
+            CHAT_SERVICE: _Chat(service, settings, max_message_bytes=settings.max_body_bytes).service,
             HEALTH_SERVICE: _Health(service, shutdown).service,
         },
         max_message_length=settings.max_body_bytes,
@@ -231,8 +231,9 @@ class _Abort(Exception):
 
 
 class _Chat(chat_grpc.ChatServicer):
-    def __init__(self, service: ChatService, *, max_message_bytes: int) -> None:
+    def __init__(self, service: ChatService, settings: Settings, *, max_message_bytes: int) -> None:
         self._service = service
+        self._settings = settings
         # an AskResponse stays within the message limit: its text, plus the field's tag and length
         self._piece_bytes = max_message_bytes - RESPONSE_OVERHEAD
 
@@ -244,7 +245,7 @@ class _Chat(chat_grpc.ChatServicer):
         self, message: chat_pb2.AskRequest, request: RequestReceived
     ) -> AsyncIterator[chat_pb2.AskResponse]:
         forwarded_for = [v for name, v in request.custom_metadata if name == "x-forwarded-for"]
-        CLIENT.set(client_address(CALLER_PEER.get(), forwarded_for, self._service.settings))
+        CLIENT.set(client_address(CALLER_PEER.get(), forwarded_for, self._settings))
         ask = _ask_request(message, self._owner(request))
         async with contextlib.aclosing(self._service.ask(ask)) as events:
             async for event in events:
