@@ -13,6 +13,7 @@ import functools
 import json
 import re
 import socket
+import sqlite3
 import ssl
 import threading
 from collections.abc import Awaitable, Callable
@@ -409,6 +410,26 @@ async def test_nothing_the_upstream_reports_makes_a_conversation_unreadable(
     )
     assert exported.returncode == 0, exported.stderr.decode()
     assert json.loads(exported.stdout)["turns"] == 2
+
+
+async def test_conversation_totals_past_int32_reach_grpc_clients(start_server):
+    """A conversation's summed usage is not bounded by one turn's: gRPC carries it as int64."""
+    server = await start_server(GRPC_PORT=str(free_port()))
+    async with server.client() as client:
+        assert (await client.post("/ask/big", json={"prompt": "hi"})).status_code == 200
+    total = 3 * 2**31  # what some 70 turns of the largest believable usage add up to
+    db = sqlite3.connect(db_path(server))
+    with db:
+        db.execute("UPDATE conversations SET prompt_tokens = ?, completion_tokens = ?", (total,) * 2)
+    db.close()
+    port = server.running.grpc_port
+    conversation = await grpc_call(
+        port, "GetConversation", chat_pb2.ConversationRequest(conversation_id="big")
+    )
+    assert conversation.usage.prompt_tokens == total
+    assert conversation.usage.total_tokens == 2 * total
+    page = await grpc_call(port, "ListConversations", chat_pb2.ListConversationsRequest())
+    assert page.conversations[0].usage.completion_tokens == total
 
 
 # -- the answer's size and counting it ------------------------------------------------------------
