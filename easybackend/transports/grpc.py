@@ -277,7 +277,8 @@ class _Chat(chat_grpc.ChatServicer):
         )
         return chat_pb2.ListConversationsResponse(
             conversations=[
-                chat_pb2.ConversationSummary(**conversation_summary(item)) for item in page
+                chat_pb2.ConversationSummary(**_int32_totals(conversation_summary(item)))
+                for item in page
             ],
             next_cursor=page[-1].cursor if len(page) == limit else "",
         )
@@ -287,7 +288,7 @@ class _Chat(chat_grpc.ChatServicer):
     ) -> chat_pb2.Conversation:
         owner = self._owner(request)
         detail = await self._service.get_conversation(message.conversation_id, owner)
-        return chat_pb2.Conversation(**conversation_detail(detail))
+        return chat_pb2.Conversation(**_int32_totals(conversation_detail(detail)))
 
     async def DeleteConversation(  # noqa: N802
         self, message: chat_pb2.ConversationRequest, request: RequestReceived
@@ -314,6 +315,20 @@ class _Chat(chat_grpc.ChatServicer):
         return chat_pb2.SetSystemPromptResponse(
             conversation_id=message.conversation_id, system_prompt=prompt
         )
+
+
+INT32_MAX = 2**31 - 1
+
+
+def _int32_totals(form: dict[str, Any]) -> dict[str, Any]:
+    """A conversation's JSON form with its usage totals held to what the proto's int32 fields carry.
+
+    One turn's figures are bounded well below that (the upstream client believes
+    at most 100 M tokens per figure); a conversation's sums are not, and a value
+    past int32 would fail the whole call. Totals beyond it are sent as INT32_MAX.
+    """
+    usage = {name: min(value, INT32_MAX) for name, value in form["usage"].items()}
+    return {**form, "usage": usage}
 
 
 def _metadata(request: RequestReceived, key: str) -> str | None:
