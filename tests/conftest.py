@@ -1,47 +1,36 @@
-"""Shared fixtures: the fake upstream and an EasyBackend server, both on real loopback sockets.
+"""The fixtures of every test: the fake upstream, EasyBackend servers, PostgreSQL schemas.
 
 ``fake`` is a FakeUpstream served in the test's nursery. ``start_server``
 runs :func:`easybackend.app.serve` in the test's nursery against it and
-returns a :class:`Server` once every listener accepts; ``server`` is one
-started with the defaults (HTTP only).
+returns a :class:`helpers.servers.Server` once every listener accepts;
+``server`` is one started with the defaults (HTTP only), ``grpc_server`` one
+with gRPC and HTTP. The helpers these build on live in the ``helpers``
+package; test modules import from there, never from each other.
+
+The log-leak watch (``helpers.logs.LOG_WATCH``) sees every log record of the
+run at INFO and above; a line holding a key or a sentinel prompt fails the
+run, also when it was logged in a pytest-xdist worker (each worker hands its
+leaks to the controller when it finishes).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
-import httpx2
 import pytest
 import trio
+from helpers.logs import LOG_WATCH
+from helpers.postgres import new_schema
+from helpers.servers import Server, StartServer, free_port
+from helpers.upstream import UPSTREAM_KEY
 
-from easybackend.app import Running, serve
+from easybackend.app import serve
 from easybackend.fake_upstream import FakeUpstream
 from easybackend.settings import Settings, load_settings
 
-UPSTREAM_KEY = "sk-test-upstream-SECRET-0123456789"
-# Every key the tests use contains SECRET; prompts that must never be logged contain PROMPT-SENTINEL.
-# A handler watches every log record of the whole run at INFO and above for both (see below).
-FORBIDDEN_IN_LOGS = ("SECRET", "PROMPT-SENTINEL")
-
-
-class _LogWatch(logging.Handler):
-    """Keeps the INFO-and-above log lines that hold a key or a sentinel prompt."""
-
-    def __init__(self) -> None:
-        super().__init__(level=logging.INFO)
-        self.leaks: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        line = self.format(record)
-        if any(word in line for word in FORBIDDEN_IN_LOGS):
-            self.leaks.append(f"{record.name} {record.levelname}: {line[:300]}")
-
-
-LOG_WATCH = _LogWatch()
+_WORKER_LEAKS: list[str] = []  # on the controller: what the workers reported
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -51,34 +40,21 @@ def pytest_configure(config: pytest.Config) -> None:
         root.setLevel(logging.INFO)
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:  # pytest-xdist, on the controller
+    _WORKER_LEAKS.extend(getattr(node, "workeroutput", {}).get("log_leaks", []))
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Fail the run if any log line at INFO or above, in any test, held a key or a sentinel prompt."""
-    if LOG_WATCH.leaks:
-        print("\nlog lines that leak a key or a prompt:\n" + "\n".join(LOG_WATCH.leaks[:20]))
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # a pytest-xdist worker: the controller decides
+        workeroutput["log_leaks"] = list(LOG_WATCH.leaks)
+        return
+    leaks = LOG_WATCH.leaks + _WORKER_LEAKS
+    if leaks:
+        print("\nlog lines that leak a key or a prompt:\n" + "\n".join(leaks[:20]))
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago on loopback."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclasses.dataclass
-class Server:
-    settings: Settings
-    running: Running
-    fake: FakeUpstream
-    shutdown: trio.Event  # set it to stop the server gracefully
-    stopped: trio.Event  # set once serve() has returned
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.running.http_port}"
-
-    def client(self, **kwargs: object) -> httpx2.AsyncClient:
-        return httpx2.AsyncClient(base_url=self.http_url, timeout=10, **kwargs)
 
 
 @pytest.fixture
@@ -115,7 +91,7 @@ def make_settings(tmp_path: Path, fake: FakeUpstream) -> Callable[..., Settings]
 @pytest.fixture
 async def start_server(
     nursery: trio.Nursery, fake: FakeUpstream, make_settings: Callable[..., Settings]
-) -> AsyncIterator[Callable[..., Awaitable[Server]]]:
+) -> AsyncIterator[StartServer]:
     """Start servers; at teardown each still running is shut down gracefully (and must stop)."""
     started: list[Server] = []
 
@@ -145,5 +121,20 @@ async def start_server(
 
 
 @pytest.fixture
-async def server(start_server: Callable[..., Awaitable[Server]]) -> Server:
+async def server(start_server: StartServer) -> Server:
     return await start_server()
+
+
+@pytest.fixture
+async def grpc_server(start_server: StartServer) -> Server:
+    """gRPC and HTTP on one server (HTTP is the reference for the management RPCs).
+
+    A short grace, so that a test that leaves a call running still stops in time.
+    """
+    return await start_server(GRPC_PORT=str(free_port()), SHUTDOWN_GRACE="2")
+
+
+@pytest.fixture
+def pg_schema() -> Iterator[str]:
+    """A fresh schema on the local PostgreSQL, dropped afterwards (see helpers.postgres)."""
+    yield from new_schema()

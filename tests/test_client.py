@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import trio
-from conftest import Server, free_port
+from helpers.servers import Server, free_port
 
 PROTOCOLS = ["http", "ws", "grpc"]
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import tiktoken
-from helpers_core import error_code, history_of, stored_turns, upstream_messages
+from helpers.database import stored_turns
+from helpers.http import error_code
+from helpers.upstream import history_of, upstream_messages
 
 from easybackend.chat.tokens import load_encoding
 

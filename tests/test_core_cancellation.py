@@ -7,16 +7,10 @@ from functools import partial
 
 import trio
 import trio.testing
-from helpers_core import (
-    echo,
-    error_code,
-    events_of,
-    full_answer,
-    history_of,
-    stored_turns,
-    upstream_messages,
-    wait_until,
-)
+from helpers.database import stored_turns
+from helpers.http import error_code
+from helpers.upstream import echo, events_of, full_answer, history_of, upstream_messages
+from helpers.waiting import wait_until
 
 LONG = "tell me everything [[fake:tokens=200]] [[fake:delay=0.05]]"
 

@@ -6,15 +6,10 @@ import re
 
 import trio
 import trio.testing
-from helpers_core import (
-    db_rows,
-    echo,
-    events_of,
-    history_of,
-    parse_sse,
-    stored_turns,
-    wait_until,
-)
+from helpers.database import db_rows, stored_turns
+from helpers.http import parse_sse
+from helpers.upstream import echo, events_of, history_of
+from helpers.waiting import wait_until
 
 DELAY = "[[fake:delay=0.01]]"
 

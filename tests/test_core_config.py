@@ -7,8 +7,8 @@ import socket
 import httpx2
 import pytest
 import trio
-from conftest import UPSTREAM_KEY, free_port
-from helpers_core import ServerProcess, clean_env, run_cli
+from helpers.servers import ServerProcess, clean_env, free_port, run_cli
+from helpers.upstream import UPSTREAM_KEY
 
 BASE = {"OPENAI_API_KEY": UPSTREAM_KEY, "HOST": "127.0.0.1", "GRPC_PORT": "off", "WS_PORT": "off"}
 

@@ -6,7 +6,7 @@ import json
 import textwrap
 
 import pytest
-from helpers_core import clean_env, run_python
+from helpers.servers import clean_env, run_python
 
 from easybackend.chat.tokens import (
     FALLBACK_ENCODING,

@@ -6,7 +6,9 @@ import json
 
 import pytest
 import trio
-from helpers_core import echo, error_code, raw_request, snapshot, stored_turns
+from helpers.database import snapshot, stored_turns
+from helpers.http import error_code, raw_request
+from helpers.upstream import echo
 
 ENCODED_BAD_IDS = {
     "dot-dot-slash": "..%2Fx",

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from helpers_core import echo, history_of, stored_turns, upstream_messages
+from helpers.database import stored_turns
+from helpers.upstream import echo, history_of, upstream_messages
 
 
 async def test_second_ask_carries_first_turn_in_order(server):

@@ -8,16 +8,10 @@ from collections import defaultdict
 import httpx2
 import pytest
 import trio
-from conftest import free_port
-from helpers_core import (
-    ServerProcess,
-    echo,
-    history_of,
-    server_env,
-    stored_turns,
-    upstream_messages,
-    wait_until,
-)
+from helpers.database import stored_turns
+from helpers.servers import ServerProcess, free_port, server_env
+from helpers.upstream import echo, history_of, upstream_messages
+from helpers.waiting import wait_until
 
 
 async def test_history_survives_a_restart(fake, start_server):
@@ -48,7 +42,9 @@ async def test_shutdown_stores_an_in_flight_answer_as_cancelled(fake, start_serv
     async with server.client() as client:
 
         async def ask() -> None:  # cut at the end of the grace: told so, not dropped
-            response = await client.post("/ask/inflight", json={"prompt": "x [[fake:stall_after=2]]"})
+            response = await client.post(
+                "/ask/inflight", json={"prompt": "x [[fake:stall_after=2]]"}
+            )
             assert response.status_code == 503, response.text
             assert response.json()["error"]["code"] == "shutting_down"
 

@@ -6,8 +6,9 @@ import logging
 
 import httpx2
 import pytest
-from conftest import UPSTREAM_KEY, free_port
-from helpers_core import ServerProcess, clean_env, parse_sse, run_cli, server_env
+from helpers.http import parse_sse
+from helpers.servers import ServerProcess, clean_env, free_port, run_cli, server_env
+from helpers.upstream import UPSTREAM_KEY
 
 WRONG_KEY = "sk-wrong-but-still-SECRET-9876543210"
 SECRETS = (UPSTREAM_KEY, WRONG_KEY, UPSTREAM_KEY[-12:], WRONG_KEY[-12:])

@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-from helpers_core import (
-    echo,
-    error_code,
-    full_answer,
-    history_of,
-    parse_sse,
-    stored_turns,
-    upstream_messages,
-)
+from helpers.database import stored_turns
+from helpers.http import error_code, parse_sse
+from helpers.upstream import echo, full_answer, history_of, upstream_messages
 
 
 async def test_stream_sends_deltas_then_exactly_one_end(server):

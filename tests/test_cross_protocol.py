@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import purerpc
 import trio
-from conftest import free_port
+from helpers.servers import free_port
+from helpers.websocket import original_pieces
 from trio_websocket import open_websocket_url
 
 from easybackend.proto_gen import chat_grpc, chat_pb2
@@ -18,10 +19,7 @@ async def test_one_conversation_across_the_three_protocols(start_server):
 
     async with open_websocket_url(f"ws://127.0.0.1:{server.running.ws_port}") as ws:
         await ws.send_message("<|ask|>$shared$over websocket")
-        pieces = []
-        with trio.fail_after(10):
-            while (message := await ws.get_message()) != "<|end|>":
-                pieces.append(message)
+        pieces = await original_pieces(ws)
     assert "".join(pieces) == "echo(3): over websocket"
 
     with trio.fail_after(10):

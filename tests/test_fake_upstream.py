@@ -15,7 +15,8 @@ import httpx2
 import openai
 import pytest
 import trio
-from helpers_core import PIECES, events_of, user, wait_until
+from helpers.upstream import PIECES, events_of, user
+from helpers.waiting import wait_until
 
 from easybackend.fake_upstream import FakeUpstream, _Reply
 

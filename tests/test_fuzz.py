@@ -14,7 +14,8 @@ import sys
 import purerpc
 import pytest
 import trio
-from conftest import Server, free_port
+from helpers.servers import Server, free_port
+from helpers.websocket import original_pieces
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from easybackend.proto_gen import chat_grpc, chat_pb2
@@ -39,10 +40,7 @@ async def assert_every_protocol_still_answers(server: Server) -> None:
     url = f"ws://127.0.0.1:{server.running.ws_port}/?api_key={KEY}"
     async with open_websocket_url(url) as ws:
         await ws.send_message("<|ask|>$after-fuzz-ws$still there?")
-        pieces = []
-        with trio.fail_after(10):
-            while (message := await ws.get_message()) != "<|end|>":
-                pieces.append(message)
+        pieces = await original_pieces(ws)
     assert "".join(pieces).endswith("still there?")
     with trio.fail_after(10):
         async with purerpc.insecure_channel("127.0.0.1", server.running.grpc_port) as channel:

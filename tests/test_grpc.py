@@ -24,25 +24,23 @@ import grpc
 import h2.config
 import h2.connection
 import h2.events
-import helpers_core
 import purerpc
 import pytest
 import trio
-from conftest import Server, free_port
 from google.protobuf import descriptor_pool
 from grpc_tools import protoc
+from helpers import database
+from helpers.grpc import CALL_TIMEOUT, expect_rpc_failure, rpc
+from helpers.servers import Server, StartServer, free_port
 
 from easybackend.fake_upstream import FakeUpstream
 from easybackend.listeners import ListenError
-from easybackend.proto_gen import chat_grpc, chat_pb2
+from easybackend.proto_gen import chat_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 ORIGINAL_PROTO = ROOT / "tests" / "protos" / "original_chat.proto"
 HEALTH_PROTO = ROOT / "proto" / "grpc" / "health" / "v1" / "health.proto"
-CALL_TIMEOUT = 10  # seconds: bounds every blocking grpcio call
 LONG_ANSWER = "[[fake:tokens=300]][[fake:delay=0.05]]"  # 15 s if nobody stops it
-
-StartServer = Callable[..., Awaitable[Server]]
 
 
 def compile_for_grpcio(proto: Path, out: Path, stem: str) -> SimpleNamespace:
@@ -85,12 +83,6 @@ def health(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     return compile_for_grpcio(HEALTH_PROTO, tmp_path_factory.mktemp("health"), "grpcio_health")
 
 
-@pytest.fixture
-async def grpc_server(start_server: StartServer) -> Server:
-    # A short grace, so that a test that leaves a call running still stops in time.
-    return await start_server(GRPC_PORT=str(free_port()), HTTP_PORT="off", SHUTDOWN_GRACE="2")
-
-
 def target(server: Server) -> str:
     return f"127.0.0.1:{server.running.grpc_port}"
 
@@ -131,26 +123,7 @@ def original_ask_error(
 
 
 async def purerpc_ask(server: Server, request: chat_pb2.AskRequest) -> list[chat_pb2.AskResponse]:
-    with trio.fail_after(CALL_TIMEOUT):
-        async with purerpc.insecure_channel("127.0.0.1", server.running.grpc_port) as channel:
-            stub = chat_grpc.ChatStub(channel)
-            return [reply async for reply in stub.Ask(request)]
-
-
-async def expect_rpc_failure(call: Awaitable[Any]) -> purerpc.RpcFailedError:
-    """Await ``call`` expecting it to fail; returns the error, unwrapped from the exception
-    groups purerpc's channel raises it in."""
-    try:
-        result = await call
-    except purerpc.RpcFailedError as exc:
-        return exc
-    except BaseExceptionGroup as group:
-        failed, rest = group.split(purerpc.RpcFailedError)
-        assert failed is not None and rest is None, repr(group)
-        while isinstance(failed, BaseExceptionGroup):
-            [failed] = failed.exceptions
-        return failed
-    raise AssertionError(f"the call succeeded: {result!r}")
+    return await rpc(server, "Ask", request)
 
 
 async def purerpc_error(server: Server, request: chat_pb2.AskRequest) -> purerpc.RpcFailedError:
@@ -170,7 +143,7 @@ async def wait_for_event(fake: FakeUpstream, event: str, *, within: float = 1.0)
 
 def stored_turns(server: Server, conversation_id: str) -> list[tuple[str, str]]:
     """(answer, finish_reason) of the stored turns of a conversation, in order."""
-    turns = helpers_core.stored_turns(server.settings.sqlite_path, conversation_id)
+    turns = database.stored_turns(server.settings.sqlite_path, conversation_id)
     return [(turn["answer"], turn["finish_reason"]) for turn in turns]
 
 

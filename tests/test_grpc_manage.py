@@ -1,73 +1,24 @@
 """Conversation management over gRPC (purerpc and grpcio clients), and the same
 conversations seen through the HTTP API.
 
-The helpers :func:`rpc` and :func:`rpc_error` (one purerpc call, bounded in
-time) are shared with ``test_grpc_security.py``.
+Calls go through :mod:`helpers.grpc` (one purerpc call, bounded in time) or grpcio.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any
 
 import grpc
 import purerpc
 import pytest
 import trio
-from conftest import Server, free_port
 from google.protobuf import json_format
-from test_grpc import expect_rpc_failure
+from helpers.grpc import CALL_TIMEOUT, ask, rpc, rpc_error, status_of
+from helpers.servers import Server, StartServer, free_port
+from helpers.upstream import roles_and_contents, upstream_messages
 
-from easybackend.proto_gen import chat_grpc, chat_pb2
-
-CALL_TIMEOUT = 10  # seconds: bounds every call, purerpc's and grpcio's
-StartServer = Callable[..., Awaitable[Server]]
-
-
-@pytest.fixture
-async def grpc_server(start_server: StartServer) -> Server:
-    """gRPC and HTTP on one server (the HTTP API is the reference for the management RPCs)."""
-    return await start_server(GRPC_PORT=str(free_port()), SHUTDOWN_GRACE="2")
-
-
-def bearer(secret: str | None) -> str | None:
-    return f"Bearer {secret}" if secret is not None else None
-
-
-async def rpc(
-    server: Server, method: str, request: Any, *, authorization: str | None = None
-) -> Any:
-    """Call ``chat.Chat/<method>`` with purerpc; Ask's answer is the list of its messages.
-
-    ``authorization`` is the metadata value to send (e.g. ``bearer(secret)``), if any.
-    """
-    metadata = [("authorization", authorization)] if authorization is not None else None
-    with trio.fail_after(CALL_TIMEOUT):
-        async with purerpc.insecure_channel("127.0.0.1", server.running.grpc_port) as channel:
-            stub = getattr(chat_grpc.ChatStub(channel), method)
-            if method == "Ask":
-                return [reply async for reply in stub(request, metadata=metadata)]
-            return await stub(request, metadata=metadata)
-
-
-async def rpc_error(
-    server: Server, method: str, request: Any, *, authorization: str | None = None
-) -> purerpc.RpcFailedError:
-    """Like :func:`rpc`, expecting the call to fail; returns the error."""
-    return await expect_rpc_failure(rpc(server, method, request, authorization=authorization))
-
-
-async def ask(server: Server, conversation_id: str, prompt: str, **fields: Any) -> str:
-    """Ask over gRPC; returns the whole answer."""
-    request = chat_pb2.AskRequest(conversation_id=conversation_id, prompt=prompt, **fields)
-    *pieces, last = await rpc(server, "Ask", request)
-    assert last.finish_reason, last
-    return "".join(piece.response for piece in pieces)
-
-
-def upstream_messages(server: Server) -> list[tuple[str, str]]:
-    """(role, content) of the messages of the last request the model got."""
-    return [(m["role"], m["content"]) for m in server.fake.requests[-1]["body"]["messages"]]
+from easybackend.proto_gen import chat_pb2
 
 
 def as_json(message: Any) -> dict[str, Any]:
@@ -82,10 +33,6 @@ def as_json(message: Any) -> dict[str, Any]:
         if "conversation_id" in item:
             item.setdefault("system_prompt", None)
     return body
-
-
-def status_of(error: purerpc.RpcFailedError) -> tuple[purerpc.StatusCode, str]:
-    return error.status.status_code, error.status.status_message
 
 
 # --------------------------------------------------------------------------- listing
@@ -195,7 +142,7 @@ async def test_rollback_is_seen_by_the_next_ask(grpc_server: Server):
     )
     assert (reply.conversation_id, reply.removed, reply.turns) == ("rb", 2, 1)
     await ask(grpc_server, "rb", "four")
-    assert upstream_messages(grpc_server) == [
+    assert roles_and_contents(upstream_messages(grpc_server.fake)) == [
         ("user", "one"),
         ("assistant", "echo(1): one"),
         ("user", "four"),
@@ -206,7 +153,7 @@ async def test_rollback_is_seen_by_the_next_ask(grpc_server: Server):
     )
     assert (reply.removed, reply.turns) == (2, 0)  # fewer than asked: all there were
     await ask(grpc_server, "rb", "five")
-    assert upstream_messages(grpc_server) == [("user", "five")]
+    assert roles_and_contents(upstream_messages(grpc_server.fake)) == [("user", "five")]
 
     for turns in (0, -1):
         code, message = status_of(
@@ -242,16 +189,19 @@ async def test_system_prompt_set_then_cleared(start_server: StartServer):
     assert (created.turns, created.system_prompt) == (0, "pirate persona")
 
     await ask(server, "sp", "ahoy")
-    assert upstream_messages(server)[0] == ("system", "pirate persona")
+    assert roles_and_contents(upstream_messages(server.fake))[0] == ("system", "pirate persona")
     await ask(server, "other", "hi")
-    assert upstream_messages(server)[0] == ("system", "global persona")
+    assert roles_and_contents(upstream_messages(server.fake))[0] == ("system", "global persona")
 
     for cleared in ({"prompt": ""}, {}):  # empty, or not set at all
         await set_prompt(prompt="again a pirate")
         reply = await set_prompt(**cleared)
         assert not reply.HasField("system_prompt"), cleared
         await ask(server, "sp", "back to global")
-        assert upstream_messages(server)[0] == ("system", "global persona"), cleared
+        assert roles_and_contents(upstream_messages(server.fake))[0] == (
+            "system",
+            "global persona",
+        ), cleared
     stored = await rpc(
         server, "GetConversation", chat_pb2.ConversationRequest(conversation_id="sp")
     )
@@ -276,7 +226,7 @@ async def test_delete_then_not_found_everywhere(grpc_server: Server):
     listing = await rpc(grpc_server, "ListConversations", chat_pb2.ListConversationsRequest())
     assert list(listing.conversations) == []
     await ask(grpc_server, "del", "fresh start")
-    assert upstream_messages(grpc_server) == [("user", "fresh start")]
+    assert roles_and_contents(upstream_messages(grpc_server.fake)) == [("user", "fresh start")]
 
 
 MANAGEMENT_CALLS = {

@@ -9,14 +9,14 @@ key and an oversized Ask (both with grpcio).
 from __future__ import annotations
 
 import random
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import purerpc
 import pytest
 import trio
-from conftest import Server, free_port
-from test_grpc_manage import CALL_TIMEOUT, ask, bearer, rpc, rpc_error, status_of
+from helpers.grpc import CALL_TIMEOUT, ask, rpc, rpc_error, status_of
+from helpers.http import bearer
+from helpers.servers import Server, StartServer, free_port
 
 import easybackend.transports.grpc
 from easybackend.proto_gen import chat_grpc, chat_pb2
@@ -24,7 +24,6 @@ from easybackend.proto_gen import chat_grpc, chat_pb2
 KEYS = "alice:alice-SECRET-1111,bob:bob-SECRET-2222"
 ALICE, BOB = "alice-SECRET-1111", "bob-SECRET-2222"
 SLOW = "[[fake:delay=0.05]][[fake:tokens=10]]"  # about half a second per answer
-StartServer = Callable[..., Awaitable[Server]]
 
 
 @pytest.fixture
@@ -34,21 +33,16 @@ async def keyed(start_server: StartServer) -> Server:
     )
 
 
-@pytest.fixture
-async def grpc_server(start_server: StartServer) -> Server:
-    return await start_server(GRPC_PORT=str(free_port()), HTTP_PORT="off", SHUTDOWN_GRACE="2")
-
-
 async def ask_as(server: Server, secret: str, conversation_id: str, prompt: str) -> str:
     request = chat_pb2.AskRequest(conversation_id=conversation_id, prompt=prompt)
-    *pieces, last = await rpc(server, "Ask", request, authorization=bearer(secret))
+    *pieces, last = await rpc(server, "Ask", request, metadata=bearer(secret))
     assert last.finish_reason == "stop"
     return "".join(piece.response for piece in pieces)
 
 
 async def get_as(server: Server, secret: str, conversation_id: str) -> chat_pb2.Conversation:
     request = chat_pb2.ConversationRequest(conversation_id=conversation_id)
-    return await rpc(server, "GetConversation", request, authorization=bearer(secret))
+    return await rpc(server, "GetConversation", request, metadata=bearer(secret))
 
 
 # --------------------------------------------------------------------------- API keys
@@ -65,18 +59,18 @@ CALLS: list[tuple[str, Any]] = [
 
 
 @pytest.mark.parametrize(
-    "authorization",
-    [None, bearer("wrong-key"), ALICE, bearer("")],
+    "metadata",
+    [{}, bearer("wrong-key"), {"authorization": ALICE}, bearer("")],
     ids=["none", "wrong", "no-scheme", "empty"],
 )
 async def test_without_the_right_key_every_rpc_is_unauthenticated(
-    keyed: Server, authorization: str | None
+    keyed: Server, metadata: dict[str, str]
 ):
     await ask_as(keyed, ALICE, "1", "alice's turn")
     requests_before = len(keyed.fake.requests)
 
     for method, request in CALLS:
-        error = await rpc_error(keyed, method, request, authorization=authorization)
+        error = await rpc_error(keyed, method, request, metadata=metadata)
         code, message = status_of(error)
         assert code == purerpc.StatusCode.UNAUTHENTICATED, method
         assert "API key" in message, method
@@ -89,7 +83,7 @@ async def test_without_the_right_key_every_rpc_is_unauthenticated(
 
 async def test_with_the_right_key_every_rpc_succeeds(keyed: Server):
     results = {
-        method: await rpc(keyed, method, request, authorization=bearer(ALICE))
+        method: await rpc(keyed, method, request, metadata=bearer(ALICE))
         for method, request in CALLS
     }
 
@@ -111,7 +105,7 @@ async def test_two_keys_on_one_conversation_id_get_two_conversations(keyed: Serv
     assert [t.messages[0].text for t in alice_view.history] == ["alice speaks"]
     assert [t.messages[0].text for t in bob_view.history] == ["bob speaks"]
     listing = await rpc(
-        keyed, "ListConversations", chat_pb2.ListConversationsRequest(), authorization=bearer(BOB)
+        keyed, "ListConversations", chat_pb2.ListConversationsRequest(), metadata=bearer(BOB)
     )
     assert [c.conversation_id for c in listing.conversations] == ["1"]
 
@@ -119,13 +113,13 @@ async def test_two_keys_on_one_conversation_id_get_two_conversations(keyed: Serv
         keyed,
         "DeleteConversation",
         chat_pb2.ConversationRequest(conversation_id="1"),
-        authorization=bearer(BOB),
+        metadata=bearer(BOB),
     )
     error = await rpc_error(
         keyed,
         "GetConversation",
         chat_pb2.ConversationRequest(conversation_id="1"),
-        authorization=bearer(BOB),
+        metadata=bearer(BOB),
     )
     assert status_of(error)[0] == purerpc.StatusCode.NOT_FOUND
     assert (await get_as(keyed, ALICE, "1")).turns == 1  # bob deleted only his own
@@ -147,7 +141,7 @@ async def test_answers_in_progress_per_key_are_capped(start_server: StartServer)
     async def one(secret: str, conversation_id: str) -> None:
         request = chat_pb2.AskRequest(conversation_id=conversation_id, prompt=f"{SLOW} x")
         try:
-            *_, last = await rpc(server, "Ask", request, authorization=bearer(secret))
+            *_, last = await rpc(server, "Ask", request, metadata=bearer(secret))
             outcomes.append((secret, last.finish_reason))
         except BaseException as exc:  # noqa: B036 (purerpc raises the failure in groups)
             failed, rest = (

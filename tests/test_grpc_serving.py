@@ -17,8 +17,8 @@ import grpc
 import pytest
 import trio
 import trustme
-from conftest import Server, free_port
-from helpers_core import port_closed
+from helpers.grpc import CALL_TIMEOUT
+from helpers.servers import Server, StartServer, free_port, port_closed
 
 from easybackend.auth import KeyRing
 from easybackend.chat.service import AskRequest, Delta, End, Usage
@@ -26,9 +26,6 @@ from easybackend.listeners import bind_tcp
 from easybackend.proto_gen import chat_pb2, health_pb2
 from easybackend.settings import Settings
 from easybackend.transports.grpc import serve_grpc
-
-CALL_TIMEOUT = 10
-StartServer = Callable[..., Awaitable[Server]]
 
 
 def ask_method(channel: grpc.Channel) -> Any:

@@ -14,12 +14,13 @@ import struct
 from collections.abc import Callable
 
 import grpc
-import helpers_core
 import purerpc
 import pytest
 import trio
-from conftest import Server, free_port
-from test_ops_support import grpc_ask, grpc_health, ws_json_ask, ws_original_ask
+from helpers import database
+from helpers.grpc import grpc_ask, grpc_health
+from helpers.servers import Server, free_port
+from helpers.websocket import original_pieces, ws_json_ask, ws_original_ask
 from trio_websocket import open_websocket_url
 
 from easybackend.chat.client_json import MAX_DEPTH
@@ -275,7 +276,7 @@ async def huge_piece_server(nursery, start_server) -> Server:
 
 
 def stored_answer(server: Server, conversation_id: str) -> str:
-    (turn,) = helpers_core.stored_turns(server.settings.sqlite_path, conversation_id)
+    (turn,) = database.stored_turns(server.settings.sqlite_path, conversation_id)
     return turn["answer"]
 
 
@@ -335,10 +336,7 @@ async def test_a_huge_piece_reaches_websocket_clients_in_frames_under_the_limit(
     with trio.fail_after(30):
         async with open_websocket_url(url, max_message_size=LIMIT) as ws:
             await ws.send_message("<|ask|>$original$hi")
-            frames = []
-            while (frame := await ws.get_message()) != "<|end|>":
-                assert not frame.startswith("<|err|>"), frame
-                frames.append(frame)
+            frames = await original_pieces(ws, timeout=30)
             assert "".join(frames) == HUGE_PIECE and len(frames) > 3
             assert all(len(frame.encode()) <= LIMIT for frame in frames)
 

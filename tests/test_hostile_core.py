@@ -16,25 +16,23 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import os
-import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import grpc
 import httpx2
-import psycopg
 import pytest
 import trio
 import trio_websocket
-from conftest import Server, free_port
-from test_ops_support import CALL_TIMEOUT, metric, scrape
+from helpers.grpc import CALL_TIMEOUT
+from helpers.logs import metric, scrape
+from helpers.postgres import pg_url
+from helpers.servers import StartServer, free_port
 
 from easybackend.chat.caller import client_address
 from easybackend.proto_gen import chat_pb2
 from easybackend.settings import load_settings
 
-StartServer = Callable[..., Awaitable[Server]]
 HOLD = "hold the slot [[fake:stall_after=1]]"  # one piece, then nothing until the client goes
 PROXY = "127.0.0.9"  # the one trusted proxy of these tests
 Outcome = tuple[str, str]  # ("served", "") or ("refused", the refusal's message)
@@ -289,7 +287,6 @@ def test_client_address_rule(peer: str, forwarded_for: list[str], client: str) -
 NUL = "before\x00after"
 SURROGATE = "before\ud800after"  # what the JSON escape "\ud800" decodes to
 ASK_FIELDS = ("prompt", "system", "model")
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -298,18 +295,7 @@ def database_env(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
     if request.param == "sqlite":
         yield {}
         return
-    schema = f"eb_{secrets.token_hex(6)}"
-    try:
-        admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip("no PostgreSQL on 127.0.0.1:5432")
-    with admin:
-        admin.execute(f"CREATE SCHEMA {schema}")
-    yield {"DATABASE_URL": f"{PG_ADMIN}?options=-csearch_path%3D{schema}"}
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f"DROP SCHEMA {schema} CASCADE")
+    yield {"DATABASE_URL": pg_url(request.getfixturevalue("pg_schema"))}
 
 
 def bad_texts() -> list[tuple[str, str]]:

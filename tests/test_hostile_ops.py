@@ -15,20 +15,19 @@ import os
 import secrets
 import signal
 import subprocess
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 import trio
-from conftest import Server, free_port
-from helpers_core import ServerProcess, error_code, server_env
-from test_ops_support import grpc_health
+from helpers.grpc import grpc_health
+from helpers.http import error_code
+from helpers.postgres import PG_ADMIN
+from helpers.servers import Server, ServerProcess, StartServer, free_port, server_env
 
 from easybackend.fake_upstream import FakeUpstream
 from easybackend.proto_gen import health_pb2
-
-StartServer = Callable[..., Awaitable[Server]]
 
 # --------------------------------------------------------------------------- signals at start-up
 
@@ -111,8 +110,6 @@ async def test_a_stop_signal_during_start_up_exits_0_without_a_traceback(
 
 
 # --------------------------------------------------------------------------- writes that fail
-
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 @pytest.fixture

@@ -11,9 +11,12 @@ import json
 
 import grpc
 import trio
-from conftest import free_port
-from helpers_core import error_code, events_of, parse_sse, stored_turns, wait_until
-from test_ops_support import grpc_ask
+from helpers.database import stored_turns
+from helpers.grpc import grpc_ask
+from helpers.http import error_code, parse_sse
+from helpers.servers import free_port
+from helpers.upstream import events_of
+from helpers.waiting import wait_until
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 SLOW = "[[fake:tokens=400]] [[fake:delay=0.05]]"  # about 20 s: longer than any grace here

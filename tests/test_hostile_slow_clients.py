@@ -21,9 +21,12 @@ import h2.connection
 import h2.events
 import httpx2
 import trio
-from conftest import free_port
-from helpers_core import events_of, stored_turns, wait_until
-from test_ops_support import grpc_ask, ws_original_ask
+from helpers.database import stored_turns
+from helpers.grpc import grpc_ask
+from helpers.servers import free_port
+from helpers.upstream import events_of
+from helpers.waiting import wait_until
+from helpers.websocket import ws_original_ask
 from trio_websocket import wrap_client_stream
 
 from easybackend.proto_gen import chat_pb2

@@ -26,18 +26,13 @@ import purerpc
 import pytest
 import trio
 import trustme
-from conftest import free_port
-from helpers_core import (
-    error_code,
-    events_of,
-    full_answer,
-    parse_sse,
-    run_cli,
-    server_env,
-    stored_turns,
-    wait_until,
-)
-from test_ops_support import grpc_ask, ws_json_ask
+from helpers.database import stored_turns
+from helpers.grpc import grpc_ask
+from helpers.http import error_code, parse_sse
+from helpers.servers import free_port, run_cli, server_env
+from helpers.upstream import events_of, full_answer
+from helpers.waiting import wait_until
+from helpers.websocket import ws_json_ask
 
 from easybackend.chat.tokens import OFF_LOOP_CHARS, TokenCounter
 from easybackend.proto_gen import chat_grpc, chat_pb2
@@ -420,7 +415,9 @@ async def test_conversation_totals_past_int32_do_not_break_grpc(start_server):
     total = 3 * 2**31  # what some 70 turns of the largest believable usage add up to
     db = sqlite3.connect(db_path(server))
     with db:
-        db.execute("UPDATE conversations SET prompt_tokens = ?, completion_tokens = ?", (total,) * 2)
+        db.execute(
+            "UPDATE conversations SET prompt_tokens = ?, completion_tokens = ?", (total,) * 2
+        )
     db.close()
     port = server.running.grpc_port
     conversation = await grpc_call(

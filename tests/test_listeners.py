@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx2
 import pytest
 import trio
-from conftest import free_port
+from helpers.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

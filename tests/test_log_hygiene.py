@@ -11,7 +11,9 @@ import logging
 
 import purerpc
 import trio
-from conftest import LOG_WATCH, free_port
+from helpers.logs import LOG_WATCH
+from helpers.servers import free_port
+from helpers.websocket import original_frames
 from trio_websocket import open_websocket_url
 
 from easybackend.proto_gen import chat_grpc, chat_pb2
@@ -41,9 +43,7 @@ async def test_no_prompt_or_key_is_logged_at_info(start_server, caplog):
     async with open_websocket_url(f"ws://127.0.0.1:{server.running.ws_port}/?api_key={KEY}") as ws:
         for prompt in PROMPTS:
             await ws.send_message(f"<|ask|>$hyg-ws${prompt}")
-            with trio.fail_after(10):
-                while not (await ws.get_message()).startswith(("<|end|>", "<|err|>")):
-                    pass
+            await original_frames(ws)
     metadata = [("authorization", f"Bearer {KEY}")]
     for prompt in PROMPTS:
         with trio.fail_after(10):

@@ -8,17 +8,13 @@ import sys
 from pathlib import Path
 
 import trio
-from conftest import Server
+from helpers.upstream import roles_and_contents, upstream_messages
 
 
 async def ask(client, conversation_id: str, prompt: str, **extra) -> dict:
     reply = await client.post(f"/ask/{conversation_id}", json={"prompt": prompt, **extra})
     assert reply.status_code == 200, reply.text
     return reply.json()
-
-
-def upstream_messages(server: Server) -> list[tuple[str, str]]:
-    return [(m["role"], m["content"]) for m in server.fake.requests[-1]["body"]["messages"]]
 
 
 async def test_get_conversation_shows_turns_system_prompt_and_usage(server):
@@ -68,7 +64,7 @@ async def test_rollback_is_seen_by_the_next_ask(server):
         reply = await client.post("/conversations/rb/rollback", json={"turns": 2})
         assert reply.json() == {"conversation_id": "rb", "removed": 2, "turns": 1}
         await ask(client, "rb", "four")
-        assert upstream_messages(server) == [
+        assert roles_and_contents(upstream_messages(server.fake)) == [
             ("user", "one"),
             ("assistant", "echo(1): one"),
             ("user", "four"),
@@ -89,16 +85,19 @@ async def test_system_prompt_per_conversation_and_per_ask(start_server):
         reply = await client.put("/conversations/sp/system", json={"prompt": "pirate persona"})
         assert reply.json() == {"conversation_id": "sp", "system_prompt": "pirate persona"}
         await ask(client, "sp", "ahoy")
-        assert upstream_messages(server)[0] == ("system", "pirate persona")
+        assert roles_and_contents(upstream_messages(server.fake))[0] == ("system", "pirate persona")
         await ask(client, "sp", "once", system="just this turn")
-        assert upstream_messages(server)[0] == ("system", "just this turn")
+        assert roles_and_contents(upstream_messages(server.fake))[0] == ("system", "just this turn")
         await ask(client, "other", "hi")
-        assert upstream_messages(server)[0] == ("system", "global persona")
+        assert roles_and_contents(upstream_messages(server.fake))[0] == ("system", "global persona")
         assert (await client.get("/conversations/sp")).json()["system_prompt"] == "pirate persona"
         for cleared in ("", None):
             await client.put("/conversations/sp/system", json={"prompt": cleared})
             await ask(client, "sp", "back to global")
-            assert upstream_messages(server)[0] == ("system", "global persona")
+            assert roles_and_contents(upstream_messages(server.fake))[0] == (
+                "system",
+                "global persona",
+            )
         assert (await client.put("/conversations/sp/system", json={"prompt": 5})).status_code == 400
 
 
@@ -114,7 +113,7 @@ async def test_delete_then_404_everywhere(server):
             reply = await client.request(method, path, json=body)
             assert reply.status_code == 404 and reply.json()["error"]["code"] == "not_found"
         await ask(client, "del", "fresh start")
-        assert upstream_messages(server) == [("user", "fresh start")]
+        assert roles_and_contents(upstream_messages(server.fake)) == [("user", "fresh start")]
         invalid = await client.get("/conversations/bad%20id")
         assert invalid.status_code == 400
 
@@ -177,7 +176,7 @@ async def test_import_json_then_ask_sees_the_imported_turns(start_server, tmp_pa
     async with server.client() as client:
         await ask(client, "111222333", "and now?")
         history = (await client.get("/conversations/111222333")).json()
-    assert upstream_messages(server) == [
+    assert roles_and_contents(upstream_messages(server.fake)) == [
         ("user", "你好"),
         ("assistant", "你好！有什么可以帮你的吗？"),
         ("user", "line one\nline two $x"),

@@ -16,17 +16,12 @@ import sys
 import grpc
 import httpx2
 import trio
-from conftest import UPSTREAM_KEY, free_port
-from helpers_core import ServerProcess, clean_env, parse_sse
-from test_ops_support import (
-    ACCESS_FIELDS,
-    capture_access,
-    check_access_line,
-    grpc_ask,
-    sse_leave_after_first_piece,
-    ws_json_ask,
-    ws_original_ask,
-)
+from helpers.grpc import grpc_ask
+from helpers.http import parse_sse, sse_leave_after_first_piece
+from helpers.logs import ACCESS_FIELDS, capture_access, check_access_line
+from helpers.servers import ServerProcess, clean_env, free_port
+from helpers.upstream import UPSTREAM_KEY
+from helpers.websocket import ws_json_ask, ws_original_ask
 
 from easybackend import logs
 from easybackend.logs import CONSOLE_FORMAT, JsonFormatter, configure_logging

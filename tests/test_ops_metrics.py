@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import httpx2
 import trio
-from conftest import free_port
-from helpers_core import error_code, parse_sse, wait_until
-from test_ops_support import (
-    grpc_ask,
-    grpc_health,
-    metric,
-    scrape,
-    sse_leave_after_first_piece,
-    ws_json_ask,
-    ws_original_ask,
-)
+from helpers.grpc import grpc_ask, grpc_health
+from helpers.http import error_code, parse_sse, sse_leave_after_first_piece
+from helpers.logs import metric, scrape
+from helpers.servers import free_port
+from helpers.waiting import wait_until
+from helpers.websocket import ws_json_ask, ws_original_ask
 
 from easybackend.errors import StorageUnavailable
 from easybackend.proto_gen import health_pb2

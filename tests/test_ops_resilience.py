@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import grpc
 import trio
-from conftest import UPSTREAM_KEY, free_port
-from helpers_core import error_code, full_answer, parse_sse, stored_turns, turn_count, wait_until
-from test_ops_support import (
-    grpc_ask,
-    metric,
-    queue_faults,
-    scrape,
-    started_times,
-    ws_json_ask,
-)
+from helpers.database import stored_turns, turn_count
+from helpers.grpc import grpc_ask
+from helpers.http import error_code, parse_sse
+from helpers.logs import metric, scrape
+from helpers.servers import free_port
+from helpers.upstream import UPSTREAM_KEY, full_answer, queue_faults, started_times
+from helpers.waiting import wait_until
+from helpers.websocket import ws_json_ask
 
 WRONG_KEY = "sk-wrong-upstream-SECRET-9876543210"
 

@@ -13,18 +13,11 @@ import signal
 import grpc
 import httpx2
 import trio
-from conftest import free_port
-from helpers_core import (
-    ServerProcess,
-    full_answer,
-    history_of,
-    port_closed,
-    server_env,
-    stored_turns,
-    upstream_messages,
-    wait_until,
-)
-from test_ops_support import grpc_ask
+from helpers.database import stored_turns
+from helpers.grpc import grpc_ask
+from helpers.servers import ServerProcess, free_port, port_closed, server_env
+from helpers.upstream import full_answer, history_of, upstream_messages
+from helpers.waiting import wait_until
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 SHORT = "short [[fake:tokens=20]] [[fake:delay=0.05]]"  # about 1 s

@@ -11,11 +11,9 @@ cuts and restores), and ``easybackend migrate-storage`` both ways.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
-import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +21,11 @@ import httpx2
 import psycopg
 import pytest
 import trio
-from conftest import UPSTREAM_KEY, free_port
-from helpers_core import (
-    ServerProcess,
-    clean_env,
-    echo,
-    error_code,
-    history_of,
-    run_cli,
-    upstream_messages,
-    wait_until,
-)
+from helpers.http import error_code
+from helpers.postgres import PG_PORT, pg_url
+from helpers.servers import ServerProcess, clean_env, free_port, run_cli
+from helpers.upstream import UPSTREAM_KEY, echo, history_of, upstream_messages
+from helpers.waiting import wait_until
 
 from easybackend.chat.views import conversation_detail
 from easybackend.fake_upstream import FakeUpstream
@@ -41,34 +33,9 @@ from easybackend.settings import load_settings
 from easybackend.storage import ConversationRef, NewTurn, Storage, open_url
 from easybackend.storage.legacy_json import import_directory
 
-PG_HOST, PG_PORT = "127.0.0.1", 5432
-PG_ADMIN = f"postgresql://postgres@{PG_HOST}:{PG_PORT}/test"
 STORE_SETTINGS = load_settings(
     {"PG_POOL_TIMEOUT": "2"}, environ={}, env_file=None, need_api_key=False
 )
-
-
-def pg_url(schema: str, port: int = PG_PORT) -> str:
-    return f"postgresql://postgres@{PG_HOST}:{port}/test?options=-csearch_path%3D{schema}"
-
-
-@pytest.fixture
-def pg_schema() -> Iterator[str]:
-    """A fresh, empty schema; dropped with everything in it after the test."""
-    schema = f"eb_{secrets.token_hex(6)}"
-    try:
-        with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as admin:
-            admin.execute(f"CREATE SCHEMA {schema}")
-    except psycopg.OperationalError as exc:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"no PostgreSQL server at {PG_HOST}:{PG_PORT} ({exc.__class__.__name__})")
-    try:
-        yield schema
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as admin:
-            admin.execute("SET lock_timeout = '10s'")
-            admin.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 async def pg_rows(schema: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:

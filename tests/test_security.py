@@ -9,7 +9,9 @@ import httpx2
 import pytest
 import trio
 import trustme
-from conftest import Server, free_port
+from helpers.http import bearer
+from helpers.servers import Server, free_port
+from helpers.websocket import original_pieces
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
 KEYS = "alice:alice-SECRET-1111,bob:bob-SECRET-2222"
@@ -19,10 +21,6 @@ ALICE, BOB = "alice-SECRET-1111", "bob-SECRET-2222"
 @pytest.fixture
 async def keyed(start_server) -> Server:
     return await start_server(API_KEYS=KEYS, WS_PORT=str(free_port()))
-
-
-def bearer(secret: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {secret}"} if secret else {}
 
 
 # --- HTTP -------------------------------------------------------------------------------------
@@ -130,10 +128,7 @@ async def test_prompt_longer_than_the_limit_is_refused(start_server):
 async def ws_original_ask(url: str, *, headers=None) -> str:
     async with open_websocket_url(url, extra_headers=headers or []) as ws:
         await ws.send_message("<|ask|>$1$hello")
-        pieces = []
-        with trio.fail_after(10):
-            while (message := await ws.get_message()) != "<|end|>":
-                pieces.append(message)
+        pieces = await original_pieces(ws)
         return "".join(pieces)
 
 
@@ -206,10 +201,7 @@ async def test_https_and_wss_from_one_pair_and_plain_is_not_served(start_server,
     wss = f"wss://127.0.0.1:{server.running.ws_port}"
     async with open_websocket_url(wss, ssl_context=client_context) as ws:
         await ws.send_message("<|ask|>$tls$over wss")
-        pieces = []
-        with trio.fail_after(10):
-            while (message := await ws.get_message()) != "<|end|>":
-                pieces.append(message)
+        pieces = await original_pieces(ws)
     assert "".join(pieces) == "echo(3): over wss"
     # a plaintext WebSocket handshake on the WSS port gets no answer and the connection is closed
     assert await plaintext_reply(server.running.ws_port, UPGRADE) == b""

@@ -5,14 +5,13 @@ Each PostgreSQL run gets a schema of its own, dropped afterwards.
 
 from __future__ import annotations
 
-import os
-import secrets
 import time
+import types
 from collections.abc import AsyncIterator
 
-import psycopg
 import pytest
 import trio
+from helpers.postgres import pg_url
 
 from easybackend.chat.context import turn_cost
 from easybackend.errors import StorageUnavailable
@@ -21,30 +20,8 @@ from easybackend.storage import ConversationRef, NewTurn, Storage, open_url
 from easybackend.storage.postgres import PostgresStorage
 from easybackend.storage.sqlite import SQLiteStorage
 
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 SETTINGS = load_settings({"OPENAI_API_KEY": "unused"}, environ={}, env_file=None)
 ALICE = ConversationRef("alice", "c1")
-
-
-def pg_url(schema: str) -> str:
-    return f"{PG_ADMIN}?options=-csearch_path%3D{schema}"
-
-
-@pytest.fixture
-def pg_schema() -> str:
-    """A fresh schema on the local PostgreSQL (skipped without one, except in CI)."""
-    schema = f"eb_{secrets.token_hex(6)}"
-    try:
-        admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip("no PostgreSQL on 127.0.0.1:5432")
-    with admin:
-        admin.execute(f"CREATE SCHEMA {schema}")
-    yield schema
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -78,6 +55,20 @@ def no_limit(system_prompt, system_tokens) -> int:
     return 10**9
 
 
+async def load_context(store: Storage, ref: ConversationRef, history_budget, cost):
+    """What the core reads for an ask: the head, then the newest turns that fit the budget
+    ``history_budget(system_prompt, system_tokens)`` gives for it."""
+    head = await store.conversation_head(ref)
+    budget = history_budget(head.system_prompt, head.system_tokens)
+    turns = await store.newest_turns(ref, budget, cost) if head.turn_count else []
+    return types.SimpleNamespace(
+        system_prompt=head.system_prompt,
+        system_tokens=head.system_tokens,
+        turn_count=head.turn_count,
+        turns=turns,
+    )
+
+
 async def test_backend_types(store, request):
     expected = SQLiteStorage if "sqlite" in request.node.callspec.id else PostgresStorage
     assert isinstance(store, expected)
@@ -86,7 +77,7 @@ async def test_backend_types(store, request):
 async def test_append_numbers_turns_and_context_returns_them_oldest_first(store):
     for i in range(1, 6):
         assert await store.append_turn(ALICE, turn(f"p{i}")) == i
-    context = await store.load_context(ALICE, no_limit, turn_cost)
+    context = await load_context(store, ALICE, no_limit, turn_cost)
     assert [t.seq for t in context.turns] == [1, 2, 3, 4, 5]
     assert [t.prompt for t in context.turns] == ["p1", "p2", "p3", "p4", "p5"]
     assert context.turn_count == 5 and context.system_prompt is None
@@ -95,14 +86,14 @@ async def test_append_numbers_turns_and_context_returns_them_oldest_first(store)
 async def test_context_keeps_only_the_newest_whole_turns_that_fit(store):
     for i in range(1, 11):
         await store.append_turn(ALICE, turn(f"p{i}", tokens=10))
-    per_turn = turn_cost((await store.load_context(ALICE, no_limit, turn_cost)).turns[0])
+    per_turn = turn_cost((await load_context(store, ALICE, no_limit, turn_cost)).turns[0])
     seen: list[tuple[str | None, int | None]] = []
 
     def budget(system_prompt, system_tokens) -> int:
         seen.append((system_prompt, system_tokens))
         return 3 * per_turn + per_turn // 2
 
-    context = await store.load_context(ALICE, budget, turn_cost)
+    context = await load_context(store, ALICE, budget, turn_cost)
     assert [t.prompt for t in context.turns] == ["p8", "p9", "p10"]
     assert context.turn_count == 10
     assert seen == [(None, None)]
@@ -116,8 +107,8 @@ async def test_budget_callback_sees_the_system_prompt_and_can_refuse(store):
         raise ValueError("too long")
 
     with pytest.raises(ValueError, match="too long"):
-        await store.load_context(ALICE, refuse, turn_cost)
-    unknown = await store.load_context(ConversationRef("alice", "new"), no_limit, turn_cost)
+        await load_context(store, ALICE, refuse, turn_cost)
+    unknown = await load_context(store, ConversationRef("alice", "new"), no_limit, turn_cost)
     assert unknown.turns == [] and unknown.turn_count == 0
 
 
@@ -125,7 +116,7 @@ async def test_owners_are_separate_namespaces(store):
     await store.append_turn(ALICE, turn("alice speaks"))
     bob = ConversationRef("bob", "c1")
     await store.append_turn(bob, turn("bob speaks"))
-    assert [t.prompt for t in (await store.load_context(bob, no_limit, turn_cost)).turns] == [
+    assert [t.prompt for t in (await load_context(store, bob, no_limit, turn_cost)).turns] == [
         "bob speaks"
     ]
     assert [c.conversation_id for c in await store.list_conversations("bob", 10, None)] == ["c1"]
@@ -187,7 +178,7 @@ async def test_system_prompt_set_creates_and_clears(store):
     await store.set_system_prompt(ref, "pirate", 1)
     assert (await store.get_conversation(ref)).summary.system_prompt == "pirate"
     await store.set_system_prompt(ref, None, None)
-    context = await store.load_context(ref, no_limit, turn_cost)
+    context = await load_context(store, ref, no_limit, turn_cost)
     assert context.system_prompt is None and context.system_tokens is None
 
 

@@ -20,7 +20,7 @@ import openai
 import pytest
 import trio
 import trustme
-from helpers_core import user
+from helpers.upstream import user
 
 from easybackend.fake_upstream import FakeUpstream
 from easybackend.metrics import Metrics

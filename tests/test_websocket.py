@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
-import helpers_core
 import pytest
 import trio
-from conftest import Server, free_port
+from helpers import database
+from helpers.servers import Server, free_port
+from helpers.websocket import original_pieces
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 LONG = "[[fake:tokens=300]][[fake:delay=0.02]] long answer"
@@ -23,18 +24,13 @@ def ws_url(server: Server) -> str:
 
 
 def stored_turns(server: Server, conversation_id: str) -> list[tuple[str, str, str]]:
-    turns = helpers_core.stored_turns(server.settings.sqlite_path, conversation_id)
+    turns = database.stored_turns(server.settings.sqlite_path, conversation_id)
     return [(turn["prompt"], turn["answer"], turn["finish_reason"]) for turn in turns]
 
 
 async def original_answer(ws, conversation_id: str, prompt: str) -> list[str]:
     await ws.send_message(f"<|ask|>${conversation_id}${prompt}")
-    pieces = []
-    with trio.fail_after(10):
-        while (message := await ws.get_message()) != "<|end|>":
-            assert not message.startswith("<|err|>"), message
-            pieces.append(message)
-    return pieces
+    return await original_pieces(ws)
 
 
 async def json_exchange(ws, payload: dict) -> list[dict]:
@@ -217,12 +213,10 @@ async def test_shutdown_lets_the_answer_finish_then_closes_going_away(ws_server)
     async with open_websocket_url(ws_url(ws_server)) as ws:
         await ws.send_message("<|ask|>$sd$[[fake:tokens=20]][[fake:delay=0.01]] bye")
         with trio.fail_after(5):
-            first = await ws.get_message()
+            await ws.get_message()  # the first piece
         ws_server.shutdown.set()
-        pieces = [first]
+        await original_pieces(ws)  # the rest of the answer, up to its end
         with trio.fail_after(10):
-            while (message := await ws.get_message()) != "<|end|>":
-                pieces.append(message)
             with pytest.raises(ConnectionClosed) as closed:
                 await ws.get_message()
         assert closed.value.reason.code == 1001

@@ -1,0 +1,41 @@
+"""Schemas on the local PostgreSQL server (127.0.0.1:5432, trust auth, database ``test``).
+
+Each test gets a schema of its own (``new_schema``), so tests run side by side
+on one server; URLs select it through ``search_path``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+PG_HOST, PG_PORT = "127.0.0.1", 5432
+PG_ADMIN = f"postgresql://postgres@{PG_HOST}:{PG_PORT}/test"
+
+
+def pg_url(schema: str, port: int = PG_PORT) -> str:
+    """A DATABASE_URL whose connections use ``schema``."""
+    return f"postgresql://postgres@{PG_HOST}:{port}/test?options=-csearch_path%3D{schema}"
+
+
+def new_schema() -> Iterator[str]:
+    """A fresh, empty schema, dropped with everything in it afterwards even when the test
+    fails; the test is skipped without a server, except in CI (where it fails)."""
+    schema = f"eb_{secrets.token_hex(6)}"
+    try:
+        with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as admin:
+            admin.execute(f"CREATE SCHEMA {schema}")
+    except psycopg.OperationalError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"no PostgreSQL server at {PG_HOST}:{PG_PORT} ({exc.__class__.__name__})")
+    try:
+        yield schema
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as admin:
+            admin.execute("SET lock_timeout = '10s'")
+            admin.execute(f"DROP SCHEMA {schema} CASCADE")
