@@ -55,6 +55,7 @@ class Settings:
     upstream_connect_timeout: float = 10.0
     upstream_idle_timeout: float = 60.0
     upstream_retries: int = 2
+    upstream_transport: str = "lean"  # lean (upstream/transport.py) or httpx (httpx's own)
     shutdown_grace: float = 30.0
     max_body_bytes: int = 1024 * 1024
     max_prompt_chars: int = 100_000
@@ -157,6 +158,12 @@ def _log_format(value: str) -> str:
     return value.strip().lower()
 
 
+def _upstream_transport(value: str) -> str:
+    if value.strip().lower() not in ("lean", "httpx"):
+        raise ValueError("must be lean or httpx")
+    return value.strip().lower()
+
+
 def _optional_path(value: str) -> Path | None:
     return Path(value) if value.strip() else None
 
@@ -207,6 +214,7 @@ ENVIRONMENT = {
     "UPSTREAM_CONNECT_TIMEOUT": ("upstream_connect_timeout", _seconds),
     "UPSTREAM_IDLE_TIMEOUT": ("upstream_idle_timeout", _seconds),
     "UPSTREAM_RETRIES": ("upstream_retries", _non_negative_int),
+    "UPSTREAM_TRANSPORT": ("upstream_transport", _upstream_transport),
     "SHUTDOWN_GRACE": ("shutdown_grace", _seconds),
     "MAX_BODY_BYTES": ("max_body_bytes", _positive_int),
     "MAX_PROMPT_CHARS": ("max_prompt_chars", _positive_int),

@@ -1,7 +1,8 @@
 """trio-websocket's server, corrected where a hostile client could stop the process or go unanswered.
 
 Written for trio-websocket 0.12.2 (pinned in pyproject.toml): it overrides two private
-methods, so importing it with any other version fails at once rather than misbehaving.
+methods, so importing it with any other version fails at once rather than misbehaving
+(:func:`._compat.require_version`).
 
 - :meth:`WebSocketServer._handle_connection` (the task of one accepted connection): upstream,
   it runs the connection's reader task and the handler in a nursery under the server's
@@ -30,12 +31,9 @@ from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 
-WRITTEN_FOR = "0.12.2"
-if trio_websocket.__version__ != WRITTEN_FOR:
-    raise ImportError(
-        f"easybackend's WebSocket server overrides private methods of trio-websocket "
-        f"{WRITTEN_FOR}; trio-websocket {trio_websocket.__version__} is installed"
-    )
+from ._compat import require_version
+
+require_version("trio-websocket", "0.12.2")
 
 log = logging.getLogger("easybackend.websocket")
 

@@ -58,8 +58,8 @@ Cancellation: each call runs in its own cancel scope, which is cancelled
 - when the client resets the stream (grpcio's ``call.cancel()``, or its
   deadline passing): purerpc 0.8 drops RST_STREAM on the floor (a handler
   would only notice at its next send, and never while the model is silent),
-  so this module hooks the HTTP/2 connection to cancel the scope the moment
-  the reset arrives;
+  so the HTTP/2 connection of :mod:`._purerpc_compat` reports the reset and
+  the call's scope is cancelled the moment it arrives;
 - when the connection closes or breaks: every call on it is cancelled;
 - when the ``grpc-timeout`` the client sent passes (purerpc parses it but
   does not enforce it): the call ends with DEADLINE_EXCEEDED.
@@ -76,7 +76,9 @@ Serving: :func:`serve_grpc` takes the listening socket :mod:`app` already
 bound (purerpc's own ``Server`` would bind another one with ``SO_REUSEPORT``,
 which lets a second instance share the port silently). Connections are
 accepted by :func:`trio.serve_listeners` and each is run through purerpc's
-HTTP/2 and gRPC framing (``GRPCProtoSocket``); the dispatch of calls to
+HTTP/2 and gRPC framing (``GRPCProtoSocket``, with the corrections of
+:mod:`._purerpc_compat`, the only place that touches purerpc's private
+parts); the dispatch of calls to
 services is done here rather than by purerpc's ``ConnectionHandler``, whose
 bare ``except:`` clauses swallow cancellation and send ``repr()`` of any
 exception to the client.
@@ -94,23 +96,18 @@ import logging
 import math
 import socket
 import ssl
-import zlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
 import anyio.abc
-import h2.errors
-import h2.events
 import h2.exceptions
 import trio
 from google.protobuf.message import DecodeError
 from purerpc import Cardinality, Service, Status, StatusCode
-from purerpc.grpc_proto import GRPCProtoSocket, GRPCProtoStream
+from purerpc.grpc_proto import GRPCProtoStream
 from purerpc.grpclib.config import GRPCConfiguration
-from purerpc.grpclib.connection import GRPCConnection
 from purerpc.grpclib.events import MessageReceived, RequestEnded, RequestReceived
-from purerpc.grpclib.exceptions import MessageTooLargeError, ProtocolError
 
 from ..chat.caller import CURRENT as CLIENT
 from ..chat.caller import PEER as CALLER_PEER
@@ -123,6 +120,7 @@ from ..request_ids import CURRENT as CURRENT_REQUEST_ID
 from ..request_ids import accept_request_id
 from ..settings import Settings
 from ..tls import server_ssl_context
+from ._purerpc_compat import BadRequestData, H2Connection, ServerSocket
 from .pieces import split_utf8
 from .send_deadline import GOODBYE_SECONDS, ClientTooSlow, SendBoundedStream, send_deadline
 
@@ -392,100 +390,6 @@ class _Health(health_grpc.HealthServicer):
 # --------------------------------------------------------------------------- connections
 
 
-class _BadRequestData(RequestEnded):
-    """The request body could not be read (too large, bad compression); ends the request.
-
-    A subclass of RequestEnded so that purerpc's stream bookkeeping takes it
-    as the end of the request.
-    """
-
-    def __init__(self, stream_id: int, status: Status) -> None:
-        super().__init__(stream_id)
-        self.status = status
-
-
-class _H2Connection(GRPCConnection):
-    """purerpc's HTTP/2 state machine, reporting the stream resets purerpc ignores.
-
-    A malformed request resets its stream instead of the whole connection,
-    and unreadable request data ends that request with a status.
-    ``greeted`` is set once the client's preface and first SETTINGS have arrived.
-    """
-
-    def __init__(self, config: GRPCConfiguration, on_reset: Callable[[int], None]) -> None:
-        super().__init__(config)
-        self._on_reset = on_reset
-        self.greeted = trio.Event()
-
-    def _remote_settings_changed(self, event: h2.events.RemoteSettingsChanged) -> list[Any]:
-        self.greeted.set()
-        return super()._remote_settings_changed(event)
-
-    def _stream_reset(self, event: h2.events.StreamReset) -> list[Any]:
-        self._on_reset(event.stream_id)
-        return []
-
-    def _request_received(self, event: h2.events.RequestReceived) -> list[Any]:
-        try:
-            return super()._request_received(event)
-        except (ProtocolError, KeyError, ValueError) as exc:
-            log.debug("gRPC: refusing a malformed request on stream %d: %s", event.stream_id, exc)
-            self.h2_connection.reset_stream(event.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
-            return []
-
-    def _data_received(self, event: h2.events.DataReceived) -> list[Any]:
-        if event.stream_id not in self.message_read_buffers:
-            return []  # the request has already ended, or was refused: drop the data
-        try:
-            return super()._data_received(event)
-        except MessageTooLargeError:
-            status = Status(
-                StatusCode.RESOURCE_EXHAUSTED,
-                f"the request message is larger than {self.config.max_message_length} bytes",
-            )
-        except (ProtocolError, zlib.error) as exc:
-            status = Status(StatusCode.INVALID_ARGUMENT, f"the request body is unreadable: {exc}")
-        del self.message_read_buffers[event.stream_id]
-        return [_BadRequestData(event.stream_id, status)]
-
-
-class _Ended:
-    """Stands in for a stream whose call is over: events that still arrive for it are dropped."""
-
-    def __init__(self) -> None:
-        self._incoming_events = (self, None)
-
-    async def send(self, event: object) -> None:
-        pass
-
-    async def _set_flow_control_update(self) -> None:
-        pass
-
-    def _close_remote(self) -> None:
-        pass
-
-
-class _Streams(dict[int, Any]):
-    """purerpc's table of open streams, which would raise KeyError for a forgotten stream."""
-
-    def __missing__(self, stream_id: int) -> _Ended:
-        return _Ended()
-
-
-class _ServerSocket(GRPCProtoSocket):
-    """purerpc's server-side gRPC connection, over our HTTP/2 state machine."""
-
-    def __init__(self, connection: _H2Connection, stream: anyio.abc.ByteStream) -> None:
-        super().__init__(connection.config, stream)
-        self._grpc_connection = self._socket._grpc_connection = connection
-        self._streams = _Streams()
-
-    def forget(self, stream_id: int) -> None:
-        """Drop purerpc's state for a stream whose call is over."""
-        self._streams.pop(stream_id, None)
-        self._grpc_connection.message_read_buffers.pop(stream_id, None)
-
-
 class _AnyioStream(anyio.abc.ByteStream):
     """A trio stream with the anyio socket-stream interface purerpc's framing uses."""
 
@@ -534,7 +438,7 @@ class _Connection:
     scopes: dict[int, trio.CancelScope] = dataclasses.field(default_factory=dict)
     resets: set[int] = dataclasses.field(default_factory=set)
     listening: trio.CancelScope = dataclasses.field(default_factory=trio.CancelScope)
-    socket: _ServerSocket | None = None
+    socket: ServerSocket | None = None
 
     async def serve(self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]) -> None:
         if isinstance(stream, trio.SSLStream):
@@ -542,13 +446,13 @@ class _Connection:
             # trio leaves a second task waiting for it forever.
             with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
                 await stream.do_handshake()
-        connection = _H2Connection(
+        connection = H2Connection(
             GRPCConfiguration(client_side=False, max_message_length=self.server.max_message_length),
             self.on_reset,
         )
         with trio.CancelScope() as connection_scope:
             client_stream = _AnyioStream(stream, self.server.send_timeout)
-            async with _ServerSocket(connection, client_stream) as grpc_socket:
+            async with ServerSocket(connection, client_stream) as grpc_socket:
                 self.socket = grpc_socket
                 async with trio.open_nursery() as calls:
                     greeting = trio.CancelScope()
@@ -567,7 +471,7 @@ class _Connection:
 
     @staticmethod
     async def expect_greeting(
-        connection: _H2Connection, connection_scope: trio.CancelScope, scope: trio.CancelScope
+        connection: H2Connection, connection_scope: trio.CancelScope, scope: trio.CancelScope
     ) -> None:
         """Close the connection unless the client sends the HTTP/2 preface in time.
 
@@ -645,8 +549,7 @@ class _Connection:
     def close(self) -> None:
         """Say goodbye (GOAWAY) and stop reading; what is queued is still sent."""
         if self.socket is not None:
-            with contextlib.suppress(h2.exceptions.H2Error):
-                self.socket._grpc_connection.h2_connection.close_connection()
+            self.socket.say_goodbye()
         self.listening.cancel()
 
 
@@ -789,7 +692,7 @@ async def _single_message(stream: GRPCProtoStream) -> Any:
             raise _Abort(
                 StatusCode.INVALID_ARGUMENT, "the request message could not be decoded"
             ) from None
-        if isinstance(event, _BadRequestData):
+        if isinstance(event, BadRequestData):
             raise _Abort(event.status.status_code, event.status.status_message)
         if isinstance(event, RequestEnded):
             break

@@ -18,9 +18,10 @@ the slot is freed.
   raises :class:`trio.BrokenResourceError`, which every server here takes for a
   client that went away.
 - :func:`bound_hypercorn_sends` makes hypercorn run each HTTP connection over a
-  :class:`SendBoundedStream`; :class:`StopOnBrokenSend` is the ASGI wrapper that
-  makes a send to a connection whose write failed raise :class:`ClientGone` in
-  the application, instead of returning as if the bytes had gone out.
+  :class:`SendBoundedStream` (through the hook of :mod:`._hypercorn_compat`);
+  :class:`StopOnBrokenSend` is the ASGI wrapper that makes a send to a
+  connection whose write failed raise :class:`ClientGone` in the application,
+  instead of returning as if the bytes had gone out.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import hypercorn.trio.run
 import trio
-from hypercorn.trio.tcp_server import TCPServer
+
+from ._hypercorn_compat import wrap_connection_streams
 
 log = logging.getLogger("easybackend.send_deadline")
 
@@ -126,17 +127,15 @@ class SendBoundedStream(trio.abc.HalfCloseableStream):
         return getattr(self.stream, name)
 
 
-class _BoundedTCPServer(TCPServer):
-    """hypercorn's HTTP connection, over a SendBoundedStream when its config asks for one."""
-
-    def __init__(
-        self, app: Any, config: Any, context: Any, state: Any, stream: trio.abc.Stream
-    ) -> None:
-        seconds = getattr(config, "client_send_timeout", None)
-        if seconds is not None:
-            stream = SendBoundedStream(stream, seconds)
-            state = {**state, STREAM_KEY: stream}  # copied into each request's scope["state"]
-        super().__init__(app, config, context, state, stream)
+def _bounded_stream(
+    config: Any, state: dict[str, Any], stream: trio.abc.Stream
+) -> tuple[dict[str, Any], trio.abc.Stream]:
+    """An HTTP connection's stream, bounded when its hypercorn config carries a timeout."""
+    seconds = getattr(config, "client_send_timeout", None)
+    if seconds is None:
+        return state, stream
+    bounded = SendBoundedStream(stream, seconds)
+    return {**state, STREAM_KEY: bounded}, bounded  # state: copied into each request's scope
 
 
 def bound_hypercorn_sends(config: Any, seconds: float) -> None:
@@ -145,13 +144,13 @@ def bound_hypercorn_sends(config: Any, seconds: float) -> None:
     hypercorn 0.17 writes in a shielded scope and swallows a failed write, so a
     deadline around the ASGI ``send`` would never fire and the application would
     never learn that the client is gone: the bound has to sit on the connection's
-    stream. hypercorn has no hook for that, so its connection class is replaced
-    by a subclass that wraps the stream when the config carries
-    ``client_send_timeout`` (other hypercorn servers in the process, such as the
-    demo upstream, are left as they were).
+    stream, through the hook :mod:`._hypercorn_compat` adds. Only connections
+    served with a config carrying ``client_send_timeout`` are bounded (other
+    hypercorn servers in the process, such as the demo upstream, are left as
+    they were).
     """
     config.client_send_timeout = seconds
-    hypercorn.trio.run.TCPServer = _BoundedTCPServer  # type: ignore[misc]
+    wrap_connection_streams(_bounded_stream)
 
 
 class StopOnBrokenSend:

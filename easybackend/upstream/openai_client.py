@@ -113,7 +113,7 @@ class OpenAIUpstream:
             timeout=timeout,
             http_client=openai.DefaultAsyncHttpxClient(
                 timeout=timeout,
-                transport=_transport_unless_proxied(),
+                transport=_transport(settings.upstream_transport),
                 # for httpx's own transport (with a proxy); LeanTransport has no limit
                 limits=httpx2.Limits(max_connections=None, max_keepalive_connections=256),
                 event_hooks={"response": [_refuse_redirect_to_another_origin]},
@@ -528,15 +528,27 @@ def check_proxy_environment() -> None:
         ) from None
 
 
-def _transport_unless_proxied() -> LeanTransport | None:
-    """The lean transport, or None (httpx's own) when the environment names a proxy.
+def _transport(chosen: str) -> LeanTransport | None:
+    """The transport ``UPSTREAM_TRANSPORT`` chose: the lean one, or None for httpx's own.
 
-    httpx honours ``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY`` and ``NO_PROXY``
-    (read through ``urllib.request.getproxies``) only with its own transport,
-    so a proxied deployment keeps it.
+    A proxy in the environment wins over ``lean``: httpx honours ``HTTP_PROXY``,
+    ``HTTPS_PROXY``, ``ALL_PROXY`` and ``NO_PROXY`` (read through
+    ``urllib.request.getproxies``) only with its own transport, so a proxied
+    deployment keeps it. The choice is logged.
     """
-    proxies = urllib.request.getproxies()
-    return None if any(scheme != "no" for scheme in proxies) else LeanTransport()
+    proxies = sorted(f"{scheme.upper()}_PROXY" for scheme in urllib.request.getproxies())
+    named = [variable for variable in proxies if variable != "NO_PROXY"]
+    if named and chosen == "lean":
+        log.info(
+            "upstream transport: httpx's own, not the lean one, since %s names a proxy",
+            " and ".join(named),
+        )
+        return None
+    if chosen == "lean":
+        log.debug("upstream transport: lean")
+        return LeanTransport()
+    log.info("upstream transport: httpx's own (UPSTREAM_TRANSPORT=httpx)")
+    return None
 
 
 def _retry_wait(exc: Exception, attempt: int) -> float | None:

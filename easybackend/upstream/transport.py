@@ -10,9 +10,19 @@ latency (see docs/performance.md).
 What it does: HTTP/1.1 over TCP, or TLS with the SSL context it is given;
 bodies framed by ``Content-Length``, chunked transfer encoding or the end of the
 connection; a pool of idle keep-alive connections per origin, each checked
-before reuse (a connection the server has closed is dropped, and a request on
-a reused connection that the server closed before answering is sent once more
-on a new one); the SDK's connect, read and write timeouts. Content decoding
+before reuse (a connection the server has closed is dropped); the SDK's
+connect, read and write timeouts.
+
+A request goes out at most once, unless the server cannot have acted on it. It
+is sent again, once and on a new connection, only when all of these hold: it
+was written on a pooled connection, the write failed before the whole request
+(head and body) had been handed to the connection (the server had closed or
+reset it), and not one byte of a response had arrived. Once the whole request
+is written, whatever follows (the server closing or resetting the connection
+without an answer, a timeout) is raised to the caller and never retried: the
+server may have read the request and acted on it, and a chat completion sent
+twice is billed twice. (When a server answers before taking the whole request,
+a 413 say, that answer is read and returned.) Content decoding
 (gzip and the like) and redirects stay with httpx. Proxies are not spoken
 here: when the environment names one, the upstream client keeps httpx's own
 transport, which honours it.
@@ -29,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import select
+import socket
 import ssl
 import time
 from collections import defaultdict
@@ -101,14 +112,14 @@ class LeanTransport(httpx2.AsyncBaseTransport):
         if connection is not None:
             try:
                 return await self._exchange(connection, request, message, timeouts, origin)
-            except _ClosedBeforeAnswer:
-                pass  # the server closed the idle connection as the request went out: once more
+            except _NotSent:
+                pass  # the server had closed the pooled connection: it never had the request
         connection = await self._connect(origin, timeouts.get("connect"))
         try:
             return await self._exchange(connection, request, message, timeouts, origin)
-        except _ClosedBeforeAnswer as exc:
+        except _NotSent as exc:
             raise httpx2.RemoteProtocolError(
-                "the server closed the connection without sending a response"
+                "the server closed the connection before the request was sent"
             ) from exc
 
     def _reusable(self, origin: Origin) -> _Connection | None:
@@ -151,18 +162,24 @@ class LeanTransport(httpx2.AsyncBaseTransport):
     ) -> httpx2.Response:
         """Write the request and read the response head on ``connection``.
 
-        Raises _ClosedBeforeAnswer when the peer closed before any byte of an
-        answer (the caller may retry on a new connection); any other failure
-        closes the connection and raises httpx's exception.
+        Raises _NotSent when writing failed before the whole request was written
+        and no byte of an answer has arrived (the caller may send it again on a
+        new connection); any other failure, after the request was written in
+        full in particular, closes the connection and raises httpx's exception.
         """
         try:
+            written = True
             try:
                 with _fail_after(timeouts.get("write"), httpx2.WriteTimeout):
                     await connection.stream.send_all(message)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise _ClosedBeforeAnswer from exc
+                if not _answer_waiting(connection):
+                    raise _NotSent from exc
+                written = False  # the server answered before taking it all: read that answer
             head = await self._read_head(connection, timeouts.get("read"))
             body = _Body(self, connection, origin, request.method, head, timeouts.get("read"))
+            if not written:
+                body.keep_alive = False
         except BaseException:
             await connection.close()
             raise
@@ -183,11 +200,11 @@ class LeanTransport(httpx2.AsyncBaseTransport):
                     data = await connection.receive(read_timeout)
                 except httpx2.ReadError as exc:
                     if not connection.buffer:
-                        raise _ClosedBeforeAnswer from exc
+                        raise _no_response() from exc
                     raise
                 if not data:
                     if not connection.buffer:
-                        raise _ClosedBeforeAnswer
+                        raise _no_response()
                     raise httpx2.RemoteProtocolError("the server closed the connection mid-head")
                 connection.buffer += data
             if end > MAX_HEAD_BYTES:
@@ -214,8 +231,29 @@ class LeanTransport(httpx2.AsyncBaseTransport):
         self._idle.clear()
 
 
-class _ClosedBeforeAnswer(Exception):
-    """The peer closed the connection before sending any byte of a response."""
+class _NotSent(Exception):
+    """Writing the request failed before it was complete, and no byte of an answer had come."""
+
+
+def _no_response() -> httpx2.RemoteProtocolError:
+    """What a request written in full gets when the server closes without answering.
+
+    Never retried: the server may have acted on the request.
+    """
+    return httpx2.RemoteProtocolError("the server closed the connection without sending a response")
+
+
+def _answer_waiting(connection: _Connection) -> bool:
+    """Whether a byte from the server is waiting on the connection (read, or peeked at)."""
+    if connection.buffer:
+        return True
+    try:
+        with socket.fromfd(
+            connection.sock.fileno(), connection.sock.family, socket.SOCK_STREAM
+        ) as peek:
+            return bool(peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:  # nothing there yet (EAGAIN), or only the reset
+        return False
 
 
 class _Body(httpx2.AsyncByteStream):
@@ -236,7 +274,7 @@ class _Body(httpx2.AsyncByteStream):
         self._origin = origin
         self._timeout = read_timeout
         self._complete = False  # set by the reader at the body's end, never after an error
-        self._keep_alive = head.keep_alive
+        self.keep_alive = head.keep_alive  # the connection may serve another request afterwards
         fields = {name.lower(): value for name, value in head.headers}
         parts: AsyncIterator[bytes]
         if method == "HEAD" or head.status in (204, 304):
@@ -249,7 +287,7 @@ class _Body(httpx2.AsyncByteStream):
             parts = self._read_length(connection, int(length))
         else:  # the body ends with the connection
             parts = self._read_to_close(connection)
-            self._keep_alive = False
+            self.keep_alive = False
         self._parts = parts
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
@@ -343,7 +381,7 @@ class _Body(httpx2.AsyncByteStream):
         if connection is None:
             return
         await self._parts.aclose()  # type: ignore[attr-defined]
-        if self._complete and self._keep_alive and not connection.buffer:
+        if self._complete and self.keep_alive and not connection.buffer:
             self._transport._release(connection, self._origin)
         else:
             await connection.close()
