@@ -1,8 +1,12 @@
-"""LeanTransport, the upstream HTTP/1.1 transport, on real loopback sockets.
+"""The upstream HTTP/1.1 transports (UPSTREAM_TRANSPORT=lean and httpx), on real loopback sockets.
 
-Wire-level cases talk to a tiny raw trio server defined here, which reads each request head
-and writes exactly the bytes a test chooses, counting the connections it accepts; the SDK
-cases go through the real ``openai`` client to the in-process FakeUpstream.
+Every test of the ``client`` or ``sdk`` fixtures runs against both: LeanTransport and httpx's
+own transport (httpcore over h11), so the lean one is held to what a real HTTP/1.1
+implementation does; the few lean-only cases say why. Wire-level cases talk to a tiny raw trio
+server defined here, which reads each request with h11 (the reference parser: what the
+transports write must be HTTP/1.1 to it), writes exactly the bytes a test chooses, and counts
+the connections it accepts and the requests it reads; the SDK cases go through the real
+``openai`` client to the in-process FakeUpstream.
 """
 
 from __future__ import annotations
@@ -11,10 +15,12 @@ import contextlib
 import json
 import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 
+import h11
 import httpx2
 import openai
 import pytest
@@ -45,7 +51,10 @@ class Peer:
         self.buffer = b""
 
     async def read_head(self) -> bytes | None:
-        """The next request head (without its blank line), or None when the client closed."""
+        """The next request head (without its blank line), or None when the client closed.
+
+        The head is parsed by h11 (a test fails on one h11 refuses); its request is recorded.
+        """
         while (end := self.buffer.find(b"\r\n\r\n")) < 0:
             data = await self.stream.receive_some(65536)
             if not data:
@@ -55,7 +64,37 @@ class Peer:
             self.buffer += data
         head, self.buffer = self.buffer[:end], self.buffer[end + 4 :]
         self.server.heads.append(head)
+        self.server.requests.append(parse_request_head(head))
         return head
+
+    async def read_request(self) -> tuple[h11.Request, bytes] | None:
+        """The next whole request, head and body, read by h11; None when the client closed."""
+        parser = h11.Connection(h11.SERVER)
+        if self.buffer:  # (b"" would tell h11 the connection ended)
+            parser.receive_data(self.buffer)
+        self.buffer = b""
+        request, body = None, []
+        while True:
+            event = parser.next_event()
+            if event is h11.NEED_DATA:
+                data = await self.stream.receive_some(65536)
+                if not data and request is None:
+                    self.server.closed_by_client.append(self.index)
+                    self.server.client_closed.set()
+                    return None
+                parser.receive_data(data)
+            elif isinstance(event, h11.Request):
+                request = event
+            elif isinstance(event, h11.Data):
+                body.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                assert request is not None
+                self.buffer = parser.trailing_data[0]
+                self.server.requests.append(request)
+                self.server.bodies.append(b"".join(body))
+                return request, b"".join(body)
+            else:
+                raise AssertionError(f"h11 read {event!r} while reading a request")
 
     async def send(self, data: bytes) -> None:
         await self.stream.send_all(data)
@@ -77,6 +116,8 @@ class RawServer:
         self.port = 0
         self.accepted = 0
         self.heads: list[bytes] = []
+        self.requests: list[h11.Request] = []  # every request read, as h11 parsed it
+        self.bodies: list[bytes] = []  # the body of every request read whole (read_request)
         self.closed_by_client: list[int] = []  # connections the client closed first
         self.client_closed = trio.Event()
 
@@ -93,6 +134,15 @@ class RawServer:
         except trio.BrokenResourceError:  # the client reset the connection
             self.closed_by_client.append(peer.index)
             self.client_closed.set()
+
+
+def parse_request_head(head: bytes) -> h11.Request:
+    """``head`` as h11 reads it (raises h11.RemoteProtocolError when it is not HTTP/1.1)."""
+    parser = h11.Connection(h11.SERVER)
+    parser.receive_data(head + b"\r\n\r\n")
+    event = parser.next_event()
+    assert isinstance(event, h11.Request), event
+    return event
 
 
 def answer(response: bytes | Callable[[bytes], bytes], *, close: bool = False):
@@ -131,9 +181,30 @@ def serve_raw(nursery: trio.Nursery) -> Callable[..., Awaitable[RawServer]]:
     return start
 
 
+def make_transport(
+    name: str, ssl_context: ssl.SSLContext | None = None
+) -> httpx2.AsyncBaseTransport:
+    """The transport UPSTREAM_TRANSPORT=``name`` means: LeanTransport, or httpx's own."""
+    if name == "lean":
+        return LeanTransport(ssl_context=ssl_context)
+    return httpx2.AsyncHTTPTransport(verify=ssl_context or True)
+
+
+@pytest.fixture(params=["lean", "httpx"])
+def transport_name(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
 @pytest.fixture
-async def client() -> AsyncIterator[httpx2.AsyncClient]:
-    async with httpx2.AsyncClient(transport=LeanTransport(), timeout=5) as http:
+def lean_only(transport_name: str) -> None:
+    """For a behaviour of LeanTransport alone (httpx's own transport does otherwise, or cannot)."""
+    if transport_name != "lean":
+        pytest.skip("a behaviour of the lean transport only")
+
+
+@pytest.fixture
+async def client(transport_name: str) -> AsyncIterator[httpx2.AsyncClient]:
+    async with httpx2.AsyncClient(transport=make_transport(transport_name), timeout=5) as http:
         yield http
 
 
@@ -300,8 +371,13 @@ async def test_idle_connection_that_received_unexpected_bytes_is_not_used(serve_
     assert server.accepted == 2 and len(server.heads) == 2
 
 
-async def test_request_on_reused_connection_closed_before_answer_is_sent_again(serve_raw, client):
-    """The server reads the second request on the kept connection, then closes it unanswered."""
+async def test_request_on_reused_connection_closed_before_answer_is_not_sent_again(
+    serve_raw, client
+):
+    """The server reads the second request on the kept connection, then closes it unanswered.
+
+    It may have acted on it: the request is not sent again, the caller gets the error.
+    """
 
     async def handler(peer: Peer) -> None:
         await peer.read_head()
@@ -314,9 +390,69 @@ async def test_request_on_reused_connection_closed_before_answer_is_sent_again(s
     server = await serve_raw(handler)
     with trio.fail_after(5):
         await client.get(server.url)
-        assert (await client.get(server.url)).content == b"hello"
+        with pytest.raises(httpx2.RemoteProtocolError):
+            await client.get(server.url)
+    assert server.accepted == 1
+    assert len(server.heads) == 2  # the second request went out once
+
+
+async def test_post_read_whole_then_closed_unanswered_is_never_sent_twice(serve_raw, client):
+    """A POST whose body the server read to its end, on a reused connection or a new one.
+
+    The server then closes without a byte of an answer: the transport raises, and the
+    server has read each POST exactly once (a chat completion sent twice is billed twice).
+    """
+
+    async def handler(peer: Peer) -> None:
+        while (request := await peer.read_request()) is not None:
+            method, body = request
+            if method.method == b"POST":
+                return  # read in full, then closed unanswered
+            await peer.send(OK_HELLO)
+
+    server = await serve_raw(handler)
+    body = json.dumps({"model": "m", "messages": user("hi")}).encode()
+    with trio.fail_after(5):
+        await client.get(server.url)  # leaves a connection in the pool
+        with pytest.raises(httpx2.RemoteProtocolError):
+            await client.post(server.url + "/v1/chat/completions", content=body)
+        with pytest.raises(httpx2.RemoteProtocolError):  # and on a new connection
+            await client.post(server.url + "/v1/chat/completions", content=body)
+    posts = [request for request in server.requests if request.method == b"POST"]
+    assert len(posts) == 2  # one per call, none re-sent
+    assert server.bodies.count(body) == 2
     assert server.accepted == 2
-    assert len(server.heads) == 3  # the second request went out twice
+
+
+async def test_request_whose_write_failed_on_a_pooled_connection_is_sent_on_a_new_one(
+    serve_raw, client, lean_only
+):
+    """The server resets the pooled connection after the head, long before the body is written.
+
+    The server cannot have acted on a request it did not get whole, and no byte of an answer
+    came: the request goes out once more, on a new connection, and is answered there. Lean
+    only: httpx's own transport raises here.
+    """
+    body = b"x" * (32 * 1024 * 1024)  # more than the loopback socket buffers hold
+
+    async def handler(peer: Peer) -> None:
+        if peer.index == 0:
+            await peer.read_request()
+            await peer.send(OK_HELLO)
+            await peer.read_head()  # of the POST, whose body is still being written
+            sock = peer.stream.socket
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return  # closed with a reset
+        while await peer.read_request() is not None:
+            await peer.send(OK_HELLO)
+
+    server = await serve_raw(handler)
+    with trio.fail_after(10):
+        await client.get(server.url)
+        response = await client.post(server.url, content=body)
+    assert response.content == b"hello"
+    assert server.accepted == 2
+    assert server.bodies == [b"", body]  # the POST read whole once, on the new connection
 
 
 # -- errors ---------------------------------------------------------------------------------
@@ -412,7 +548,8 @@ async def test_response_head_larger_than_64_kib_is_a_protocol_error(serve_raw, c
         await client.get(server.url)
 
 
-async def test_unsupported_scheme(client):
+async def test_unsupported_scheme(client, lean_only):
+    """Lean only: the message is the lean transport's (httpx's own raises the same type)."""
     with pytest.raises(httpx2.UnsupportedProtocol, match="unsupported URL scheme"):
         await client.get("ftp://127.0.0.1/file")
 
@@ -494,21 +631,21 @@ async def tls_server(nursery: trio.Nursery, ca: trustme.CA) -> RawServer:
     return server
 
 
-async def test_https_with_a_trusted_ca(tls_server, ca):
+async def test_https_with_a_trusted_ca(tls_server, ca, transport_name):
     context = ssl.create_default_context()
     ca.configure_trust(context)
     url = f"https://127.0.0.1:{tls_server.port}/x"
     with trio.fail_after(5):
-        async with httpx2.AsyncClient(transport=LeanTransport(ssl_context=context)) as http:
+        async with httpx2.AsyncClient(transport=make_transport(transport_name, context)) as http:
             first = await http.get(url)
             second = await http.get(url)
     assert first.content == second.content == b"hello"
     assert tls_server.accepted == 1 and len(tls_server.heads) == 2
 
 
-async def test_https_with_an_untrusted_certificate_is_a_connect_error(tls_server):
+async def test_https_with_an_untrusted_certificate_is_a_connect_error(tls_server, transport_name):
     with trio.fail_after(5):
-        async with httpx2.AsyncClient(transport=LeanTransport()) as http:
+        async with httpx2.AsyncClient(transport=make_transport(transport_name)) as http:
             with pytest.raises(httpx2.ConnectError):
                 await http.get(f"https://127.0.0.1:{tls_server.port}/x")
     assert tls_server.heads == []
@@ -526,14 +663,14 @@ async def upstream() -> AsyncIterator[FakeUpstream]:
         nursery.cancel_scope.cancel()
 
 
-def sdk_client(base_url: str) -> openai.AsyncOpenAI:
-    http = openai.DefaultAsyncHttpxClient(transport=LeanTransport())
+def sdk_client(base_url: str, transport_name: str) -> openai.AsyncOpenAI:
+    http = openai.DefaultAsyncHttpxClient(transport=make_transport(transport_name))
     return openai.AsyncOpenAI(base_url=base_url, api_key="k", max_retries=0, http_client=http)
 
 
 @pytest.fixture
-async def sdk(upstream: FakeUpstream) -> AsyncIterator[openai.AsyncOpenAI]:
-    async with sdk_client(upstream.base_url()) as c:
+async def sdk(upstream: FakeUpstream, transport_name: str) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with sdk_client(upstream.base_url(), transport_name) as c:
         yield c
 
 
@@ -604,8 +741,9 @@ async def counting_relay(port: int) -> AsyncIterator[RawServer]:
         nursery.cancel_scope.cancel()
 
 
-async def test_sdk_sequential_calls_reuse_one_connection(upstream):
-    async with counting_relay(upstream.port) as relay, sdk_client(relay.url + "/v1") as sdk:
+async def test_sdk_sequential_calls_reuse_one_connection(upstream, transport_name):
+    relayed = counting_relay(upstream.port)
+    async with relayed as relay, sdk_client(relay.url + "/v1", transport_name) as sdk:
         with trio.fail_after(5):
             for i in range(5):
                 reply = await sdk.chat.completions.create(model="m", messages=user(f"n{i}"))
@@ -617,7 +755,8 @@ async def test_sdk_sequential_calls_reuse_one_connection(upstream):
 # -- framing and reuse corner cases ---------------------------------------------------------
 
 
-async def test_streamed_request_body_is_sent_chunk_encoded(serve_raw, client):
+async def test_streamed_request_body_is_sent_chunk_encoded(serve_raw, client, lean_only):
+    """Lean only: httpx's own sends one chunk per part (both are read alike by h11, below)."""
     bodies = []
 
     async def handler(peer: Peer) -> None:
@@ -653,8 +792,9 @@ async def test_invalid_content_length_closes_the_connection(serve_raw, client):
     assert server.client_closed.is_set(), error  # the error (as a caller would) is still held
 
 
-async def test_sdk_sequential_streamed_calls_reuse_one_connection(upstream):
-    async with counting_relay(upstream.port) as relay, sdk_client(relay.url + "/v1") as sdk:
+async def test_sdk_sequential_streamed_calls_reuse_one_connection(upstream, transport_name):
+    relayed = counting_relay(upstream.port)
+    async with relayed as relay, sdk_client(relay.url + "/v1", transport_name) as sdk:
         with trio.fail_after(5):
             for i in range(3):
                 stream = await sdk.chat.completions.create(
@@ -688,7 +828,9 @@ async def test_response_stream_resumes_where_an_earlier_iteration_stopped(serve_
     assert b"".join(rest) == b" world"
 
 
-async def test_head_just_over_64_kib_is_a_protocol_error(serve_raw, client):
+async def test_head_just_over_64_kib_is_a_protocol_error(serve_raw, client, lean_only):
+    """Lean only: 64 KiB is the lean transport's limit (httpcore lets h11 read 100 kB)."""
+
     async def handler(peer: Peer) -> None:
         await peer.read_head()
         start = b"HTTP/1.1 200 OK\r\nX-Big: "
@@ -745,8 +887,13 @@ async def read_answer(
     return items
 
 
-async def test_pieces_read_together_are_one_item(serve_raw, make_settings):
-    """A provider faster than the relay costs one delta per read, not one per token."""
+async def test_pieces_read_together_are_one_item(
+    serve_raw, make_settings, transport_name, lean_only
+):
+    """A provider faster than the relay costs one delta per read, not one per token.
+
+    Lean only: httpx's own transport gives one part per chunk, read together or not.
+    """
 
     first_item = trio.Event()
 
@@ -758,7 +905,8 @@ async def test_pieces_read_together_are_one_item(serve_raw, make_settings):
         await peer.wait_eof()
 
     server = await serve_raw(handler)
-    items = await read_answer(make_settings(), server.url + "/v1", after_first=first_item)
+    settings = make_settings(UPSTREAM_TRANSPORT=transport_name)
+    items = await read_answer(settings, server.url + "/v1", after_first=first_item)
     assert items[:2] == ["a b c", " d"]
     assert items[2] == Completion(
         finish_reason="stop", model="m", prompt_tokens=None, completion_tokens=None
