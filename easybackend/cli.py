@@ -229,7 +229,13 @@ def _serve(args: dict[str, str]) -> int:
         print(f"easybackend: error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings)
-    from .app import serve
+    from .transports._compat import UnsupportedLibraryVersion
+
+    try:
+        from .app import serve
+    except UnsupportedLibraryVersion as exc:  # a library whose private parts we override
+        print(f"easybackend: error: {exc}", file=sys.stderr)
+        return 1
 
     try:
         trio.run(serve, settings)
