@@ -50,7 +50,14 @@ from ..errors import (
 from ..metrics import Metrics
 from ..request_ids import current_request_id
 from ..settings import Settings
-from ..storage import ConversationDetail, ConversationRef, ConversationSummary, NewTurn, Storage
+from ..storage import (
+    ConversationDetail,
+    ConversationHead,
+    ConversationRef,
+    ConversationSummary,
+    NewTurn,
+    ServingStore,
+)
 from ..upstream.openai_client import Completion, OpenAIUpstream, UpstreamCall
 from .accounting import CANCELLED, AskRecord, is_cancellation
 from .caller import current_client
@@ -161,7 +168,7 @@ class ChatService:
     def __init__(
         self,
         settings: Settings,
-        storage: Storage,
+        storage: ServingStore,
         upstream: OpenAIUpstream,
         counter: TokenCounter,
         metrics: Metrics,
@@ -247,12 +254,16 @@ class ChatService:
 
         with self._admitted(request):
             async with self._hold(ref):
-                plan = _ContextPlan(self, request, prompt_tokens)
-                context = await self.storage.load_context(ref, plan.history_budget, turn_cost)
-                call = self._upstream_call(
-                    request, build_messages(plan.system, context.turns, prompt)
+                # Read under the conversation's lock: its head, then the newest turns that fit.
+                head = await self.storage.conversation_head(ref)
+                plan = await _ContextPlan.choose(self, request, prompt_tokens, head)
+                history = (
+                    await self.storage.newest_turns(ref, plan.budget.history, turn_cost)
+                    if head.turn_count
+                    else []
                 )
-                sent_tokens = plan.fixed_tokens + sum(turn_cost(t) for t in context.turns)
+                call = self._upstream_call(request, build_messages(plan.system, history, prompt))
+                sent_tokens = plan.budget.fixed + sum(turn_cost(t) for t in history)
 
                 pieces: list[str] = []
                 completion: Completion | None = None
@@ -509,35 +520,36 @@ async def _cut_at(
             return
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
 class _ContextPlan:
-    """Chooses the system prompt and shares the token budget out, once the stored one is known."""
+    """The system prompt an ask sends and how its context window is shared out."""
 
-    def __init__(self, service: ChatService, request: AskRequest, prompt_tokens: int) -> None:
-        self._service = service
-        self._request = request
-        self._prompt_tokens = prompt_tokens
-        self.system: str | None = None
-        self.fixed_tokens = 0
+    system: str | None
+    budget: Budget
 
-    def history_budget(self, stored_system: str | None, stored_tokens: int | None) -> int:
-        """Called by the storage: raises PromptTooLong, else returns the tokens history may use."""
-        service, request = self._service, self._request
-        # A per-ask system prompt wins over the conversation's, which wins over FIRST_PROMPT.
+    @classmethod
+    async def choose(
+        cls, service: ChatService, request: AskRequest, prompt_tokens: int, head: ConversationHead
+    ) -> _ContextPlan:
+        """The plan for ``request`` on the conversation read as ``head``; raises PromptTooLong.
+
+        A per-ask system prompt wins over the conversation's, which wins over
+        FIRST_PROMPT. A system prompt stored without its count (or given per
+        ask) is counted here, off the event loop when long.
+        """
+        counter, settings = service.counter, service.settings
         if request.system is not None:
-            self.system, system_tokens = request.system, service.counter.text(request.system)
-        elif stored_system is not None:
-            self.system = stored_system
-            system_tokens = (
-                stored_tokens if stored_tokens is not None else service.counter.text(stored_system)
-            )
+            system, system_tokens = request.system, await counter.text_off_loop(request.system)
+        elif head.system_prompt is not None:
+            system, system_tokens = head.system_prompt, head.system_tokens
+            if system_tokens is None:
+                system_tokens = await counter.text_off_loop(system)
         else:
-            self.system, system_tokens = service.settings.first_prompt, service.first_prompt_tokens
-        settings = service.settings
+            system, system_tokens = settings.first_prompt, service.first_prompt_tokens
         budget = Budget.plan(
             max_context_tokens=settings.max_context_tokens,
             reserved_for_answer=request.max_tokens or settings.max_response_tokens or 0,
             system_tokens=system_tokens,
-            prompt_tokens=self._prompt_tokens,
+            prompt_tokens=prompt_tokens,
         )
-        self.fixed_tokens = budget.fixed
-        return budget.history
+        return cls(system, budget)

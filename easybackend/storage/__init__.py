@@ -1,29 +1,33 @@
-"""Conversation storage: the protocol and its backends."""
+"""Conversation storage: the serving and transfer protocols and their backends."""
 
 from __future__ import annotations
 
 from ..database_url import DatabaseURL
 from ..settings import Settings
 from .base import (
-    Context,
     ConversationDetail,
+    ConversationHead,
     ConversationRef,
     ConversationSummary,
     NewTurn,
+    ServingStore,
     Storage,
     StoredTurn,
+    TransferStore,
     TurnRecord,
 )
 from .sqlite import SQLiteStorage
 
 __all__ = [
-    "Context",
     "ConversationDetail",
+    "ConversationHead",
     "ConversationRef",
     "ConversationSummary",
     "NewTurn",
+    "ServingStore",
     "Storage",
     "StoredTurn",
+    "TransferStore",
     "TurnRecord",
     "open_storage",
 ]

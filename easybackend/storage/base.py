@@ -1,4 +1,4 @@
-"""The storage protocol every backend implements, and the records it speaks in.
+"""The storage protocols (serving and transfer), and the records they speak in.
 
 A conversation is addressed by :class:`ConversationRef`: the owner (the name
 of the backend API key that asked, ``""`` when authentication is off) and the
@@ -9,9 +9,9 @@ one transaction, so a crash leaves each turn either fully stored or absent.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from ..errors import StorageUnavailable
 
@@ -54,13 +54,12 @@ class StoredTurn:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Context:
-    """What the next ask builds on: the conversation's own system prompt and its recent turns."""
+class ConversationHead:
+    """What an ask reads of its conversation before its turns: the own system prompt and the size."""
 
-    system_prompt: str | None
+    system_prompt: str | None  # None: the conversation has none (or does not exist yet)
     system_tokens: int | None
-    turns: list[StoredTurn]  # oldest first, only the newest turns that fit the budget
-    turn_count: int  # all turns the conversation holds
+    turn_count: int  # all turns the conversation holds; 0 for a new conversation
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -78,20 +77,10 @@ class ConversationSummary:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class TurnRecord:
-    """One stored turn, in full."""
+class TurnRecord(NewTurn):
+    """One stored turn, in full: the turn as appended and its place in the conversation."""
 
     seq: int
-    prompt: str
-    prompt_tokens: int
-    answer: str
-    answer_tokens: int
-    model: str
-    finish_reason: str
-    usage_prompt_tokens: int
-    usage_completion_tokens: int
-    created_at: float
-    finished_at: float
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -118,29 +107,6 @@ class ConversationExport:
     updated_at: float
     turns: list[TurnRecord]  # seq order
     legacy_imports: dict[str, int]  # legacy file name -> entries imported from it (import-json)
-
-
-def newest_that_fit(
-    newest_first: Iterable[Sequence[Any]], budget: int, cost: Callable[[StoredTurn], int]
-) -> list[StoredTurn]:
-    """The turns of ``newest_first`` rows (seq, prompt, prompt_tokens, answer, answer_tokens)
-    whose summed ``cost`` stays within ``budget``, oldest first; stops reading at the first
-    that does not fit, so a long history costs only the tail that is sent."""
-    turns: list[StoredTurn] = []
-    spent = 0
-    for record in newest_first:
-        turn = StoredTurn(*record)
-        spent += cost(turn)
-        if spent > budget:
-            break
-        turns.append(turn)
-    turns.reverse()
-    return turns
-
-
-# The row a readiness probe writes and deletes again in one transaction (see WriteHealth):
-# no conversation has an empty id, so it never meets a real one.
-PROBE_ROW = ("", "", "readiness-probe")  # legacy_imports (owner, conversation_id, source)
 
 
 class WriteHealth:
@@ -170,26 +136,30 @@ class WriteHealth:
         return StorageUnavailable(f"writes fail: {probe_error.message}")
 
 
-class Storage(Protocol):
-    """A conversation store. Methods run their blocking work off the event loop.
+class ServingStore(Protocol):
+    """What the chat core asks of a conversation store while it serves.
 
-    On cancellation a call that already started its transaction finishes it
-    (the result is then dropped), so the store never holds half a turn.
-    Failures raise :class:`easybackend.errors.StorageUnavailable`.
+    Methods run their blocking work off the event loop. On cancellation a call
+    that already started its transaction finishes it (the result is then
+    dropped), so the store never holds half a turn. Failures raise
+    :class:`easybackend.errors.StorageUnavailable`.
     """
 
-    async def load_context(
-        self,
-        ref: ConversationRef,
-        history_budget: Callable[[str | None, int | None], int],
-        cost: Callable[[StoredTurn], int],
-    ) -> Context:
-        """The conversation's system prompt and its newest whole turns that fit, oldest first.
+    async def conversation_head(self, ref: ConversationRef) -> ConversationHead:
+        """The conversation's own system prompt, its token count and its number of turns.
 
-        ``history_budget(system_prompt, system_tokens)`` is called once with the
-        stored system prompt (``None`` for a new conversation) and returns the
-        tokens the turns may use; an exception it raises propagates. Turns are
-        taken newest first while their summed ``cost`` stays within it.
+        A conversation that does not exist reads as ``ConversationHead(None, None, 0)``.
+        """
+        ...
+
+    async def newest_turns(
+        self, ref: ConversationRef, budget: int, cost: Callable[[StoredTurn], int]
+    ) -> list[StoredTurn]:
+        """The newest whole turns whose summed ``cost`` stays within ``budget``, oldest first.
+
+        Turns are read newest first and reading stops at the first that does
+        not fit, so a long conversation costs only the tail that is sent.
+        ``cost`` runs in the store's worker thread: it must be a pure function.
         """
         ...
 
@@ -227,6 +197,34 @@ class Storage(Protocol):
         """Set (or clear, with None) the conversation's own system prompt, creating the conversation."""
         ...
 
+    def conversation_lock(self, ref: ConversationRef) -> AbstractAsyncContextManager[None]:
+        """Held around a whole ask (and changes of a conversation) on top of the in-process lock.
+
+        Serialises the conversation across processes sharing the store; a store
+        only one process uses returns a context that does nothing.
+        """
+        ...
+
+    async def ping(self) -> None:
+        """Raise StorageUnavailable unless the store answers a trivial query.
+
+        While the last write failed, the store must take a write: the check
+        writes and deletes the probe row (see :class:`WriteHealth`).
+        """
+        ...
+
+    async def close(self) -> None:
+        """Release connections; further calls fail."""
+        ...
+
+
+class TransferStore(Protocol):
+    """Whole conversations into and out of a store: ``migrate-storage`` and ``import-json``.
+
+    The whole-store copies are meant for a store no server is using: they take
+    no conversation locks. Failures raise StorageUnavailable.
+    """
+
     async def import_turns(self, ref: ConversationRef, source: str, turns: list[NewTurn]) -> int:
         """Append the turns of ``source`` not imported before (by position); returns how many were added.
 
@@ -234,9 +232,6 @@ class Storage(Protocol):
         imported from the same source are skipped, so importing twice adds nothing.
         """
         ...
-
-    # Whole-store copies (``easybackend migrate-storage``). They are meant for a store no
-    # server is using: they take no conversation locks.
 
     async def totals(self) -> tuple[int, int]:
         """(conversations, turns) the store holds, all owners together."""
@@ -259,22 +254,10 @@ class Storage(Protocol):
         """
         ...
 
-    def conversation_lock(self, ref: ConversationRef) -> AbstractAsyncContextManager[None]:
-        """Held around a whole ask (and changes of a conversation) on top of the in-process lock.
-
-        Serialises the conversation across processes sharing the store; a store
-        only one process uses returns a context that does nothing.
-        """
-        ...
-
-    async def ping(self) -> None:
-        """Raise StorageUnavailable unless the store answers a trivial query.
-
-        While the last write failed, the store must take a write: the check
-        writes and deletes the probe row (see :class:`WriteHealth`).
-        """
-        ...
-
     async def close(self) -> None:
         """Release connections; further calls fail."""
         ...
+
+
+class Storage(ServingStore, TransferStore, Protocol):
+    """A conversation store: what every backend implements (serving and transfer)."""

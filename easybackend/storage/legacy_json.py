@@ -20,7 +20,7 @@ import trio
 
 from ..chat.service import validate_conversation_id
 from ..errors import InvalidInput
-from .base import ConversationRef, NewTurn, Storage
+from .base import ConversationRef, NewTurn, TransferStore
 
 USER_PREFIX = "User: "
 SEPARATOR = "\n\n\nChatGPT: "
@@ -81,7 +81,7 @@ def _read_with_time(path: Path) -> tuple[list[tuple[str, str]], float]:
 
 
 async def import_directory(
-    directory: Path, storage: Storage, count_tokens: Callable[[str], int], owner: str = ""
+    directory: Path, storage: TransferStore, count_tokens: Callable[[str], int], owner: str = ""
 ) -> ImportReport:
     """Import every ``*.json`` file of ``directory``; see the module docstring."""
     report = ImportReport()

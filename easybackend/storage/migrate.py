@@ -1,8 +1,8 @@
 """Copy every conversation from one store to another (``easybackend migrate-storage``).
 
 Each conversation goes across whole, through the stores' own
-:meth:`~easybackend.storage.base.Storage.export_all` and
-:meth:`~easybackend.storage.base.Storage.import_conversations`: owner, id,
+:meth:`~easybackend.storage.base.TransferStore.export_all` and
+:meth:`~easybackend.storage.base.TransferStore.import_conversations`: owner, id,
 system prompt and its token count, counters, times, every turn as stored,
 and the bookkeeping of ``import-json`` (so importing the original's files
 again into the new store adds nothing twice). The target is written in
@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 
-from .base import ConversationExport, Storage
+from .base import ConversationExport, TransferStore
 
 BATCH_ROWS = 5000  # conversations plus turns written per transaction, roughly
 
@@ -47,7 +47,7 @@ class MigrationReport:
 
 
 async def copy_conversations(
-    source: Storage, target: Storage, *, force: bool = False
+    source: TransferStore, target: TransferStore, *, force: bool = False
 ) -> MigrationReport:
     """Copy every conversation of ``source`` into ``target``; see the module docstring.
 

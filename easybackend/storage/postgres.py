@@ -18,17 +18,21 @@ not strictly by arrival (within one instance it is strict).
 
 Failures (server down, pool exhausted for ``PG_POOL_TIMEOUT``) raise
 StorageUnavailable; the pool reconnects by itself once the server is back.
+
+The statements and tables are the shared ones (:mod:`easybackend.storage.sql`,
+:mod:`easybackend.storage.schema`); this module holds the pool, the
+transactions, the locks, the migrations and PostgreSQL's dialect: ``%s``
+placeholders, an upsert that locks and returns the conversation row,
+``RETURNING pk``, ``COPY`` for bulk turns and a server-side cursor for the
+context, so only the tail that is sent is read.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import dataclasses
-import functools
 import hashlib
-import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import psycopg
@@ -36,85 +40,83 @@ import psycopg_pool
 import trio
 
 from ..errors import StorageUnavailable
-from .base import (
-    PROBE_ROW,
-    Context,
-    ConversationDetail,
-    ConversationExport,
-    ConversationRef,
-    ConversationSummary,
-    NewTurn,
-    StoredTurn,
-    TurnRecord,
-    WriteHealth,
-    newest_that_fit,
-)
-from .sqlite import decode_cursor, encode_cursor
+from . import schema, sql
+from .base import ConversationRef, TurnRecord
+from .sql_store import Access, SQLStore
 
 T = TypeVar("T")
 
 SPARE_CONNECTIONS = 4  # pooled connections beyond PG_POOL_SIZE, kept for work outside asks
 LOCK_POLL = 0.02  # seconds between two tries of a conversation's advisory lock
 MIGRATION_LOCK = 0x45617379_4D696772  # advisory lock key held while migrating
-EXPORT_BATCH = 100  # conversations read per transaction by export_all
 
 MIGRATIONS: list[str] = [
-    """
-    CREATE TABLE conversations (
-        pk BIGSERIAL PRIMARY KEY,
-        owner TEXT NOT NULL,
-        conversation_id TEXT NOT NULL,
-        system_prompt TEXT,
-        system_tokens INTEGER,
-        turn_count INTEGER NOT NULL DEFAULT 0,
-        prompt_tokens BIGINT NOT NULL DEFAULT 0,
-        completion_tokens BIGINT NOT NULL DEFAULT 0,
-        created_at DOUBLE PRECISION NOT NULL,
-        updated_at DOUBLE PRECISION NOT NULL,
-        UNIQUE (owner, conversation_id)
-    );
-    CREATE TABLE turns (
-        conversation_pk BIGINT NOT NULL REFERENCES conversations (pk) ON DELETE CASCADE,
-        seq INTEGER NOT NULL,
-        prompt TEXT NOT NULL,
-        prompt_tokens INTEGER NOT NULL,
-        answer TEXT NOT NULL,
-        answer_tokens INTEGER NOT NULL,
-        model TEXT NOT NULL,
-        finish_reason TEXT NOT NULL,
-        usage_prompt_tokens INTEGER NOT NULL,
-        usage_completion_tokens INTEGER NOT NULL,
-        created_at DOUBLE PRECISION NOT NULL,
-        finished_at DOUBLE PRECISION NOT NULL,
-        PRIMARY KEY (conversation_pk, seq)
-    );
-    CREATE INDEX conversations_by_activity ON conversations (owner, updated_at DESC, pk DESC);
-    CREATE TABLE legacy_imports (
-        owner TEXT NOT NULL,
-        conversation_id TEXT NOT NULL,
-        source TEXT NOT NULL,
-        entries INTEGER NOT NULL,
-        PRIMARY KEY (owner, conversation_id, source)
-    );
-    """,
+    schema.CONVERSATIONS.format(**schema.POSTGRES_TYPES)
+    + schema.TURNS.format(**schema.POSTGRES_TYPES)
+    + "\n    CREATE INDEX conversations_by_activity ON conversations (owner, updated_at DESC, pk DESC);"
+    + schema.LEGACY_IMPORTS,
 ]
 
-_SUMMARY_COLUMNS = (
-    "conversation_id, system_prompt, turn_count, prompt_tokens, completion_tokens,"
-    " created_at, updated_at"
-)
+
+class PostgresDialect(sql.Dialect):
+    """PostgreSQL's spelling of the shared statements."""
+
+    placeholder = "%s"
+    greatest = "greatest"
+    for_update = " FOR UPDATE"
+
+    def executemany(self, db: Any, query: str, rows: Iterable[Sequence[Any]]) -> None:
+        with db.cursor() as cursor:
+            cursor.executemany(self.text(query), rows)
+
+    @contextlib.contextmanager
+    def streamed(self, db: Any, query: str, params: Sequence[Any]) -> Iterator[Iterable[Any]]:
+        with db.cursor(name="context") as cursor:  # server-side: only what is iterated is read
+            cursor.itersize = 64
+            cursor.execute(self.text(query), params)
+            yield cursor
+
+    def after(self, updated_at: float, pk: int) -> tuple[str, list[Any]]:
+        return " AND (updated_at, pk) < (?, ?)", [updated_at, pk]
+
+    def conversation_for_append(
+        self, db: Any, ref: ConversationRef, created_at: float, updated_at: float
+    ) -> tuple[int, int]:
+        """One statement, which also locks the conversation row until the transaction ends."""
+        return self.execute(
+            db,
+            "INSERT INTO conversations (owner, conversation_id, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?) ON CONFLICT (owner, conversation_id)"
+            " DO UPDATE SET turn_count = conversations.turn_count"
+            " RETURNING pk, turn_count + 1",
+            (ref.owner, ref.conversation_id, created_at, updated_at),
+        ).fetchone()
+
+    def insert_returning_pk(self, db: Any, query: str, params: Sequence[Any]) -> int:
+        (pk,) = db.execute(self.text(query) + " RETURNING pk", params).fetchone()
+        return pk
+
+    def insert_turns(self, db: Any, pk: int, turns: Sequence[TurnRecord]) -> None:
+        with db.cursor() as cursor:
+            with cursor.copy(
+                f"COPY turns (conversation_pk, {sql.TURN_COLUMNS}) FROM STDIN"
+            ) as copy:
+                for turn in turns:
+                    copy.write_row((pk, *sql.record_values(turn)))
 
 
-class PostgresStorage:
+class PostgresStorage(SQLStore):
     """The shared store (see :class:`easybackend.storage.base.Storage` and the module docstring)."""
 
+    dialect = PostgresDialect()
+
     def __init__(self, pool: psycopg_pool.ConnectionPool, pool_size: int) -> None:
+        super().__init__()
         self._pool = pool
         # Asks hold a connection each (the one with the conversation's lock); they take turns
         # for the PG_POOL_SIZE slots in arrival order, while SPARE_CONNECTIONS stay free for
         # everything else (listing, readiness, management).
         self._ask_slots = trio.Semaphore(pool_size)
-        self._writes = WriteHealth()
         self._limiter = trio.CapacityLimiter(pool_size + SPARE_CONNECTIONS)
         # The connection holding the current task's conversation lock, if any: the ask's own
         # storage calls run on it, so an ask never needs a second connection.
@@ -155,8 +157,8 @@ class PostgresStorage:
             ) from None
         return cls(pool, pool_size)
 
-    async def _run(self, work: Callable[[psycopg.Connection], T]) -> T:
-        """Run ``work`` in one transaction, in a worker thread.
+    async def _transaction(self, work: Callable[[psycopg.Connection], T], access: Access) -> T:
+        """Run ``work`` in one transaction, in a worker thread (REPEATABLE READ for a snapshot).
 
         Inside :meth:`conversation_lock` the transaction runs on the connection
         holding the lock; elsewhere on a pooled connection.
@@ -165,19 +167,30 @@ class PostgresStorage:
 
         def in_transaction() -> T:
             if locked is not None:
-                with locked.transaction():
-                    return work(locked)
-            with self._pool.connection() as connection, connection.transaction():
-                return work(connection)
+                return _in_transaction(locked, work, access)
+            with self._pool.connection() as connection:
+                return _in_transaction(connection, work, access)
 
         try:
             return await trio.to_thread.run_sync(in_transaction, limiter=self._limiter)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             raise StorageUnavailable(f"conversation storage failed: {_reason(exc)}") from None
 
-    async def _write(self, work: Callable[[psycopg.Connection], T]) -> T:
-        """:meth:`_run` for a call that writes: its outcome is what readiness reports."""
-        return await self._writes.record(self._run(work))
+    async def _probe(self, work: Callable[[psycopg.Connection], T], access: Access) -> T:
+        """A transaction on a pooled connection, in a worker thread left behind on cancellation.
+
+        So a readiness check returns at once when its deadline passes (the thread finishes
+        on its own). Raises StorageUnavailable.
+        """
+
+        def run() -> T:
+            with self._pool.connection() as connection:
+                return _in_transaction(connection, work, access)
+
+        try:
+            return await trio.to_thread.run_sync(run, abandon_on_cancel=True)
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            raise StorageUnavailable(f"conversation storage failed: {_reason(exc)}") from None
 
     @contextlib.asynccontextmanager
     async def conversation_lock(self, ref: ConversationRef) -> AsyncIterator[None]:
@@ -227,317 +240,17 @@ class PostgresStorage:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(release, connection, locked)
 
-    async def ping(self) -> None:
-        """A trivial query; while the last write failed, a write (see WriteHealth).
-
-        On cancellation it returns at once (the thread finishes on its own).
-        """
-        if self._writes.failure is None:
-            await self._abandoned_on_cancel(lambda c: c.execute("SELECT 1").fetchone())
-            return
-        try:
-            await self._writes.record(self._abandoned_on_cancel(_probe_write))
-        except StorageUnavailable as exc:
-            raise self._writes.unready(exc) from None
-
-    async def _abandoned_on_cancel(self, work: Callable[[psycopg.Connection], object]) -> None:
-        """``work`` on a pooled connection, in a worker thread left behind on cancellation.
-
-        Raises StorageUnavailable.
-        """
-
-        def run() -> None:
-            with self._pool.connection() as connection:
-                work(connection)
-
-        try:
-            await trio.to_thread.run_sync(run, abandon_on_cancel=True)
-        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-            raise StorageUnavailable(f"conversation storage failed: {_reason(exc)}") from None
-
-    async def load_context(
-        self,
-        ref: ConversationRef,
-        history_budget: Callable[[str | None, int | None], int],
-        cost: Callable[[StoredTurn], int],
-    ) -> Context:
-        def work(connection: psycopg.Connection) -> Context:
-            row = connection.execute(
-                "SELECT pk, system_prompt, system_tokens, turn_count FROM conversations"
-                " WHERE owner = %s AND conversation_id = %s",
-                (ref.owner, ref.conversation_id),
-            ).fetchone()
-            pk, system_prompt, system_tokens, turn_count = row or (None, None, None, 0)
-            budget = history_budget(system_prompt, system_tokens)
-            turns: list[StoredTurn] = []
-            if turn_count:
-                cursor = connection.cursor(name="context")  # server-side: only the tail is read
-                cursor.itersize = 64
-                cursor.execute(
-                    "SELECT seq, prompt, prompt_tokens, answer, answer_tokens FROM turns"
-                    " WHERE conversation_pk = %s ORDER BY seq DESC",
-                    (pk,),
-                )
-                turns = newest_that_fit(cursor, budget, cost)
-                cursor.close()
-            return Context(system_prompt, system_tokens, turns, turn_count)
-
-        return await self._run(work)
-
-    async def append_turn(self, ref: ConversationRef, turn: NewTurn) -> int:
-        return await self._write(lambda connection: _append(connection, ref, turn))
-
-    async def list_conversations(
-        self, owner: str, limit: int, after: str | None
-    ) -> list[ConversationSummary]:
-        position = decode_cursor(after) if after else None
-
-        def work(connection: psycopg.Connection) -> list[ConversationSummary]:
-            query = f"SELECT {_SUMMARY_COLUMNS}, pk FROM conversations WHERE owner = %s"
-            args: list[Any] = [owner]
-            if position is not None:
-                query += " AND (updated_at, pk) < (%s, %s)"
-                args += [position[0], position[1]]
-            query += " ORDER BY updated_at DESC, pk DESC LIMIT %s"
-            rows = connection.execute(query, [*args, limit]).fetchall()
-            return [
-                ConversationSummary(*row[:-1], cursor=encode_cursor(row[6], row[-1]))
-                for row in rows
-            ]
-
-        return await self._run(work)
-
-    async def get_conversation(self, ref: ConversationRef) -> ConversationDetail | None:
-        def work(connection: psycopg.Connection) -> ConversationDetail | None:
-            row = connection.execute(
-                f"SELECT {_SUMMARY_COLUMNS}, pk FROM conversations"
-                " WHERE owner = %s AND conversation_id = %s",
-                (ref.owner, ref.conversation_id),
-            ).fetchone()
-            if row is None:
-                return None
-            turns = connection.execute(
-                "SELECT seq, prompt, prompt_tokens, answer, answer_tokens, model, finish_reason,"
-                " usage_prompt_tokens, usage_completion_tokens, created_at, finished_at"
-                " FROM turns WHERE conversation_pk = %s ORDER BY seq",
-                (row[-1],),
-            ).fetchall()
-            summary = ConversationSummary(*row[:-1], cursor=encode_cursor(row[6], row[-1]))
-            return ConversationDetail(summary, [TurnRecord(*turn) for turn in turns])
-
-        return await self._run(work)
-
-    async def delete_conversation(self, ref: ConversationRef) -> bool:
-        def work(connection: psycopg.Connection) -> bool:
-            deleted = connection.execute(
-                "DELETE FROM conversations WHERE owner = %s AND conversation_id = %s",
-                (ref.owner, ref.conversation_id),
-            ).rowcount
-            connection.execute(
-                "DELETE FROM legacy_imports WHERE owner = %s AND conversation_id = %s",
-                (ref.owner, ref.conversation_id),
-            )
-            return deleted > 0
-
-        return await self._write(work)
-
-    async def rollback(self, ref: ConversationRef, turns: int) -> tuple[int, int] | None:
-        def work(connection: psycopg.Connection) -> tuple[int, int] | None:
-            row = connection.execute(
-                "SELECT pk, turn_count FROM conversations"
-                " WHERE owner = %s AND conversation_id = %s FOR UPDATE",
-                (ref.owner, ref.conversation_id),
-            ).fetchone()
-            if row is None:
-                return None
-            pk, count = row
-            keep = max(count - turns, 0)
-            connection.execute(
-                "DELETE FROM turns WHERE conversation_pk = %s AND seq > %s", (pk, keep)
-            )
-            connection.execute(
-                "UPDATE conversations SET turn_count = %s, updated_at = %s WHERE pk = %s",
-                (keep, time.time(), pk),
-            )
-            return count - keep, keep
-
-        return await self._write(work)
-
-    async def set_system_prompt(
-        self, ref: ConversationRef, prompt: str | None, tokens: int | None
-    ) -> None:
-        def work(connection: psycopg.Connection) -> None:
-            now = time.time()
-            connection.execute(
-                "INSERT INTO conversations (owner, conversation_id, system_prompt, system_tokens,"
-                " created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (owner, conversation_id) DO UPDATE SET"
-                " system_prompt = excluded.system_prompt, system_tokens = excluded.system_tokens,"
-                " updated_at = excluded.updated_at",
-                (ref.owner, ref.conversation_id, prompt, tokens, now, now),
-            )
-
-        await self._write(work)
-
-    async def import_turns(self, ref: ConversationRef, source: str, turns: list[NewTurn]) -> int:
-        def work(connection: psycopg.Connection) -> int:
-            row = connection.execute(
-                "SELECT entries FROM legacy_imports"
-                " WHERE owner = %s AND conversation_id = %s AND source = %s FOR UPDATE",
-                (ref.owner, ref.conversation_id, source),
-            ).fetchone()
-            done = row[0] if row else 0
-            for turn in turns[done:]:
-                _append(connection, ref, turn)
-            connection.execute(
-                "INSERT INTO legacy_imports VALUES (%s, %s, %s, %s)"
-                " ON CONFLICT (owner, conversation_id, source) DO UPDATE SET entries = excluded.entries",
-                (ref.owner, ref.conversation_id, source, max(done, len(turns))),
-            )
-            return max(len(turns) - done, 0)
-
-        return await self._write(work)
-
-    async def totals(self) -> tuple[int, int]:
-        def work(connection: psycopg.Connection) -> tuple[int, int]:
-            connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            (conversations,) = connection.execute("SELECT count(*) FROM conversations").fetchone()
-            (turns,) = connection.execute("SELECT count(*) FROM turns").fetchone()
-            return conversations, turns
-
-        return await self._run(work)
-
-    async def export_all(self) -> AsyncGenerator[ConversationExport, None]:
-        after = 0
-        while True:
-            batch, after = await self._run(functools.partial(_export_batch, after=after))
-            for conversation in batch:
-                yield conversation
-            if len(batch) < EXPORT_BATCH:
-                return
-
-    async def import_conversations(self, conversations: Sequence[ConversationExport]) -> None:
-        def work(connection: psycopg.Connection) -> None:
-            for conversation in conversations:
-                _import(connection, conversation)
-
-        await self._write(work)
-
     async def close(self) -> None:
         await trio.to_thread.run_sync(self._pool.close)
 
 
-def _append(connection: psycopg.Connection, ref: ConversationRef, turn: NewTurn) -> int:
-    """Append ``turn`` inside the caller's transaction (the conversation row locked); returns its seq."""
-    pk, seq = connection.execute(
-        "INSERT INTO conversations (owner, conversation_id, created_at, updated_at)"
-        " VALUES (%s, %s, %s, %s) ON CONFLICT (owner, conversation_id)"
-        " DO UPDATE SET turn_count = conversations.turn_count"
-        " RETURNING pk, turn_count + 1",
-        (ref.owner, ref.conversation_id, turn.created_at, turn.finished_at),
-    ).fetchone()
-    connection.execute(
-        "INSERT INTO turns VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-        (
-            pk,
-            seq,
-            turn.prompt,
-            turn.prompt_tokens,
-            turn.answer,
-            turn.answer_tokens,
-            turn.model,
-            turn.finish_reason,
-            turn.usage_prompt_tokens,
-            turn.usage_completion_tokens,
-            turn.created_at,
-            turn.finished_at,
-        ),
-    )
-    connection.execute(
-        "UPDATE conversations SET turn_count = %s, updated_at = greatest(updated_at, %s),"
-        " prompt_tokens = prompt_tokens + %s, completion_tokens = completion_tokens + %s"
-        " WHERE pk = %s",
-        (seq, turn.finished_at, turn.usage_prompt_tokens, turn.usage_completion_tokens, pk),
-    )
-    return seq
-
-
-_EXPORT_COLUMNS = (
-    "owner, conversation_id, system_prompt, system_tokens, turn_count, prompt_tokens,"
-    " completion_tokens, created_at, updated_at"
-)
-_TURN_COLUMNS = (
-    "seq, prompt, prompt_tokens, answer, answer_tokens, model, finish_reason,"
-    " usage_prompt_tokens, usage_completion_tokens, created_at, finished_at"
-)
-
-
-def _export_batch(
-    connection: psycopg.Connection, after: int
-) -> tuple[list[ConversationExport], int]:
-    """The next EXPORT_BATCH conversations with pk above ``after``, whole, and the last pk read.
-
-    Runs inside the caller's transaction, made REPEATABLE READ: one snapshot for the batch.
-    """
-    connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-    rows = connection.execute(
-        f"SELECT pk, {_EXPORT_COLUMNS} FROM conversations WHERE pk > %s ORDER BY pk LIMIT %s",
-        (after, EXPORT_BATCH),
-    ).fetchall()
-    if not rows:
-        return [], after
-    pks = [row[0] for row in rows]
-    turns: dict[int, list[TurnRecord]] = {pk: [] for pk in pks}
-    for pk, *turn in connection.execute(
-        f"SELECT conversation_pk, {_TURN_COLUMNS} FROM turns"
-        " WHERE conversation_pk = ANY(%s) ORDER BY conversation_pk, seq",
-        (pks,),
-    ):
-        turns[pk].append(TurnRecord(*turn))
-    legacy: dict[int, dict[str, int]] = {pk: {} for pk in pks}
-    for pk, source, entries in connection.execute(
-        "SELECT c.pk, l.source, l.entries FROM legacy_imports l JOIN conversations c"
-        " ON c.owner = l.owner AND c.conversation_id = l.conversation_id"
-        " WHERE c.pk = ANY(%s)",
-        (pks,),
-    ):
-        legacy[pk][source] = entries
-    batch = [
-        ConversationExport(ConversationRef(owner, cid), *values, turns[pk], legacy[pk])
-        for pk, owner, cid, *values in rows
-    ]
-    return batch, pks[-1]
-
-
-def _import(connection: psycopg.Connection, conversation: ConversationExport) -> None:
-    """Write one exported conversation inside the caller's transaction, replacing any namesake."""
-    ref = conversation.ref
-    key = (ref.owner, ref.conversation_id)
-    connection.execute("DELETE FROM conversations WHERE owner = %s AND conversation_id = %s", key)
-    connection.execute("DELETE FROM legacy_imports WHERE owner = %s AND conversation_id = %s", key)
-    (pk,) = connection.execute(
-        f"INSERT INTO conversations ({_EXPORT_COLUMNS})"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING pk",
-        (
-            *key,
-            conversation.system_prompt,
-            conversation.system_tokens,
-            conversation.turn_count,
-            conversation.prompt_tokens,
-            conversation.completion_tokens,
-            conversation.created_at,
-            conversation.updated_at,
-        ),
-    ).fetchone()
-    with connection.cursor() as cursor:
-        with cursor.copy(f"COPY turns (conversation_pk, {_TURN_COLUMNS}) FROM STDIN") as copy:
-            for turn in conversation.turns:
-                copy.write_row((pk, *dataclasses.astuple(turn)))
-        cursor.executemany(
-            "INSERT INTO legacy_imports (owner, conversation_id, source, entries)"
-            " VALUES (%s, %s, %s, %s)",
-            [(*key, source, entries) for source, entries in conversation.legacy_imports.items()],
-        )
+def _in_transaction(
+    connection: psycopg.Connection, work: Callable[[psycopg.Connection], T], access: Access
+) -> T:
+    with connection.transaction():
+        if access is Access.SNAPSHOT:
+            connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        return work(connection)
 
 
 def _migrate(connection: psycopg.Connection) -> None:
@@ -557,20 +270,6 @@ def _migrate(connection: psycopg.Connection) -> None:
         for number in range(version, len(MIGRATIONS)):
             connection.execute(MIGRATIONS[number])
             connection.execute("UPDATE easybackend_schema SET version = %s", (number + 1,))
-
-
-def _probe_write(connection: psycopg.Connection) -> None:
-    """Write the probe row and delete it again, committed: fails while the database takes no writes."""
-    with connection.transaction():
-        connection.execute(
-            "INSERT INTO legacy_imports (owner, conversation_id, source, entries)"
-            " VALUES (%s, %s, %s, 0) ON CONFLICT DO NOTHING",
-            PROBE_ROW,
-        )
-        connection.execute(
-            "DELETE FROM legacy_imports WHERE owner = %s AND conversation_id = %s AND source = %s",
-            PROBE_ROW,
-        )
 
 
 def _lock_key(ref: ConversationRef) -> int:

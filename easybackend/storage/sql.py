@@ -1,0 +1,418 @@
+"""The SQL both stores speak: every statement and the row → record code, written once.
+
+Statements are written against a tiny DB-API-like interface (:class:`Connection`:
+``execute`` returning a cursor) with ``?`` placeholders; a :class:`Dialect`
+supplies what differs between engines (the placeholder style, an upsert that
+returns the row, bulk inserts, a streamed read, a few spellings). Every
+function here runs inside a transaction its store opened (see
+:meth:`easybackend.storage.sql_store.SQLStore._transaction`) and raises the
+driver's own errors; the store turns them into StorageUnavailable.
+
+The schema itself (the migrations) stays with each store; the columns this
+layer reads and writes are named here, once.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import operator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Protocol
+
+from .base import (
+    ConversationDetail,
+    ConversationExport,
+    ConversationHead,
+    ConversationRef,
+    ConversationSummary,
+    NewTurn,
+    StoredTurn,
+    TurnRecord,
+)
+
+EXPORT_BATCH = 100  # conversations read per transaction by export_all
+
+# The row a readiness probe writes and deletes again in one transaction (see WriteHealth):
+# no conversation has an empty id, so it never meets a real one.
+PROBE_ROW = ("", "", "readiness-probe")  # legacy_imports (owner, conversation_id, source)
+
+SUMMARY_COLUMNS = (
+    "conversation_id, system_prompt, turn_count, prompt_tokens, completion_tokens,"
+    " created_at, updated_at"
+)
+EXPORT_COLUMNS = (
+    "owner, conversation_id, system_prompt, system_tokens, turn_count, prompt_tokens,"
+    " completion_tokens, created_at, updated_at"
+)
+# A turn's columns in TurnRecord's field order, so a row is a record and a record is a row.
+TURN_COLUMNS = ", ".join(field.name for field in dataclasses.fields(TurnRecord))
+CONTEXT_COLUMNS = ", ".join(field.name for field in dataclasses.fields(StoredTurn))
+# A record's values in that order (a NewTurn's: all but the seq, which comes last).
+record_values = operator.attrgetter(*(field.name for field in dataclasses.fields(TurnRecord)))
+new_turn_values = operator.attrgetter(*(field.name for field in dataclasses.fields(NewTurn)))
+INSERT_TURN = (
+    f"INSERT INTO turns (conversation_pk, {TURN_COLUMNS})"
+    f" VALUES ({', '.join('?' * (1 + len(dataclasses.fields(TurnRecord))))})"
+)
+_BY_REF = "owner = ? AND conversation_id = ?"
+
+
+class Cursor(Protocol):
+    """What this layer uses of a DB-API cursor."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+    def close(self) -> None: ...
+
+
+class Connection(Protocol):
+    """What this layer uses of a connection (sqlite3 and psycopg both have it)."""
+
+    def execute(self, query: str, params: Sequence[Any] = ..., /) -> Any: ...
+
+
+class Dialect:
+    """What differs between SQL engines in the statements below; SQLite's spelling by default.
+
+    A subclass changes the placeholder and overrides the methods whose SQL differs.
+    """
+
+    placeholder = "?"
+    greatest = "max"  # the scalar maximum of two values
+    for_update = ""  # appended to a SELECT whose rows the transaction goes on to change
+    alive_query = "SELECT 1"  # the readiness read
+
+    def __init__(self) -> None:
+        self._texts: dict[str, str] = {}
+
+    def text(self, query: str) -> str:
+        """``query`` (written with ``?``) in this dialect's placeholder style."""
+        text = self._texts.get(query)
+        if text is None:
+            text = self._texts[query] = query.replace("?", self.placeholder)
+        return text
+
+    def execute(self, db: Connection, query: str, params: Sequence[Any] = ()) -> Cursor:
+        return db.execute(self.text(query), params)
+
+    def executemany(self, db: Any, query: str, rows: Iterable[Sequence[Any]]) -> None:
+        db.executemany(self.text(query), rows)
+
+    @contextlib.contextmanager
+    def streamed(self, db: Any, query: str, params: Sequence[Any]) -> Iterator[Iterable[Any]]:
+        """The rows of ``query``, read as they are iterated (only what is consumed is read)."""
+        with contextlib.closing(self.execute(db, query, params)) as cursor:
+            yield cursor
+
+    def after(self, updated_at: float, pk: int) -> tuple[str, list[Any]]:
+        """The condition (and its values) for a listing resumed after the position given."""
+        return " AND (updated_at < ? OR (updated_at = ? AND pk < ?))", [updated_at, updated_at, pk]
+
+    def conversation_for_append(
+        self, db: Any, ref: ConversationRef, created_at: float, updated_at: float
+    ) -> tuple[int, int]:
+        """Create the conversation unless it exists; (its pk, the next turn's seq).
+
+        The transaction already holds the database's write lock (SQLite: BEGIN IMMEDIATE).
+        """
+        self.execute(
+            db,
+            "INSERT INTO conversations (owner, conversation_id, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?) ON CONFLICT (owner, conversation_id) DO NOTHING",
+            (ref.owner, ref.conversation_id, created_at, updated_at),
+        )
+        return self.execute(
+            db, f"SELECT pk, turn_count + 1 FROM conversations WHERE {_BY_REF}", _key(ref)
+        ).fetchone()
+
+    def insert_returning_pk(self, db: Any, query: str, params: Sequence[Any]) -> int:
+        """Run an INSERT of one conversation row; its new pk."""
+        return self.execute(db, query, params).lastrowid
+
+    def insert_turns(self, db: Any, pk: int, turns: Sequence[TurnRecord]) -> None:
+        """Write many ``turns`` as they are under conversation ``pk``."""
+        self.executemany(db, INSERT_TURN, [(pk, *record_values(turn)) for turn in turns])
+
+
+def _key(ref: ConversationRef) -> tuple[str, str]:
+    return ref.owner, ref.conversation_id
+
+
+# --- serving
+
+
+def head(dialect: Dialect, db: Connection, ref: ConversationRef) -> ConversationHead:
+    row = dialect.execute(
+        db,
+        f"SELECT system_prompt, system_tokens, turn_count FROM conversations WHERE {_BY_REF}",
+        _key(ref),
+    ).fetchone()
+    return ConversationHead(*row) if row else ConversationHead(None, None, 0)
+
+
+def newest_turns(
+    dialect: Dialect,
+    db: Connection,
+    ref: ConversationRef,
+    budget: int,
+    cost: Callable[[StoredTurn], int],
+) -> list[StoredTurn]:
+    with dialect.streamed(
+        db,
+        f"SELECT {CONTEXT_COLUMNS} FROM turns WHERE conversation_pk ="
+        f" (SELECT pk FROM conversations WHERE {_BY_REF}) ORDER BY seq DESC",
+        _key(ref),
+    ) as newest_first:
+        return newest_that_fit(newest_first, budget, cost)
+
+
+def newest_that_fit(
+    newest_first: Iterable[Sequence[Any]], budget: int, cost: Callable[[StoredTurn], int]
+) -> list[StoredTurn]:
+    """The turns of ``newest_first`` rows (CONTEXT_COLUMNS) whose summed ``cost`` stays within
+    ``budget``, oldest first; stops reading at the first that does not fit, so a long history
+    costs only the tail that is sent."""
+    turns: list[StoredTurn] = []
+    spent = 0
+    for record in newest_first:
+        turn = StoredTurn(*record)
+        spent += cost(turn)
+        if spent > budget:
+            break
+        turns.append(turn)
+    turns.reverse()
+    return turns
+
+
+def append(dialect: Dialect, db: Connection, ref: ConversationRef, turn: NewTurn) -> int:
+    """Append ``turn`` after the conversation's last one (creating the conversation); its seq."""
+    pk, seq = dialect.conversation_for_append(db, ref, turn.created_at, turn.finished_at)
+    dialect.execute(db, INSERT_TURN, (pk, *new_turn_values(turn), seq))
+    dialect.execute(
+        db,
+        f"UPDATE conversations SET turn_count = ?, updated_at = {dialect.greatest}(updated_at, ?),"
+        " prompt_tokens = prompt_tokens + ?, completion_tokens = completion_tokens + ?"
+        " WHERE pk = ?",
+        (seq, turn.finished_at, turn.usage_prompt_tokens, turn.usage_completion_tokens, pk),
+    )
+    return seq
+
+
+def list_page(
+    dialect: Dialect,
+    db: Connection,
+    owner: str,
+    limit: int,
+    after: tuple[float, int] | None,
+) -> list[ConversationSummary]:
+    """A page of the owner's conversations after ``after`` (a decoded cursor)."""
+    query = f"SELECT {SUMMARY_COLUMNS}, pk FROM conversations WHERE owner = ?"
+    args: list[Any] = [owner]
+    if after is not None:
+        condition, values = dialect.after(*after)
+        query += condition
+        args += values
+    query += " ORDER BY updated_at DESC, pk DESC LIMIT ?"
+    rows = dialect.execute(db, query, [*args, limit]).fetchall()
+    return [_summary(row) for row in rows]
+
+
+def _summary(row: Sequence[Any]) -> ConversationSummary:
+    """A SUMMARY_COLUMNS row followed by the pk."""
+    return ConversationSummary(*row[:-1], cursor=encode_cursor(row[6], row[-1]))
+
+
+def detail(dialect: Dialect, db: Connection, ref: ConversationRef) -> ConversationDetail | None:
+    row = dialect.execute(
+        db, f"SELECT {SUMMARY_COLUMNS}, pk FROM conversations WHERE {_BY_REF}", _key(ref)
+    ).fetchone()
+    if row is None:
+        return None
+    turns = dialect.execute(
+        db, f"SELECT {TURN_COLUMNS} FROM turns WHERE conversation_pk = ? ORDER BY seq", (row[-1],)
+    ).fetchall()
+    return ConversationDetail(_summary(row), [TurnRecord(*turn) for turn in turns])
+
+
+def delete(dialect: Dialect, db: Connection, ref: ConversationRef) -> bool:
+    deleted = dialect.execute(db, f"DELETE FROM conversations WHERE {_BY_REF}", _key(ref)).rowcount
+    dialect.execute(db, f"DELETE FROM legacy_imports WHERE {_BY_REF}", _key(ref))
+    return deleted > 0
+
+
+def rollback(
+    dialect: Dialect, db: Connection, ref: ConversationRef, turns: int, now: float
+) -> tuple[int, int] | None:
+    row = dialect.execute(
+        db,
+        f"SELECT pk, turn_count FROM conversations WHERE {_BY_REF}{dialect.for_update}",
+        _key(ref),
+    ).fetchone()
+    if row is None:
+        return None
+    pk, count = row
+    keep = max(count - turns, 0)
+    dialect.execute(db, "DELETE FROM turns WHERE conversation_pk = ? AND seq > ?", (pk, keep))
+    dialect.execute(
+        db, "UPDATE conversations SET turn_count = ?, updated_at = ? WHERE pk = ?", (keep, now, pk)
+    )
+    return count - keep, keep
+
+
+def set_system_prompt(
+    dialect: Dialect,
+    db: Connection,
+    ref: ConversationRef,
+    prompt: str | None,
+    tokens: int | None,
+    now: float,
+) -> None:
+    dialect.execute(
+        db,
+        "INSERT INTO conversations (owner, conversation_id, system_prompt, system_tokens,"
+        " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (owner, conversation_id) DO UPDATE SET"
+        " system_prompt = excluded.system_prompt, system_tokens = excluded.system_tokens,"
+        " updated_at = excluded.updated_at",
+        (ref.owner, ref.conversation_id, prompt, tokens, now, now),
+    )
+
+
+def probe_write(dialect: Dialect, db: Connection) -> None:
+    """Write the probe row and delete it again: fails while the store takes no writes."""
+    dialect.execute(
+        db,
+        "INSERT INTO legacy_imports (owner, conversation_id, source, entries)"
+        " VALUES (?, ?, ?, 0) ON CONFLICT DO NOTHING",
+        PROBE_ROW,
+    )
+    dialect.execute(
+        db,
+        f"DELETE FROM legacy_imports WHERE {_BY_REF} AND source = ?",
+        PROBE_ROW,
+    )
+
+
+def alive(dialect: Dialect, db: Connection) -> None:
+    dialect.execute(db, dialect.alive_query).fetchone()
+
+
+# --- transfer
+
+
+def import_turns(
+    dialect: Dialect, db: Connection, ref: ConversationRef, source: str, turns: list[NewTurn]
+) -> int:
+    row = dialect.execute(
+        db,
+        f"SELECT entries FROM legacy_imports WHERE {_BY_REF} AND source = ?{dialect.for_update}",
+        (*_key(ref), source),
+    ).fetchone()
+    done = row[0] if row else 0
+    for turn in turns[done:]:
+        append(dialect, db, ref, turn)
+    dialect.execute(
+        db,
+        "INSERT INTO legacy_imports VALUES (?, ?, ?, ?) ON CONFLICT (owner, conversation_id,"
+        " source) DO UPDATE SET entries = excluded.entries",
+        (*_key(ref), source, max(done, len(turns))),
+    )
+    return max(len(turns) - done, 0)
+
+
+def totals(dialect: Dialect, db: Connection) -> tuple[int, int]:
+    (conversations,) = dialect.execute(db, "SELECT count(*) FROM conversations").fetchone()
+    (turns,) = dialect.execute(db, "SELECT count(*) FROM turns").fetchone()
+    return conversations, turns
+
+
+def export_batch(
+    dialect: Dialect, db: Connection, after: int
+) -> tuple[list[ConversationExport], int]:
+    """The next EXPORT_BATCH conversations with pk above ``after``, whole, and the last pk read.
+
+    Run in one snapshot, so each conversation's counters match its turns.
+    """
+    rows = dialect.execute(
+        db,
+        f"SELECT pk, {EXPORT_COLUMNS} FROM conversations WHERE pk > ? ORDER BY pk LIMIT ?",
+        (after, EXPORT_BATCH),
+    ).fetchall()
+    if not rows:
+        return [], after
+    first, last = rows[0][0], rows[-1][0]  # the batch is every pk between the two
+    turns: dict[int, list[TurnRecord]] = {row[0]: [] for row in rows}
+    for pk, *turn in dialect.execute(
+        db,
+        f"SELECT conversation_pk, {TURN_COLUMNS} FROM turns"
+        " WHERE conversation_pk BETWEEN ? AND ? ORDER BY conversation_pk, seq",
+        (first, last),
+    ):
+        turns[pk].append(TurnRecord(*turn))
+    legacy: dict[int, dict[str, int]] = {row[0]: {} for row in rows}
+    for pk, source, entries in dialect.execute(
+        db,
+        "SELECT c.pk, l.source, l.entries FROM legacy_imports l JOIN conversations c"
+        " ON c.owner = l.owner AND c.conversation_id = l.conversation_id"
+        " WHERE c.pk BETWEEN ? AND ?",
+        (first, last),
+    ):
+        legacy[pk][source] = entries
+    batch = [
+        ConversationExport(ConversationRef(owner, cid), *values, turns[pk], legacy[pk])
+        for pk, owner, cid, *values in rows
+    ]
+    return batch, last
+
+
+def import_conversation(dialect: Dialect, db: Connection, conversation: ConversationExport) -> None:
+    """Write one exported conversation as it is, replacing any namesake."""
+    key = _key(conversation.ref)
+    dialect.execute(db, f"DELETE FROM conversations WHERE {_BY_REF}", key)
+    dialect.execute(db, f"DELETE FROM legacy_imports WHERE {_BY_REF}", key)
+    pk = dialect.insert_returning_pk(
+        db,
+        f"INSERT INTO conversations ({EXPORT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            *key,
+            conversation.system_prompt,
+            conversation.system_tokens,
+            conversation.turn_count,
+            conversation.prompt_tokens,
+            conversation.completion_tokens,
+            conversation.created_at,
+            conversation.updated_at,
+        ),
+    )
+    dialect.insert_turns(db, pk, conversation.turns)
+    dialect.executemany(
+        db,
+        "INSERT INTO legacy_imports (owner, conversation_id, source, entries) VALUES (?, ?, ?, ?)",
+        [(*key, source, entries) for source, entries in conversation.legacy_imports.items()],
+    )
+
+
+# --- listing cursors
+
+
+def encode_cursor(updated_at: float, pk: int) -> str:
+    return base64.urlsafe_b64encode(f"{updated_at!r}:{pk}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, int]:
+    """Raises ValueError for anything :func:`encode_cursor` did not make."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        updated_at, pk = raw.split(":")
+        return float(updated_at), int(pk)
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError("invalid cursor") from None

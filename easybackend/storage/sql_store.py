@@ -1,0 +1,146 @@
+"""The storage protocols over the shared SQL layer: what both backends do alike.
+
+:class:`SQLStore` implements every serving and transfer method with the
+statements of :mod:`easybackend.storage.sql`; a backend adds only how a
+transaction runs (:meth:`SQLStore._transaction`: its connections, its worker
+threads, its error translation), its :class:`~easybackend.storage.sql.Dialect`,
+its conversation lock, its migrations and ``open``/``close``.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from ..errors import StorageUnavailable
+from . import sql
+from .base import (
+    ConversationDetail,
+    ConversationExport,
+    ConversationHead,
+    ConversationRef,
+    ConversationSummary,
+    NewTurn,
+    StoredTurn,
+    WriteHealth,
+)
+
+T = TypeVar("T")
+
+
+class Access(enum.Enum):
+    """What a transaction does, so the backend can open the right kind."""
+
+    READ = "read"  # reads that need no common snapshot
+    SNAPSHOT = "snapshot"  # reads that must agree with each other (counts, export batches)
+    WRITE = "write"  # changes; their outcome is what readiness reports
+
+
+class SQLStore:
+    """A conversation store over :mod:`~easybackend.storage.sql` (see the module docstring).
+
+    Implements :class:`~easybackend.storage.base.ServingStore` and
+    :class:`~easybackend.storage.base.TransferStore`.
+    """
+
+    dialect: sql.Dialect
+
+    def __init__(self) -> None:
+        self._writes = WriteHealth()
+
+    async def _transaction(self, work: Callable[[Any], T], access: Access) -> T:
+        """Run ``work(connection)`` in one transaction of kind ``access``, off the event loop.
+
+        Once started the transaction finishes even if the caller is cancelled
+        (the result is then dropped). Raises StorageUnavailable for a failure
+        of the database.
+        """
+        raise NotImplementedError
+
+    async def _probe(self, work: Callable[[Any], T], access: Access) -> T:
+        """:meth:`_transaction` for the readiness check; a backend may let it be abandoned."""
+        return await self._transaction(work, access)
+
+    def _run(self, step: Callable[..., T], access: Access, *args: Any) -> Awaitable[T]:
+        """``step(dialect, connection, *args)`` in a transaction; a write is recorded in WriteHealth."""
+        work = functools.partial(_bound, step, self.dialect, args)
+        if access is Access.WRITE:
+            return self._writes.record(self._transaction(work, access))
+        return self._transaction(work, access)
+
+    # serving
+
+    async def conversation_head(self, ref: ConversationRef) -> ConversationHead:
+        return await self._run(sql.head, Access.READ, ref)
+
+    async def newest_turns(
+        self, ref: ConversationRef, budget: int, cost: Callable[[StoredTurn], int]
+    ) -> list[StoredTurn]:
+        return await self._run(sql.newest_turns, Access.READ, ref, budget, cost)
+
+    async def append_turn(self, ref: ConversationRef, turn: NewTurn) -> int:
+        return await self._run(sql.append, Access.WRITE, ref, turn)
+
+    async def list_conversations(
+        self, owner: str, limit: int, after: str | None
+    ) -> list[ConversationSummary]:
+        position = sql.decode_cursor(after) if after else None  # ValueError for a bad one
+        return await self._run(sql.list_page, Access.READ, owner, limit, position)
+
+    async def get_conversation(self, ref: ConversationRef) -> ConversationDetail | None:
+        return await self._run(sql.detail, Access.READ, ref)
+
+    async def delete_conversation(self, ref: ConversationRef) -> bool:
+        return await self._run(sql.delete, Access.WRITE, ref)
+
+    async def rollback(self, ref: ConversationRef, turns: int) -> tuple[int, int] | None:
+        return await self._run(sql.rollback, Access.WRITE, ref, turns, time.time())
+
+    async def set_system_prompt(
+        self, ref: ConversationRef, prompt: str | None, tokens: int | None
+    ) -> None:
+        await self._run(sql.set_system_prompt, Access.WRITE, ref, prompt, tokens, time.time())
+
+    async def ping(self) -> None:
+        """A trivial query; while the last write failed, a write (see WriteHealth)."""
+        if self._writes.failure is None:
+            await self._probe(functools.partial(sql.alive, self.dialect), Access.READ)
+            return
+        try:
+            await self._writes.record(
+                self._probe(functools.partial(sql.probe_write, self.dialect), Access.WRITE)
+            )
+        except StorageUnavailable as exc:
+            raise self._writes.unready(exc) from None
+
+    # transfer
+
+    async def import_turns(self, ref: ConversationRef, source: str, turns: list[NewTurn]) -> int:
+        return await self._run(sql.import_turns, Access.WRITE, ref, source, turns)
+
+    async def totals(self) -> tuple[int, int]:
+        return await self._run(sql.totals, Access.SNAPSHOT)
+
+    async def export_all(self) -> AsyncGenerator[ConversationExport, None]:
+        after = 0
+        while True:
+            batch, after = await self._run(sql.export_batch, Access.SNAPSHOT, after)
+            for conversation in batch:
+                yield conversation
+            if len(batch) < sql.EXPORT_BATCH:
+                return
+
+    async def import_conversations(self, conversations: Sequence[ConversationExport]) -> None:
+        await self._run(_import_all, Access.WRITE, conversations)
+
+
+def _bound(step: Callable[..., T], dialect: sql.Dialect, args: tuple[Any, ...], db: Any) -> T:
+    return step(dialect, db, *args)
+
+
+def _import_all(dialect: sql.Dialect, db: Any, conversations: Sequence[ConversationExport]) -> None:
+    for conversation in conversations:
+        sql.import_conversation(dialect, db, conversation)
