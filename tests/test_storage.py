@@ -5,15 +5,13 @@ Each PostgreSQL run gets a schema of its own, dropped afterwards.
 
 from __future__ import annotations
 
-import os
-import secrets
 import time
 import types
 from collections.abc import AsyncIterator
 
-import psycopg
 import pytest
 import trio
+from helpers.postgres import pg_url
 
 from easybackend.chat.context import turn_cost
 from easybackend.errors import StorageUnavailable
@@ -22,30 +20,8 @@ from easybackend.storage import ConversationRef, NewTurn, Storage, open_url
 from easybackend.storage.postgres import PostgresStorage
 from easybackend.storage.sqlite import SQLiteStorage
 
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 SETTINGS = load_settings({"OPENAI_API_KEY": "unused"}, environ={}, env_file=None)
 ALICE = ConversationRef("alice", "c1")
-
-
-def pg_url(schema: str) -> str:
-    return f"{PG_ADMIN}?options=-csearch_path%3D{schema}"
-
-
-@pytest.fixture
-def pg_schema() -> str:
-    """A fresh schema on the local PostgreSQL (skipped without one, except in CI)."""
-    schema = f"eb_{secrets.token_hex(6)}"
-    try:
-        admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip("no PostgreSQL on 127.0.0.1:5432")
-    with admin:
-        admin.execute(f"CREATE SCHEMA {schema}")
-    yield schema
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
