@@ -7,6 +7,9 @@ on the WebSocket handshake, gRPC ``authorization`` metadata); the key's
 on conversation ``"1"`` get two different conversations. Secrets are compared
 in constant time (digests of equal length, every key compared) and never
 logged. With no keys configured everyone is the anonymous owner ``""``.
+
+The transports do not call this module: they hand what they were given to
+:meth:`easybackend.chat.caller.Callers.caller`, which uses it.
 """
 
 from __future__ import annotations
@@ -51,10 +54,6 @@ class KeyRing:
         if owner is None:
             raise Unauthenticated("the API key is not valid")
         return owner
-
-    def owner_for_header(self, authorization: str | None) -> str:
-        """Like :meth:`owner_for`, from an ``Authorization: Bearer <key>`` header value."""
-        return self.owner_for(bearer_token(authorization))
 
 
 def bearer_token(authorization: str | None) -> str | None:

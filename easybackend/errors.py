@@ -1,16 +1,35 @@
 """The one error vocabulary of EasyBackend.
 
 Every failure a client can see is a :class:`ChatError` subclass with a stable
-``code``. Transports never invent their own errors: each keeps one table that
-maps a ``code`` to its wire form (an HTTP status, a gRPC status code, a
-WebSocket reply). :func:`from_upstream` is the single place where exceptions
-of the ``openai`` SDK are translated; it never copies an upstream error body
-verbatim, so a provider that echoes a key or a prompt cannot leak it.
+``code``, and every ``code`` a client can receive is one of these classes.
+Transports never invent their own: each keeps one table keyed by class that
+maps an error to its wire form (``transports.http.STATUS_BY_ERROR``,
+``transports.grpc.STATUS_BY_ERROR``; a WebSocket reply carries the class's
+``code``). A lookup walks the class's bases (:func:`wire_form`), so a subclass
+missing from a table gets its parent's entry; a test keeps every class in
+every table.
+
+:func:`from_upstream` is the single place where exceptions of the ``openai``
+SDK are translated; it never copies an upstream error body verbatim, so a
+provider that echoes a key or a prompt cannot leak it. :func:`unexpected` is
+the one catch-all for exceptions that are not ChatErrors: it logs the
+traceback once and gives the client an :class:`InternalError` that tells
+nothing more.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
+from typing import TypeVar
+
 import openai
+
+log = logging.getLogger("easybackend.errors")
+
+INTERNAL_MESSAGE = "internal server error"
+
+Wire = TypeVar("Wire")
 
 
 class ChatError(Exception):
@@ -21,6 +40,12 @@ class ChatError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class InternalError(ChatError):
+    """The server failed in a way it did not expect (a bug); its log has the traceback."""
+
+    code = "internal_error"
 
 
 class InvalidInput(ChatError):
@@ -42,19 +67,37 @@ class Unauthenticated(ChatError):
 
 
 class TooManyRequests(ChatError):
-    """The key already has as many answers in progress as MAX_STREAMS_PER_KEY allows."""
+    """The key (or address) has MAX_STREAMS_PER_KEY answers in progress, or a socket too many asks queued."""
 
     code = "too_many_requests"
 
 
 class NotFound(ChatError):
-    """A read or management operation named a conversation that does not exist."""
+    """A read or management operation named a conversation (or a route) that does not exist."""
 
     code = "not_found"
 
 
+class RequestTooLarge(ChatError):
+    """The request body or message is larger than MAX_BODY_BYTES."""
+
+    code = "request_too_large"
+
+
+class MethodNotAllowed(ChatError):
+    """The route or service exists but not with this method (HTTP 405, gRPC UNIMPLEMENTED)."""
+
+    code = "method_not_allowed"
+
+
+class HTTPError(ChatError):
+    """The HTTP layer refused the request for a reason of its own; its status is kept."""
+
+    code = "http_error"
+
+
 class ShuttingDown(ChatError):
-    """The server is stopping and accepts no new asks."""
+    """The server is stopping: it accepts no new asks, and cuts those left when the grace ends."""
 
     code = "shutting_down"
 
@@ -116,3 +159,39 @@ def from_upstream(exc: BaseException) -> UpstreamError:
     if isinstance(exc, openai.APIError):
         return UpstreamError("the model provider's answer was broken off or malformed")
     return UpstreamError(f"the call to the model provider failed ({type(exc).__name__})")
+
+
+def unexpected(exc: BaseException, where: str) -> InternalError:
+    """The one catch-all: log ``exc`` with its traceback once, return the client's InternalError.
+
+    ``where`` says what was being done (``"answering a WebSocket ask"``). The
+    returned error's message tells the client nothing about the failure.
+    """
+    log.error("%s failed", where, exc_info=(type(exc), exc, exc.__traceback__))
+    return InternalError(INTERNAL_MESSAGE)
+
+
+def every_error_class() -> list[type[ChatError]]:
+    """Every ChatError subclass defined here, parents before children."""
+    found: list[type[ChatError]] = []
+    pending: list[type[ChatError]] = [ChatError]
+    while pending:
+        cls = pending.pop(0)
+        for sub in cls.__subclasses__():
+            if sub.__module__ == __name__ and sub not in found:
+                found.append(sub)
+                pending.append(sub)
+    return found
+
+
+def wire_form(error: ChatError | type[ChatError], table: Mapping[type[ChatError], Wire]) -> Wire:
+    """``table``'s entry for the error's class, or for its nearest base in the table.
+
+    Every table holds :class:`InternalError`, the entry of an error whose class
+    (a bare ChatError) has none.
+    """
+    cls = error if isinstance(error, type) else type(error)
+    for base in cls.__mro__:
+        if base in table:
+            return table[base]  # type: ignore[index]
+    return table[InternalError]

@@ -20,7 +20,7 @@ import trustme
 from helpers.grpc import CALL_TIMEOUT
 from helpers.servers import Server, StartServer, free_port, port_closed
 
-from easybackend.auth import KeyRing
+from easybackend.chat.caller import Callers
 from easybackend.chat.service import AskRequest, Delta, End, Usage
 from easybackend.listeners import bind_tcp
 from easybackend.proto_gen import chat_pb2, health_pb2
@@ -156,7 +156,10 @@ async def test_health_watch_reports_not_serving_at_shutdown(start_server: StartS
 class EchoService:
     """Stands in for ChatService where only the transport is under test."""
 
-    keys = KeyRing({})
+    caller = Callers(Settings()).caller  # who is calling: decided as by ChatService
+
+    def refused(self, error: Exception, **details: object) -> None:
+        """An ask refused before ask(): nothing to account for here."""
 
     async def ask(self, request: AskRequest) -> AsyncIterator[Delta | End]:
         yield Delta("echo: ")

@@ -3,7 +3,10 @@
 :class:`AskRecord` follows one ask from its arrival to its end (answered,
 failed or cancelled) and, once, writes the access line (logger
 ``easybackend.access``, INFO; prompts and keys never appear in it, only the
-key's name) and updates the metrics.
+key's name) and updates the metrics. :func:`record_refusal` does the same for
+an ask refused before the core took it (a wrong key, a full queue, a server
+shutting down, a body the transport could not read), so every ask a client
+sent gets its line and its count, whichever protocol refused it and where.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ import time
 
 import trio
 
-from ..errors import ChatError
+from ..errors import ChatError, InternalError
 from ..metrics import Metrics
+from .caller import Caller
 
 access_log = logging.getLogger("easybackend.access")
 
@@ -33,13 +37,19 @@ class AskRecord:
     """Timing, tokens and outcome of one ask."""
 
     def __init__(
-        self, metrics: Metrics, protocol: str, request_id: str, conversation_id: str, owner: str
+        self,
+        metrics: Metrics,
+        *,
+        protocol: str,
+        request_id: str,
+        conversation_id: str,
+        key_name: str | None,
     ) -> None:
         self.metrics = metrics
         self.protocol = protocol
         self.request_id = request_id
-        self.conversation_id = conversation_id
-        self.owner = owner
+        self.conversation_id = conversation_id  # as shown: "-" when it is not a valid id
+        self.key_name = key_name
         self.started = time.perf_counter()
         self.first_token: float | None = None
         self.outcome = "error"
@@ -71,7 +81,7 @@ class AskRecord:
         elif is_cancellation(exc):
             self.outcome = CANCELLED
         else:
-            self.outcome = "internal_error"
+            self.outcome = InternalError.code
 
     def close(self) -> None:
         """Write the access line and the metrics (once, when the ask has ended)."""
@@ -89,7 +99,7 @@ class AskRecord:
             "request_id": self.request_id,
             "protocol": self.protocol,
             "conversation_id": self.conversation_id,
-            "key": self.owner or "-",
+            "key": self.key_name or "-",
             "outcome": self.outcome,
             "ttft_ms": ttft_ms,
             "duration_ms": round(duration * 1000, 1),
@@ -101,3 +111,39 @@ class AskRecord:
             " ".join(f"{name}={'-' if value is None else value}" for name, value in fields.items()),
             extra={"access": fields},
         )
+
+
+def record_for(metrics: Metrics, caller: Caller, conversation_id: str) -> AskRecord:
+    """The record of an ask by ``caller`` (``conversation_id`` as shown in the access line)."""
+    return AskRecord(
+        metrics,
+        protocol=caller.protocol,
+        request_id=caller.request_id,
+        conversation_id=conversation_id,
+        key_name=caller.key_name,
+    )
+
+
+def record_refusal(
+    metrics: Metrics,
+    error: ChatError,
+    *,
+    protocol: str,
+    request_id: str,
+    conversation_id: str,
+    key_name: str | None,
+) -> None:
+    """Account for an ask refused before it was answered: its access line and its metrics.
+
+    The line and the counters are those of an ask that failed with ``error``
+    at once (outcome ``error.code``, no tokens).
+    """
+    record = AskRecord(
+        metrics,
+        protocol=protocol,
+        request_id=request_id,
+        conversation_id=conversation_id,
+        key_name=key_name,
+    )
+    record.failed(error)
+    record.close()

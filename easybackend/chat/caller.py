@@ -1,10 +1,15 @@
-"""Who is asking: the client address that per-client limits count when API keys are off.
+"""Who is calling: the :class:`Caller` every service method takes, made once per request.
 
-Every transport hands the core what it was given: the address of the peer
-that opened the connection and the ``X-Forwarded-For`` values it sent (the
-HTTP header, the WebSocket handshake's header, gRPC ``x-forwarded-for``
-metadata). :func:`client_address` turns them into the client's address by
-one rule, the same on every protocol:
+A transport hands the core what it was given — the key presented (or the
+``Authorization`` header value), the client's request id if it sent one, the
+address of the peer that opened the connection and the ``X-Forwarded-For``
+values it sent (the HTTP header, the WebSocket handshake's header, gRPC
+``x-forwarded-for`` metadata) — and :meth:`Callers.caller` returns the
+Caller or raises Unauthenticated. No service method has a default caller, so
+a handler that forgot to make one fails instead of acting as someone else.
+
+The client's address (:func:`client_address`, what per-client limits count
+when API keys are off) follows one rule, the same on every protocol:
 
 - when the peer is not a trusted proxy (``TRUSTED_PROXIES``), the client is
   the peer, whatever ``X-Forwarded-For`` says (anyone can send that header);
@@ -17,25 +22,74 @@ one rule, the same on every protocol:
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Iterable
-from contextvars import ContextVar
 
+from ..auth import KeyRing, bearer_token
+from ..request_ids import accept_request_id
 from ..settings import Settings
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-# The client of the connection or call being served, for transports whose handlers cannot
-# hand it to each AskRequest explicitly (WebSocket per connection, gRPC per call).
-CURRENT: ContextVar[str] = ContextVar("easybackend_client", default="")
-# The remote address of the gRPC connection being served (its calls read it).
-PEER: ContextVar[str] = ContextVar("easybackend_peer", default="")
+PROTOCOLS = frozenset({"http", "sse", "ws", "grpc", "internal"})
 
 
-def current_client() -> str:
-    """The client address the transport set for this task; "" when none did."""
-    return CURRENT.get()
+@dataclasses.dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is calling, for one request: made by :meth:`Callers.caller`, never by hand."""
+
+    owner: str  # the namespace of the conversations it touches: the key's name, "" without keys
+    key_name: str | None  # the key it presented; None when API keys are off
+    protocol: str  # http, sse, ws, grpc (internal for the server's own calls)
+    request_id: str  # the client's (if acceptable) or a new one: logged and sent back
+    client: str  # its address (see client_address); what per-client limits count without keys
+
+    def with_request_id(self, presented: object) -> Caller:
+        """The same caller for another request: ``presented`` if acceptable, else a new id."""
+        return dataclasses.replace(self, request_id=accept_request_id(presented))
+
+    def with_protocol(self, protocol: str) -> Caller:
+        """The same caller on another of its protocols (an HTTP route that streams: ``sse``)."""
+        return dataclasses.replace(self, protocol=protocol)
+
+
+class Callers:
+    """Makes the Caller of each request from what its transport presents. One per service."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.keys = KeyRing(settings.api_keys)
+
+    def caller(
+        self,
+        *,
+        protocol: str,
+        key: str | None = None,
+        authorization: str | None = None,
+        request_id: str | None = None,
+        peer: object = None,
+        forwarded_for: Iterable[str] = (),
+    ) -> Caller:
+        """The caller that presented ``key`` (or an ``Authorization: Bearer`` value).
+
+        ``request_id`` is the client's, taken if acceptable (else a new one is
+        made); ``peer`` and ``forwarded_for`` give the client's address. Raises
+        Unauthenticated when API keys are set and the key is missing or wrong;
+        with keys off whatever is presented is ignored.
+        """
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {protocol!r}")
+        presented = key if key is not None else bearer_token(authorization)
+        owner = self.keys.owner_for(presented)
+        return Caller(
+            owner=owner,
+            key_name=owner if self.keys.enabled else None,
+            protocol=protocol,
+            request_id=accept_request_id(request_id),
+            client=client_address(peer, forwarded_for, self.settings),
+        )
 
 
 def client_address(peer: object, forwarded_for: Iterable[str], settings: Settings) -> str:

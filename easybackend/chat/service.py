@@ -35,12 +35,12 @@ import dataclasses
 import re
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 
 import trio
 
-from ..auth import KeyRing
 from ..errors import (
+    ChatError,
     InvalidInput,
     NotFound,
     PromptTooLong,
@@ -48,19 +48,11 @@ from ..errors import (
     TooManyRequests,
 )
 from ..metrics import Metrics
-from ..request_ids import current_request_id
 from ..settings import Settings
-from ..storage import (
-    ConversationDetail,
-    ConversationHead,
-    ConversationRef,
-    ConversationSummary,
-    NewTurn,
-    ServingStore,
-)
+from ..storage import ConversationDetail, ConversationRef, ConversationSummary, NewTurn, Storage
 from ..upstream.openai_client import Completion, OpenAIUpstream, UpstreamCall
-from .accounting import CANCELLED, AskRecord, is_cancellation
-from .caller import current_client
+from .accounting import CANCELLED, AskRecord, is_cancellation, record_for, record_refusal
+from .caller import Caller, Callers
 from .context import Budget, build_messages, turn_cost
 from .locks import KeyedLock
 from .tokens import TokenCounter
@@ -79,6 +71,12 @@ def validate_conversation_id(conversation_id: object) -> str:
             "conversation_id must be 1-128 characters of A-Z, a-z, 0-9, '_', '-', '.', ':'"
         )
     return conversation_id
+
+
+def _shown_id(conversation_id: object) -> str:
+    """The conversation id as the access line shows it: "-" unless it is a valid id."""
+    shown = "" if conversation_id is None else str(conversation_id)
+    return shown if CONVERSATION_ID.fullmatch(shown) else "-"
 
 
 def checked_text(field: str, value: object) -> str:
@@ -104,19 +102,19 @@ def checked_text(field: str, value: object) -> str:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class AskRequest:
-    """One ask, as every transport hands it to the core."""
+    """One ask, as every transport hands it to the core.
+
+    ``caller`` (who asks: owner, key, protocol, request id, address) has no
+    default: a transport makes it with :meth:`ChatService.caller`.
+    """
 
     conversation_id: str
     prompt: str
-    owner: str = ""
     model: str | None = None
     temperature: float | None = None
     max_tokens: int | None = None
     system: str | None = None  # this turn only, instead of the conversation's system prompt
-    protocol: str = "internal"  # http, sse, ws, grpc: for the access log and the metrics
-    request_id: str = dataclasses.field(default_factory=current_request_id)
-    # the client's address (see chat/caller.py): what MAX_STREAMS_PER_KEY counts when keys are off
-    client: str = dataclasses.field(default_factory=current_client)
+    caller: Caller = dataclasses.field(kw_only=True)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -168,7 +166,7 @@ class ChatService:
     def __init__(
         self,
         settings: Settings,
-        storage: ServingStore,
+        storage: Storage,
         upstream: OpenAIUpstream,
         counter: TokenCounter,
         metrics: Metrics,
@@ -178,13 +176,61 @@ class ChatService:
         self.storage = storage
         self.upstream = upstream
         self.counter = counter
-        self.keys = KeyRing(settings.api_keys)
+        self.callers = Callers(settings)
         self._locks = KeyedLock()
         self._streams: collections.Counter[str] = (
             collections.Counter()
         )  # answers in progress per key or client address (see _admitted)
         self.first_prompt_tokens = (
             counter.text(settings.first_prompt) if settings.first_prompt is not None else None
+        )
+
+    def caller(
+        self,
+        *,
+        protocol: str,
+        key: str | None = None,
+        authorization: str | None = None,
+        request_id: str | None = None,
+        peer: object = None,
+        forwarded_for: Iterable[str] = (),
+    ) -> Caller:
+        """Who is calling, from what the transport was given; raises Unauthenticated.
+
+        See :meth:`~easybackend.chat.caller.Callers.caller`.
+        """
+        return self.callers.caller(
+            protocol=protocol,
+            key=key,
+            authorization=authorization,
+            request_id=request_id,
+            peer=peer,
+            forwarded_for=forwarded_for,
+        )
+
+    def refused(
+        self,
+        error: ChatError,
+        *,
+        protocol: str,
+        request_id: str,
+        conversation_id: object = None,
+        caller: Caller | None = None,
+    ) -> None:
+        """Account for an ask a transport refused before :meth:`ask` took it.
+
+        The one call every transport makes for such a refusal (a wrong key, a
+        full queue, a shutdown, a body it could not read): the ask gets its
+        access line and its metrics, as one :meth:`ask` refuses does.
+        ``caller`` is given when it was made (its key name is logged).
+        """
+        record_refusal(
+            self.metrics,
+            error,
+            protocol=protocol,
+            request_id=request_id,
+            conversation_id=_shown_id(conversation_id),
+            key_name=caller.key_name if caller is not None else None,
         )
 
     @staticmethod
@@ -226,11 +272,7 @@ class ChatService:
         partial answer as ``cancelled`` (see the module docstring). Every ask,
         whatever its end, gets one access log line and its metrics.
         """
-        conversation_id = request.conversation_id
-        shown_id = conversation_id if CONVERSATION_ID.fullmatch(str(conversation_id)) else "-"
-        record = AskRecord(
-            self.metrics, request.protocol, request.request_id, shown_id, request.owner
-        )
+        record = record_for(self.metrics, request.caller, _shown_id(request.conversation_id))
         try:
             async with contextlib.aclosing(self._answer(request, record)) as events:
                 async for event in events:
@@ -246,7 +288,9 @@ class ChatService:
             record.close()
 
     async def _answer(self, request: AskRequest, record: AskRecord) -> AsyncIterator[Delta | End]:
-        ref = ConversationRef(request.owner, validate_conversation_id(request.conversation_id))
+        ref = ConversationRef(
+            request.caller.owner, validate_conversation_id(request.conversation_id)
+        )
         prompt = self._checked_prompt(request.prompt)
         self._check_overrides(request)
         prompt_tokens = await self.counter.text_off_loop(prompt)
@@ -254,16 +298,12 @@ class ChatService:
 
         with self._admitted(request):
             async with self._hold(ref):
-                # Read under the conversation's lock: its head, then the newest turns that fit.
-                head = await self.storage.conversation_head(ref)
-                plan = await _ContextPlan.choose(self, request, prompt_tokens, head)
-                history = (
-                    await self.storage.newest_turns(ref, plan.budget.history, turn_cost)
-                    if head.turn_count
-                    else []
+                plan = _ContextPlan(self, request, prompt_tokens)
+                context = await self.storage.load_context(ref, plan.history_budget, turn_cost)
+                call = self._upstream_call(
+                    request, build_messages(plan.system, context.turns, prompt)
                 )
-                call = self._upstream_call(request, build_messages(plan.system, history, prompt))
-                sent_tokens = plan.budget.fixed + sum(turn_cost(t) for t in history)
+                sent_tokens = plan.fixed_tokens + sum(turn_cost(t) for t in context.turns)
 
                 pieces: list[str] = []
                 completion: Completion | None = None
@@ -327,10 +367,11 @@ class ChatService:
         address (so one address cannot hold every slot). The slot is given back
         when the block ends, however it ends (cancellation included).
         """
+        caller = request.caller
         if self.settings.api_keys:
-            counted, who = f"key:{request.owner}", "this key"
+            counted, who = f"key:{caller.owner}", "this key"
         else:
-            counted, who = f"address:{request.client}", f"the address {request.client or '-'}"
+            counted, who = f"address:{caller.client}", f"the address {caller.client or '-'}"
         limit = self.settings.max_streams_per_key
         if self._streams[counted] >= limit:
             raise TooManyRequests(
@@ -380,35 +421,39 @@ class ChatService:
     # answer in progress on that conversation and never sees half of one.
 
     async def list_conversations(
-        self, owner: str = "", *, limit: int = 50, after: str | None = None
+        self, *, caller: Caller, limit: int = 50, after: str | None = None
     ) -> list[ConversationSummary]:
-        """A page of the owner's conversations, most recently active first. Raises InvalidInput."""
+        """A page of the caller's conversations, most recently active first. Raises InvalidInput."""
         if not 1 <= limit <= MAX_PAGE:
             raise InvalidInput(f"limit must be between 1 and {MAX_PAGE}")
         try:
-            return await self.storage.list_conversations(owner, limit, after)
+            return await self.storage.list_conversations(caller.owner, limit, after)
         except ValueError:
             raise InvalidInput("cursor is not one this server handed out") from None
 
-    async def get_conversation(self, conversation_id: str, owner: str = "") -> ConversationDetail:
+    async def get_conversation(
+        self, conversation_id: str, *, caller: Caller
+    ) -> ConversationDetail:
         """The whole conversation. Raises InvalidInput or NotFound."""
-        ref = ConversationRef(owner, validate_conversation_id(conversation_id))
+        ref = ConversationRef(caller.owner, validate_conversation_id(conversation_id))
         async with self._locks.hold(ref):
             detail = await self.storage.get_conversation(ref)
         if detail is None:
             raise NotFound(f"no conversation {conversation_id!r}")
         return detail
 
-    async def delete_conversation(self, conversation_id: str, owner: str = "") -> None:
+    async def delete_conversation(self, conversation_id: str, *, caller: Caller) -> None:
         """Forget a conversation. Raises InvalidInput or NotFound."""
-        ref = ConversationRef(owner, validate_conversation_id(conversation_id))
+        ref = ConversationRef(caller.owner, validate_conversation_id(conversation_id))
         async with self._hold(ref):
             if not await self.storage.delete_conversation(ref):
                 raise NotFound(f"no conversation {conversation_id!r}")
 
-    async def rollback(self, conversation_id: str, turns: int, owner: str = "") -> tuple[int, int]:
+    async def rollback(
+        self, conversation_id: str, turns: int, *, caller: Caller
+    ) -> tuple[int, int]:
         """Drop the last ``turns`` turns; returns (dropped, left). Raises InvalidInput or NotFound."""
-        ref = ConversationRef(owner, validate_conversation_id(conversation_id))
+        ref = ConversationRef(caller.owner, validate_conversation_id(conversation_id))
         if isinstance(turns, bool) or not isinstance(turns, int) or turns < 1:
             raise InvalidInput("turns must be a whole number of at least 1")
         async with self._hold(ref):
@@ -418,10 +463,10 @@ class ChatService:
         return result
 
     async def set_system_prompt(
-        self, conversation_id: str, prompt: str | None, owner: str = ""
+        self, conversation_id: str, prompt: str | None, *, caller: Caller
     ) -> None:
         """Set the conversation's own system prompt (creating the conversation); None or "" clears it."""
-        ref = ConversationRef(owner, validate_conversation_id(conversation_id))
+        ref = ConversationRef(caller.owner, validate_conversation_id(conversation_id))
         if prompt is not None:
             checked_text("prompt", prompt)
         prompt = prompt or None
@@ -520,36 +565,35 @@ async def _cut_at(
             return
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class _ContextPlan:
-    """The system prompt an ask sends and how its context window is shared out."""
+    """Chooses the system prompt and shares the token budget out, once the stored one is known."""
 
-    system: str | None
-    budget: Budget
+    def __init__(self, service: ChatService, request: AskRequest, prompt_tokens: int) -> None:
+        self._service = service
+        self._request = request
+        self._prompt_tokens = prompt_tokens
+        self.system: str | None = None
+        self.fixed_tokens = 0
 
-    @classmethod
-    async def choose(
-        cls, service: ChatService, request: AskRequest, prompt_tokens: int, head: ConversationHead
-    ) -> _ContextPlan:
-        """The plan for ``request`` on the conversation read as ``head``; raises PromptTooLong.
-
-        A per-ask system prompt wins over the conversation's, which wins over
-        FIRST_PROMPT. A system prompt stored without its count (or given per
-        ask) is counted here, off the event loop when long.
-        """
-        counter, settings = service.counter, service.settings
+    def history_budget(self, stored_system: str | None, stored_tokens: int | None) -> int:
+        """Called by the storage: raises PromptTooLong, else returns the tokens history may use."""
+        service, request = self._service, self._request
+        # A per-ask system prompt wins over the conversation's, which wins over FIRST_PROMPT.
         if request.system is not None:
-            system, system_tokens = request.system, await counter.text_off_loop(request.system)
-        elif head.system_prompt is not None:
-            system, system_tokens = head.system_prompt, head.system_tokens
-            if system_tokens is None:
-                system_tokens = await counter.text_off_loop(system)
+            self.system, system_tokens = request.system, service.counter.text(request.system)
+        elif stored_system is not None:
+            self.system = stored_system
+            system_tokens = (
+                stored_tokens if stored_tokens is not None else service.counter.text(stored_system)
+            )
         else:
-            system, system_tokens = settings.first_prompt, service.first_prompt_tokens
+            self.system, system_tokens = service.settings.first_prompt, service.first_prompt_tokens
+        settings = service.settings
         budget = Budget.plan(
             max_context_tokens=settings.max_context_tokens,
             reserved_for_answer=request.max_tokens or settings.max_response_tokens or 0,
             system_tokens=system_tokens,
-            prompt_tokens=prompt_tokens,
+            prompt_tokens=self._prompt_tokens,
         )
-        return cls(system, budget)
+        self.fixed_tokens = budget.fixed
+        return budget.history

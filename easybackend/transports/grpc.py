@@ -29,29 +29,24 @@ once shutdown has begun) and fails with NOT_FOUND for any other name.
 ``Health.Watch`` sends the current status, then waits; at shutdown it sends
 NOT_SERVING and ends the call, so that watchers do not hold the drain up.
 
-Errors end the call with a status code and the error's readable message,
-from one table, :data:`STATUS_BY_CODE` (keyed by ``ChatError.code``):
+Errors end the call with a status code and the error's readable message:
+every error is a :class:`~easybackend.errors.ChatError`, and
+:data:`STATUS_BY_ERROR` gives each class its status code (the README's error
+table shows it, and a test checks the two agree). ``prompt_too_long`` is
+INVALID_ARGUMENT rather than OUT_OF_RANGE: the same prompt fails the same way
+until the server's configuration changes, which is what INVALID_ARGUMENT
+means; the message tells it apart. A request message that cannot be decoded
+is ``invalid_input``, one larger than ``MAX_BODY_BYTES`` ``request_too_large``,
+an unknown method ``method_not_allowed`` (UNIMPLEMENTED). An unexpected
+exception is logged with its traceback and the client gets INTERNAL with a
+generic message (:func:`easybackend.errors.unexpected`).
 
-==========================================================  ==================
-``invalid_input``, ``prompt_too_long``                      INVALID_ARGUMENT
-``unauthenticated``                                         UNAUTHENTICATED
-``not_found``                                               NOT_FOUND
-``upstream_rate_limited``, ``too_many_requests``,
-``request_too_large``                                       RESOURCE_EXHAUSTED
-``upstream_timeout``                                        DEADLINE_EXCEEDED
-``upstream_error``, ``upstream_auth_failed``,
-``upstream_unavailable``, ``storage_unavailable``,
-``shutting_down``                                           UNAVAILABLE
-anything else                                               INTERNAL
-==========================================================  ==================
-
-``prompt_too_long`` is INVALID_ARGUMENT rather than OUT_OF_RANGE: the same
-prompt fails the same way until the server's configuration changes, which is
-what INVALID_ARGUMENT means; the message tells it apart. A request message
-that cannot be decoded is INVALID_ARGUMENT, one larger than
-``MAX_BODY_BYTES`` RESOURCE_EXHAUSTED, an unknown method UNIMPLEMENTED. An
-unexpected exception is logged with its traceback and the client gets
-INTERNAL with a generic message.
+Every call is presented to its method as a ``_Call`` (its metadata, the
+connection's peer, its request id), from which the chat service makes the
+:class:`~easybackend.chat.caller.Caller`. An Ask that ends with an error
+before the core took it (a wrong key, a refusal while draining, a message
+that cannot be read) is reported to :meth:`ChatService.refused`, so it has
+its access line and its metrics.
 
 Cancellation: each call runs in its own cancel scope, which is cancelled
 
@@ -109,14 +104,21 @@ from purerpc.grpc_proto import GRPCProtoStream
 from purerpc.grpclib.config import GRPCConfiguration
 from purerpc.grpclib.events import MessageReceived, RequestEnded, RequestReceived
 
-from ..chat.caller import CURRENT as CLIENT
-from ..chat.caller import PEER as CALLER_PEER
-from ..chat.caller import client_address, stream_peer
+from .. import errors
+from ..chat.caller import Caller, stream_peer
 from ..chat.service import AskRequest, ChatService, Delta
 from ..chat.views import conversation_detail, conversation_summary
-from ..errors import ChatError
+from ..errors import (
+    ChatError,
+    InternalError,
+    InvalidInput,
+    MethodNotAllowed,
+    NotFound,
+    RequestTooLarge,
+    ShuttingDown,
+    wire_form,
+)
 from ..proto_gen import chat_grpc, chat_pb2, health_grpc, health_pb2
-from ..request_ids import CURRENT as CURRENT_REQUEST_ID
 from ..request_ids import accept_request_id
 from ..settings import Settings
 from ..tls import server_ssl_context
@@ -126,25 +128,29 @@ from .send_deadline import GOODBYE_SECONDS, ClientTooSlow, SendBoundedStream, se
 
 log = logging.getLogger(__name__)
 
-STATUS_BY_CODE: dict[str, StatusCode] = {
-    "invalid_input": StatusCode.INVALID_ARGUMENT,
-    "prompt_too_long": StatusCode.INVALID_ARGUMENT,
-    "unauthenticated": StatusCode.UNAUTHENTICATED,
-    "not_found": StatusCode.NOT_FOUND,
-    "request_too_large": StatusCode.RESOURCE_EXHAUSTED,
-    "too_many_requests": StatusCode.RESOURCE_EXHAUSTED,
-    "upstream_rate_limited": StatusCode.RESOURCE_EXHAUSTED,
-    "upstream_timeout": StatusCode.DEADLINE_EXCEEDED,
-    "upstream_error": StatusCode.UNAVAILABLE,
-    "upstream_auth_failed": StatusCode.UNAVAILABLE,
-    "upstream_unavailable": StatusCode.UNAVAILABLE,
-    "storage_unavailable": StatusCode.UNAVAILABLE,
-    "shutting_down": StatusCode.UNAVAILABLE,
+# The status code of every error class (the README's error table is checked against it).
+STATUS_BY_ERROR: dict[type[ChatError], StatusCode] = {
+    errors.InvalidInput: StatusCode.INVALID_ARGUMENT,
+    errors.PromptTooLong: StatusCode.INVALID_ARGUMENT,
+    errors.HTTPError: StatusCode.INVALID_ARGUMENT,  # HTTP only
+    errors.Unauthenticated: StatusCode.UNAUTHENTICATED,
+    errors.NotFound: StatusCode.NOT_FOUND,
+    errors.MethodNotAllowed: StatusCode.UNIMPLEMENTED,
+    errors.RequestTooLarge: StatusCode.RESOURCE_EXHAUSTED,
+    errors.TooManyRequests: StatusCode.RESOURCE_EXHAUSTED,
+    errors.UpstreamRateLimited: StatusCode.RESOURCE_EXHAUSTED,
+    errors.UpstreamTimeout: StatusCode.DEADLINE_EXCEEDED,
+    errors.UpstreamError: StatusCode.UNAVAILABLE,
+    errors.UpstreamAuthFailed: StatusCode.UNAVAILABLE,
+    errors.UpstreamUnavailable: StatusCode.UNAVAILABLE,
+    errors.StorageUnavailable: StatusCode.UNAVAILABLE,
+    errors.ShuttingDown: StatusCode.UNAVAILABLE,
+    errors.InternalError: StatusCode.INTERNAL,
 }
 
 CHAT_SERVICE = "chat.Chat"
 HEALTH_SERVICE = "grpc.health.v1.Health"
-INTERNAL_MESSAGE = "internal server error"
+ASK_METHOD = "Ask"  # the one chat.Chat method that is an ask (access line, metrics)
 DEFAULT_PAGE = 50  # conversations per page when ListConversations leaves limit at 0
 TLS_HANDSHAKE_TIMEOUT = 10.0  # seconds
 # Seconds a new connection has to send the HTTP/2 preface and its SETTINGS (real clients
@@ -154,8 +160,8 @@ RESPONSE_OVERHEAD = 16  # bytes of an AskResponse besides its text (tag, length;
 
 
 def status_for(error: ChatError) -> Status:
-    """The status a call ends with when the chat core raises ``error``."""
-    return Status(STATUS_BY_CODE.get(error.code, StatusCode.INTERNAL), error.message)
+    """The status a call ends with on ``error``: its class's code, its message."""
+    return Status(wire_form(error, STATUS_BY_ERROR), error.message)
 
 
 async def serve_grpc(
@@ -183,13 +189,12 @@ async def serve_grpc(
     """
     if ssl_context is None:
         ssl_context = server_ssl_context(settings, ["h2"])
+    chat = _Chat(service, settings, max_message_bytes=settings.max_body_bytes)
     server = _Server(
-        {
-            CHAT_SERVICE: _Chat(service, settings, max_message_bytes=settings.max_body_bytes).service,
-            HEALTH_SERVICE: _Health(service, shutdown).service,
-        },
+        {CHAT_SERVICE: chat.service, HEALTH_SERVICE: _Health(service, shutdown).service},
         max_message_length=settings.max_body_bytes,
         send_timeout=settings.client_send_timeout,
+        refused=chat.refused,
     )
     listener: trio.abc.Listener[Any] = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
     if ssl_context is not None:
@@ -220,12 +225,32 @@ async def serve_grpc(
 # --------------------------------------------------------------------------- services
 
 
-class _Abort(Exception):
-    """Ends a call with ``status`` (raised by the services below)."""
+@dataclasses.dataclass(eq=False, slots=True)
+class _Call:
+    """What one call presents (its headers, the connection's peer), handed to its method.
 
-    def __init__(self, code: StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.status = Status(code, message)
+    The services below receive it as their ``request`` argument. ``message`` is
+    the request message once read; ``taken`` is set when the core took the ask
+    (from then on the core accounts for it).
+    """
+
+    headers: RequestReceived
+    peer: str
+    request_id: str  # the client's x-request-id if acceptable, else a new one
+    message: Any = None
+    taken: bool = False
+
+    @property
+    def method(self) -> str:
+        return f"/{self.headers.service_name}/{self.headers.method_name}"
+
+    def metadata(self, key: str) -> str | None:
+        """The first value of the metadata ``key`` (lowercase) the client sent, if any."""
+        return _first(self.headers, key)
+
+    def metadata_values(self, key: str) -> list[str]:
+        """Every value of the metadata ``key`` (lowercase) the client sent, in order."""
+        return [value for name, value in self.headers.custom_metadata if name == key]
 
 
 class _Chat(chat_grpc.ChatServicer):
@@ -235,16 +260,33 @@ class _Chat(chat_grpc.ChatServicer):
         # an AskResponse stays within the message limit: its text, plus the field's tag and length
         self._piece_bytes = max_message_bytes - RESPONSE_OVERHEAD
 
-    def _owner(self, request: RequestReceived) -> str:
-        """The name of the caller's key (``""`` with auth off); raises Unauthenticated."""
-        return self._service.keys.owner_for_header(_metadata(request, "authorization"))
+    def _caller(self, call: _Call) -> Caller:
+        """Who is calling (its ``authorization`` metadata); raises Unauthenticated."""
+        return self._service.caller(
+            protocol="grpc",
+            authorization=call.metadata("authorization"),
+            request_id=call.request_id,
+            peer=call.peer,
+            forwarded_for=call.metadata_values("x-forwarded-for"),
+        )
+
+    def refused(self, call: _Call, error: ChatError) -> None:
+        """A call ended with ``error``: an Ask the core had not taken is reported as refused."""
+        if call.headers.service_name == CHAT_SERVICE and call.headers.method_name == ASK_METHOD:
+            if not call.taken:
+                call.taken = True  # reported once
+                self._service.refused(
+                    error,
+                    protocol="grpc",
+                    request_id=call.request_id,
+                    conversation_id=getattr(call.message, "conversation_id", None),
+                )
 
     async def Ask(  # noqa: N802 (the RPC's name)
-        self, message: chat_pb2.AskRequest, request: RequestReceived
+        self, message: chat_pb2.AskRequest, request: _Call
     ) -> AsyncIterator[chat_pb2.AskResponse]:
-        forwarded_for = [v for name, v in request.custom_metadata if name == "x-forwarded-for"]
-        CLIENT.set(client_address(CALLER_PEER.get(), forwarded_for, self._settings))
-        ask = _ask_request(message, self._owner(request))
+        ask = _ask_request(message, self._caller(request))
+        request.taken = True  # the core accounts for it from here on
         async with contextlib.aclosing(self._service.ask(ask)) as events:
             async for event in events:
                 if isinstance(event, Delta):
@@ -266,12 +308,12 @@ class _Chat(chat_grpc.ChatServicer):
     # (same field names, same times) turned into the proto messages.
 
     async def ListConversations(  # noqa: N802
-        self, message: chat_pb2.ListConversationsRequest, request: RequestReceived
+        self, message: chat_pb2.ListConversationsRequest, request: _Call
     ) -> chat_pb2.ListConversationsResponse:
-        owner = self._owner(request)
+        caller = self._caller(request)
         limit = message.limit or DEFAULT_PAGE
         page = await self._service.list_conversations(
-            owner, limit=limit, after=message.cursor or None
+            caller=caller, limit=limit, after=message.cursor or None
         )
         return chat_pb2.ListConversationsResponse(
             conversations=[
@@ -282,34 +324,36 @@ class _Chat(chat_grpc.ChatServicer):
         )
 
     async def GetConversation(  # noqa: N802
-        self, message: chat_pb2.ConversationRequest, request: RequestReceived
+        self, message: chat_pb2.ConversationRequest, request: _Call
     ) -> chat_pb2.Conversation:
-        owner = self._owner(request)
-        detail = await self._service.get_conversation(message.conversation_id, owner)
+        caller = self._caller(request)
+        detail = await self._service.get_conversation(message.conversation_id, caller=caller)
         return chat_pb2.Conversation(**_int32_totals(conversation_detail(detail)))
 
     async def DeleteConversation(  # noqa: N802
-        self, message: chat_pb2.ConversationRequest, request: RequestReceived
+        self, message: chat_pb2.ConversationRequest, request: _Call
     ) -> chat_pb2.DeleteConversationResponse:
-        owner = self._owner(request)
-        await self._service.delete_conversation(message.conversation_id, owner)
+        caller = self._caller(request)
+        await self._service.delete_conversation(message.conversation_id, caller=caller)
         return chat_pb2.DeleteConversationResponse(conversation_id=message.conversation_id)
 
     async def Rollback(  # noqa: N802
-        self, message: chat_pb2.RollbackRequest, request: RequestReceived
+        self, message: chat_pb2.RollbackRequest, request: _Call
     ) -> chat_pb2.RollbackResponse:
-        owner = self._owner(request)
-        removed, left = await self._service.rollback(message.conversation_id, message.turns, owner)
+        caller = self._caller(request)
+        removed, left = await self._service.rollback(
+            message.conversation_id, message.turns, caller=caller
+        )
         return chat_pb2.RollbackResponse(
             conversation_id=message.conversation_id, removed=removed, turns=left
         )
 
     async def SetSystemPrompt(  # noqa: N802
-        self, message: chat_pb2.SetSystemPromptRequest, request: RequestReceived
+        self, message: chat_pb2.SetSystemPromptRequest, request: _Call
     ) -> chat_pb2.SetSystemPromptResponse:
-        owner = self._owner(request)
+        caller = self._caller(request)
         prompt = message.prompt or None  # unset and "" both clear it
-        await self._service.set_system_prompt(message.conversation_id, prompt, owner)
+        await self._service.set_system_prompt(message.conversation_id, prompt, caller=caller)
         return chat_pb2.SetSystemPromptResponse(
             conversation_id=message.conversation_id, system_prompt=prompt
         )
@@ -329,12 +373,12 @@ def _int32_totals(form: dict[str, Any]) -> dict[str, Any]:
     return {**form, "usage": usage}
 
 
-def _metadata(request: RequestReceived, key: str) -> str | None:
+def _first(headers: RequestReceived, key: str) -> str | None:
     """The first value of the metadata ``key`` (lowercase) the client sent, if any."""
-    return next((value for name, value in request.custom_metadata if name == key), None)
+    return next((value for name, value in headers.custom_metadata if name == key), None)
 
 
-def _ask_request(message: chat_pb2.AskRequest, owner: str) -> AskRequest:
+def _ask_request(message: chat_pb2.AskRequest, caller: Caller) -> AskRequest:
     """The core's AskRequest; the optional fields are passed only when the client set them."""
 
     def optional(name: str) -> Any:
@@ -343,12 +387,11 @@ def _ask_request(message: chat_pb2.AskRequest, owner: str) -> AskRequest:
     return AskRequest(
         conversation_id=message.conversation_id,
         prompt=message.prompt,
-        owner=owner,
         model=optional("model"),
         temperature=optional("temperature"),
         max_tokens=optional("max_tokens"),
         system=optional("system"),
-        protocol="grpc",
+        caller=caller,
     )
 
 
@@ -367,18 +410,18 @@ class _Health(health_grpc.HealthServicer):
         return health_pb2.HealthCheckResponse.SERVING
 
     async def Check(  # noqa: N802
-        self, message: health_pb2.HealthCheckRequest, request: RequestReceived
+        self, message: health_pb2.HealthCheckRequest, request: _Call
     ) -> health_pb2.HealthCheckResponse:
         """SERVING while the server runs and its storage answers (the same as /readyz)."""
         if message.service not in self.SERVICES:
-            raise _Abort(StatusCode.NOT_FOUND, f"unknown service {message.service!r}")
+            raise NotFound(f"unknown service {message.service!r}")
         status = self._status(message.service)
         if status == health_pb2.HealthCheckResponse.SERVING and not await self._service.ready():
             status = health_pb2.HealthCheckResponse.NOT_SERVING
         return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(  # noqa: N802
-        self, message: health_pb2.HealthCheckRequest, request: RequestReceived
+        self, message: health_pb2.HealthCheckRequest, request: _Call
     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
         status = self._status(message.service)
         yield health_pb2.HealthCheckResponse(status=status)
@@ -432,6 +475,7 @@ class _Connection:
     """One client connection: a task per call, each in a cancel scope a stream reset cancels."""
 
     server: _Server
+    peer: str = ""  # the client's address, as its calls present it
     draining: bool = False
     active: int = 0
     highest_stream: int = 0
@@ -509,17 +553,18 @@ class _Connection:
     async def run_call(self, stream: GRPCProtoStream, scope: trio.CancelScope) -> None:
         try:
             status = None
+            # the request id (put here by the server's run_call) also ends the call, so that a
+            # client gets it with an error that came before any response message
+            trailers: dict[str, str] = {}
             with scope:
-                status = await self.server.run_call(stream, refuse=self.draining)
+                status = await self.server.run_call(
+                    stream, refuse=self.draining, peer=self.peer, trailers=trailers
+                )
             if scope.cancelled_caught and self.server.cutting:  # the shutdown grace is over
-                status = Status(StatusCode.UNAVAILABLE, "the server is shutting down")
+                status = status_for(ShuttingDown("the server is shutting down"))
             if status is not None and stream.stream_id not in self.resets:
-                # the request id (set by the server's run_call) also ends the call, so that a
-                # client gets it with an error that came before any response message
-                request_id = CURRENT_REQUEST_ID.get()
-                trailers = (("x-request-id", request_id),) if request_id else ()
                 try:
-                    await stream.close(status, custom_metadata=trailers)
+                    await stream.close(status, custom_metadata=tuple(trailers.items()))
                 except (h2.exceptions.H2Error, TypeError) as exc:
                     log.debug("gRPC: could not end stream %d: %r", stream.stream_id, exc)
         finally:
@@ -562,8 +607,10 @@ class _Server:
         *,
         max_message_length: int,
         send_timeout: float = math.inf,
+        refused: Callable[[_Call, ChatError], None] = lambda call, error: None,
     ) -> None:
         self.services = services
+        self.refused = refused  # told of every call that ends with an error (see _Chat.refused)
         self.max_message_length = max_message_length
         self.send_timeout = send_timeout  # seconds one send to a client may block
         self.draining = False
@@ -575,9 +622,8 @@ class _Server:
         self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
     ) -> None:
         """Serve one accepted connection until it closes (trio closes ``stream`` afterwards)."""
-        connection = _Connection(self)
+        connection = _Connection(self, peer=stream_peer(stream))
         self.connections.add(connection)
-        CALLER_PEER.set(stream_peer(stream))  # its calls' tasks inherit it
         try:
             await connection.serve(stream)
         except* Exception as group:  # the client went away or spoke something else than gRPC
@@ -612,48 +658,53 @@ class _Server:
             with trio.move_on_after(GOODBYE_SECONDS):
                 await self._all_closed.wait()
 
-    async def run_call(self, stream: GRPCProtoStream, *, refuse: bool) -> Status | None:
-        """Run the call on ``stream``; return the status to end it with (None: nobody to tell)."""
+    async def run_call(
+        self, stream: GRPCProtoStream, *, refuse: bool, peer: str, trailers: dict[str, str]
+    ) -> Status | None:
+        """Run the call on ``stream``; return the status to end it with (None: nobody to tell).
+
+        ``trailers`` gets the metadata the call ends with (its request id). A
+        call that ends with a ChatError is reported to ``refused`` first.
+        """
         request = await stream.receive_event()
         if not isinstance(request, RequestReceived):
-            return Status(StatusCode.INTERNAL, "expected request headers")
-        path = f"/{request.service_name}/{request.method_name}"
+            return status_for(InternalError("expected request headers"))
+        call = _Call(request, peer, accept_request_id(_first(request, "x-request-id")))
+        trailers["x-request-id"] = call.request_id
         service = self.services.get(request.service_name)
         method = service.methods.get(request.method_name) if service else None
         if method is None or method.signature.cardinality not in (
             Cardinality.UNARY_UNARY,
             Cardinality.UNARY_STREAM,
         ):
-            return Status(StatusCode.UNIMPLEMENTED, f"method {path} is not implemented")
-        if refuse and request.service_name != HEALTH_SERVICE:  # health says NOT_SERVING
-            return Status(StatusCode.UNAVAILABLE, "the server is shutting down")
-        stream.expect_message_type(method.signature.request_type)
+            return status_for(MethodNotAllowed(f"method {call.method} is not implemented"))
         timeout = request.timeout.total_seconds() if request.timeout is not None else math.inf
-        request_id = accept_request_id(_metadata(request, "x-request-id"))
-        CURRENT_REQUEST_ID.set(request_id)  # read by the core when it makes the AskRequest
-        response = _Response(stream, request_id, self.send_timeout)
+        response = _Response(stream, call.request_id, self.send_timeout)
         try:
+            if refuse and request.service_name != HEALTH_SERVICE:  # health says NOT_SERVING
+                raise ShuttingDown("the server is shutting down")
+            stream.expect_message_type(method.signature.request_type)
             with trio.move_on_after(timeout) as deadline:
-                message = await _single_message(stream)
+                message = call.message = await _single_message(stream)
                 if method.signature.cardinality is Cardinality.UNARY_UNARY:
-                    await response.send(await method.method_fn(message, request=request))
+                    await response.send(await method.method_fn(message, request=call))
                 else:
-                    replies = method.method_fn(message, request=request)
+                    replies = method.method_fn(message, request=call)
                     async with contextlib.aclosing(replies):
                         async for reply in replies:
                             await response.send(reply)
-        except ChatError as exc:
-            return status_for(exc)
-        except _Abort as exc:
-            return exc.status
         except h2.exceptions.StreamClosedError:
             return None  # the stream was reset under us
         except ClientTooSlow as exc:  # as if the client had gone; it is told, should it read
-            log.info("gRPC %s: giving up on a client that stopped reading: %s", path, exc)
+            log.info("gRPC %s: giving up on a client that stopped reading: %s", call.method, exc)
             return Status(StatusCode.CANCELLED, str(exc))
-        except Exception:
-            log.exception("gRPC %s failed", path)
-            return Status(StatusCode.INTERNAL, INTERNAL_MESSAGE)
+        except Exception as exc:
+            if isinstance(exc, ChatError):
+                error = exc
+            else:  # logged with its traceback; the client learns nothing more
+                error = errors.unexpected(exc, f"gRPC {call.method}")
+            self.refused(call, error)
+            return status_for(error)
         if deadline.cancelled_caught:
             return Status(StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed")
         return Status(StatusCode.OK)
@@ -689,17 +740,16 @@ async def _single_message(stream: GRPCProtoStream) -> Any:
         try:
             event = await stream.receive_event()
         except DecodeError:
-            raise _Abort(
-                StatusCode.INVALID_ARGUMENT, "the request message could not be decoded"
-            ) from None
+            raise InvalidInput("the request message could not be decoded") from None
         if isinstance(event, BadRequestData):
-            raise _Abort(event.status.status_code, event.status.status_message)
+            too_large = event.status.status_code == StatusCode.RESOURCE_EXHAUSTED
+            raise (RequestTooLarge if too_large else InvalidInput)(event.status.status_message)
         if isinstance(event, RequestEnded):
             break
         if isinstance(event, MessageReceived):
             if message is not None:
-                raise _Abort(StatusCode.INVALID_ARGUMENT, "expected one request message, got more")
+                raise InvalidInput("expected one request message, got more")
             message = event.data
     if message is None:
-        raise _Abort(StatusCode.INVALID_ARGUMENT, "expected one request message, got none")
+        raise InvalidInput("expected one request message, got none")
     return message

@@ -3,7 +3,17 @@
 Routes: ``POST /ask/{id}`` (whole answer as JSON), ``POST /ask/{id}/stream``
 (Server-Sent Events), ``GET /healthz``, and the OpenAPI document with Swagger
 UI (``/openapi.json``, ``/docs``). Every error is JSON
-``{"error": {"code", "message"}}`` with the status of :data:`STATUS_BY_CODE`.
+``{"error": {"code", "message"}}`` with the status :data:`STATUS_BY_ERROR`
+gives its class; what the HTTP layer refuses itself (a body over the limit,
+a wrong method, an unknown route) is turned into the matching ChatError
+first, and an unexpected exception into an InternalError (logged once).
+
+Every request but those to the open paths is made a
+:class:`~easybackend.chat.caller.Caller` first (its key, ``X-Request-Id``,
+the peer and ``X-Forwarded-For``), which every handler hands to the core; an
+ask refused before the core took it (a wrong key, a shutdown, a body that
+does not validate) is reported to :meth:`ChatService.refused`, so it has its
+access line and its metrics like any other.
 
 When the client disconnects, quart-trio cancels the handler (or the SSE body
 being sent); the chat core then closes the upstream call and stores the
@@ -31,32 +41,47 @@ from quart_schema import (
 )
 from quart_trio import QuartTrio
 from quart_trio.wrappers import TrioRequest
-from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug import exceptions as werkzeug_errors
 
-from ..chat.caller import client_address
+from .. import errors
+from ..chat.caller import Caller
 from ..chat.client_json import parse_client_json
 from ..chat.service import AskRequest, ChatService, Delta, End, validate_conversation_id
-from ..errors import ChatError, InvalidInput, NotFound, ShuttingDown
+from ..errors import (
+    ChatError,
+    HTTPError,
+    InternalError,
+    InvalidInput,
+    MethodNotAllowed,
+    NotFound,
+    RequestTooLarge,
+    ShuttingDown,
+    StorageUnavailable,
+    wire_form,
+)
 from ..request_ids import accept_request_id, new_request_id
 from .http_conversations import conversation_routes
 from .openapi import EasyBackendOpenAPI, UsageBody
 
 DOC_PATHS = {"/docs", "/openapi.json"}
-INTERNAL_MESSAGE = "the server failed to answer; see its log"
-STATUS_BY_CODE = {
-    "invalid_input": 400,
-    "unauthenticated": 401,
-    "not_found": 404,
-    "too_many_requests": 429,
-    "prompt_too_long": 413,
-    "request_too_large": 413,
-    "upstream_rate_limited": 429,
-    "upstream_error": 502,
-    "upstream_auth_failed": 502,
-    "upstream_unavailable": 502,
-    "storage_unavailable": 503,
-    "shutting_down": 503,
-    "upstream_timeout": 504,
+# The HTTP status of every error class (the README's error table is checked against it).
+STATUS_BY_ERROR: dict[type[ChatError], int] = {
+    errors.InvalidInput: 400,
+    errors.HTTPError: 400,  # the HTTP layer's own status is kept (see http_error below)
+    errors.Unauthenticated: 401,
+    errors.NotFound: 404,
+    errors.MethodNotAllowed: 405,
+    errors.PromptTooLong: 413,
+    errors.RequestTooLarge: 413,
+    errors.TooManyRequests: 429,
+    errors.UpstreamRateLimited: 429,
+    errors.InternalError: 500,
+    errors.UpstreamError: 502,
+    errors.UpstreamAuthFailed: 502,
+    errors.UpstreamUnavailable: 502,
+    errors.StorageUnavailable: 503,
+    errors.ShuttingDown: 503,
+    errors.UpstreamTimeout: 504,
 }
 
 
@@ -111,10 +136,11 @@ class HealthBody(pydantic.BaseModel):
     status: str
 
 
-def error_response(code: str, message: str, status: int | None = None) -> Response:
-    body = json.dumps({"error": {"code": code, "message": message}}, ensure_ascii=False)
+def error_response(error: ChatError, status: int | None = None) -> Response:
+    """The JSON error response for ``error``: its class's status unless ``status`` is given."""
+    body = json.dumps({"error": {"code": error.code, "message": error.message}}, ensure_ascii=False)
     return Response(
-        body, status=status or STATUS_BY_CODE.get(code, 500), mimetype="application/json"
+        body, status=status or wire_form(error, STATUS_BY_ERROR), mimetype="application/json"
     )
 
 
@@ -221,12 +247,30 @@ def create_app(service: ChatService, stopping: Stopping | None = None) -> Quart:
         openapi_provider_class=EasyBackendOpenAPI,
     )
 
-    @app.errorhandler(ChatError)
-    async def chat_error(exc: ChatError) -> Response:
-        response = error_response(exc.code, exc.message)
-        if exc.code == "unauthenticated":
+    def failed(error: ChatError, status: int | None = None) -> Response:
+        """The response for ``error``; an ask the core never took is reported as refused."""
+        if is_ask() and not g.get("asked", False):
+            g.asked = True  # reported once
+            service.refused(
+                error,
+                protocol=ask_protocol(),
+                request_id=g.get("request_id") or new_request_id(),
+                conversation_id=(request.view_args or {}).get("conversation_id"),
+                caller=g.get("caller"),
+            )
+        response = error_response(error, status)
+        if isinstance(error, errors.Unauthenticated):
             response.headers["WWW-Authenticate"] = 'Bearer realm="easybackend"'
         return response
+
+    @app.errorhandler(ChatError)
+    async def chat_error(exc: ChatError) -> Response:
+        return failed(exc)
+
+    @app.errorhandler(Exception)
+    async def unexpected_error(exc: Exception) -> Response:
+        """An exception no handler expected: logged with its traceback, a JSON 500 without details."""
+        return failed(errors.unexpected(exc, f"HTTP {request.method} {request.path}"))
 
     settings = service.settings
     open_paths = (
@@ -235,22 +279,34 @@ def create_app(service: ChatService, stopping: Stopping | None = None) -> Quart:
         | ({"/metrics"} if settings.public_metrics else set())
     )
 
+    def is_ask() -> bool:
+        return request.method == "POST" and request.path.startswith("/ask/")
+
+    def ask_protocol() -> str:
+        return "sse" if request.endpoint == "ask_stream" else "http"
+
     @app.before_request
     async def authenticate() -> None:
-        """Every route but the open ones needs a key (when keys are configured); sets g.owner.
+        """Every route but the open ones is made a Caller (g.caller); raises Unauthenticated.
 
         Also takes the request id from X-Request-Id (or makes one); it is sent back.
         """
         g.request_id = accept_request_id(request.headers.get("X-Request-Id"))
+        g.caller = None
         if request.method == "OPTIONS" or request.path in open_paths:
-            g.owner = ""
             return
-        g.owner = service.keys.owner_for_header(request.headers.get("Authorization"))
+        g.caller = service.caller(
+            protocol=ask_protocol(),
+            authorization=request.headers.get("Authorization"),
+            request_id=g.request_id,
+            peer=request.remote_addr,
+            forwarded_for=request.headers.getlist("X-Forwarded-For"),
+        )
 
     @app.before_request
     async def refuse_asks_when_stopping() -> None:
         """Once the shutdown has begun, an ask is refused (503 shutting_down)."""
-        if stopping.begun and request.method == "POST" and request.path.startswith("/ask/"):
+        if stopping.begun and is_ask():
             raise ShuttingDown("the server is shutting down")
 
     @app.after_request
@@ -280,35 +336,33 @@ def create_app(service: ChatService, stopping: Stopping | None = None) -> Quart:
 
     @app.errorhandler(RequestSchemaValidationError)
     async def schema_error(exc: RequestSchemaValidationError) -> Response:
-        return error_response("invalid_input", _describe_validation(exc.validation_error))
+        return failed(InvalidInput(_describe_validation(exc.validation_error)))
 
-    @app.errorhandler(HTTPException)
-    async def http_error(exc: HTTPException) -> Response:
+    @app.errorhandler(werkzeug_errors.HTTPException)
+    async def http_error(exc: werkzeug_errors.HTTPException) -> Response:
+        """What the HTTP layer refused itself, as the ChatError of that refusal."""
         status = exc.code or 500
+        message = exc.description or exc.name
         if status == 413:
             limit = service.settings.max_body_bytes
-            return error_response(
-                "request_too_large", f"the request body is larger than {limit} bytes", 413
-            )
-        if status == 500:  # an unexpected exception: quart has logged it with its traceback
-            return error_response("internal_error", INTERNAL_MESSAGE, 500)
-        code = {400: "invalid_input", 404: "not_found", 405: "method_not_allowed"}.get(
-            status, "http_error"
-        )
-        response = error_response(code, exc.description or exc.name, status)
-        if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+            return failed(RequestTooLarge(f"the request body is larger than {limit} bytes"))
+        if status == 500:  # an InternalServerError raised on purpose: nothing to log
+            return failed(InternalError(errors.INTERNAL_MESSAGE))
+        error = _HTTP_REFUSALS.get(status, HTTPError)(message)
+        response = failed(error, status)
+        if isinstance(exc, werkzeug_errors.MethodNotAllowed) and exc.valid_methods:
             response.headers["Allow"] = ", ".join(exc.valid_methods)  # required on a 405
         return response
 
-    def ask_request(conversation_id: str, body: AskBody, protocol: str) -> AskRequest:
-        return AskRequest(
-            conversation_id=conversation_id,
-            owner=g.owner,
-            protocol=protocol,
-            request_id=g.request_id,
-            client=client_address(request.remote_addr, request.headers.getlist("X-Forwarded-For"), service.settings),
-            **body.model_dump(),
-        )
+    def caller() -> Caller:
+        """The request's Caller (made by ``authenticate``; every non-open route has one)."""
+        made: Caller | None = g.caller
+        assert made is not None, "an open path asked for a caller"
+        return made
+
+    def ask_request(conversation_id: str, body: AskBody) -> AskRequest:
+        g.asked = True  # the core accounts for it from here on
+        return AskRequest(conversation_id=conversation_id, caller=caller(), **body.model_dump())
 
     @app.post("/ask/<conversation_id>")
     @validate_request(AskBody)
@@ -322,7 +376,7 @@ def create_app(service: ChatService, stopping: Stopping | None = None) -> Quart:
         window and the new prompt to the model, then stores the new turn.
         """
         with stopping.cut_at_grace_end():
-            answer = await service.complete(ask_request(conversation_id, data, "http"))
+            answer = await service.complete(ask_request(conversation_id, data))
             body = {"response": answer.text, **_end_data(answer.end)}
             return Response(json.dumps(body, ensure_ascii=False), mimetype="application/json")
         raise ShuttingDown("the server is shutting down")  # the grace ended first
@@ -341,7 +395,7 @@ def create_app(service: ChatService, stopping: Stopping | None = None) -> Quart:
         Closing the connection cancels the answer; the part already sent is
         stored with finish reason ``cancelled``.
         """
-        events = service.ask(ask_request(conversation_id, data, "sse"))
+        events = service.ask(ask_request(conversation_id, data))
         try:
             first = await stopping.next_event(events)
         except BaseException:
@@ -360,7 +414,7 @@ def create_app(service: ChatService, stopping: Stopping | None = None) -> Quart:
         validate_conversation_id(conversation_id)
         raise NotFound(f"no route POST /ask/{conversation_id}")
 
-    app.register_blueprint(conversation_routes(service))
+    app.register_blueprint(conversation_routes(service, caller))
 
     @app.get("/readyz")
     @document_response(HealthBody, 200)
@@ -369,7 +423,9 @@ def create_app(service: ChatService, stopping: Stopping | None = None) -> Quart:
         """Readiness: 200 while the conversation store answers, else 503 (not ready)."""
         if await service.ready():
             return Response('{"status": "ready"}', mimetype="application/json")
-        return error_response("storage_unavailable", "the conversation store does not answer or takes no writes")
+        return error_response(
+            StorageUnavailable("the conversation store does not answer or takes no writes")
+        )
 
     @app.get("/metrics")
     @tag(["operations"])
@@ -406,6 +462,14 @@ async def _sse_body(
                 event = await stopping.next_event(events)
         except ChatError as exc:
             yield _sse("error", {"code": exc.code, "message": exc.message})
+
+
+# Statuses the HTTP layer refuses with, as the error each one is (any other: HTTPError).
+_HTTP_REFUSALS: dict[int, type[ChatError]] = {
+    400: InvalidInput,
+    404: NotFound,
+    405: MethodNotAllowed,
+}
 
 
 def _describe_validation(error: object) -> str:

@@ -1,17 +1,22 @@
 """HTTP conversation management: list, read, delete, roll back, set the system prompt.
 
 A blueprint registered by :func:`easybackend.transports.http.create_app`.
-Every operation is a thin call of the chat core, which validates ids and
-raises NotFound (404) for unknown conversations; errors use the JSON error
-body of the HTTP transport. Times are ISO 8601 in UTC.
+Every operation is a thin call of the chat core with the request's
+:class:`~easybackend.chat.caller.Caller` (made by the HTTP app before any
+route runs); the core validates ids and raises NotFound (404) for unknown
+conversations; errors use the JSON error body of the HTTP transport. Times
+are ISO 8601 in UTC.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pydantic
-from quart import Blueprint, Response, g
+from quart import Blueprint, Response
 from quart_schema import document_response, tag, validate_querystring, validate_request
 
+from ..chat.caller import Caller
 from ..chat.service import MAX_PAGE, ChatService
 from ..chat.views import conversation_detail, conversation_summary
 from .openapi import UsageBody
@@ -163,8 +168,8 @@ class SystemResult(pydantic.BaseModel):
     system_prompt: str | None
 
 
-def conversation_routes(service: ChatService) -> Blueprint:
-    """The management routes over ``service``."""
+def conversation_routes(service: ChatService, caller: Callable[[], Caller]) -> Blueprint:
+    """The management routes over ``service``; ``caller()`` is the request's Caller."""
     routes = Blueprint("conversations", __name__)
 
     @routes.get("/conversations")
@@ -174,7 +179,7 @@ def conversation_routes(service: ChatService) -> Blueprint:
     async def list_conversations(query_args: ListQuery) -> dict[str, object]:
         """List conversations, most recently active first, a page at a time."""
         page = await service.list_conversations(
-            g.owner, limit=query_args.limit, after=query_args.cursor
+            caller=caller(), limit=query_args.limit, after=query_args.cursor
         )
         next_cursor = page[-1].cursor if len(page) == query_args.limit else None
         return {
@@ -187,13 +192,13 @@ def conversation_routes(service: ChatService) -> Blueprint:
     @tag(["conversations"])
     async def get_conversation(conversation_id: str) -> dict[str, object]:
         """A whole conversation: its system prompt, every turn, and usage totals."""
-        return conversation_detail(await service.get_conversation(conversation_id, g.owner))
+        return conversation_detail(await service.get_conversation(conversation_id, caller=caller()))
 
     @routes.delete("/conversations/<conversation_id>")
     @tag(["conversations"])
     async def delete_conversation(conversation_id: str) -> Response:
         """Forget a conversation and all its turns (204 No Content)."""
-        await service.delete_conversation(conversation_id, g.owner)
+        await service.delete_conversation(conversation_id, caller=caller())
         return Response("", status=204)
 
     @routes.post("/conversations/<conversation_id>/rollback")
@@ -202,7 +207,7 @@ def conversation_routes(service: ChatService) -> Blueprint:
     @tag(["conversations"])
     async def rollback(conversation_id: str, data: RollbackBody) -> dict[str, object]:
         """Drop the last n turns, as if they had never been asked; the next ask no longer sees them."""
-        removed, left = await service.rollback(conversation_id, data.turns, g.owner)
+        removed, left = await service.rollback(conversation_id, data.turns, caller=caller())
         return {"conversation_id": conversation_id, "removed": removed, "turns": left}
 
     @routes.put("/conversations/<conversation_id>/system")
@@ -215,7 +220,7 @@ def conversation_routes(service: ChatService) -> Blueprint:
         The conversation is created if it does not exist yet, so a persona
         can be set before the first ask.
         """
-        await service.set_system_prompt(conversation_id, data.prompt, g.owner)
+        await service.set_system_prompt(conversation_id, data.prompt, caller=caller())
         return {"conversation_id": conversation_id, "system_prompt": data.prompt or None}
 
     return routes

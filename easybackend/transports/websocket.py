@@ -7,7 +7,7 @@ Each text message is read as one of:
   then ``<|end|>``; a malformed message or a failure gets
   ``<|err|>$<reason>``;
 - JSON (a message starting with ``{`` or ``[``): ``{"type": "ask", "conversation_id",
-  "prompt", "id"?, "model"?, "temperature"?, "max_tokens"?, "system"?}`` →
+  "prompt", "id"?, "request_id"?, "model"?, "temperature"?, "max_tokens"?, "system"?}`` →
   ``{"type": "delta", "text"}`` … then ``{"type": "end", "finish_reason",
   "usage", "model"}`` or ``{"type": "error", "code", "message"}`` (each with
   the ask's ``id`` when it had one); ``{"type": "cancel"}`` stops the answer
@@ -15,7 +15,17 @@ Each text message is read as one of:
   ``{"type": "ping"}`` → ``{"type": "pong"}``.
 
 Asks on one socket are answered one after another, in the order they
-arrived; the socket stays usable after any error. Binary frames, unknown
+arrived; the socket stays usable after any error. Errors are ChatErrors: a
+JSON ``error`` carries the error class's ``code``.
+
+Who asks is decided once per connection, at the handshake (the key, the peer
+and ``X-Forwarded-For``: the connection's
+:class:`~easybackend.chat.caller.Caller`). Each ask's request id is the JSON
+ask's ``request_id``, else the handshake's ``X-Request-Id``, else a new one
+(an unacceptable id is replaced, as on HTTP); JSON ``end`` and ``error``
+messages carry it. Asks refused before the core takes them (queue full,
+shutdown, a malformed original ask) and handshakes refused for their key are
+reported to :meth:`ChatService.refused` (access line and metrics). Binary frames, unknown
 messages and JSON that cannot be parsed (or nests too deep) get an error
 reply. A message over the size limit closes the socket with code 1009 (the
 WebSocket "message too big" code); a text frame that is not UTF-8 with 1007,
@@ -43,12 +53,13 @@ from urllib.parse import parse_qs, urlsplit
 import trio
 from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection, WebSocketRequest
 
+from .. import errors
 from ..auth import bearer_token
-from ..chat.caller import CURRENT as CLIENT
-from ..chat.caller import client_address, forwarded_for_values
+from ..chat.caller import Caller, forwarded_for_values
 from ..chat.client_json import parse_client_json
 from ..chat.service import AskRequest, ChatService, End
-from ..errors import ChatError, InvalidInput, Unauthenticated
+from ..errors import ChatError, InvalidInput, ShuttingDown, TooManyRequests, Unauthenticated
+from ..request_ids import accept_request_id
 from ..settings import Settings
 from ..tls import server_ssl_context
 from ._trio_websocket_compat import WebSocketServer
@@ -106,18 +117,32 @@ async def serve_websocket(
     async with trio.open_nursery() as handlers:
 
         async def handle(request: WebSocketRequest) -> None:
+            presented_id = _header(request, b"x-request-id")
             try:
-                owner = service.keys.owner_for(_presented_key(request))
+                caller = service.caller(
+                    protocol="ws",
+                    key=_presented_key(request),
+                    request_id=presented_id,
+                    peer=request.remote,
+                    forwarded_for=forwarded_for_values(request.headers),
+                )
             except Unauthenticated as exc:
+                service.refused(exc, protocol="ws", request_id=accept_request_id(presented_id))
                 body = json.dumps({"error": {"code": exc.code, "message": exc.message}}).encode()
                 await request.reject(
                     401, extra_headers=[(b"WWW-Authenticate", b"Bearer")], body=body
                 )
                 return
-            CLIENT.set(client_address(request.remote, forwarded_for_values(request.headers), settings))
             connection = await request.accept()
             await _Connection(
-                service, connection, shutdown, owner, settings.ws_idle_timeout, live, grace_over
+                service,
+                connection,
+                shutdown,
+                caller,
+                presented_id,
+                settings.ws_idle_timeout,
+                live,
+                grace_over,
             ).run()
 
         server = WebSocketServer(
@@ -160,11 +185,19 @@ class _Count:
             await self._changed.wait()
 
 
+def _header(request: WebSocketRequest, name: bytes) -> str | None:
+    """The first value of the handshake's header ``name`` (lowercase), if it was sent."""
+    for header, value in request.headers:
+        if header.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
 def _presented_key(request: WebSocketRequest) -> str | None:
     """The key of the handshake: the Authorization header, else the api_key query parameter."""
-    for name, value in request.headers:
-        if name.lower() == b"authorization":
-            return bearer_token(value.decode("latin-1"))
+    authorization = _header(request, b"authorization")
+    if authorization is not None:
+        return bearer_token(authorization)
     query = parse_qs(urlsplit(request.path).query)
     return query.get("api_key", [None])[0]
 
@@ -177,7 +210,8 @@ class _Connection:
         service: ChatService,
         ws: WebSocketConnection,
         shutdown: trio.Event,
-        owner: str,
+        caller: Caller,
+        presented_request_id: str | None,
         idle_timeout: float,
         live: _Count,
         grace_over: trio.Event,
@@ -185,7 +219,8 @@ class _Connection:
         self.service = service
         self.ws = ws
         self.shutdown = shutdown
-        self.owner = owner
+        self.caller = caller  # made at the handshake
+        self.presented_request_id = presented_request_id  # the handshake's X-Request-Id
         self.idle_timeout = idle_timeout
         self.live = live
         self.pending = 0  # asks queued or running on this socket
@@ -236,7 +271,7 @@ class _Connection:
                 continue
             if isinstance(message, bytes):
                 await self._send_json(
-                    None, _error("invalid_input", "binary frames are not supported; send text")
+                    None, _error(InvalidInput("binary frames are not supported; send text"))
                 )
             elif message.startswith(ORIGINAL_ASK):
                 await self._take_original(message)
@@ -248,25 +283,31 @@ class _Connection:
                     + "unknown message: send <|ask|>$<conversation_id>$<prompt> or a JSON object"
                 )
 
+    def _ask_caller(self, presented_request_id: object = None) -> Caller:
+        """The caller of one ask: its own request id, else the handshake's, else a new one."""
+        return self.caller.with_request_id(presented_request_id or self.presented_request_id)
+
     async def _take_original(self, message: str) -> None:
         parts = message.split("$", 2)
         if len(parts) != 3 or parts[0] != ORIGINAL_ASK:
-            await self._send(
-                ORIGINAL_ERROR + "malformed ask: expected <|ask|>$<conversation_id>$<prompt>"
+            error = InvalidInput("malformed ask: expected <|ask|>$<conversation_id>$<prompt>")
+            caller = self._ask_caller()
+            self.service.refused(
+                error, protocol="ws", request_id=caller.request_id, caller=caller
             )
+            await self._send(ORIGINAL_ERROR + error.message)
             return
-        await self._enqueue(
-            _Ask(AskRequest(parts[1], parts[2], owner=self.owner, protocol="ws"), original=True)
-        )
+        request = AskRequest(parts[1], parts[2], caller=self._ask_caller())
+        await self._enqueue(_Ask(request, original=True))
 
     async def _take_json(self, message: str) -> None:
         try:
             data = parse_client_json(message, "the message")
         except InvalidInput as exc:
-            await self._send_json(None, _error(exc.code, exc.message))
+            await self._send_json(None, _error(exc))
             return
         if not isinstance(data, dict):
-            await self._send_json(None, _error("invalid_input", "a JSON message must be an object"))
+            await self._send_json(None, _error(InvalidInput("a JSON message must be an object")))
             return
         kind, json_id = data.get("type"), data.get("id")
         if kind == "ping":
@@ -275,25 +316,36 @@ class _Connection:
             if self.current is not None:
                 self.current.cancel()
         elif kind == "ask":
-            await self._enqueue(_Ask(_json_ask(data, self.owner), json_id=json_id))
+            caller = self._ask_caller(data.get("request_id"))
+            await self._enqueue(_Ask(_json_ask(data, caller), json_id=json_id))
         else:
             await self._send_json(
-                json_id, _error("invalid_input", "unknown message type: use ask, cancel or ping")
+                json_id, _error(InvalidInput("unknown message type: use ask, cancel or ping"))
             )
 
     async def _enqueue(self, ask: _Ask) -> None:
+        """Queue the ask; refused (and reported as such) once shutdown began or the queue is full."""
         if self.shutdown.is_set():
-            await self._send_failure(ask, "shutting_down", "the server is shutting down")
+            await self._refuse(ask, ShuttingDown("the server is shutting down"))
             return
         try:
             self.send_asks.send_nowait(ask)
             self.pending += 1
         except trio.WouldBlock:
-            await self._send_failure(
-                ask,
-                "too_many_requests",
-                f"more than {MAX_QUEUED_ASKS} asks are waiting on this socket",
+            await self._refuse(
+                ask, TooManyRequests(f"more than {MAX_QUEUED_ASKS} asks are waiting on this socket")
             )
+
+    async def _refuse(self, ask: _Ask, error: ChatError) -> None:
+        request = ask.request
+        self.service.refused(
+            error,
+            protocol="ws",
+            request_id=request.caller.request_id,
+            conversation_id=request.conversation_id,
+            caller=request.caller,
+        )
+        await self._send_failure(ask, error)
 
     async def _answer_asks(self) -> None:
         """Answer queued asks in order; after shutdown, once the queue is empty, close (1001)."""
@@ -306,7 +358,7 @@ class _Connection:
             self.current = None
             self.pending -= 1
             if scope.cancelled_caught and self.cut:  # the shutdown grace ended first
-                await self._send_failure(ask, "shutting_down", "the server is shutting down")
+                await self._send_failure(ask, ShuttingDown("the server is shutting down"))
             elif scope.cancelled_caught:  # the client's `cancel`: the answer ends, the socket stays
                 await self._send_end(ask, None)
         await self._close(GOING_AWAY, "server shutting down")
@@ -324,14 +376,11 @@ class _Connection:
                         for piece in self._json_pieces(ask, event.text):
                             await self._send_json(ask.json_id, {"type": "delta", "text": piece})
         except ChatError as exc:
-            await self._send_failure(ask, exc.code, exc.message)
+            await self._send_failure(ask, exc)
         except (ConnectionClosed, trio.Cancelled):
             raise
-        except Exception:
-            log.exception("answering a WebSocket ask failed")
-            await self._send_failure(
-                ask, "internal_error", "the server failed to answer; see its log"
-            )
+        except Exception as exc:
+            await self._send_failure(ask, errors.unexpected(exc, "answering a WebSocket ask"))
 
     def _json_pieces(self, ask: _Ask, text: str) -> list[str]:
         """``text`` cut so that each ``delta`` message of ``ask`` fits the message limit."""
@@ -347,7 +396,7 @@ class _Connection:
             await self._send(ORIGINAL_END)
         elif end is None:
             payload = {"type": "end", "finish_reason": "cancelled", "usage": None}
-            await self._send_json(ask.json_id, payload, ask.request.request_id)
+            await self._send_json(ask.json_id, payload, ask.request.caller.request_id)
         else:
             payload = {
                 "type": "end",
@@ -355,13 +404,13 @@ class _Connection:
                 "usage": end.usage.as_dict(),
                 "model": end.model,
             }
-            await self._send_json(ask.json_id, payload, ask.request.request_id)
+            await self._send_json(ask.json_id, payload, ask.request.caller.request_id)
 
-    async def _send_failure(self, ask: _Ask, code: str, message: str) -> None:
+    async def _send_failure(self, ask: _Ask, error: ChatError) -> None:
         if ask.original:
-            await self._send(ORIGINAL_ERROR + message)
+            await self._send(ORIGINAL_ERROR + error.message)
         else:
-            await self._send_json(ask.json_id, _error(code, message), ask.request.request_id)
+            await self._send_json(ask.json_id, _error(error), ask.request.caller.request_id)
 
     async def _send_json(
         self, json_id: Any, payload: dict[str, Any], request_id: str | None = None
@@ -411,19 +460,19 @@ class _Connection:
             self.current.cancel()
 
 
-def _error(code: str, message: str) -> dict[str, Any]:
-    return {"type": "error", "code": code, "message": message}
+def _error(error: ChatError) -> dict[str, Any]:
+    """The JSON ``error`` message of ``error``: its class's code and its message."""
+    return {"type": "error", "code": error.code, "message": error.message}
 
 
-def _json_ask(data: dict[str, Any], owner: str) -> AskRequest:
+def _json_ask(data: dict[str, Any], caller: Caller) -> AskRequest:
     """An AskRequest from a JSON ask (the core checks every field)."""
     return AskRequest(
         conversation_id=data.get("conversation_id"),  # type: ignore[arg-type]
         prompt=data.get("prompt"),  # type: ignore[arg-type]
-        owner=owner,
         model=data.get("model"),
         temperature=data.get("temperature"),
         max_tokens=data.get("max_tokens"),
         system=data.get("system"),
-        protocol="ws",
+        caller=caller,
     )
