@@ -99,6 +99,29 @@ async def test_context_keeps_only_the_newest_whole_turns_that_fit(store):
     assert seen == [(None, None)]
 
 
+async def test_the_head_then_the_newest_turns_reading_stops_at_the_first_that_does_not_fit(
+    store,
+):
+    for i in range(1, 11):
+        await store.append_turn(ALICE, turn(f"p{i}", tokens=10))
+    await store.set_system_prompt(ALICE, "be brief", 2)
+    head = await store.conversation_head(ALICE)
+    assert (head.system_prompt, head.system_tokens, head.turn_count) == ("be brief", 2, 10)
+    costed: list[int] = []
+
+    def cost(stored) -> int:
+        costed.append(stored.seq)
+        return turn_cost(stored)
+
+    per_turn = turn_cost((await store.newest_turns(ALICE, 10**9, turn_cost))[0])
+    turns = await store.newest_turns(ALICE, 3 * per_turn + per_turn // 2, cost)
+    assert [t.seq for t in turns] == [8, 9, 10]
+    assert costed == [10, 9, 8, 7]  # newest first, and nothing read past the turn that did not fit
+    unknown = await store.conversation_head(ConversationRef("alice", "new"))
+    assert (unknown.system_prompt, unknown.system_tokens, unknown.turn_count) == (None, None, 0)
+    assert await store.newest_turns(ConversationRef("alice", "new"), 10**9, turn_cost) == []
+
+
 async def test_budget_callback_sees_the_system_prompt_and_can_refuse(store):
     await store.set_system_prompt(ALICE, "be brief", 2)
 
