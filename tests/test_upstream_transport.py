@@ -424,6 +424,34 @@ async def test_post_read_whole_then_closed_unanswered_is_never_sent_twice(serve_
     assert server.accepted == 2
 
 
+async def test_request_a_pooled_connection_reset_unread_is_sent_on_a_new_one(
+    serve_raw, client, lean_only
+):
+    """The server closes the kept connection as the request arrives, without reading it.
+
+    Its system then resets the connection (bytes it never read were waiting): the server
+    cannot have read the request, which goes out once more on a new connection. Lean only:
+    httpx's own transport raises here.
+    """
+
+    async def handler(peer: Peer) -> None:
+        if peer.index == 0:
+            await peer.read_request()
+            await peer.send(OK_HELLO)
+            await trio.lowlevel.wait_readable(peer.stream.socket)  # the POST, left unread
+            return  # closed with unread bytes: a reset
+        while await peer.read_request() is not None:
+            await peer.send(OK_HELLO)
+
+    server = await serve_raw(handler)
+    with trio.fail_after(5):
+        await client.get(server.url)
+        response = await client.post(server.url, content=b"once")
+    assert response.content == b"hello"
+    assert server.accepted == 2
+    assert server.bodies == [b"", b"once"]  # the POST read once, on the new connection
+
+
 async def test_request_whose_write_failed_on_a_pooled_connection_is_sent_on_a_new_one(
     serve_raw, client, lean_only
 ):

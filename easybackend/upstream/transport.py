@@ -13,14 +13,17 @@ connection; a pool of idle keep-alive connections per origin, each checked
 before reuse (a connection the server has closed is dropped); the SDK's
 connect, read and write timeouts.
 
-A request goes out at most once, unless the server cannot have acted on it. It
-is sent again, once and on a new connection, only when all of these hold: it
-was written on a pooled connection, the write failed before the whole request
-(head and body) had been handed to the connection (the server had closed or
-reset it), and not one byte of a response had arrived. Once the whole request
-is written, whatever follows (the server closing or resetting the connection
-without an answer, a timeout) is raised to the caller and never retried: the
-server may have read the request and acted on it, and a chat completion sent
+A request goes out at most once, unless the server cannot have read it whole.
+It is sent again, once and on a new connection, only when it was on a pooled
+connection, not one byte of a response had arrived, and either the write
+failed before the whole request (head and body) had been handed to the
+connection, or the server reset the connection (RST) instead of closing it: a
+server's system resets a connection that is closed while bytes it never read
+are waiting, or that receives bytes after it was closed (the race of a
+keep-alive connection closed by the server just as a request goes out). A
+server that read the request whole and then closes without answering sends a
+plain FIN: that, or a timeout, is raised to the caller and never retried,
+since the server may have acted on the request, and a chat completion sent
 twice is billed twice. (When a server answers before taking the whole request,
 a 413 say, that answer is read and returned.) Content decoding
 (gzip and the like) and redirects stay with httpx. Proxies are not spoken
@@ -113,14 +116,12 @@ class LeanTransport(httpx2.AsyncBaseTransport):
             try:
                 return await self._exchange(connection, request, message, timeouts, origin)
             except _NotSent:
-                pass  # the server had closed the pooled connection: it never had the request
+                pass  # the server had closed the pooled connection: it never read the request
         connection = await self._connect(origin, timeouts.get("connect"))
         try:
             return await self._exchange(connection, request, message, timeouts, origin)
         except _NotSent as exc:
-            raise httpx2.RemoteProtocolError(
-                "the server closed the connection before the request was sent"
-            ) from exc
+            raise _no_response() from exc
 
     def _reusable(self, origin: Origin) -> _Connection | None:
         idle = self._idle.get(origin)
@@ -162,10 +163,12 @@ class LeanTransport(httpx2.AsyncBaseTransport):
     ) -> httpx2.Response:
         """Write the request and read the response head on ``connection``.
 
-        Raises _NotSent when writing failed before the whole request was written
-        and no byte of an answer has arrived (the caller may send it again on a
-        new connection); any other failure, after the request was written in
-        full in particular, closes the connection and raises httpx's exception.
+        Raises _NotSent when the server cannot have read the request whole and
+        no byte of an answer has arrived (the write failed before its end, or
+        the server reset the connection): the caller may send it again on a new
+        connection. Any other failure, the server closing after reading the
+        request in particular, closes the connection and raises httpx's
+        exception.
         """
         try:
             written = True
@@ -200,6 +203,8 @@ class LeanTransport(httpx2.AsyncBaseTransport):
                     data = await connection.receive(read_timeout)
                 except httpx2.ReadError as exc:
                     if not connection.buffer:
+                        if _was_reset(exc):
+                            raise _NotSent from exc  # the server discarded what it never read
                         raise _no_response() from exc
                     raise
                 if not data:
@@ -232,7 +237,17 @@ class LeanTransport(httpx2.AsyncBaseTransport):
 
 
 class _NotSent(Exception):
-    """Writing the request failed before it was complete, and no byte of an answer had come."""
+    """The server cannot have read the request whole (see the module docstring); no answer came."""
+
+
+def _was_reset(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from the peer resetting the connection (ECONNRESET)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ConnectionResetError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _no_response() -> httpx2.RemoteProtocolError:
