@@ -35,7 +35,7 @@ import dataclasses
 import re
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import trio
 
@@ -49,7 +49,14 @@ from ..errors import (
 )
 from ..metrics import Metrics
 from ..settings import Settings
-from ..storage import ConversationDetail, ConversationRef, ConversationSummary, NewTurn, Storage
+from ..storage import (
+    ConversationDetail,
+    ConversationHead,
+    ConversationRef,
+    ConversationSummary,
+    NewTurn,
+    ServingStore,
+)
 from ..upstream.openai_client import Completion, OpenAIUpstream, UpstreamCall
 from .accounting import CANCELLED, AskRecord, is_cancellation, record_for, record_refusal
 from .caller import Caller, Callers
@@ -166,7 +173,7 @@ class ChatService:
     def __init__(
         self,
         settings: Settings,
-        storage: Storage,
+        storage: ServingStore,
         upstream: OpenAIUpstream,
         counter: TokenCounter,
         metrics: Metrics,
@@ -177,35 +184,15 @@ class ChatService:
         self.upstream = upstream
         self.counter = counter
         self.callers = Callers(settings)
+        # Who is calling, from what a transport was given; raises Unauthenticated
+        # (see Callers.caller). Every other method takes the Caller it returns.
+        self.caller = self.callers.caller
         self._locks = KeyedLock()
         self._streams: collections.Counter[str] = (
             collections.Counter()
         )  # answers in progress per key or client address (see _admitted)
         self.first_prompt_tokens = (
             counter.text(settings.first_prompt) if settings.first_prompt is not None else None
-        )
-
-    def caller(
-        self,
-        *,
-        protocol: str,
-        key: str | None = None,
-        authorization: str | None = None,
-        request_id: str | None = None,
-        peer: object = None,
-        forwarded_for: Iterable[str] = (),
-    ) -> Caller:
-        """Who is calling, from what the transport was given; raises Unauthenticated.
-
-        See :meth:`~easybackend.chat.caller.Callers.caller`.
-        """
-        return self.callers.caller(
-            protocol=protocol,
-            key=key,
-            authorization=authorization,
-            request_id=request_id,
-            peer=peer,
-            forwarded_for=forwarded_for,
         )
 
     def refused(
@@ -298,12 +285,16 @@ class ChatService:
 
         with self._admitted(request):
             async with self._hold(ref):
-                plan = _ContextPlan(self, request, prompt_tokens)
-                context = await self.storage.load_context(ref, plan.history_budget, turn_cost)
-                call = self._upstream_call(
-                    request, build_messages(plan.system, context.turns, prompt)
+                # Read under the conversation's lock: its head, then the newest turns that fit.
+                head = await self.storage.conversation_head(ref)
+                plan = await _ContextPlan.choose(self, request, prompt_tokens, head)
+                history = (
+                    await self.storage.newest_turns(ref, plan.budget.history, turn_cost)
+                    if head.turn_count
+                    else []
                 )
-                sent_tokens = plan.fixed_tokens + sum(turn_cost(t) for t in context.turns)
+                call = self._upstream_call(request, build_messages(plan.system, history, prompt))
+                sent_tokens = plan.budget.fixed + sum(turn_cost(t) for t in history)
 
                 pieces: list[str] = []
                 completion: Completion | None = None
@@ -565,35 +556,36 @@ async def _cut_at(
             return
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
 class _ContextPlan:
-    """Chooses the system prompt and shares the token budget out, once the stored one is known."""
+    """The system prompt an ask sends and how its context window is shared out."""
 
-    def __init__(self, service: ChatService, request: AskRequest, prompt_tokens: int) -> None:
-        self._service = service
-        self._request = request
-        self._prompt_tokens = prompt_tokens
-        self.system: str | None = None
-        self.fixed_tokens = 0
+    system: str | None
+    budget: Budget
 
-    def history_budget(self, stored_system: str | None, stored_tokens: int | None) -> int:
-        """Called by the storage: raises PromptTooLong, else returns the tokens history may use."""
-        service, request = self._service, self._request
-        # A per-ask system prompt wins over the conversation's, which wins over FIRST_PROMPT.
+    @classmethod
+    async def choose(
+        cls, service: ChatService, request: AskRequest, prompt_tokens: int, head: ConversationHead
+    ) -> _ContextPlan:
+        """The plan for ``request`` on the conversation read as ``head``; raises PromptTooLong.
+
+        A per-ask system prompt wins over the conversation's, which wins over
+        FIRST_PROMPT. A system prompt stored without its count (or given per
+        ask) is counted here, off the event loop when long.
+        """
+        counter, settings = service.counter, service.settings
         if request.system is not None:
-            self.system, system_tokens = request.system, service.counter.text(request.system)
-        elif stored_system is not None:
-            self.system = stored_system
-            system_tokens = (
-                stored_tokens if stored_tokens is not None else service.counter.text(stored_system)
-            )
+            system, system_tokens = request.system, await counter.text_off_loop(request.system)
+        elif head.system_prompt is not None:
+            system, system_tokens = head.system_prompt, head.system_tokens
+            if system_tokens is None:
+                system_tokens = await counter.text_off_loop(system)
         else:
-            self.system, system_tokens = service.settings.first_prompt, service.first_prompt_tokens
-        settings = service.settings
+            system, system_tokens = settings.first_prompt, service.first_prompt_tokens
         budget = Budget.plan(
             max_context_tokens=settings.max_context_tokens,
             reserved_for_answer=request.max_tokens or settings.max_response_tokens or 0,
             system_tokens=system_tokens,
-            prompt_tokens=self._prompt_tokens,
+            prompt_tokens=prompt_tokens,
         )
-        self.fixed_tokens = budget.fixed
-        return budget.history
+        return cls(system, budget)
