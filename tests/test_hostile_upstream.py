@@ -558,7 +558,8 @@ async def test_a_redirect_within_the_origin_is_followed(hostile, start_server, t
     async def respond(stream: trio.SocketStream, request: Received) -> None:
         if request.target == "/v1/chat/completions":
             await stream.send_all(
-                b"HTTP/1.1 307 Moved\r\nlocation: /v2/chat/completions\r\ncontent-length: 0\r\n\r\n"
+                b"HTTP/1.1 307 Moved\r\nlocation: /v2/chat/completions\r\ncontent-length: 0\r\n"
+                b"connection: close\r\n\r\n"  # this server closes after each answer
             )
         else:
             await answering(*good_answer("moved along"))(stream, request)

@@ -15,16 +15,15 @@ connect, read and write timeouts.
 
 A request goes out at most once, unless the server cannot have read it whole.
 It is sent again, once and on a new connection, only when it was on a pooled
-connection, not one byte of a response had arrived, and either the write
-failed before the whole request (head and body) had been handed to the
-connection, or the server reset the connection (RST) instead of closing it: a
-server's system resets a connection that is closed while bytes it never read
-are waiting, or that receives bytes after it was closed (the race of a
-keep-alive connection closed by the server just as a request goes out). A
-server that read the request whole and then closes without answering sends a
-plain FIN: that, or a timeout, is raised to the caller and never retried,
-since the server may have acted on the request, and a chat completion sent
-twice is billed twice. (When a server answers before taking the whole request,
+connection, not one byte of a response had arrived, and the write failed
+before the whole request (head and body) had been handed to the connection. A
+request written in full is never sent again by this transport, whatever the
+server does next (closes, resets, times out): the server may have acted on it,
+and a chat completion sent twice is billed twice. The one policy that may send
+it again is the upstream client's own, counted and bounded by
+``UPSTREAM_RETRIES`` (a pooled connection the server closed just as the request
+went out is such a case; before reuse, a connection the server has already
+closed is dropped). (When a server answers before taking the whole request,
 a 413 say, that answer is read and returned.) Content decoding
 (gzip and the like) and redirects stay with httpx. Proxies are not spoken
 here: when the environment names one, the upstream client keeps httpx's own
@@ -164,9 +163,8 @@ class LeanTransport(httpx2.AsyncBaseTransport):
         """Write the request and read the response head on ``connection``.
 
         Raises _NotSent when the server cannot have read the request whole and
-        no byte of an answer has arrived (the write failed before its end, or
-        the server reset the connection): the caller may send it again on a new
-        connection. Any other failure, the server closing after reading the
+        no byte of an answer has arrived (the write failed before its end): the
+        caller may send it again on a new connection. Any other failure, the server closing after reading the
         request in particular, closes the connection and raises httpx's
         exception.
         """
@@ -203,8 +201,6 @@ class LeanTransport(httpx2.AsyncBaseTransport):
                     data = await connection.receive(read_timeout)
                 except httpx2.ReadError as exc:
                     if not connection.buffer:
-                        if _was_reset(exc):
-                            raise _NotSent from exc  # the server discarded what it never read
                         raise _no_response() from exc
                     raise
                 if not data:
@@ -238,16 +234,6 @@ class LeanTransport(httpx2.AsyncBaseTransport):
 
 class _NotSent(Exception):
     """The server cannot have read the request whole (see the module docstring); no answer came."""
-
-
-def _was_reset(exc: BaseException) -> bool:
-    """Whether ``exc`` comes from the peer resetting the connection (ECONNRESET)."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ConnectionResetError):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 def _no_response() -> httpx2.RemoteProtocolError:
