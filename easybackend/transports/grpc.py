@@ -108,16 +108,6 @@ from .. import errors
 from ..chat.caller import Caller, stream_peer
 from ..chat.service import AskRequest, ChatService, Delta
 from ..chat.views import conversation_detail, conversation_summary
-from ..errors import (
-    ChatError,
-    InternalError,
-    InvalidInput,
-    MethodNotAllowed,
-    NotFound,
-    RequestTooLarge,
-    ShuttingDown,
-    wire_form,
-)
 from ..proto_gen import chat_grpc, chat_pb2, health_grpc, health_pb2
 from ..request_ids import accept_request_id
 from ..settings import Settings
@@ -129,7 +119,7 @@ from .send_deadline import GOODBYE_SECONDS, ClientTooSlow, SendBoundedStream, se
 log = logging.getLogger(__name__)
 
 # The status code of every error class (the README's error table is checked against it).
-STATUS_BY_ERROR: dict[type[ChatError], StatusCode] = {
+STATUS_BY_ERROR: dict[type[errors.ChatError], StatusCode] = {
     errors.InvalidInput: StatusCode.INVALID_ARGUMENT,
     errors.PromptTooLong: StatusCode.INVALID_ARGUMENT,
     errors.HTTPError: StatusCode.INVALID_ARGUMENT,  # HTTP only
@@ -159,9 +149,9 @@ PREFACE_TIMEOUT = 10.0
 RESPONSE_OVERHEAD = 16  # bytes of an AskResponse besides its text (tag, length; 6 at most)
 
 
-def status_for(error: ChatError) -> Status:
+def status_for(error: errors.ChatError) -> Status:
     """The status a call ends with on ``error``: its class's code, its message."""
-    return Status(wire_form(error, STATUS_BY_ERROR), error.message)
+    return Status(errors.wire_form(error, STATUS_BY_ERROR), error.message)
 
 
 async def serve_grpc(
@@ -270,7 +260,7 @@ class _Chat(chat_grpc.ChatServicer):
             forwarded_for=call.metadata_values("x-forwarded-for"),
         )
 
-    def refused(self, call: _Call, error: ChatError) -> None:
+    def refused(self, call: _Call, error: errors.ChatError) -> None:
         """A call ended with ``error``: an Ask the core had not taken is reported as refused."""
         if call.headers.service_name == CHAT_SERVICE and call.headers.method_name == ASK_METHOD:
             if not call.taken:
@@ -414,7 +404,7 @@ class _Health(health_grpc.HealthServicer):
     ) -> health_pb2.HealthCheckResponse:
         """SERVING while the server runs and its storage answers (the same as /readyz)."""
         if message.service not in self.SERVICES:
-            raise NotFound(f"unknown service {message.service!r}")
+            raise errors.NotFound(f"unknown service {message.service!r}")
         status = self._status(message.service)
         if status == health_pb2.HealthCheckResponse.SERVING and not await self._service.ready():
             status = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -561,7 +551,7 @@ class _Connection:
                     stream, refuse=self.draining, peer=self.peer, trailers=trailers
                 )
             if scope.cancelled_caught and self.server.cutting:  # the shutdown grace is over
-                status = status_for(ShuttingDown("the server is shutting down"))
+                status = status_for(errors.ShuttingDown("the server is shutting down"))
             if status is not None and stream.stream_id not in self.resets:
                 try:
                     await stream.close(status, custom_metadata=tuple(trailers.items()))
@@ -607,7 +597,7 @@ class _Server:
         *,
         max_message_length: int,
         send_timeout: float = math.inf,
-        refused: Callable[[_Call, ChatError], None] = lambda call, error: None,
+        refused: Callable[[_Call, errors.ChatError], None] = lambda call, error: None,
     ) -> None:
         self.services = services
         self.refused = refused  # told of every call that ends with an error (see _Chat.refused)
@@ -668,7 +658,7 @@ class _Server:
         """
         request = await stream.receive_event()
         if not isinstance(request, RequestReceived):
-            return status_for(InternalError("expected request headers"))
+            return status_for(errors.InternalError("expected request headers"))
         call = _Call(request, peer, accept_request_id(_first(request, "x-request-id")))
         trailers["x-request-id"] = call.request_id
         service = self.services.get(request.service_name)
@@ -677,12 +667,12 @@ class _Server:
             Cardinality.UNARY_UNARY,
             Cardinality.UNARY_STREAM,
         ):
-            return status_for(MethodNotAllowed(f"method {call.method} is not implemented"))
+            return status_for(errors.MethodNotAllowed(f"method {call.method} is not implemented"))
         timeout = request.timeout.total_seconds() if request.timeout is not None else math.inf
         response = _Response(stream, call.request_id, self.send_timeout)
         try:
             if refuse and request.service_name != HEALTH_SERVICE:  # health says NOT_SERVING
-                raise ShuttingDown("the server is shutting down")
+                raise errors.ShuttingDown("the server is shutting down")
             stream.expect_message_type(method.signature.request_type)
             with trio.move_on_after(timeout) as deadline:
                 message = call.message = await _single_message(stream)
@@ -699,7 +689,7 @@ class _Server:
             log.info("gRPC %s: giving up on a client that stopped reading: %s", call.method, exc)
             return Status(StatusCode.CANCELLED, str(exc))
         except Exception as exc:
-            if isinstance(exc, ChatError):
+            if isinstance(exc, errors.ChatError):
                 error = exc
             else:  # logged with its traceback; the client learns nothing more
                 error = errors.unexpected(exc, f"gRPC {call.method}")
@@ -740,16 +730,18 @@ async def _single_message(stream: GRPCProtoStream) -> Any:
         try:
             event = await stream.receive_event()
         except DecodeError:
-            raise InvalidInput("the request message could not be decoded") from None
+            raise errors.InvalidInput("the request message could not be decoded") from None
         if isinstance(event, BadRequestData):
             too_large = event.status.status_code == StatusCode.RESOURCE_EXHAUSTED
-            raise (RequestTooLarge if too_large else InvalidInput)(event.status.status_message)
+            raise (errors.RequestTooLarge if too_large else errors.InvalidInput)(
+                event.status.status_message
+            )
         if isinstance(event, RequestEnded):
             break
         if isinstance(event, MessageReceived):
             if message is not None:
-                raise InvalidInput("expected one request message, got more")
+                raise errors.InvalidInput("expected one request message, got more")
             message = event.data
     if message is None:
-        raise InvalidInput("expected one request message, got none")
+        raise errors.InvalidInput("expected one request message, got none")
     return message
