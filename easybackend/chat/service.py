@@ -86,6 +86,12 @@ def _shown_id(conversation_id: object) -> str:
     return shown if CONVERSATION_ID.fullmatch(shown) else "-"
 
 
+# How an answer cut at MAX_ANSWER_CHARS ends: finish reason ``length`` (what OpenAI reports for an
+# answer cut by a cap), no model or usage from the provider (the turn gets the requested model and
+# our own counts).
+ANSWER_CUT = Completion("length", model=None, prompt_tokens=None, completion_tokens=None)
+
+
 def checked_text(field: str, value: object) -> str:
     """``value`` if it is text the store and the upstream can take, else raise InvalidInput naming ``field``.
 
@@ -299,16 +305,21 @@ class ChatService:
                 pieces: list[str] = []
                 completion: Completion | None = None
                 try:
-                    async with (
-                        contextlib.aclosing(self.upstream.stream(call)) as stream,
-                        contextlib.aclosing(_cut_at(stream, self.settings.max_answer_chars)) as items,
-                    ):
-                        async for item in items:
+                    room = self.settings.max_answer_chars  # characters the answer may still take
+                    async with contextlib.aclosing(self.upstream.stream(call)) as stream:
+                        async for item in stream:
                             if isinstance(item, Completion):
                                 completion = item
-                            else:
-                                yield Delta(item)
-                                pieces.append(item)  # delivered: the transport's send returned
+                                continue
+                            if len(item) > room:  # cut at the cap; leaving closes the upstream
+                                if room:
+                                    yield Delta(item[:room])
+                                    pieces.append(item[:room])
+                                completion = ANSWER_CUT
+                                break
+                            room -= len(item)
+                            yield Delta(item)
+                            pieces.append(item)  # delivered: the transport's send returned
                 except BaseException:
                     if pieces and completion is None and is_cancellation(sys.exception()):
                         turn = await self._store_cancelled(
@@ -529,31 +540,6 @@ class ChatService:
         with trio.CancelScope(shield=True), trio.move_on_after(STORE_ON_CANCEL_SECONDS):
             await self.storage.append_turn(ref, turn)
         return turn
-
-
-async def _cut_at(
-    stream: AsyncIterator[str | Completion], max_chars: int
-) -> AsyncIterator[str | Completion]:
-    """The upstream's items, with the answer's text cut after ``max_chars`` characters.
-
-    The piece that goes past the cap is cut there and followed by a
-    Completion with finish reason ``length`` (what OpenAI reports for an
-    answer cut by a cap), with no model or usage (the turn gets the requested
-    model and our own counts); then this generator ends, and the caller's
-    ``aclosing`` closes the upstream call.
-    """
-    room = max_chars  # characters the answer may still take
-    async for item in stream:
-        if isinstance(item, Completion):
-            yield item
-        elif len(item) <= room:
-            room -= len(item)
-            yield item
-        else:
-            if room:
-                yield item[:room]
-            yield Completion("length", model=None, prompt_tokens=None, completion_tokens=None)
-            return
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
