@@ -625,11 +625,11 @@ async def _splice(a: trio.abc.Stream, b: trio.abc.Stream, first: bytes = b"") ->
         await trio.aclose_forcefully(b)
 
 
-class Socks5Proxy:
-    """A SOCKS5 proxy (no authentication, CONNECT only) recording each tunnel's target."""
+class _LoopbackProxy:
+    """A proxy on a free loopback port; ``tunnels`` records what each client asked for."""
 
     def __init__(self) -> None:
-        self.tunnels: list[tuple[str, int]] = []
+        self.tunnels: list[tuple[str, Any]] = []
         self.port = 0
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -637,6 +637,13 @@ class Socks5Proxy:
         self.port = listeners[0].socket.getsockname()[1]
         task_status.started(self.port)
         await trio.serve_listeners(self._client, listeners)
+
+    async def _client(self, client: trio.SocketStream) -> None:
+        raise NotImplementedError
+
+
+class Socks5Proxy(_LoopbackProxy):
+    """A SOCKS5 proxy (no authentication, CONNECT only) recording each tunnel's target."""
 
     async def _client(self, client: trio.SocketStream) -> None:
         try:
@@ -662,18 +669,8 @@ class Socks5Proxy:
         await _splice(client, target, reader.buffer)
 
 
-class ConnectProxy:
+class ConnectProxy(_LoopbackProxy):
     """An HTTP proxy that only speaks CONNECT; records each target and its first tunnelled byte."""
-
-    def __init__(self) -> None:
-        self.tunnels: list[tuple[str, bytes]] = []
-        self.port = 0
-
-    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        task_status.started(self.port)
-        await trio.serve_listeners(self._client, listeners)
 
     async def _client(self, client: trio.SocketStream) -> None:
         try:
