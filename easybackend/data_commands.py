@@ -43,7 +43,8 @@ async def import_json(settings: Settings, args: dict[str, str]) -> int:
 
 
 async def export(settings: Settings, args: dict[str, str]) -> int:
-    """Write one conversation as JSON (the shape of GET /conversations/{id})."""
+    """Write one conversation as JSON (the shape of GET /conversations/{id}?view=tree: the
+    active path as ``history``, every turn with its id and parent as ``tree``)."""
     try:
         ref = ConversationRef("", validate_conversation_id(args["conversation_id"]))
     except ChatError as exc:
@@ -57,7 +58,7 @@ async def export(settings: Settings, args: dict[str, str]) -> int:
         raise CommandError(
             f"no conversation {ref.conversation_id!r} in {settings.database.redacted()}"
         )
-    text = json.dumps(conversation_detail(detail), ensure_ascii=False, indent=2) + "\n"
+    text = json.dumps(conversation_detail(detail, tree=True), ensure_ascii=False, indent=2) + "\n"
     if args.get("output"):
         await trio.Path(args["output"]).write_text(text, encoding="utf-8")
     else:

@@ -56,6 +56,7 @@ from ..storage import (
     ConversationSummary,
     NewTurn,
     ServingStore,
+    TurnPosition,
 )
 from ..upstream.openai_client import Completion, OpenAIUpstream, UpstreamCall
 from .accounting import CANCELLED, AskRecord, is_cancellation, record_for, record_refusal
@@ -63,6 +64,7 @@ from .caller import Caller, Callers
 from .context import Budget, build_messages, turn_cost
 from .locks import KeyedLock
 from .tokens import TokenCounter
+from .tree import validate_turn_id
 
 CONVERSATION_ID = re.compile(r"[A-Za-z0-9_\-.:]{1,128}")
 READY_TIMEOUT = 2.0  # seconds the store may take to answer a readiness check
@@ -127,6 +129,12 @@ class AskRequest:
     temperature: float | None = None
     max_tokens: int | None = None
     system: str | None = None  # this turn only, instead of the conversation's system prompt
+    # Where the new turn goes (SPEC §12): a child of this turn, "root" for a new first turn,
+    # None for a child of the head.
+    parent_id: str | None = None
+    # A regenerate: the turn whose prompt is asked again, as a new sibling of it (``prompt``
+    # and ``parent_id`` are then not used: the prompt is that turn's, the parent its parent's).
+    regenerate: str | None = None
     caller: Caller = dataclasses.field(kw_only=True)
 
 
@@ -156,13 +164,14 @@ class Delta:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class End:
-    """The answer is complete and stored as turn ``turn``."""
+    """The answer is complete and stored as the turn ``turn_id``, the conversation's new head."""
 
     conversation_id: str
     model: str
     finish_reason: str
     usage: Usage
-    turn: int
+    turn_id: str
+    turn: int  # its position on its path, from 1
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -284,19 +293,38 @@ class ChatService:
         ref = ConversationRef(
             request.caller.owner, validate_conversation_id(request.conversation_id)
         )
-        prompt = self._checked_prompt(request.prompt)
+        regenerate = request.regenerate
+        if regenerate is None:
+            prompt = self._checked_prompt(request.prompt)
+            if request.parent_id is not None:
+                validate_turn_id(request.parent_id, "parent_id", root=True)
+        else:
+            validate_turn_id(regenerate, "turn_id")
+            if request.parent_id is not None:
+                raise InvalidInput("a regenerate takes no parent_id: its parent is the turn's")
         self._check_overrides(request)
-        prompt_tokens = await self.counter.text_off_loop(prompt)
+        prompt_tokens = await self.counter.text_off_loop(prompt) if regenerate is None else 0
         created_at = time.time()
 
         with self._admitted(request):
             async with self._hold(ref):
-                # Read under the conversation's lock: its head, then the newest turns that fit.
-                head = await self.storage.conversation_head(ref)
+                # Read under the conversation's lock: its head and the new turn's parent, then
+                # the newest turns of the path to the parent that fit.
+                head = await self.storage.conversation_head(
+                    ref, request.parent_id, sibling_of=regenerate
+                )
+                if head is None:
+                    named = regenerate if regenerate is not None else request.parent_id
+                    raise NotFound(f"no turn {named!r} in conversation {ref.conversation_id!r}")
+                if regenerate is not None:
+                    original = await self.storage.find_turn(ref, regenerate)
+                    assert original is not None  # found by conversation_head, under the lock
+                    prompt, prompt_tokens = original.prompt, original.prompt_tokens
+                parent = head.parent
                 plan = await _ContextPlan.choose(self, request, prompt_tokens, head)
                 history = (
-                    await self.storage.newest_turns(ref, plan.budget.history, turn_cost)
-                    if head.turn_count
+                    await self.storage.newest_turns(ref, parent, plan.budget.history, turn_cost)
+                    if parent is not None
                     else []
                 )
                 call = self._upstream_call(request, build_messages(plan.system, history, prompt))
@@ -323,7 +351,14 @@ class ChatService:
                 except BaseException:
                     if pieces and completion is None and is_cancellation(sys.exception()):
                         turn = await self._store_cancelled(
-                            ref, call, prompt, prompt_tokens, pieces, sent_tokens, created_at
+                            ref,
+                            parent,
+                            call,
+                            prompt,
+                            prompt_tokens,
+                            pieces,
+                            sent_tokens,
+                            created_at,
                         )
                         record.tokens(turn.usage_prompt_tokens, turn.usage_completion_tokens)
                     raise
@@ -340,13 +375,14 @@ class ChatService:
                     completion,
                     answer_tokens=await self.counter.text_off_loop(answer),
                 )
-                seq = await self.storage.append_turn(ref, turn)
+                stored = await self.storage.append_turn(ref, turn, parent)
         yield End(
             conversation_id=ref.conversation_id,
             model=turn.model,
             finish_reason=turn.finish_reason,
             usage=Usage(turn.usage_prompt_tokens, turn.usage_completion_tokens),
-            turn=seq,
+            turn_id=stored.turn_id,
+            turn=stored.depth,
         )
 
     def _upstream_call(self, request: AskRequest, messages: list[dict[str, str]]) -> UpstreamCall:
@@ -433,9 +469,7 @@ class ChatService:
         except ValueError:
             raise InvalidInput("cursor is not one this server handed out") from None
 
-    async def get_conversation(
-        self, conversation_id: str, *, caller: Caller
-    ) -> ConversationDetail:
+    async def get_conversation(self, conversation_id: str, *, caller: Caller) -> ConversationDetail:
         """The whole conversation. Raises InvalidInput or NotFound."""
         ref = ConversationRef(caller.owner, validate_conversation_id(conversation_id))
         async with self._locks.hold(ref):
@@ -453,8 +487,12 @@ class ChatService:
 
     async def rollback(
         self, conversation_id: str, turns: int, *, caller: Caller
-    ) -> tuple[int, int]:
-        """Drop the last ``turns`` turns; returns (dropped, left). Raises InvalidInput or NotFound."""
+    ) -> tuple[int, int, str | None]:
+        """Move the head ``turns`` turns up its path, deleting nothing.
+
+        Returns (turns moved past, turns left on the path, the new head's id or
+        None). Raises InvalidInput or NotFound.
+        """
         ref = ConversationRef(caller.owner, validate_conversation_id(conversation_id))
         if isinstance(turns, bool) or not isinstance(turns, int) or turns < 1:
             raise InvalidInput("turns must be a whole number of at least 1")
@@ -462,7 +500,36 @@ class ChatService:
             result = await self.storage.rollback(ref, turns)
         if result is None:
             raise NotFound(f"no conversation {conversation_id!r}")
-        return result
+        moved, left, head = result
+        return moved, left, head.turn_id if head else None
+
+    async def set_head(self, conversation_id: str, turn_id: str, *, caller: Caller) -> None:
+        """Make ``turn_id`` (or no turn, for "root") the head: the next ask continues from it.
+
+        Raises InvalidInput or NotFound (no such conversation or turn).
+        """
+        ref = ConversationRef(caller.owner, validate_conversation_id(conversation_id))
+        validate_turn_id(turn_id, "turn_id", root=True)
+        async with self._hold(ref):
+            if not await self.storage.set_head(ref, turn_id):
+                raise NotFound(f"no turn {turn_id!r} in conversation {conversation_id!r}")
+
+    async def delete_turn(
+        self, conversation_id: str, turn_id: str, *, caller: Caller
+    ) -> tuple[int, str | None]:
+        """Delete a turn and its descendants; (turns deleted, the head's id after, or None).
+
+        The head moves to the deleted turn's parent when it was among them.
+        Raises InvalidInput or NotFound.
+        """
+        ref = ConversationRef(caller.owner, validate_conversation_id(conversation_id))
+        validate_turn_id(turn_id, "turn_id")
+        async with self._hold(ref):
+            result = await self.storage.delete_turn(ref, turn_id)
+        if result is None:
+            raise NotFound(f"no turn {turn_id!r} in conversation {conversation_id!r}")
+        deleted, head = result
+        return deleted, head.turn_id if head else None
 
     async def set_system_prompt(
         self, conversation_id: str, prompt: str | None, *, caller: Caller
@@ -510,6 +577,7 @@ class ChatService:
     async def _store_cancelled(
         self,
         ref: ConversationRef,
+        parent: TurnPosition | None,
         call: UpstreamCall,
         prompt: str,
         prompt_tokens: int,
@@ -538,7 +606,7 @@ class ChatService:
             answer_tokens=answer_tokens,
         )
         with trio.CancelScope(shield=True), trio.move_on_after(STORE_ON_CANCEL_SECONDS):
-            await self.storage.append_turn(ref, turn)
+            await self.storage.append_turn(ref, turn, parent)
         return turn
 
 

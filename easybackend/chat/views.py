@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import datetime
 
-from ..storage import ConversationDetail, ConversationSummary
+from ..storage import ConversationDetail, ConversationSummary, TurnRecord
+from .tree import Tree
 
 
 def _iso(timestamp: float) -> str:
@@ -20,7 +21,9 @@ def conversation_summary(summary: ConversationSummary) -> dict[str, object]:
     return {
         "conversation_id": summary.conversation_id,
         "system_prompt": summary.system_prompt,
-        "turns": summary.turn_count,
+        "turns": summary.head_depth,
+        "stored_turns": summary.turn_count,
+        "head": summary.head_id,
         "usage": _usage(summary.prompt_tokens, summary.completion_tokens),
         "created_at": _iso(summary.created_at),
         "last_activity": _iso(summary.updated_at),
@@ -35,23 +38,32 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def conversation_detail(detail: ConversationDetail) -> dict[str, object]:
-    """The JSON form of a whole conversation."""
-    return {
+def conversation_detail(detail: ConversationDetail, *, tree: bool = False) -> dict[str, object]:
+    """The JSON form of a whole conversation: the active path as ``history``; with ``tree``,
+    every turn of the tree as ``tree`` too (creation order)."""
+    shape = Tree(detail)
+    body = {
         **conversation_summary(detail.summary),
-        "history": [
-            {
-                "turn": turn.seq,
-                "messages": [
-                    {"role": "user", "text": turn.prompt, "tokens": turn.prompt_tokens},
-                    {"role": "assistant", "text": turn.answer, "tokens": turn.answer_tokens},
-                ],
-                "model": turn.model,
-                "finish_reason": turn.finish_reason,
-                "usage": _usage(turn.usage_prompt_tokens, turn.usage_completion_tokens),
-                "created_at": _iso(turn.created_at),
-                "finished_at": _iso(turn.finished_at),
-            }
-            for turn in detail.turns
+        "history": [_turn(shape, turn) for turn in shape.path()],
+    }
+    if tree:
+        body["tree"] = [_turn(shape, turn) for turn in shape.turns]
+    return body
+
+
+def _turn(shape: Tree, turn: TurnRecord) -> dict[str, object]:
+    return {
+        "id": turn.turn_id,
+        "parent_id": shape.parent_id(turn),
+        "siblings": shape.siblings(turn),
+        "turn": turn.depth,
+        "messages": [
+            {"role": "user", "text": turn.prompt, "tokens": turn.prompt_tokens},
+            {"role": "assistant", "text": turn.answer, "tokens": turn.answer_tokens},
         ],
+        "model": turn.model,
+        "finish_reason": turn.finish_reason,
+        "usage": _usage(turn.usage_prompt_tokens, turn.usage_completion_tokens),
+        "created_at": _iso(turn.created_at),
+        "finished_at": _iso(turn.finished_at),
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..database_url import DatabaseURL
 from ..settings import Settings
 from .base import (
+    ROOT,
     ConversationDetail,
     ConversationHead,
     ConversationRef,
@@ -14,11 +15,13 @@ from .base import (
     Storage,
     StoredTurn,
     TransferStore,
+    TurnPosition,
     TurnRecord,
 )
 from .sqlite import SQLiteStorage
 
 __all__ = [
+    "ROOT",
     "ConversationDetail",
     "ConversationHead",
     "ConversationRef",
@@ -28,6 +31,7 @@ __all__ = [
     "Storage",
     "StoredTurn",
     "TransferStore",
+    "TurnPosition",
     "TurnRecord",
     "open_storage",
 ]

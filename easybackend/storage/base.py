@@ -4,6 +4,14 @@ A conversation is addressed by :class:`ConversationRef`: the owner (the name
 of the backend API key that asked, ``""`` when authentication is off) and the
 client's conversation id. Turns are written whole: a prompt and its answer in
 one transaction, so a crash leaves each turn either fully stored or absent.
+
+A conversation is a tree of turns (SPEC §12). Each turn has a ``seq`` (its
+place in creation order, the store's own key, never reused), an opaque
+``turn_id`` (unique in the store, what clients see), the ``parent_seq`` of the
+turn it answers after (None for a first turn) and its ``depth`` (1 for a first
+turn: its position on its path). The conversation's **head** is the turn the
+next ask continues from; it moves with the insert of every turn, in the same
+transaction.
 """
 
 from __future__ import annotations
@@ -24,6 +32,18 @@ class ConversationRef:
 
     owner: str
     conversation_id: str
+
+
+ROOT = "root"  # the parent_id that names no turn: the ask starts a new first turn
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TurnPosition:
+    """Where a turn sits in its conversation's tree."""
+
+    seq: int  # creation order within the conversation, from 1; the store's key
+    turn_id: str  # opaque, unique in the store
+    depth: int  # turns on the path from the root to it, itself included (1 for a first turn)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -55,11 +75,11 @@ class StoredTurn:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ConversationHead:
-    """What an ask reads of its conversation before its turns: the own system prompt and the size."""
+    """What an ask reads of its conversation before its turns: the own system prompt and the parent."""
 
     system_prompt: str | None  # None: the conversation has none (or does not exist yet)
     system_tokens: int | None
-    turn_count: int  # all turns the conversation holds; 0 for a new conversation
+    parent: TurnPosition | None  # the turn the ask continues from; None: a new first turn
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -68,25 +88,37 @@ class ConversationSummary:
 
     conversation_id: str
     system_prompt: str | None
-    turn_count: int
+    turn_count: int  # every turn the tree holds
     prompt_tokens: int
     completion_tokens: int
     created_at: float
     updated_at: float
+    head_id: str | None  # the head's turn_id; None: the next ask starts a new first turn
+    head_depth: int  # turns on the active path (root to head)
     cursor: str  # opaque position for the next page, after this conversation
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class TurnRecord(NewTurn):
-    """One stored turn, in full: the turn as appended and its place in the conversation."""
+    """One stored turn, in full: the turn as appended and its place in the tree."""
 
     seq: int
+    turn_id: str
+    parent_seq: int | None  # None: a first turn
+    depth: int
+
+    @property
+    def position(self) -> TurnPosition:
+        return TurnPosition(self.seq, self.turn_id, self.depth)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ConversationDetail:
+    """A whole conversation: its summary, every turn of the tree (seq order) and the head's seq."""
+
     summary: ConversationSummary
     turns: list[TurnRecord]
+    head_seq: int | None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -105,6 +137,8 @@ class ConversationExport:
     completion_tokens: int
     created_at: float
     updated_at: float
+    head_seq: int | None
+    last_seq: int  # the highest seq ever given (seqs are never reused)
     turns: list[TurnRecord]  # seq order
     legacy_imports: dict[str, int]  # legacy file name -> entries imported from it (import-json)
 
@@ -145,26 +179,63 @@ class ServingStore(Protocol):
     :class:`easybackend.errors.StorageUnavailable`.
     """
 
-    async def conversation_head(self, ref: ConversationRef) -> ConversationHead:
-        """The conversation's own system prompt, its token count and its number of turns.
+    async def conversation_head(
+        self, ref: ConversationRef, parent_id: str | None = None, *, sibling_of: str | None = None
+    ) -> ConversationHead | None:
+        """The conversation's own system prompt, its token count and the parent of the next turn.
 
-        A conversation that does not exist reads as ``ConversationHead(None, None, 0)``.
+        The parent is the head when ``parent_id`` is None, no turn for
+        :data:`ROOT`, else the conversation's turn of that id; with
+        ``sibling_of`` (a regenerate), the parent of the turn of that id. None
+        is returned when the turn named does not exist. A conversation that
+        does not exist reads as ``ConversationHead(None, None, None)`` (when no
+        turn is named).
         """
         ...
 
     async def newest_turns(
-        self, ref: ConversationRef, budget: int, cost: Callable[[StoredTurn], int]
+        self,
+        ref: ConversationRef,
+        last: TurnPosition,
+        budget: int,
+        cost: Callable[[StoredTurn], int],
     ) -> list[StoredTurn]:
-        """The newest whole turns whose summed ``cost`` stays within ``budget``, oldest first.
+        """The newest whole turns of the path from the root to ``last`` whose summed ``cost``
+        stays within ``budget``, oldest first.
 
-        Turns are read newest first and reading stops at the first that does
-        not fit, so a long conversation costs only the tail that is sent.
-        ``cost`` runs in the store's worker thread: it must be a pure function.
+        The path is walked from ``last`` up its parents and reading stops at the
+        first turn that does not fit, so a long conversation (or a big tree)
+        costs only the tail that is sent. ``cost`` runs in the store's worker
+        thread: it must be a pure function.
         """
         ...
 
-    async def append_turn(self, ref: ConversationRef, turn: NewTurn) -> int:
-        """Store one turn atomically after the last one, creating the conversation; returns its seq."""
+    async def append_turn(
+        self, ref: ConversationRef, turn: NewTurn, parent: TurnPosition | None
+    ) -> TurnPosition:
+        """Store one turn atomically as a child of ``parent`` (None: a first turn), creating the
+        conversation, and make it the head in the same transaction; returns its position."""
+        ...
+
+    async def find_turn(self, ref: ConversationRef, turn_id: str) -> TurnRecord | None:
+        """The conversation's turn of that id, or None."""
+        ...
+
+    async def set_head(self, ref: ConversationRef, turn_id: str) -> bool:
+        """Make the turn of that id (or no turn, for :data:`ROOT`) the head.
+
+        False when the conversation or the turn does not exist.
+        """
+        ...
+
+    async def delete_turn(
+        self, ref: ConversationRef, turn_id: str
+    ) -> tuple[int, TurnPosition | None] | None:
+        """Delete the turn and its descendants; (turns deleted, the head after).
+
+        The head moves to the deleted turn's parent when it was among them.
+        Usage totals keep the deleted turns. None when the turn does not exist.
+        """
         ...
 
     async def list_conversations(
@@ -184,10 +255,14 @@ class ServingStore(Protocol):
         """Forget the conversation and its turns; False if it did not exist."""
         ...
 
-    async def rollback(self, ref: ConversationRef, turns: int) -> tuple[int, int] | None:
-        """Drop the last ``turns`` turns (all, if there are fewer).
+    async def rollback(
+        self, ref: ConversationRef, turns: int
+    ) -> tuple[int, int, TurnPosition | None] | None:
+        """Move the head ``turns`` turns up its path (to no turn, if the path is shorter).
 
-        Returns (turns dropped, turns left), or None for an unknown conversation.
+        Deletes nothing: the turns left behind stay a branch. Returns (turns
+        moved past, turns left on the path, the new head), or None for an
+        unknown conversation.
         """
         ...
 
@@ -230,6 +305,7 @@ class TransferStore(Protocol):
 
         ``turns`` is everything ``source`` holds now: the first ones already
         imported from the same source are skipped, so importing twice adds nothing.
+        The new turns are chained after the conversation's head, each becoming the head.
         """
         ...
 

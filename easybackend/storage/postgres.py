@@ -55,6 +55,7 @@ MIGRATIONS: list[str] = [
     + schema.TURNS.format(**schema.POSTGRES_TYPES)
     + "\n    CREATE INDEX conversations_by_activity ON conversations (owner, updated_at DESC, pk DESC);"
     + schema.LEGACY_IMPORTS,
+    schema.TREE.format(**schema.POSTGRES_TYPES),
 ]
 
 
@@ -87,8 +88,8 @@ class PostgresDialect(sql.Dialect):
             db,
             "INSERT INTO conversations (owner, conversation_id, created_at, updated_at)"
             " VALUES (?, ?, ?, ?) ON CONFLICT (owner, conversation_id)"
-            " DO UPDATE SET turn_count = conversations.turn_count"
-            " RETURNING pk, turn_count + 1",
+            " DO UPDATE SET last_seq = conversations.last_seq"
+            " RETURNING pk, last_seq + 1",
             (ref.owner, ref.conversation_id, created_at, updated_at),
         ).fetchone()
 

@@ -40,6 +40,31 @@ TURNS = """
         PRIMARY KEY (conversation_pk, seq)
     ){turns_options};"""
 
+# Conversations become trees (SPEC §12): every turn gets its opaque id, its parent and its
+# depth; every conversation its head and the last seq it gave (seqs are never reused, so a
+# deleted branch's numbers are not handed out again). A database of the linear schema becomes
+# chains: each turn's parent is the turn before it, the head its last turn.
+TREE = """
+    ALTER TABLE turns ADD COLUMN turn_id TEXT NOT NULL DEFAULT '';
+    ALTER TABLE turns ADD COLUMN parent_seq INTEGER;
+    ALTER TABLE turns ADD COLUMN depth INTEGER NOT NULL DEFAULT 0;
+    UPDATE turns SET turn_id = {random_id}, parent_seq = chain.previous, depth = chain.position
+    FROM (
+        SELECT conversation_pk AS pk, seq AS at,
+            row_number() OVER (PARTITION BY conversation_pk ORDER BY seq) AS position,
+            lag(seq) OVER (PARTITION BY conversation_pk ORDER BY seq) AS previous
+        FROM turns
+    ) AS chain
+    WHERE turns.conversation_pk = chain.pk AND turns.seq = chain.at;
+    CREATE UNIQUE INDEX turns_by_id ON turns (turn_id);
+    CREATE INDEX turns_by_parent ON turns (conversation_pk, parent_seq);
+    ALTER TABLE conversations ADD COLUMN head_seq INTEGER;
+    ALTER TABLE conversations ADD COLUMN last_seq INTEGER NOT NULL DEFAULT 0;
+    UPDATE conversations SET
+        head_seq = (SELECT max(seq) FROM turns WHERE conversation_pk = conversations.pk),
+        last_seq = coalesce((SELECT max(seq) FROM turns WHERE conversation_pk = conversations.pk), 0);
+"""
+
 LEGACY_IMPORTS = """
     CREATE TABLE legacy_imports (
         owner TEXT NOT NULL,
@@ -50,13 +75,15 @@ LEGACY_IMPORTS = """
     );"""
 
 # key: the conversation's own id; reference: a turn's pointer to it; total: usage sums;
-# time: epoch seconds; turns_options: after the turns table's definition.
+# time: epoch seconds; turns_options: after the turns table's definition; random_id: a new
+# turn id for a row of the turns table (the tree migration).
 SQLITE_TYPES = {
     "key": "INTEGER PRIMARY KEY",  # the rowid itself
     "reference": "INTEGER",
     "total": "INTEGER",  # 64-bit in SQLite
     "time": "REAL",
     "turns_options": " WITHOUT ROWID",  # stored in primary-key order
+    "random_id": "lower(hex(randomblob(12)))",  # as sql.new_turn_id makes them: 24 hex digits
 }
 POSTGRES_TYPES = {
     "key": "BIGSERIAL PRIMARY KEY",
@@ -64,4 +91,6 @@ POSTGRES_TYPES = {
     "total": "BIGINT",
     "time": "DOUBLE PRECISION",
     "turns_options": "",
+    # 24 hex digits; the pk and seq make every input distinct
+    "random_id": "substr(md5(random()::text || ':' || turns.conversation_pk || ':' || turns.seq), 1, 24)",
 }

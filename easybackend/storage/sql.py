@@ -18,10 +18,12 @@ import base64
 import contextlib
 import dataclasses
 import operator
+import secrets
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 from .base import (
+    ROOT,
     ConversationDetail,
     ConversationExport,
     ConversationHead,
@@ -29,6 +31,7 @@ from .base import (
     ConversationSummary,
     NewTurn,
     StoredTurn,
+    TurnPosition,
     TurnRecord,
 )
 
@@ -38,18 +41,23 @@ EXPORT_BATCH = 100  # conversations read per transaction by export_all
 # no conversation has an empty id, so it never meets a real one.
 PROBE_ROW = ("", "", "readiness-probe")  # legacy_imports (owner, conversation_id, source)
 
+# A conversation as listed (ConversationSummary's fields but the cursor, then the pk), read from
+# ``conversations c`` joined with its head ``h`` (see SUMMARY_FROM).
 SUMMARY_COLUMNS = (
-    "conversation_id, system_prompt, turn_count, prompt_tokens, completion_tokens,"
-    " created_at, updated_at"
+    "c.conversation_id, c.system_prompt, c.turn_count, c.prompt_tokens, c.completion_tokens,"
+    " c.created_at, c.updated_at, h.turn_id, coalesce(h.depth, 0), c.pk"
+)
+SUMMARY_FROM = (
+    "conversations c LEFT JOIN turns h ON h.conversation_pk = c.pk AND h.seq = c.head_seq"
 )
 EXPORT_COLUMNS = (
     "owner, conversation_id, system_prompt, system_tokens, turn_count, prompt_tokens,"
-    " completion_tokens, created_at, updated_at"
+    " completion_tokens, created_at, updated_at, head_seq, last_seq"
 )
 # A turn's columns in TurnRecord's field order, so a row is a record and a record is a row.
 TURN_COLUMNS = ", ".join(field.name for field in dataclasses.fields(TurnRecord))
 CONTEXT_COLUMNS = ", ".join(field.name for field in dataclasses.fields(StoredTurn))
-# A record's values in that order (a NewTurn's: all but the seq, which comes last).
+# A record's values in that order (a NewTurn's: all but the place in the tree, which comes last).
 record_values = operator.attrgetter(*(field.name for field in dataclasses.fields(TurnRecord)))
 new_turn_values = operator.attrgetter(*(field.name for field in dataclasses.fields(NewTurn)))
 INSERT_TURN = (
@@ -57,6 +65,48 @@ INSERT_TURN = (
     f" VALUES ({', '.join('?' * (1 + len(dataclasses.fields(TurnRecord))))})"
 )
 _BY_REF = "owner = ? AND conversation_id = ?"
+_C_BY_REF = "c.owner = ? AND c.conversation_id = ?"  # the same, of ``conversations c``
+_PK_BY_REF = f"(SELECT pk FROM conversations WHERE {_BY_REF})"
+
+# The path from one turn up to the root, newest first: a recursive walk up the parents, one
+# primary-key lookup a turn, so only the turns read are visited. The rows come in the order the
+# walk makes them (the CTE is not sorted, so SQLite and a PostgreSQL server-side cursor produce
+# them as they are read, and stopping early stops the walk).
+PATH_NEWEST_FIRST = f"""
+    WITH RECURSIVE path (conversation_pk, {CONTEXT_COLUMNS}, parent_seq) AS (
+        SELECT conversation_pk, {CONTEXT_COLUMNS}, parent_seq FROM turns
+        WHERE conversation_pk = {_PK_BY_REF} AND seq = ?
+        UNION ALL
+        SELECT t.conversation_pk, {", ".join(f"t.{name.strip()}" for name in CONTEXT_COLUMNS.split(","))}, t.parent_seq
+        FROM turns t JOIN path p ON t.conversation_pk = p.conversation_pk AND t.seq = p.parent_seq
+    )
+    SELECT {CONTEXT_COLUMNS} FROM path"""
+
+# The turn ``steps`` turns up the path from a turn (fewer if the path is shorter): the
+# walk's rows with their distance, the last of which is the answer.
+ANCESTORS = """
+    WITH RECURSIVE up (seq, turn_id, depth, parent_seq, steps) AS (
+        SELECT seq, turn_id, depth, parent_seq, 0 FROM turns WHERE conversation_pk = ? AND seq = ?
+        UNION ALL
+        SELECT t.seq, t.turn_id, t.depth, t.parent_seq, up.steps + 1
+        FROM turns t JOIN up ON t.conversation_pk = ? AND t.seq = up.parent_seq
+        WHERE up.steps < ?
+    )
+    SELECT seq, turn_id, depth, steps FROM up ORDER BY steps DESC LIMIT 1"""
+
+# A turn and all its descendants: a walk down the children (index turns_by_parent). Used as a
+# subquery of the DELETE (a statement that starts with WITH has no row count in Python's sqlite3).
+SUBTREE = """
+    WITH RECURSIVE subtree (seq) AS (
+        SELECT seq FROM turns WHERE conversation_pk = ? AND seq = ?
+        UNION ALL
+        SELECT t.seq FROM turns t JOIN subtree s ON t.conversation_pk = ? AND t.parent_seq = s.seq
+    )"""
+
+
+def new_turn_id() -> str:
+    """A new turn id: 24 random hex digits (96 bits), opaque and URL-safe."""
+    return secrets.token_hex(12)
 
 
 class Cursor(Protocol):
@@ -131,7 +181,7 @@ class Dialect:
             (ref.owner, ref.conversation_id, created_at, updated_at),
         )
         return self.execute(
-            db, f"SELECT pk, turn_count + 1 FROM conversations WHERE {_BY_REF}", _key(ref)
+            db, f"SELECT pk, last_seq + 1 FROM conversations WHERE {_BY_REF}", _key(ref)
         ).fetchone()
 
     def insert_returning_pk(self, db: Any, query: str, params: Sequence[Any]) -> int:
@@ -150,28 +200,60 @@ def _key(ref: ConversationRef) -> tuple[str, str]:
 # --- serving
 
 
-def head(dialect: Dialect, db: Connection, ref: ConversationRef) -> ConversationHead:
+def head(
+    dialect: Dialect,
+    db: Connection,
+    ref: ConversationRef,
+    parent_id: str | None,
+    sibling_of: str | None,
+) -> ConversationHead | None:
+    """The conversation's system prompt and the parent of its next turn (see ServingStore)."""
     row = dialect.execute(
         db,
-        f"SELECT system_prompt, system_tokens, turn_count FROM conversations WHERE {_BY_REF}",
+        "SELECT c.pk, c.system_prompt, c.system_tokens, h.seq, h.turn_id, h.depth"
+        f" FROM {SUMMARY_FROM} WHERE {_C_BY_REF}",
         _key(ref),
     ).fetchone()
-    return ConversationHead(*row) if row else ConversationHead(None, None, 0)
+    names_a_turn = sibling_of is not None or parent_id not in (None, ROOT)
+    if row is None:
+        return None if names_a_turn else ConversationHead(None, None, None)
+    pk, system_prompt, system_tokens, *head_turn = row
+    if sibling_of is not None:
+        found = dialect.execute(
+            db,
+            "SELECT t.seq, p.seq, p.turn_id, p.depth FROM turns t LEFT JOIN turns p"
+            " ON p.conversation_pk = t.conversation_pk AND p.seq = t.parent_seq"
+            " WHERE t.turn_id = ? AND t.conversation_pk = ?",
+            (sibling_of, pk),
+        ).fetchone()
+        if found is None:
+            return None
+        parent = TurnPosition(*found[1:]) if found[1] is not None else None
+    elif parent_id is None:
+        parent = TurnPosition(*head_turn) if head_turn[0] is not None else None
+    elif parent_id == ROOT:
+        parent = None
+    else:
+        found = dialect.execute(
+            db,
+            "SELECT seq, turn_id, depth FROM turns WHERE turn_id = ? AND conversation_pk = ?",
+            (parent_id, pk),
+        ).fetchone()
+        if found is None:
+            return None
+        parent = TurnPosition(*found)
+    return ConversationHead(system_prompt, system_tokens, parent)
 
 
 def newest_turns(
     dialect: Dialect,
     db: Connection,
     ref: ConversationRef,
+    last: TurnPosition,
     budget: int,
     cost: Callable[[StoredTurn], int],
 ) -> list[StoredTurn]:
-    with dialect.streamed(
-        db,
-        f"SELECT {CONTEXT_COLUMNS} FROM turns WHERE conversation_pk ="
-        f" (SELECT pk FROM conversations WHERE {_BY_REF}) ORDER BY seq DESC",
-        _key(ref),
-    ) as newest_first:
+    with dialect.streamed(db, PATH_NEWEST_FIRST, (*_key(ref), last.seq)) as newest_first:
         return newest_that_fit(newest_first, budget, cost)
 
 
@@ -193,18 +275,132 @@ def newest_that_fit(
     return turns
 
 
-def append(dialect: Dialect, db: Connection, ref: ConversationRef, turn: NewTurn) -> int:
-    """Append ``turn`` after the conversation's last one (creating the conversation); its seq."""
+def append(
+    dialect: Dialect,
+    db: Connection,
+    ref: ConversationRef,
+    turn: NewTurn,
+    parent: TurnPosition | None,
+) -> TurnPosition:
+    """Store ``turn`` as a child of ``parent`` (creating the conversation) and make it the head."""
     pk, seq = dialect.conversation_for_append(db, ref, turn.created_at, turn.finished_at)
-    dialect.execute(db, INSERT_TURN, (pk, *new_turn_values(turn), seq))
+    place = TurnPosition(seq, new_turn_id(), parent.depth + 1 if parent else 1)
     dialect.execute(
         db,
-        f"UPDATE conversations SET turn_count = ?, updated_at = {dialect.greatest}(updated_at, ?),"
+        INSERT_TURN,
+        (
+            pk,
+            *new_turn_values(turn),
+            seq,
+            place.turn_id,
+            parent.seq if parent else None,
+            place.depth,
+        ),
+    )
+    dialect.execute(
+        db,
+        "UPDATE conversations SET turn_count = turn_count + 1, last_seq = ?, head_seq = ?,"
+        f" updated_at = {dialect.greatest}(updated_at, ?),"
         " prompt_tokens = prompt_tokens + ?, completion_tokens = completion_tokens + ?"
         " WHERE pk = ?",
-        (seq, turn.finished_at, turn.usage_prompt_tokens, turn.usage_completion_tokens, pk),
+        (seq, seq, turn.finished_at, turn.usage_prompt_tokens, turn.usage_completion_tokens, pk),
     )
-    return seq
+    return place
+
+
+def find_turn(
+    dialect: Dialect, db: Connection, ref: ConversationRef, turn_id: str
+) -> TurnRecord | None:
+    row = dialect.execute(
+        db,
+        f"SELECT {TURN_COLUMNS} FROM turns WHERE turn_id = ? AND conversation_pk = {_PK_BY_REF}",
+        (turn_id, *_key(ref)),
+    ).fetchone()
+    return TurnRecord(*row) if row else None
+
+
+def _conversation_for_change(
+    dialect: Dialect, db: Connection, ref: ConversationRef
+) -> tuple[int, int | None] | None:
+    """(pk, head seq) of the conversation, its row locked for the transaction; None if unknown."""
+    return dialect.execute(
+        db,
+        f"SELECT pk, head_seq FROM conversations WHERE {_BY_REF}{dialect.for_update}",
+        _key(ref),
+    ).fetchone()
+
+
+def _move_head(dialect: Dialect, db: Connection, pk: int, seq: int | None, now: float) -> None:
+    dialect.execute(
+        db, "UPDATE conversations SET head_seq = ?, updated_at = ? WHERE pk = ?", (seq, now, pk)
+    )
+
+
+def set_head(
+    dialect: Dialect, db: Connection, ref: ConversationRef, turn_id: str, now: float
+) -> bool:
+    row = _conversation_for_change(dialect, db, ref)
+    if row is None:
+        return False
+    pk = row[0]
+    if turn_id == ROOT:
+        seq = None
+    else:
+        found = dialect.execute(
+            db, "SELECT seq FROM turns WHERE turn_id = ? AND conversation_pk = ?", (turn_id, pk)
+        ).fetchone()
+        if found is None:
+            return False
+        seq = found[0]
+    _move_head(dialect, db, pk, seq, now)
+    return True
+
+
+def delete_turn(
+    dialect: Dialect, db: Connection, ref: ConversationRef, turn_id: str, now: float
+) -> tuple[int, TurnPosition | None] | None:
+    row = _conversation_for_change(dialect, db, ref)
+    if row is None:
+        return None
+    pk, head_seq = row
+    found = dialect.execute(
+        db,
+        "SELECT seq, parent_seq FROM turns WHERE turn_id = ? AND conversation_pk = ?",
+        (turn_id, pk),
+    ).fetchone()
+    if found is None:
+        return None
+    seq, parent_seq = found
+    deleted = dialect.execute(
+        db,
+        f"DELETE FROM turns WHERE conversation_pk = ? AND seq IN ({SUBTREE} SELECT seq FROM subtree)",
+        (pk, pk, seq, pk),
+    ).rowcount
+    head_row = (
+        dialect.execute(
+            db, "SELECT seq FROM turns WHERE conversation_pk = ? AND seq = ?", (pk, head_seq)
+        ).fetchone()
+        if head_seq is not None
+        else None
+    )
+    if head_seq is not None and head_row is None:  # the head was in the subtree
+        head_seq = parent_seq
+    dialect.execute(
+        db,
+        "UPDATE conversations SET turn_count = turn_count - ?, head_seq = ?, updated_at = ?"
+        " WHERE pk = ?",
+        (deleted, head_seq, now, pk),
+    )
+    return deleted, _position(dialect, db, pk, head_seq)
+
+
+def _position(dialect: Dialect, db: Connection, pk: int, seq: int | None) -> TurnPosition | None:
+    if seq is None:
+        return None
+    row = dialect.execute(
+        db, "SELECT seq, turn_id, depth FROM turns WHERE conversation_pk = ? AND seq = ?", (pk, seq)
+    ).fetchone()
+    return TurnPosition(*row)
 
 
 def list_page(
@@ -215,32 +411,37 @@ def list_page(
     after: tuple[float, int] | None,
 ) -> list[ConversationSummary]:
     """A page of the owner's conversations after ``after`` (a decoded cursor)."""
-    query = f"SELECT {SUMMARY_COLUMNS}, pk FROM conversations WHERE owner = ?"
+    query = f"SELECT {SUMMARY_COLUMNS} FROM {SUMMARY_FROM} WHERE c.owner = ?"
     args: list[Any] = [owner]
     if after is not None:
         condition, values = dialect.after(*after)
         query += condition
         args += values
-    query += " ORDER BY updated_at DESC, pk DESC LIMIT ?"
+    query += " ORDER BY c.updated_at DESC, c.pk DESC LIMIT ?"
     rows = dialect.execute(db, query, [*args, limit]).fetchall()
     return [_summary(row) for row in rows]
 
 
 def _summary(row: Sequence[Any]) -> ConversationSummary:
-    """A SUMMARY_COLUMNS row followed by the pk."""
+    """A SUMMARY_COLUMNS row (the pk last)."""
     return ConversationSummary(*row[:-1], cursor=encode_cursor(row[6], row[-1]))
 
 
 def detail(dialect: Dialect, db: Connection, ref: ConversationRef) -> ConversationDetail | None:
     row = dialect.execute(
-        db, f"SELECT {SUMMARY_COLUMNS}, pk FROM conversations WHERE {_BY_REF}", _key(ref)
+        db,
+        f"SELECT {SUMMARY_COLUMNS}, c.head_seq FROM {SUMMARY_FROM} WHERE {_C_BY_REF}",
+        _key(ref),
     ).fetchone()
     if row is None:
         return None
+    *summary, head_seq = row
     turns = dialect.execute(
-        db, f"SELECT {TURN_COLUMNS} FROM turns WHERE conversation_pk = ? ORDER BY seq", (row[-1],)
+        db,
+        f"SELECT {TURN_COLUMNS} FROM turns WHERE conversation_pk = ? ORDER BY seq",
+        (summary[-1],),
     ).fetchall()
-    return ConversationDetail(_summary(row), [TurnRecord(*turn) for turn in turns])
+    return ConversationDetail(_summary(summary), [TurnRecord(*turn) for turn in turns], head_seq)
 
 
 def delete(dialect: Dialect, db: Connection, ref: ConversationRef) -> bool:
@@ -251,21 +452,23 @@ def delete(dialect: Dialect, db: Connection, ref: ConversationRef) -> bool:
 
 def rollback(
     dialect: Dialect, db: Connection, ref: ConversationRef, turns: int, now: float
-) -> tuple[int, int] | None:
-    row = dialect.execute(
-        db,
-        f"SELECT pk, turn_count FROM conversations WHERE {_BY_REF}{dialect.for_update}",
-        _key(ref),
-    ).fetchone()
+) -> tuple[int, int, TurnPosition | None] | None:
+    """Move the head ``turns`` turns up its path; (moved past, left on the path, new head)."""
+    row = _conversation_for_change(dialect, db, ref)
     if row is None:
         return None
-    pk, count = row
-    keep = max(count - turns, 0)
-    dialect.execute(db, "DELETE FROM turns WHERE conversation_pk = ? AND seq > ?", (pk, keep))
-    dialect.execute(
-        db, "UPDATE conversations SET turn_count = ?, updated_at = ? WHERE pk = ?", (keep, now, pk)
-    )
-    return count - keep, keep
+    pk, head_seq = row
+    if head_seq is None:
+        return 0, 0, None
+    seq, turn_id, depth, steps = dialect.execute(
+        db, ANCESTORS, (pk, head_seq, pk, turns)
+    ).fetchone()
+    if steps < turns:  # the path is shorter: past its first turn, to no turn at all
+        moved, head = steps + 1, None
+    else:
+        moved, head = steps, TurnPosition(seq, turn_id, depth)
+    _move_head(dialect, db, pk, head.seq if head else None, now)
+    return moved, head.depth if head else 0, head
 
 
 def set_system_prompt(
@@ -318,8 +521,10 @@ def import_turns(
         (*_key(ref), source),
     ).fetchone()
     done = row[0] if row else 0
+    head_now = head(dialect, db, ref, None, None)
+    parent = head_now.parent if head_now else None
     for turn in turns[done:]:
-        append(dialect, db, ref, turn)
+        parent = append(dialect, db, ref, turn, parent)
     dialect.execute(
         db,
         "INSERT INTO legacy_imports VALUES (?, ?, ?, ?) ON CONFLICT (owner, conversation_id,"
@@ -381,7 +586,7 @@ def import_conversation(dialect: Dialect, db: Connection, conversation: Conversa
     dialect.execute(db, f"DELETE FROM legacy_imports WHERE {_BY_REF}", key)
     pk = dialect.insert_returning_pk(
         db,
-        f"INSERT INTO conversations ({EXPORT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        f"INSERT INTO conversations ({EXPORT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             *key,
             conversation.system_prompt,
@@ -391,6 +596,8 @@ def import_conversation(dialect: Dialect, db: Connection, conversation: Conversa
             conversation.completion_tokens,
             conversation.created_at,
             conversation.updated_at,
+            conversation.head_seq,
+            conversation.last_seq,
         ),
     )
     dialect.insert_turns(db, pk, conversation.turns)

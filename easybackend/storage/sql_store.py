@@ -25,6 +25,8 @@ from .base import (
     ConversationSummary,
     NewTurn,
     StoredTurn,
+    TurnPosition,
+    TurnRecord,
     WriteHealth,
 )
 
@@ -73,16 +75,35 @@ class SQLStore:
 
     # serving
 
-    async def conversation_head(self, ref: ConversationRef) -> ConversationHead:
-        return await self._run(sql.head, Access.READ, ref)
+    async def conversation_head(
+        self, ref: ConversationRef, parent_id: str | None = None, *, sibling_of: str | None = None
+    ) -> ConversationHead | None:
+        return await self._run(sql.head, Access.READ, ref, parent_id, sibling_of)
 
     async def newest_turns(
-        self, ref: ConversationRef, budget: int, cost: Callable[[StoredTurn], int]
+        self,
+        ref: ConversationRef,
+        last: TurnPosition,
+        budget: int,
+        cost: Callable[[StoredTurn], int],
     ) -> list[StoredTurn]:
-        return await self._run(sql.newest_turns, Access.READ, ref, budget, cost)
+        return await self._run(sql.newest_turns, Access.READ, ref, last, budget, cost)
 
-    async def append_turn(self, ref: ConversationRef, turn: NewTurn) -> int:
-        return await self._run(sql.append, Access.WRITE, ref, turn)
+    async def append_turn(
+        self, ref: ConversationRef, turn: NewTurn, parent: TurnPosition | None
+    ) -> TurnPosition:
+        return await self._run(sql.append, Access.WRITE, ref, turn, parent)
+
+    async def find_turn(self, ref: ConversationRef, turn_id: str) -> TurnRecord | None:
+        return await self._run(sql.find_turn, Access.READ, ref, turn_id)
+
+    async def set_head(self, ref: ConversationRef, turn_id: str) -> bool:
+        return await self._run(sql.set_head, Access.WRITE, ref, turn_id, time.time())
+
+    async def delete_turn(
+        self, ref: ConversationRef, turn_id: str
+    ) -> tuple[int, TurnPosition | None] | None:
+        return await self._run(sql.delete_turn, Access.WRITE, ref, turn_id, time.time())
 
     async def list_conversations(
         self, owner: str, limit: int, after: str | None
@@ -96,7 +117,9 @@ class SQLStore:
     async def delete_conversation(self, ref: ConversationRef) -> bool:
         return await self._run(sql.delete, Access.WRITE, ref)
 
-    async def rollback(self, ref: ConversationRef, turns: int) -> tuple[int, int] | None:
+    async def rollback(
+        self, ref: ConversationRef, turns: int
+    ) -> tuple[int, int, TurnPosition | None] | None:
         return await self._run(sql.rollback, Access.WRITE, ref, turns, time.time())
 
     async def set_system_prompt(

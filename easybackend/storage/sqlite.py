@@ -37,6 +37,7 @@ MIGRATIONS: list[str] = [
     + schema.TURNS.format(**schema.SQLITE_TYPES)
     + "\n    CREATE INDEX conversations_by_activity ON conversations (owner, updated_at DESC);",
     schema.LEGACY_IMPORTS,
+    schema.TREE.format(**schema.SQLITE_TYPES),
 ]
 
 

@@ -331,7 +331,7 @@ class _Chat(chat_grpc.ChatServicer):
         self, message: chat_pb2.RollbackRequest, request: _Call
     ) -> chat_pb2.RollbackResponse:
         caller = self._caller(request)
-        removed, left = await self._service.rollback(
+        removed, left, _head = await self._service.rollback(
             message.conversation_id, message.turns, caller=caller
         )
         return chat_pb2.RollbackResponse(

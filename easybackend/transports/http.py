@@ -1,8 +1,10 @@
 """The HTTP transport: a quart-trio app that adapts requests to :class:`ChatService` calls.
 
 Routes: ``POST /ask/{id}`` (whole answer as JSON), ``POST /ask/{id}/stream``
-(Server-Sent Events), ``GET /healthz``, and the OpenAPI document with Swagger
-UI (``/openapi.json``, ``/docs``). Every error is JSON
+(Server-Sent Events), their regenerate twins ``POST
+/conversations/{id}/turns/{turn_id}/regenerate[/stream]``, ``GET /healthz``,
+the conversation management routes (:mod:`.http_conversations`), and the
+OpenAPI document with Swagger UI (``/openapi.json``, ``/docs``). Every error is JSON
 ``{"error": {"code", "message"}}`` with the status :data:`STATUS_BY_ERROR`
 gives its class; what the HTTP layer refuses itself (a body over the limit,
 a wrong method, an unknown route) is turned into the matching ChatError
@@ -34,6 +36,7 @@ from quart_schema import (
     Info,
     QuartSchema,
     RequestSchemaValidationError,
+    document_request,
     document_response,
     hide,
     tag,
@@ -64,6 +67,8 @@ from .http_conversations import conversation_routes
 from .openapi import EasyBackendOpenAPI, UsageBody
 
 DOC_PATHS = {"/docs", "/openapi.json"}
+REGENERATE_ENDPOINTS = {"regenerate", "regenerate_stream"}  # asks outside /ask/
+SSE_ENDPOINTS = {"ask_stream", "regenerate_stream"}
 # The HTTP status of every error class (the README's error table is checked against it).
 STATUS_BY_ERROR: dict[type[ChatError], int] = {
     errors.InvalidInput: 400,
@@ -106,6 +111,28 @@ class AskBody(pydantic.BaseModel):
     )
     max_tokens: int | None = pydantic.Field(None, gt=0, description="Cap on the answer's tokens.")
     system: str | None = pydantic.Field(None, description="System prompt for this turn only.")
+    parent_id: str | None = pydantic.Field(
+        None,
+        description='The turn to answer after (a branch); "root" starts a new first turn.'
+        " Default: the conversation's head.",
+    )
+
+
+class RegenerateBody(pydantic.BaseModel):
+    """A regenerate: the turn's prompt asked again. Every field is optional (so is the body)."""
+
+    model_config = pydantic.ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{}, {"temperature": 1.5}]}
+    )
+
+    model: str | None = pydantic.Field(
+        None, min_length=1, description="Model for this turn (default GPT_ENGINE)."
+    )
+    temperature: float | None = pydantic.Field(
+        None, ge=0, le=2, description="Sampling temperature, 0-2."
+    )
+    max_tokens: int | None = pydantic.Field(None, gt=0, description="Cap on the answer's tokens.")
+    system: str | None = pydantic.Field(None, description="System prompt for this turn only.")
 
 
 class AnswerBody(pydantic.BaseModel):
@@ -120,6 +147,8 @@ class AnswerBody(pydantic.BaseModel):
                     "model": "gpt-4.1-mini",
                     "finish_reason": "stop",
                     "usage": {"prompt_tokens": 12, "completion_tokens": 10, "total_tokens": 22},
+                    "turn_id": "5c668971bf44ff809097e1a5",
+                    "turn": 1,
                 }
             ]
         }
@@ -130,6 +159,8 @@ class AnswerBody(pydantic.BaseModel):
     model: str
     finish_reason: str = pydantic.Field(description="stop, length, content_filter, … or cancelled")
     usage: UsageBody
+    turn_id: str = pydantic.Field(description="The new turn's id; it is the conversation's head")
+    turn: int = pydantic.Field(description="The new turn's position on its path, from 1")
 
 
 class HealthBody(pydantic.BaseModel):
@@ -154,6 +185,8 @@ def _end_data(end: End) -> dict[str, object]:
         "model": end.model,
         "finish_reason": end.finish_reason,
         "usage": end.usage.as_dict(),
+        "turn_id": end.turn_id,
+        "turn": end.turn,
     }
 
 
@@ -280,10 +313,12 @@ def create_app(service: ChatService, stopping: Stopping | None = None) -> Quart:
     )
 
     def is_ask() -> bool:
-        return request.method == "POST" and request.path.startswith("/ask/")
+        return request.method == "POST" and (
+            request.path.startswith("/ask/") or request.endpoint in REGENERATE_ENDPOINTS
+        )
 
     def ask_protocol() -> str:
-        return "sse" if request.endpoint == "ask_stream" else "http"
+        return "sse" if request.endpoint in SSE_ENDPOINTS else "http"
 
     @app.before_request
     async def authenticate() -> None:
@@ -364,38 +399,31 @@ def create_app(service: ChatService, stopping: Stopping | None = None) -> Quart:
         g.asked = True  # the core accounts for it from here on
         return AskRequest(conversation_id=conversation_id, caller=caller(), **body.model_dump())
 
-    @app.post("/ask/<conversation_id>")
-    @validate_request(AskBody)
-    @document_response(AnswerBody, 200)
-    @tag(["ask"])
-    async def ask(conversation_id: str, data: AskBody) -> Response:
-        """Ask and get the whole answer.
+    async def regenerate_request(conversation_id: str, turn_id: str) -> AskRequest:
+        """The regenerate of ``turn_id``; its body (optional) holds the overrides. Raises InvalidInput."""
+        body = await request.get_data()
+        try:
+            overrides = RegenerateBody.model_validate(await request.get_json() if body else {})
+        except pydantic.ValidationError as exc:
+            raise InvalidInput(_describe_validation(exc)) from None
+        g.asked = True
+        return AskRequest(
+            conversation_id=conversation_id,
+            prompt="",
+            regenerate=turn_id,
+            caller=caller(),
+            **overrides.model_dump(),
+        )
 
-        The conversation is created by its first ask and remembered: each ask
-        sends the system prompt, the most recent turns that fit the context
-        window and the new prompt to the model, then stores the new turn.
-        """
+    async def whole_answer(ask: AskRequest) -> Response:
         with stopping.cut_at_grace_end():
-            answer = await service.complete(ask_request(conversation_id, data))
+            answer = await service.complete(ask)
             body = {"response": answer.text, **_end_data(answer.end)}
             return Response(json.dumps(body, ensure_ascii=False), mimetype="application/json")
         raise ShuttingDown("the server is shutting down")  # the grace ended first
 
-    @app.post("/ask/<conversation_id>/stream")
-    @validate_request(AskBody)
-    @tag(["ask"])
-    async def ask_stream(conversation_id: str, data: AskBody) -> Response:
-        """Ask and receive the answer as Server-Sent Events.
-
-        Events: ``delta`` (`{"text": …}`) for each piece of the answer, then
-        exactly one ``end`` (`{"conversation_id", "model", "finish_reason",
-        "usage"}`) or one ``error`` (`{"code", "message"}`). Errors that occur
-        before the first piece (invalid input, prompt too long, upstream
-        refused) are plain JSON error responses with their HTTP status.
-        Closing the connection cancels the answer; the part already sent is
-        stored with finish reason ``cancelled``.
-        """
-        events = service.ask(ask_request(conversation_id, data))
+    async def streamed_answer(ask: AskRequest) -> Response:
+        events = service.ask(ask)
         try:
             first = await stopping.next_event(events)
         except BaseException:
@@ -406,6 +434,58 @@ def create_app(service: ChatService, stopping: Stopping | None = None) -> Quart:
         response.headers["X-Accel-Buffering"] = "no"
         response.timeout = None
         return response
+
+    @app.post("/ask/<conversation_id>")
+    @validate_request(AskBody)
+    @document_response(AnswerBody, 200)
+    @tag(["ask"])
+    async def ask(conversation_id: str, data: AskBody) -> Response:
+        """Ask and get the whole answer.
+
+        The conversation is created by its first ask and remembered: each ask
+        sends the system prompt, the most recent turns of the path to the new
+        turn's parent that fit the context window and the new prompt to the
+        model, then stores the new turn, which becomes the conversation's head.
+        The parent is the head unless ``parent_id`` names another turn (a
+        branch; ``"root"`` starts a new first turn); an unknown one is a 404
+        before anything is sent to the model.
+        """
+        return await whole_answer(ask_request(conversation_id, data))
+
+    @app.post("/ask/<conversation_id>/stream")
+    @validate_request(AskBody)
+    @tag(["ask"])
+    async def ask_stream(conversation_id: str, data: AskBody) -> Response:
+        """Ask and receive the answer as Server-Sent Events.
+
+        Events: ``delta`` (`{"text": …}`) for each piece of the answer, then
+        exactly one ``end`` (`{"conversation_id", "model", "finish_reason",
+        "usage", "turn_id", "turn"}`) or one ``error`` (`{"code", "message"}`).
+        Errors that occur before the first piece (invalid input, prompt too
+        long, unknown parent, upstream refused) are plain JSON error responses
+        with their HTTP status. Closing the connection cancels the answer; the
+        part already sent is stored with finish reason ``cancelled``.
+        """
+        return await streamed_answer(ask_request(conversation_id, data))
+
+    @app.post("/conversations/<conversation_id>/turns/<turn_id>/regenerate")
+    @document_request(RegenerateBody)
+    @document_response(AnswerBody, 200)
+    @tag(["ask"])
+    async def regenerate(conversation_id: str, turn_id: str) -> Response:
+        """Answer a turn's prompt again, as a new sibling of it (whole answer, like an ask).
+
+        The new turn's context is the path to the turn's parent; it becomes the
+        head. The body is optional and holds per-turn overrides.
+        """
+        return await whole_answer(await regenerate_request(conversation_id, turn_id))
+
+    @app.post("/conversations/<conversation_id>/turns/<turn_id>/regenerate/stream")
+    @document_request(RegenerateBody)
+    @tag(["ask"])
+    async def regenerate_stream(conversation_id: str, turn_id: str) -> Response:
+        """Regenerate, the answer as Server-Sent Events (the events of ``/ask/{id}/stream``)."""
+        return await streamed_answer(await regenerate_request(conversation_id, turn_id))
 
     @app.route("/ask/<path:conversation_id>", methods=["POST"])
     @hide

@@ -1,4 +1,5 @@
-"""HTTP conversation management: list, read, delete, roll back, set the system prompt.
+"""HTTP conversation management: list, read, delete, roll back, move the head, delete a
+branch, set the system prompt.
 
 A blueprint registered by :func:`easybackend.transports.http.create_app`.
 Every operation is a thin call of the chat core with the request's
@@ -11,6 +12,7 @@ are ISO 8601 in UTC.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import pydantic
 from quart import Blueprint, Response
@@ -19,6 +21,7 @@ from quart_schema import document_response, tag, validate_querystring, validate_
 from ..chat.caller import Caller
 from ..chat.service import MAX_PAGE, ChatService
 from ..chat.views import conversation_detail, conversation_summary
+from ..storage import ROOT
 from .openapi import UsageBody
 
 EXAMPLE_TIME = "2026-11-25T17:19:00.123Z"
@@ -31,9 +34,13 @@ class ConversationSummaryBody(pydantic.BaseModel):
     system_prompt: str | None = pydantic.Field(
         description="The conversation's own system prompt, if set"
     )
-    turns: int = pydantic.Field(description="Number of stored turns")
+    turns: int = pydantic.Field(description="Turns on the active path (root to head)")
+    stored_turns: int = pydantic.Field(description="Turns the tree holds, every branch included")
+    head: str | None = pydantic.Field(
+        description="The id of the turn the next ask continues from; null: a new first turn"
+    )
     usage: UsageBody = pydantic.Field(
-        description="Tokens of every turn answered, rolled-back ones included"
+        description="Tokens of every turn answered, rolled-back and deleted ones included"
     )
     created_at: str
     last_activity: str
@@ -51,6 +58,8 @@ class ConversationPage(pydantic.BaseModel):
                             "conversation_id": "123",
                             "system_prompt": None,
                             "turns": 2,
+                            "stored_turns": 3,
+                            "head": "9a3c0f6de1b24e5f8a7b6c5d",
                             "usage": {
                                 "prompt_tokens": 40,
                                 "completion_tokens": 22,
@@ -86,9 +95,16 @@ class MessageBody(pydantic.BaseModel):
 
 
 class TurnBody(pydantic.BaseModel):
-    """One turn: the user's prompt and the assistant's answer."""
+    """One turn: the user's prompt and the assistant's answer, and its place in the tree."""
 
-    turn: int = pydantic.Field(description="Position in the conversation, from 1")
+    id: str = pydantic.Field(description="The turn's id (opaque, URL-safe)")
+    parent_id: str | None = pydantic.Field(
+        description="The turn it answers after; null: a first turn"
+    )
+    siblings: list[str] = pydantic.Field(
+        description="Ids of the children of its parent, itself included, oldest first (‹ 2/3 ›)"
+    )
+    turn: int = pydantic.Field(description="Position on its path, from 1")
     messages: list[MessageBody]
     model: str
     finish_reason: str = pydantic.Field(description="stop, length, … or cancelled")
@@ -107,11 +123,16 @@ class ConversationBody(ConversationSummaryBody):
                     "conversation_id": "123",
                     "system_prompt": "You are a pirate.",
                     "turns": 1,
-                    "usage": {"prompt_tokens": 20, "completion_tokens": 9, "total_tokens": 29},
+                    "stored_turns": 2,
+                    "head": "5c668971bf44ff809097e1a5",
+                    "usage": {"prompt_tokens": 40, "completion_tokens": 18, "total_tokens": 58},
                     "created_at": EXAMPLE_TIME,
                     "last_activity": EXAMPLE_TIME,
                     "history": [
                         {
+                            "id": "5c668971bf44ff809097e1a5",
+                            "parent_id": None,
+                            "siblings": ["4e5e55f4cf50f78dfc921c43", "5c668971bf44ff809097e1a5"],
                             "turn": 1,
                             "messages": [
                                 {"role": "user", "text": "Hello", "tokens": 1},
@@ -133,7 +154,16 @@ class ConversationBody(ConversationSummaryBody):
         }
     )
 
-    history: list[TurnBody]
+    history: list[TurnBody] = pydantic.Field(description="The active path, root to head")
+    tree: list[TurnBody] | None = pydantic.Field(
+        None, description="With ?view=tree: every turn of the tree, oldest first"
+    )
+
+
+class ConversationQuery(pydantic.BaseModel):
+    view: Literal["path", "tree"] = pydantic.Field(
+        "path", description="path: the active path as history; tree: every turn as well"
+    )
 
 
 class RollbackBody(pydantic.BaseModel):
@@ -141,15 +171,40 @@ class RollbackBody(pydantic.BaseModel):
         extra="forbid", json_schema_extra={"examples": [{"turns": 1}]}
     )
 
-    turns: int = pydantic.Field(ge=1, description="How many of the last turns to drop")
+    turns: int = pydantic.Field(ge=1, description="How many turns to move the head back")
 
 
 class RollbackResult(pydantic.BaseModel):
     conversation_id: str
     removed: int = pydantic.Field(
-        description="Turns dropped (fewer than asked if the conversation was shorter)"
+        description="Turns the head moved back past (fewer than asked if the path was shorter);"
+        " they stay in the tree as a branch"
     )
-    turns: int = pydantic.Field(description="Turns left")
+    turns: int = pydantic.Field(description="Turns left on the active path")
+    head: str | None = pydantic.Field(description="The new head's id; null: a new first turn next")
+
+
+class HeadBody(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"turn_id": "5c668971bf44ff809097e1a5"}]}
+    )
+
+    turn_id: str = pydantic.Field(
+        description='The turn the next ask continues from; "root": a new first turn'
+    )
+
+
+class HeadResult(pydantic.BaseModel):
+    conversation_id: str
+    head: str | None
+
+
+class DeleteTurnResult(pydantic.BaseModel):
+    conversation_id: str
+    deleted: int = pydantic.Field(description="Turns deleted: the turn and its descendants")
+    head: str | None = pydantic.Field(
+        description="The head after (the deleted turn's parent if the head was among them)"
+    )
 
 
 class SystemBody(pydantic.BaseModel):
@@ -188,11 +243,16 @@ def conversation_routes(service: ChatService, caller: Callable[[], Caller]) -> B
         }
 
     @routes.get("/conversations/<conversation_id>")
+    @validate_querystring(ConversationQuery)
     @document_response(ConversationBody, 200)
     @tag(["conversations"])
-    async def get_conversation(conversation_id: str) -> dict[str, object]:
-        """A whole conversation: its system prompt, every turn, and usage totals."""
-        return conversation_detail(await service.get_conversation(conversation_id, caller=caller()))
+    async def get_conversation(
+        conversation_id: str, query_args: ConversationQuery
+    ) -> dict[str, object]:
+        """A conversation: its system prompt, usage totals, the active path (root to head) as
+        ``history`` with each turn's id, parent and siblings; ``?view=tree`` adds every turn."""
+        detail = await service.get_conversation(conversation_id, caller=caller())
+        return conversation_detail(detail, tree=query_args.view == "tree")
 
     @routes.delete("/conversations/<conversation_id>")
     @tag(["conversations"])
@@ -206,9 +266,31 @@ def conversation_routes(service: ChatService, caller: Callable[[], Caller]) -> B
     @document_response(RollbackResult, 200)
     @tag(["conversations"])
     async def rollback(conversation_id: str, data: RollbackBody) -> dict[str, object]:
-        """Drop the last n turns, as if they had never been asked; the next ask no longer sees them."""
-        removed, left = await service.rollback(conversation_id, data.turns, caller=caller())
-        return {"conversation_id": conversation_id, "removed": removed, "turns": left}
+        """Move the head n turns back along its path: the next ask no longer sees them.
+
+        Nothing is deleted: the turns left behind stay a branch (``PUT …/head``
+        switches back to it).
+        """
+        removed, left, head = await service.rollback(conversation_id, data.turns, caller=caller())
+        return {"conversation_id": conversation_id, "removed": removed, "turns": left, "head": head}
+
+    @routes.put("/conversations/<conversation_id>/head")
+    @validate_request(HeadBody)
+    @document_response(HeadResult, 200)
+    @tag(["conversations"])
+    async def set_head(conversation_id: str, data: HeadBody) -> dict[str, object]:
+        """Switch branch: the next ask continues from this turn (404 for an unknown one)."""
+        await service.set_head(conversation_id, data.turn_id, caller=caller())
+        head = None if data.turn_id == ROOT else data.turn_id
+        return {"conversation_id": conversation_id, "head": head}
+
+    @routes.delete("/conversations/<conversation_id>/turns/<turn_id>")
+    @document_response(DeleteTurnResult, 200)
+    @tag(["conversations"])
+    async def delete_turn(conversation_id: str, turn_id: str) -> dict[str, object]:
+        """Delete a turn and every turn below it; usage totals keep them."""
+        deleted, head = await service.delete_turn(conversation_id, turn_id, caller=caller())
+        return {"conversation_id": conversation_id, "deleted": deleted, "head": head}
 
     @routes.put("/conversations/<conversation_id>/system")
     @validate_request(SystemBody)

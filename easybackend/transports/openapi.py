@@ -1,7 +1,7 @@
 """The OpenAPI document: quart-schema's, made exact where routes alone cannot say it.
 
-- ``conversation_id`` path parameters carry the id's pattern and length;
-- request bodies are marked required;
+- ``conversation_id`` and ``turn_id`` path parameters carry the id's pattern and length;
+- request bodies are marked required, but a regenerate's (it is optional);
 - every operation lists the error responses it can give, all with the
   ``ErrorBody`` schema, so clients (and schema-based fuzzers) know them.
 """
@@ -15,11 +15,12 @@ from quart_schema import OpenAPIProvider
 from werkzeug.routing import BaseConverter
 
 ID_PATTERN = r"^[A-Za-z0-9_\-.:]{1,128}$"
+TURN_ID_PATTERN = r"^[A-Za-z0-9_\-]{1,64}$"
 
 ERROR_DESCRIPTIONS = {
     "400": "Invalid input (bad conversation id, bad field, body not a JSON object)",
     "401": "Missing or wrong API key (only when API_KEYS is set)",
-    "404": "Unknown conversation",
+    "404": "Unknown conversation, or unknown turn (parent_id, turn_id)",
     "413": "Prompt too long for the context window, or body larger than MAX_BODY_BYTES",
     "429": "The model provider is rate limiting, or this key has too many answers in progress",
     "502": "The model provider failed, could not be reached, or rejected the server's key",
@@ -45,12 +46,14 @@ SSE_EVENT_DATA = {
         {
             "title": "end",
             "type": "object",
-            "required": ["conversation_id", "model", "finish_reason", "usage"],
+            "required": ["conversation_id", "model", "finish_reason", "usage", "turn_id", "turn"],
             "properties": {
                 "conversation_id": {"type": "string"},
                 "model": {"type": "string"},
                 "finish_reason": {"type": "string"},
                 "usage": USAGE,
+                "turn_id": {"type": "string"},
+                "turn": {"type": "integer"},
             },
         },
         {
@@ -74,7 +77,7 @@ SSE_EVENT = {
         },
     },
 }
-ASK_ERRORS = ("400", "401", "413", "429", "502", "503", "504")
+ASK_ERRORS = ("400", "401", "404", "413", "429", "502", "503", "504")
 CONVERSATION_ERRORS = ("400", "401", "404", "413", "503")
 LIST_ERRORS = ("400", "401", "503")
 OPEN_PATHS = ("/healthz", "/readyz", "/docs", "/openapi.json", "/metrics")
@@ -85,7 +88,7 @@ def error_responses_for(path: str) -> tuple[str, ...]:
         return ("503",)
     if path in OPEN_PATHS:
         return ()
-    if path.startswith("/ask/"):
+    if path.startswith("/ask/") or "/regenerate" in path:
         return ASK_ERRORS
     if path.startswith("/conversations/"):
         return CONVERSATION_ERRORS
@@ -123,6 +126,13 @@ class EasyBackendOpenAPI(OpenAPIProvider):
                 "minLength": 1,
                 "maxLength": 128,
             }
+        elif name == "turn_id":
+            parameter["schema"] = {
+                "type": "string",
+                "pattern": TURN_ID_PATTERN,
+                "minLength": 1,
+                "maxLength": 64,
+            }
         return parameter
 
     def build_request_body(self, model: Any, source: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -150,7 +160,9 @@ class EasyBackendOpenAPI(OpenAPIProvider):
                         "description": "Prometheus metrics in the text exposition format",
                         "content": {"text/plain": {"schema": {"type": "string"}}},
                     }
-                if method == "delete":
+                if "/regenerate" in path and "requestBody" in operation:
+                    operation["requestBody"]["required"] = False
+                if method == "delete" and path == "/conversations/{conversation_id}":
                     responses.pop(200, None)
                     responses[204] = {"description": "Done; no content"}
                 for status in error_responses_for(path):
