@@ -126,6 +126,12 @@ async def server(start_server: StartServer) -> Server:
 
 
 @pytest.fixture
+async def ws_server(start_server: StartServer) -> Server:
+    """WebSocket and HTTP on one server."""
+    return await start_server(WS_PORT=str(free_port()))
+
+
+@pytest.fixture
 async def grpc_server(start_server: StartServer) -> Server:
     """gRPC and HTTP on one server (HTTP is the reference for the management RPCs).
 

@@ -59,10 +59,14 @@ async def test_list_is_paginated_newest_first(server):
 
 async def test_rollback_is_seen_by_the_next_ask(server):
     async with server.client() as client:
-        for prompt in ("one", "two", "three"):
-            await ask(client, "rb", prompt)
+        first, *_ = [await ask(client, "rb", prompt) for prompt in ("one", "two", "three")]
         reply = await client.post("/conversations/rb/rollback", json={"turns": 2})
-        assert reply.json() == {"conversation_id": "rb", "removed": 2, "turns": 1}
+        assert reply.json() == {
+            "conversation_id": "rb",
+            "removed": 2,
+            "turns": 1,
+            "head": first["turn_id"],
+        }
         await ask(client, "rb", "four")
         assert roles_and_contents(upstream_messages(server.fake)) == [
             ("user", "one"),
@@ -70,7 +74,7 @@ async def test_rollback_is_seen_by_the_next_ask(server):
             ("user", "four"),
         ]
         reply = await client.post("/conversations/rb/rollback", json={"turns": 10})
-        assert reply.json() == {"conversation_id": "rb", "removed": 2, "turns": 0}
+        assert reply.json() == {"conversation_id": "rb", "removed": 2, "turns": 0, "head": None}
         for bad in ({"turns": 0}, {"turns": "x"}, {}):
             reply = await client.post("/conversations/rb/rollback", json=bad)
             assert reply.status_code == 400, bad

@@ -14,11 +14,6 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 LONG = "[[fake:tokens=300]][[fake:delay=0.02]] long answer"
 
 
-@pytest.fixture
-async def ws_server(start_server) -> Server:
-    return await start_server(WS_PORT=str(free_port()))
-
-
 def ws_url(server: Server) -> str:
     return f"ws://127.0.0.1:{server.running.ws_port}"
 

@@ -7,12 +7,15 @@ Each text message is read as one of:
   then ``<|end|>``; a malformed message or a failure gets
   ``<|err|>$<reason>``;
 - JSON (a message starting with ``{`` or ``[``): ``{"type": "ask", "conversation_id",
-  "prompt", "id"?, "request_id"?, "model"?, "temperature"?, "max_tokens"?, "system"?}`` →
-  ``{"type": "delta", "text"}`` … then ``{"type": "end", "finish_reason",
-  "usage", "model"}`` or ``{"type": "error", "code", "message"}`` (each with
-  the ask's ``id`` when it had one); ``{"type": "cancel"}`` stops the answer
-  in progress (it ends with ``finish_reason: "cancelled"``);
-  ``{"type": "ping"}`` → ``{"type": "pong"}``.
+  "prompt", "parent_id"?, "id"?, "request_id"?, "model"?, "temperature"?,
+  "max_tokens"?, "system"?}`` → ``{"type": "delta", "text"}`` … then
+  ``{"type": "end", "finish_reason", "usage", "model", "turn_id", "turn"}`` or
+  ``{"type": "error", "code", "message"}`` (each with the ask's ``id`` when it
+  had one); ``{"type": "regenerate", "conversation_id", "turn_id", …}`` asks a
+  turn's prompt again as a new sibling of it (the same overrides, events and
+  errors as an ask); ``{"type": "cancel"}`` stops the answer in progress (it
+  ends with ``finish_reason: "cancelled"``); ``{"type": "ping"}`` →
+  ``{"type": "pong"}``.
 
 Asks on one socket are answered one after another, in the order they
 arrived; the socket stays usable after any error. Errors are ChatErrors: a
@@ -315,12 +318,13 @@ class _Connection:
         elif kind == "cancel":
             if self.current is not None:
                 self.current.cancel()
-        elif kind == "ask":
+        elif kind in ("ask", "regenerate"):
             caller = self._ask_caller(data.get("request_id"))
             await self._enqueue(_Ask(_json_ask(data, caller), json_id=json_id))
         else:
             await self._send_json(
-                json_id, _error(InvalidInput("unknown message type: use ask, cancel or ping"))
+                json_id,
+                _error(InvalidInput("unknown message type: use ask, regenerate, cancel or ping")),
             )
 
     async def _enqueue(self, ask: _Ask) -> None:
@@ -403,6 +407,8 @@ class _Connection:
                 "finish_reason": end.finish_reason,
                 "usage": end.usage.as_dict(),
                 "model": end.model,
+                "turn_id": end.turn_id,
+                "turn": end.turn,
             }
             await self._send_json(ask.json_id, payload, ask.request.caller.request_id)
 
@@ -466,13 +472,18 @@ def _error(error: ChatError) -> dict[str, Any]:
 
 
 def _json_ask(data: dict[str, Any], caller: Caller) -> AskRequest:
-    """An AskRequest from a JSON ask (the core checks every field)."""
+    """An AskRequest from a JSON ask or regenerate (the core checks every field)."""
+    regenerate = data["type"] == "regenerate"
+    turn_id = data.get("turn_id")
     return AskRequest(
         conversation_id=data.get("conversation_id"),  # type: ignore[arg-type]
-        prompt=data.get("prompt"),  # type: ignore[arg-type]
+        prompt="" if regenerate else data.get("prompt"),  # type: ignore[arg-type]
         model=data.get("model"),
         temperature=data.get("temperature"),
         max_tokens=data.get("max_tokens"),
         system=data.get("system"),
+        parent_id=data.get("parent_id"),
+        # "" for a missing turn_id: the core refuses it as a malformed turn id
+        regenerate=("" if turn_id is None else turn_id) if regenerate else None,
         caller=caller,
     )
