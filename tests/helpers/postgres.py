@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import psycopg
 import pytest
+
+from .database import LINEAR_POSTGRES_DDL, LinearConversation, linear_rows
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 PG_ADMIN = f"postgresql://postgres@{PG_HOST}:{PG_PORT}/test"
@@ -39,3 +41,12 @@ def new_schema() -> Iterator[str]:
         with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as admin:
             admin.execute("SET lock_timeout = '10s'")
             admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def write_linear_postgres(schema: str, conversations: Iterable[LinearConversation]) -> None:
+    """The tables and rows of the previous release in ``schema`` (easybackend_schema version 1)."""
+    with psycopg.connect(pg_url(schema), connect_timeout=5) as connection:
+        with connection.transaction():
+            connection.execute(LINEAR_POSTGRES_DDL)
+            for statement, params in linear_rows(conversations):
+                connection.execute(statement.replace("?", "%s"), params)
