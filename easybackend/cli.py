@@ -55,10 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
         _add_serve_flags(target)
     chat = commands.add_parser(
         "chat",
-        help="interactive terminal client: multi-line input, a blank line sends, Ctrl-C cancels the answer",
+        help="interactive terminal client: multi-line input, a blank line sends, Ctrl-C cancels "
+        "the answer, /help lists the commands (/regenerate, /back, /branches)",
         description="Chat with a running EasyBackend. Type a prompt over several lines; a blank line "
         "sends it; the answer streams in. Ctrl-C cancels the answer in progress (or discards the prompt "
-        "being typed); Ctrl-D quits. Input can be piped in.",
+        "being typed); Ctrl-D quits. Input can be piped in. Commands, on a line of their own at the "
+        "start of a prompt (over --protocol http): /regenerate answers the last prompt again as a new "
+        "version; /back rolls back one turn, keeping it as a branch; /branches lists the versions of "
+        "the last turn and moves the head to the one picked; /help lists them.",
     )
     chat.add_argument(
         "--protocol", choices=("http", "ws", "grpc"), default="http", help="protocol (default http)"

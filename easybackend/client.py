@@ -260,10 +260,8 @@ class TreeCommands:
         read_line: Callable[[], Awaitable[str | None]],
         *,
         existing: bool,
-        interactive: bool,
     ) -> None:
         self._api = api
-        self._interactive = interactive
         self._path = f"/conversations/{quote(conversation_id, safe='')}"
         self._screen = screen
         self._read_line = read_line
@@ -344,10 +342,6 @@ class TreeCommands:
         keeps = f"Enter keeps {versions.index(current) + 1}" if current else "Enter stays here"
         self._screen.write(f"switch to (1-{len(versions)}, {keeps}): ")
         choice = await self._read_line()
-        if self._interactive:
-            self._screen.at_line_start = True  # the Enter typed ended the line
-        else:
-            self._screen.end_line()
         choice = (choice or "").strip()
         if not choice:
             self._screen.line("[branches] kept")
@@ -418,6 +412,10 @@ async def run_chat(
             return None
         line = await lines.receive()
         ended = line is None
+        if interactive:
+            screen.at_line_start = True  # the Enter typed ended the line
+        elif not screen.at_line_start:
+            screen.end_line()  # a question answered from a pipe: its line ends here
         return line
 
     failed = False
@@ -425,9 +423,7 @@ async def run_chat(
         async with trio.open_nursery() as nursery:
             asker = ASKERS[protocol](url, nursery)
             api = asker.api if isinstance(asker, HttpAsker) else None
-            commands = TreeCommands(
-                api, conversation_id, screen, read_line, existing=existing, interactive=interactive
-            )
+            commands = TreeCommands(api, conversation_id, screen, read_line, existing=existing)
             current: list[trio.CancelScope] = []
 
             async def on_interrupt() -> None:
