@@ -58,10 +58,12 @@ from ..storage import (
     ServingStore,
     TurnPosition,
 )
+from ..storage.sql import new_turn_id
 from ..upstream.openai_client import Completion, OpenAIUpstream, UpstreamCall
 from .accounting import CANCELLED, AskRecord, is_cancellation, record_for, record_refusal
 from .caller import Caller, Callers
 from .context import Budget, build_messages, turn_cost
+from .in_progress import AnswersInProgress
 from .locks import KeyedLock
 from .tokens import TokenCounter
 from .tree import validate_turn_id
@@ -135,6 +137,12 @@ class AskRequest:
     # A regenerate: the turn whose prompt is asked again, as a new sibling of it (``prompt``
     # and ``parent_id`` are then not used: the prompt is that turn's, the parent its parent's).
     regenerate: str | None = None
+    # The new turn's id when the transport must name it before the answer ends (a response
+    # that can be cancelled while in progress); made with storage.sql.new_turn_id. A new one
+    # by default.
+    turn_id: str | None = None
+    store: bool = True  # False: answer from the conversation's context, keep nothing
+    extra: str | None = None  # JSON the transport keeps with the turn (TurnRecord.extra)
     caller: Caller = dataclasses.field(kw_only=True)
 
 
@@ -203,6 +211,8 @@ class ChatService:
         # (see Callers.caller). Every other method takes the Caller it returns.
         self.caller = self.callers.caller
         self._locks = KeyedLock()
+        # Answers another request may cancel by their turn id (see chat/in_progress.py).
+        self.in_progress = AnswersInProgress()
         self._streams: collections.Counter[str] = (
             collections.Counter()
         )  # answers in progress per key or client address (see _admitted)
@@ -303,6 +313,8 @@ class ChatService:
             if request.parent_id is not None:
                 raise InvalidInput("a regenerate takes no parent_id: its parent is the turn's")
         self._check_overrides(request)
+        turn_id = request.turn_id
+        turn_id = new_turn_id() if turn_id is None else validate_turn_id(turn_id, "turn_id")
         prompt_tokens = await self.counter.text_off_loop(prompt) if regenerate is None else 0
         created_at = time.time()
 
@@ -351,8 +363,7 @@ class ChatService:
                 except BaseException:
                     if pieces and completion is None and is_cancellation(sys.exception()):
                         turn = await self._store_cancelled(
-                            ref,
-                            parent,
+                            _Keep(ref, parent, turn_id, request),
                             call,
                             prompt,
                             prompt_tokens,
@@ -375,15 +386,22 @@ class ChatService:
                     completion,
                     answer_tokens=await self.counter.text_off_loop(answer),
                 )
-                stored = await self.storage.append_turn(ref, turn, parent)
+                await self._keep(_Keep(ref, parent, turn_id, request), turn)
         yield End(
             conversation_id=ref.conversation_id,
             model=turn.model,
             finish_reason=turn.finish_reason,
             usage=Usage(turn.usage_prompt_tokens, turn.usage_completion_tokens),
-            turn_id=stored.turn_id,
-            turn=stored.depth,
+            turn_id=turn_id,
+            turn=parent.depth + 1 if parent else 1,
         )
+
+    async def _keep(self, keep: _Keep, turn: NewTurn) -> None:
+        """Store ``turn`` where ``keep`` says (nothing for an ask that keeps nothing)."""
+        if keep.request.store:
+            await self.storage.append_turn(
+                keep.ref, turn, keep.parent, turn_id=keep.turn_id, extra=keep.request.extra
+            )
 
     def _upstream_call(self, request: AskRequest, messages: list[dict[str, str]]) -> UpstreamCall:
         """The call to the model: the request's overrides, else the settings."""
@@ -576,8 +594,7 @@ class ChatService:
 
     async def _store_cancelled(
         self,
-        ref: ConversationRef,
-        parent: TurnPosition | None,
+        keep: _Keep,
         call: UpstreamCall,
         prompt: str,
         prompt_tokens: int,
@@ -606,8 +623,18 @@ class ChatService:
             answer_tokens=answer_tokens,
         )
         with trio.CancelScope(shield=True), trio.move_on_after(STORE_ON_CANCEL_SECONDS):
-            await self.storage.append_turn(ref, turn, parent)
+            await self._keep(keep, turn)
         return turn
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Keep:
+    """Where an ask's turn is stored: its conversation, its parent, its id, and the ask."""
+
+    ref: ConversationRef
+    parent: TurnPosition | None
+    turn_id: str
+    request: AskRequest
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

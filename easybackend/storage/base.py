@@ -95,6 +95,7 @@ class ConversationSummary:
     updated_at: float
     head_id: str | None  # the head's turn_id; None: the next ask starts a new first turn
     head_depth: int  # turns on the active path (root to head)
+    metadata: str | None  # JSON an API keeps with the conversation (see TurnRecord.extra)
     cursor: str  # opaque position for the next page, after this conversation
 
 
@@ -106,6 +107,9 @@ class TurnRecord(NewTurn):
     turn_id: str
     parent_seq: int | None  # None: a first turn
     depth: int
+    # JSON the API that made the turn keeps with it (a response's settings and metadata); the
+    # store keeps it as it is given and never reads it.
+    extra: str | None
 
     @property
     def position(self) -> TurnPosition:
@@ -139,6 +143,7 @@ class ConversationExport:
     updated_at: float
     head_seq: int | None
     last_seq: int  # the highest seq ever given (seqs are never reused)
+    metadata: str | None
     turns: list[TurnRecord]  # seq order
     legacy_imports: dict[str, int]  # legacy file name -> entries imported from it (import-json)
 
@@ -211,10 +216,34 @@ class ServingStore(Protocol):
         ...
 
     async def append_turn(
-        self, ref: ConversationRef, turn: NewTurn, parent: TurnPosition | None
+        self,
+        ref: ConversationRef,
+        turn: NewTurn,
+        parent: TurnPosition | None,
+        *,
+        turn_id: str | None = None,
+        extra: str | None = None,
     ) -> TurnPosition:
         """Store one turn atomically as a child of ``parent`` (None: a first turn), creating the
-        conversation, and make it the head in the same transaction; returns its position."""
+        conversation, and make it the head in the same transaction; returns its position.
+
+        ``turn_id`` is the id to give it (one the caller made with
+        :func:`~easybackend.storage.sql.new_turn_id` before the answer, so it could
+        be named while in progress); a new one by default. ``extra``: see
+        :attr:`TurnRecord.extra`.
+        """
+        ...
+
+    async def conversation_of_turn(self, owner: str, turn_id: str) -> str | None:
+        """The id of the owner's conversation holding the turn ``turn_id``, or None."""
+        ...
+
+    async def create_conversation(self, ref: ConversationRef, metadata: str | None) -> bool:
+        """Create an empty conversation with ``metadata``; False (nothing changed) if it exists."""
+        ...
+
+    async def set_metadata(self, ref: ConversationRef, metadata: str | None) -> bool:
+        """Replace the conversation's metadata; False if the conversation does not exist."""
         ...
 
     async def find_turn(self, ref: ConversationRef, turn_id: str) -> TurnRecord | None:

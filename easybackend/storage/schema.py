@@ -43,11 +43,15 @@ TURNS = """
 # Conversations become trees (SPEC §12): every turn gets its opaque id, its parent and its
 # depth; every conversation its head and the last seq it gave (seqs are never reused, so a
 # deleted branch's numbers are not handed out again). A database of the linear schema becomes
-# chains: each turn's parent is the turn before it, the head its last turn.
+# chains: each turn's parent is the turn before it, the head its last turn. Turns and
+# conversations also get the JSON an API keeps with them (a response's settings and metadata,
+# a conversation's metadata: SPEC §13), which the store does not read.
 TREE = """
     ALTER TABLE turns ADD COLUMN turn_id TEXT NOT NULL DEFAULT '';
     ALTER TABLE turns ADD COLUMN parent_seq INTEGER;
     ALTER TABLE turns ADD COLUMN depth INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE turns ADD COLUMN extra TEXT;
+    ALTER TABLE conversations ADD COLUMN metadata TEXT;
     UPDATE turns SET turn_id = {random_id}, parent_seq = chain.previous, depth = chain.position
     FROM (
         SELECT conversation_pk AS pk, seq AS at,

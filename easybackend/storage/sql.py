@@ -45,14 +45,14 @@ PROBE_ROW = ("", "", "readiness-probe")  # legacy_imports (owner, conversation_i
 # ``conversations c`` joined with its head ``h`` (see SUMMARY_FROM).
 SUMMARY_COLUMNS = (
     "c.conversation_id, c.system_prompt, c.turn_count, c.prompt_tokens, c.completion_tokens,"
-    " c.created_at, c.updated_at, h.turn_id, coalesce(h.depth, 0), c.pk"
+    " c.created_at, c.updated_at, h.turn_id, coalesce(h.depth, 0), c.metadata, c.pk"
 )
 SUMMARY_FROM = (
     "conversations c LEFT JOIN turns h ON h.conversation_pk = c.pk AND h.seq = c.head_seq"
 )
 EXPORT_COLUMNS = (
     "owner, conversation_id, system_prompt, system_tokens, turn_count, prompt_tokens,"
-    " completion_tokens, created_at, updated_at, head_seq, last_seq"
+    " completion_tokens, created_at, updated_at, head_seq, last_seq, metadata"
 )
 # A turn's columns in TurnRecord's field order, so a row is a record and a record is a row.
 TURN_COLUMNS = ", ".join(field.name for field in dataclasses.fields(TurnRecord))
@@ -281,21 +281,17 @@ def append(
     ref: ConversationRef,
     turn: NewTurn,
     parent: TurnPosition | None,
+    turn_id: str | None = None,
+    extra: str | None = None,
 ) -> TurnPosition:
     """Store ``turn`` as a child of ``parent`` (creating the conversation) and make it the head."""
     pk, seq = dialect.conversation_for_append(db, ref, turn.created_at, turn.finished_at)
-    place = TurnPosition(seq, new_turn_id(), parent.depth + 1 if parent else 1)
+    place = TurnPosition(seq, turn_id or new_turn_id(), parent.depth + 1 if parent else 1)
+    parent_seq = parent.seq if parent else None
     dialect.execute(
         db,
         INSERT_TURN,
-        (
-            pk,
-            *new_turn_values(turn),
-            seq,
-            place.turn_id,
-            parent.seq if parent else None,
-            place.depth,
-        ),
+        (pk, *new_turn_values(turn), seq, place.turn_id, parent_seq, place.depth, extra),
     )
     dialect.execute(
         db,
@@ -306,6 +302,39 @@ def append(
         (seq, seq, turn.finished_at, turn.usage_prompt_tokens, turn.usage_completion_tokens, pk),
     )
     return place
+
+
+def conversation_of_turn(dialect: Dialect, db: Connection, owner: str, turn_id: str) -> str | None:
+    row = dialect.execute(
+        db,
+        "SELECT c.conversation_id FROM turns t JOIN conversations c ON c.pk = t.conversation_pk"
+        " WHERE t.turn_id = ? AND c.owner = ?",
+        (turn_id, owner),
+    ).fetchone()
+    return row[0] if row else None
+
+
+def create_conversation(
+    dialect: Dialect, db: Connection, ref: ConversationRef, metadata: str | None, now: float
+) -> bool:
+    created = dialect.execute(
+        db,
+        "INSERT INTO conversations (owner, conversation_id, metadata, created_at, updated_at)"
+        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (owner, conversation_id) DO NOTHING",
+        (*_key(ref), metadata, now, now),
+    ).rowcount
+    return created > 0
+
+
+def set_metadata(
+    dialect: Dialect, db: Connection, ref: ConversationRef, metadata: str | None, now: float
+) -> bool:
+    changed = dialect.execute(
+        db,
+        f"UPDATE conversations SET metadata = ?, updated_at = ? WHERE {_BY_REF}",
+        (metadata, now, *_key(ref)),
+    ).rowcount
+    return changed > 0
 
 
 def find_turn(
@@ -586,7 +615,7 @@ def import_conversation(dialect: Dialect, db: Connection, conversation: Conversa
     dialect.execute(db, f"DELETE FROM legacy_imports WHERE {_BY_REF}", key)
     pk = dialect.insert_returning_pk(
         db,
-        f"INSERT INTO conversations ({EXPORT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        f"INSERT INTO conversations ({EXPORT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             *key,
             conversation.system_prompt,
@@ -598,6 +627,7 @@ def import_conversation(dialect: Dialect, db: Connection, conversation: Conversa
             conversation.updated_at,
             conversation.head_seq,
             conversation.last_seq,
+            conversation.metadata,
         ),
     )
     dialect.insert_turns(db, pk, conversation.turns)

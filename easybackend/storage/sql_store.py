@@ -90,9 +90,24 @@ class SQLStore:
         return await self._run(sql.newest_turns, Access.READ, ref, last, budget, cost)
 
     async def append_turn(
-        self, ref: ConversationRef, turn: NewTurn, parent: TurnPosition | None
+        self,
+        ref: ConversationRef,
+        turn: NewTurn,
+        parent: TurnPosition | None,
+        *,
+        turn_id: str | None = None,
+        extra: str | None = None,
     ) -> TurnPosition:
-        return await self._run(sql.append, Access.WRITE, ref, turn, parent)
+        return await self._run(sql.append, Access.WRITE, ref, turn, parent, turn_id, extra)
+
+    async def conversation_of_turn(self, owner: str, turn_id: str) -> str | None:
+        return await self._run(sql.conversation_of_turn, Access.READ, owner, turn_id)
+
+    async def create_conversation(self, ref: ConversationRef, metadata: str | None) -> bool:
+        return await self._run(sql.create_conversation, Access.WRITE, ref, metadata, time.time())
+
+    async def set_metadata(self, ref: ConversationRef, metadata: str | None) -> bool:
+        return await self._run(sql.set_metadata, Access.WRITE, ref, metadata, time.time())
 
     async def find_turn(self, ref: ConversationRef, turn_id: str) -> TurnRecord | None:
         return await self._run(sql.find_turn, Access.READ, ref, turn_id)
