@@ -210,6 +210,10 @@ async def test_import_adds_only_new_entries_and_export_writes_json(tmp_path):
         "line one\nline two $x",
         "third",
     ]
+    # the tree view: every turn with its id and its parent's; imported entries form a chain
+    ids = [turn["id"] for turn in body["tree"]]
+    assert [turn["parent_id"] for turn in body["tree"]] == [None, *ids[:-1]]
+    assert [turn["id"] for turn in body["history"]] == ids and body["head"] == ids[-1]
     missing = await run_command("export", "nope", env_dir=data)
     assert missing.returncode == 1 and missing.stderr.decode().startswith(
         "easybackend: error: no conversation"
