@@ -9,16 +9,12 @@ its own gRPC timeout.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import re
-import shutil
 import struct
-import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 from typing import Any
-from unittest import mock
 
 import grpc
 import h2.config
@@ -27,10 +23,8 @@ import h2.events
 import purerpc
 import pytest
 import trio
-from google.protobuf import descriptor_pool
-from grpc_tools import protoc
 from helpers import database
-from helpers.grpc import CALL_TIMEOUT, expect_rpc_failure, rpc
+from helpers.grpc import CALL_TIMEOUT, compile_for_grpcio, expect_rpc_failure, rpc
 from helpers.servers import Server, StartServer, free_port
 
 from easybackend.fake_upstream import FakeUpstream
@@ -41,34 +35,6 @@ ROOT = Path(__file__).resolve().parent.parent
 ORIGINAL_PROTO = ROOT / "tests" / "protos" / "original_chat.proto"
 HEALTH_PROTO = ROOT / "proto" / "grpc" / "health" / "v1" / "health.proto"
 LONG_ANSWER = "[[fake:tokens=300]][[fake:delay=0.05]]"  # 15 s if nobody stops it
-
-
-def compile_for_grpcio(proto: Path, out: Path, stem: str) -> SimpleNamespace:
-    """Compile ``proto`` for grpcio into ``out`` as ``<stem>.proto`` and import the modules.
-
-    They are loaded into a private descriptor pool: the original declares a
-    service named ``chat.Chat`` like ours does (and the health proto the same
-    names as ours), and one pool holds one definition of a name.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(proto, out / f"{stem}.proto")
-    args = [
-        "protoc",
-        f"-I{out}",
-        f"--python_out={out}",
-        f"--grpc_python_out={out}",
-        f"{stem}.proto",
-    ]
-    assert protoc.main(args) == 0, f"protoc failed on {proto}"
-    sys.path.insert(0, str(out))
-    try:
-        pool = descriptor_pool.DescriptorPool()
-        with mock.patch.object(descriptor_pool, "Default", return_value=pool):
-            pb2: ModuleType = importlib.import_module(f"{stem}_pb2")
-            pb2_grpc: ModuleType = importlib.import_module(f"{stem}_pb2_grpc")
-    finally:
-        sys.path.remove(str(out))
-    return SimpleNamespace(pb2=pb2, grpc=pb2_grpc)
 
 
 @pytest.fixture(scope="module")

@@ -13,27 +13,11 @@ import grpc
 import purerpc
 import pytest
 import trio
-from google.protobuf import json_format
-from helpers.grpc import CALL_TIMEOUT, ask, rpc, rpc_error, status_of
+from helpers.grpc import CALL_TIMEOUT, as_json, ask, rpc, rpc_error, status_of
 from helpers.servers import Server, StartServer, free_port
 from helpers.upstream import roles_and_contents, upstream_messages
 
 from easybackend.proto_gen import chat_pb2
-
-
-def as_json(message: Any) -> dict[str, Any]:
-    """A management message in the HTTP API's JSON form (where HTTP has null, the
-    message has an unset system prompt, or an empty next cursor)."""
-    body = json_format.MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-    if "next_cursor" in body:
-        body["next_cursor"] = body["next_cursor"] or None
-    for item in [body, *body.get("conversations", [])]:
-        if "conversation_id" in item:
-            item.setdefault("system_prompt", None)
-    return body
-
 
 # --------------------------------------------------------------------------- listing
 

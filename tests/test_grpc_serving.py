@@ -166,7 +166,7 @@ class EchoService:
         yield Delta(request.prompt)
         if request.prompt == "crash":
             raise RuntimeError("hidden internal detail")
-        yield End(request.conversation_id, "stub-model", "stop", Usage(1, 2), 1)
+        yield End(request.conversation_id, "stub-model", "stop", Usage(1, 2), turn_id="t1", turn=1)
 
 
 @dataclasses.dataclass

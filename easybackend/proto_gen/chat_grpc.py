@@ -6,6 +6,9 @@ class ChatServicer(purerpc.Servicer):
     async def Ask(self, input_message):
         raise NotImplementedError()
 
+    async def Regenerate(self, input_message):
+        raise NotImplementedError()
+
     async def ListConversations(self, input_message):
         raise NotImplementedError()
 
@@ -16,6 +19,12 @@ class ChatServicer(purerpc.Servicer):
         raise NotImplementedError()
 
     async def Rollback(self, input_message):
+        raise NotImplementedError()
+
+    async def SetHead(self, input_message):
+        raise NotImplementedError()
+
+    async def DeleteTurn(self, input_message):
         raise NotImplementedError()
 
     async def SetSystemPrompt(self, input_message):
@@ -32,6 +41,15 @@ class ChatServicer(purerpc.Servicer):
             purerpc.RPCSignature(
                 purerpc.Cardinality.UNARY_STREAM,
                 chat__pb2.AskRequest,
+                chat__pb2.AskResponse,
+            )
+        )
+        service_obj.add_method(
+            "Regenerate",
+            self.Regenerate,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_STREAM,
+                chat__pb2.RegenerateRequest,
                 chat__pb2.AskResponse,
             )
         )
@@ -72,6 +90,24 @@ class ChatServicer(purerpc.Servicer):
             )
         )
         service_obj.add_method(
+            "SetHead",
+            self.SetHead,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                chat__pb2.SetHeadRequest,
+                chat__pb2.SetHeadResponse,
+            )
+        )
+        service_obj.add_method(
+            "DeleteTurn",
+            self.DeleteTurn,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                chat__pb2.DeleteTurnRequest,
+                chat__pb2.DeleteTurnResponse,
+            )
+        )
+        service_obj.add_method(
             "SetSystemPrompt",
             self.SetSystemPrompt,
             purerpc.RPCSignature(
@@ -94,6 +130,14 @@ class ChatStub:
             purerpc.RPCSignature(
                 purerpc.Cardinality.UNARY_STREAM,
                 chat__pb2.AskRequest,
+                chat__pb2.AskResponse,
+            )
+        )
+        self.Regenerate = self._client.get_method_stub(
+            "Regenerate",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_STREAM,
+                chat__pb2.RegenerateRequest,
                 chat__pb2.AskResponse,
             )
         )
@@ -127,6 +171,22 @@ class ChatStub:
                 purerpc.Cardinality.UNARY_UNARY,
                 chat__pb2.RollbackRequest,
                 chat__pb2.RollbackResponse,
+            )
+        )
+        self.SetHead = self._client.get_method_stub(
+            "SetHead",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                chat__pb2.SetHeadRequest,
+                chat__pb2.SetHeadResponse,
+            )
+        )
+        self.DeleteTurn = self._client.get_method_stub(
+            "DeleteTurn",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                chat__pb2.DeleteTurnRequest,
+                chat__pb2.DeleteTurnResponse,
             )
         )
         self.SetSystemPrompt = self._client.get_method_stub(

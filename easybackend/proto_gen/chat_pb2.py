@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nchat.proto\x12\x04\x63hat\"\xc5\x01\n\nAskRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x12\n\x05model\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12\x13\n\x06system\x18\x06 \x01(\tH\x03\x88\x01\x01\x42\x08\n\x06_modelB\x0e\n\x0c_temperatureB\r\n\x0b_max_tokensB\t\n\x07_system\"a\n\x0b\x41skResponse\x12\x10\n\x08response\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x1a\n\x05usage\x18\x03 \x01(\x0b\x32\x0b.chat.Usage\x12\r\n\x05model\x18\x04 \x01(\t\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"9\n\x18ListConversationsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\"b\n\x19ListConversationsResponse\x12\x30\n\rconversations\x18\x01 \x03(\x0b\x32\x19.chat.ConversationSummary\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t\"\xb2\x01\n\x13\x43onversationSummary\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x1a\n\rsystem_prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\r\n\x05turns\x18\x03 \x01(\x05\x12\x1a\n\x05usage\x18\x04 \x01(\x0b\x32\x0b.chat.Usage\x12\x12\n\ncreated_at\x18\x05 \x01(\t\x12\x15\n\rlast_activity\x18\x06 \x01(\tB\x10\n\x0e_system_prompt\".\n\x13\x43onversationRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\"\xc8\x01\n\x0c\x43onversation\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x1a\n\rsystem_prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\r\n\x05turns\x18\x03 \x01(\x05\x12\x1a\n\x05usage\x18\x04 \x01(\x0b\x32\x0b.chat.Usage\x12\x12\n\ncreated_at\x18\x05 \x01(\t\x12\x15\n\rlast_activity\x18\x06 \x01(\t\x12\x1b\n\x07history\x18\x07 \x03(\x0b\x32\n.chat.TurnB\x10\n\x0e_system_prompt\"\xa0\x01\n\x04Turn\x12\x0c\n\x04turn\x18\x01 \x01(\x05\x12\x1f\n\x08messages\x18\x02 \x03(\x0b\x32\r.chat.Message\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1a\n\x05usage\x18\x05 \x01(\x0b\x32\x0b.chat.Usage\x12\x12\n\ncreated_at\x18\x06 \x01(\t\x12\x13\n\x0b\x66inished_at\x18\x07 \x01(\t\"5\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\x05\"5\n\x1a\x44\x65leteConversationResponse\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\"9\n\x0fRollbackRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\r\n\x05turns\x18\x02 \x01(\x05\"K\n\x10RollbackResponse\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07removed\x18\x02 \x01(\x05\x12\r\n\x05turns\x18\x03 \x01(\x05\"Q\n\x16SetSystemPromptRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\t\n\x07_prompt\"`\n\x17SetSystemPromptResponse\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x1a\n\rsystem_prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\x10\n\x0e_system_prompt2\xaa\x03\n\x04\x43hat\x12,\n\x03\x41sk\x12\x10.chat.AskRequest\x1a\x11.chat.AskResponse0\x01\x12T\n\x11ListConversations\x12\x1e.chat.ListConversationsRequest\x1a\x1f.chat.ListConversationsResponse\x12@\n\x0fGetConversation\x12\x19.chat.ConversationRequest\x1a\x12.chat.Conversation\x12Q\n\x12\x44\x65leteConversation\x12\x19.chat.ConversationRequest\x1a .chat.DeleteConversationResponse\x12\x39\n\x08Rollback\x12\x15.chat.RollbackRequest\x1a\x16.chat.RollbackResponse\x12N\n\x0fSetSystemPrompt\x12\x1c.chat.SetSystemPromptRequest\x1a\x1d.chat.SetSystemPromptResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nchat.proto\x12\x04\x63hat\"\xd8\x01\n\nAskRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x11\n\tparent_id\x18\x03 \x01(\t\x12\x12\n\x05model\x18\x10 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x11 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x12 \x01(\x05H\x02\x88\x01\x01\x12\x13\n\x06system\x18\x13 \x01(\tH\x03\x88\x01\x01\x42\x08\n\x06_modelB\x0e\n\x0c_temperatureB\r\n\x0b_max_tokensB\t\n\x07_system\"\xcd\x01\n\x11RegenerateRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\x12\x12\n\x05model\x18\x10 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x11 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x12 \x01(\x05H\x02\x88\x01\x01\x12\x13\n\x06system\x18\x13 \x01(\tH\x03\x88\x01\x01\x42\x08\n\x06_modelB\x0e\n\x0c_temperatureB\r\n\x0b_max_tokensB\t\n\x07_system\"\x80\x01\n\x0b\x41skResponse\x12\x10\n\x08response\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x1a\n\x05usage\x18\x03 \x01(\x0b\x32\x0b.chat.Usage\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0f\n\x07turn_id\x18\x10 \x01(\t\x12\x0c\n\x04turn\x18\x11 \x01(\x05\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"9\n\x18ListConversationsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\"b\n\x19ListConversationsResponse\x12\x30\n\rconversations\x18\x01 \x03(\x0b\x32\x19.chat.ConversationSummary\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t\"\xe4\x01\n\x13\x43onversationSummary\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x1a\n\rsystem_prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\r\n\x05turns\x18\x03 \x01(\x05\x12\x1a\n\x05usage\x18\x04 \x01(\x0b\x32\x0b.chat.Usage\x12\x12\n\ncreated_at\x18\x05 \x01(\t\x12\x15\n\rlast_activity\x18\x06 \x01(\t\x12\x11\n\x04head\x18\x08 \x01(\tH\x01\x88\x01\x01\x12\x14\n\x0cstored_turns\x18\t \x01(\x05\x42\x10\n\x0e_system_promptB\x07\n\x05_head\"<\n\x13\x43onversationRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0c\n\x04view\x18\x02 \x01(\t\"\x94\x02\n\x0c\x43onversation\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x1a\n\rsystem_prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\r\n\x05turns\x18\x03 \x01(\x05\x12\x1a\n\x05usage\x18\x04 \x01(\x0b\x32\x0b.chat.Usage\x12\x12\n\ncreated_at\x18\x05 \x01(\t\x12\x15\n\rlast_activity\x18\x06 \x01(\t\x12\x1b\n\x07history\x18\x07 \x03(\x0b\x32\n.chat.Turn\x12\x11\n\x04head\x18\x08 \x01(\tH\x01\x88\x01\x01\x12\x14\n\x0cstored_turns\x18\t \x01(\x05\x12\x18\n\x04tree\x18\n \x03(\x0b\x32\n.chat.TurnB\x10\n\x0e_system_promptB\x07\n\x05_head\"\xe4\x01\n\x04Turn\x12\x0c\n\x04turn\x18\x01 \x01(\x05\x12\x1f\n\x08messages\x18\x02 \x03(\x0b\x32\r.chat.Message\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1a\n\x05usage\x18\x05 \x01(\x0b\x32\x0b.chat.Usage\x12\x12\n\ncreated_at\x18\x06 \x01(\t\x12\x13\n\x0b\x66inished_at\x18\x07 \x01(\t\x12\n\n\x02id\x18\x08 \x01(\t\x12\x16\n\tparent_id\x18\t \x01(\tH\x00\x88\x01\x01\x12\x10\n\x08siblings\x18\n \x03(\tB\x0c\n\n_parent_id\"5\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\x05\"5\n\x1a\x44\x65leteConversationResponse\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\"9\n\x0fRollbackRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\r\n\x05turns\x18\x02 \x01(\x05\"g\n\x10RollbackResponse\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07removed\x18\x02 \x01(\x05\x12\r\n\x05turns\x18\x03 \x01(\x05\x12\x11\n\x04head\x18\x04 \x01(\tH\x00\x88\x01\x01\x42\x07\n\x05_head\":\n\x0eSetHeadRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\"F\n\x0fSetHeadResponse\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x11\n\x04head\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\x07\n\x05_head\"=\n\x11\x44\x65leteTurnRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\"Z\n\x12\x44\x65leteTurnResponse\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x05\x12\x11\n\x04head\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\x07\n\x05_head\"Q\n\x16SetSystemPromptRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\t\n\x07_prompt\"`\n\x17SetSystemPromptResponse\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x1a\n\rsystem_prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\x10\n\x0e_system_prompt2\xdf\x04\n\x04\x43hat\x12,\n\x03\x41sk\x12\x10.chat.AskRequest\x1a\x11.chat.AskResponse0\x01\x12:\n\nRegenerate\x12\x17.chat.RegenerateRequest\x1a\x11.chat.AskResponse0\x01\x12T\n\x11ListConversations\x12\x1e.chat.ListConversationsRequest\x1a\x1f.chat.ListConversationsResponse\x12@\n\x0fGetConversation\x12\x19.chat.ConversationRequest\x1a\x12.chat.Conversation\x12Q\n\x12\x44\x65leteConversation\x12\x19.chat.ConversationRequest\x1a .chat.DeleteConversationResponse\x12\x39\n\x08Rollback\x12\x15.chat.RollbackRequest\x1a\x16.chat.RollbackResponse\x12\x36\n\x07SetHead\x12\x14.chat.SetHeadRequest\x1a\x15.chat.SetHeadResponse\x12?\n\nDeleteTurn\x12\x17.chat.DeleteTurnRequest\x1a\x18.chat.DeleteTurnResponse\x12N\n\x0fSetSystemPrompt\x12\x1c.chat.SetSystemPromptRequest\x1a\x1d.chat.SetSystemPromptResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,35 +32,45 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'easybackend.proto_gen.chat_
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ASKREQUEST']._serialized_start=21
-  _globals['_ASKREQUEST']._serialized_end=218
-  _globals['_ASKRESPONSE']._serialized_start=220
-  _globals['_ASKRESPONSE']._serialized_end=317
-  _globals['_USAGE']._serialized_start=319
-  _globals['_USAGE']._serialized_end=398
-  _globals['_LISTCONVERSATIONSREQUEST']._serialized_start=400
-  _globals['_LISTCONVERSATIONSREQUEST']._serialized_end=457
-  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_start=459
-  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_end=557
-  _globals['_CONVERSATIONSUMMARY']._serialized_start=560
-  _globals['_CONVERSATIONSUMMARY']._serialized_end=738
-  _globals['_CONVERSATIONREQUEST']._serialized_start=740
-  _globals['_CONVERSATIONREQUEST']._serialized_end=786
-  _globals['_CONVERSATION']._serialized_start=789
-  _globals['_CONVERSATION']._serialized_end=989
-  _globals['_TURN']._serialized_start=992
-  _globals['_TURN']._serialized_end=1152
-  _globals['_MESSAGE']._serialized_start=1154
-  _globals['_MESSAGE']._serialized_end=1207
-  _globals['_DELETECONVERSATIONRESPONSE']._serialized_start=1209
-  _globals['_DELETECONVERSATIONRESPONSE']._serialized_end=1262
-  _globals['_ROLLBACKREQUEST']._serialized_start=1264
-  _globals['_ROLLBACKREQUEST']._serialized_end=1321
-  _globals['_ROLLBACKRESPONSE']._serialized_start=1323
-  _globals['_ROLLBACKRESPONSE']._serialized_end=1398
-  _globals['_SETSYSTEMPROMPTREQUEST']._serialized_start=1400
-  _globals['_SETSYSTEMPROMPTREQUEST']._serialized_end=1481
-  _globals['_SETSYSTEMPROMPTRESPONSE']._serialized_start=1483
-  _globals['_SETSYSTEMPROMPTRESPONSE']._serialized_end=1579
-  _globals['_CHAT']._serialized_start=1582
-  _globals['_CHAT']._serialized_end=2008
+  _globals['_ASKREQUEST']._serialized_end=237
+  _globals['_REGENERATEREQUEST']._serialized_start=240
+  _globals['_REGENERATEREQUEST']._serialized_end=445
+  _globals['_ASKRESPONSE']._serialized_start=448
+  _globals['_ASKRESPONSE']._serialized_end=576
+  _globals['_USAGE']._serialized_start=578
+  _globals['_USAGE']._serialized_end=657
+  _globals['_LISTCONVERSATIONSREQUEST']._serialized_start=659
+  _globals['_LISTCONVERSATIONSREQUEST']._serialized_end=716
+  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_start=718
+  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_end=816
+  _globals['_CONVERSATIONSUMMARY']._serialized_start=819
+  _globals['_CONVERSATIONSUMMARY']._serialized_end=1047
+  _globals['_CONVERSATIONREQUEST']._serialized_start=1049
+  _globals['_CONVERSATIONREQUEST']._serialized_end=1109
+  _globals['_CONVERSATION']._serialized_start=1112
+  _globals['_CONVERSATION']._serialized_end=1388
+  _globals['_TURN']._serialized_start=1391
+  _globals['_TURN']._serialized_end=1619
+  _globals['_MESSAGE']._serialized_start=1621
+  _globals['_MESSAGE']._serialized_end=1674
+  _globals['_DELETECONVERSATIONRESPONSE']._serialized_start=1676
+  _globals['_DELETECONVERSATIONRESPONSE']._serialized_end=1729
+  _globals['_ROLLBACKREQUEST']._serialized_start=1731
+  _globals['_ROLLBACKREQUEST']._serialized_end=1788
+  _globals['_ROLLBACKRESPONSE']._serialized_start=1790
+  _globals['_ROLLBACKRESPONSE']._serialized_end=1893
+  _globals['_SETHEADREQUEST']._serialized_start=1895
+  _globals['_SETHEADREQUEST']._serialized_end=1953
+  _globals['_SETHEADRESPONSE']._serialized_start=1955
+  _globals['_SETHEADRESPONSE']._serialized_end=2025
+  _globals['_DELETETURNREQUEST']._serialized_start=2027
+  _globals['_DELETETURNREQUEST']._serialized_end=2088
+  _globals['_DELETETURNRESPONSE']._serialized_start=2090
+  _globals['_DELETETURNRESPONSE']._serialized_end=2180
+  _globals['_SETSYSTEMPROMPTREQUEST']._serialized_start=2182
+  _globals['_SETSYSTEMPROMPTREQUEST']._serialized_end=2263
+  _globals['_SETSYSTEMPROMPTRESPONSE']._serialized_start=2265
+  _globals['_SETSYSTEMPROMPTRESPONSE']._serialized_end=2361
+  _globals['_CHAT']._serialized_start=2364
+  _globals['_CHAT']._serialized_end=2971
 # @@protoc_insertion_point(module_scope)

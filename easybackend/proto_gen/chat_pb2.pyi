@@ -7,32 +7,54 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class AskRequest(_message.Message):
-    __slots__ = ("prompt", "conversation_id", "model", "temperature", "max_tokens", "system")
+    __slots__ = ("prompt", "conversation_id", "parent_id", "model", "temperature", "max_tokens", "system")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    PARENT_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     conversation_id: str
+    parent_id: str
     model: str
     temperature: float
     max_tokens: int
     system: str
-    def __init__(self, prompt: _Optional[str] = ..., conversation_id: _Optional[str] = ..., model: _Optional[str] = ..., temperature: _Optional[float] = ..., max_tokens: _Optional[int] = ..., system: _Optional[str] = ...) -> None: ...
+    def __init__(self, prompt: _Optional[str] = ..., conversation_id: _Optional[str] = ..., parent_id: _Optional[str] = ..., model: _Optional[str] = ..., temperature: _Optional[float] = ..., max_tokens: _Optional[int] = ..., system: _Optional[str] = ...) -> None: ...
+
+class RegenerateRequest(_message.Message):
+    __slots__ = ("conversation_id", "turn_id", "model", "temperature", "max_tokens", "system")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    TURN_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SYSTEM_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    turn_id: str
+    model: str
+    temperature: float
+    max_tokens: int
+    system: str
+    def __init__(self, conversation_id: _Optional[str] = ..., turn_id: _Optional[str] = ..., model: _Optional[str] = ..., temperature: _Optional[float] = ..., max_tokens: _Optional[int] = ..., system: _Optional[str] = ...) -> None: ...
 
 class AskResponse(_message.Message):
-    __slots__ = ("response", "finish_reason", "usage", "model")
+    __slots__ = ("response", "finish_reason", "usage", "model", "turn_id", "turn")
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    TURN_ID_FIELD_NUMBER: _ClassVar[int]
+    TURN_FIELD_NUMBER: _ClassVar[int]
     response: str
     finish_reason: str
     usage: Usage
     model: str
-    def __init__(self, response: _Optional[str] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., model: _Optional[str] = ...) -> None: ...
+    turn_id: str
+    turn: int
+    def __init__(self, response: _Optional[str] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., model: _Optional[str] = ..., turn_id: _Optional[str] = ..., turn: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "total_tokens")
@@ -61,29 +83,35 @@ class ListConversationsResponse(_message.Message):
     def __init__(self, conversations: _Optional[_Iterable[_Union[ConversationSummary, _Mapping]]] = ..., next_cursor: _Optional[str] = ...) -> None: ...
 
 class ConversationSummary(_message.Message):
-    __slots__ = ("conversation_id", "system_prompt", "turns", "usage", "created_at", "last_activity")
+    __slots__ = ("conversation_id", "system_prompt", "turns", "usage", "created_at", "last_activity", "head", "stored_turns")
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
     TURNS_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     LAST_ACTIVITY_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    STORED_TURNS_FIELD_NUMBER: _ClassVar[int]
     conversation_id: str
     system_prompt: str
     turns: int
     usage: Usage
     created_at: str
     last_activity: str
-    def __init__(self, conversation_id: _Optional[str] = ..., system_prompt: _Optional[str] = ..., turns: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., created_at: _Optional[str] = ..., last_activity: _Optional[str] = ...) -> None: ...
+    head: str
+    stored_turns: int
+    def __init__(self, conversation_id: _Optional[str] = ..., system_prompt: _Optional[str] = ..., turns: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., created_at: _Optional[str] = ..., last_activity: _Optional[str] = ..., head: _Optional[str] = ..., stored_turns: _Optional[int] = ...) -> None: ...
 
 class ConversationRequest(_message.Message):
-    __slots__ = ("conversation_id",)
+    __slots__ = ("conversation_id", "view")
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    VIEW_FIELD_NUMBER: _ClassVar[int]
     conversation_id: str
-    def __init__(self, conversation_id: _Optional[str] = ...) -> None: ...
+    view: str
+    def __init__(self, conversation_id: _Optional[str] = ..., view: _Optional[str] = ...) -> None: ...
 
 class Conversation(_message.Message):
-    __slots__ = ("conversation_id", "system_prompt", "turns", "usage", "created_at", "last_activity", "history")
+    __slots__ = ("conversation_id", "system_prompt", "turns", "usage", "created_at", "last_activity", "history", "head", "stored_turns", "tree")
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
     TURNS_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +119,9 @@ class Conversation(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     LAST_ACTIVITY_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    STORED_TURNS_FIELD_NUMBER: _ClassVar[int]
+    TREE_FIELD_NUMBER: _ClassVar[int]
     conversation_id: str
     system_prompt: str
     turns: int
@@ -98,10 +129,13 @@ class Conversation(_message.Message):
     created_at: str
     last_activity: str
     history: _containers.RepeatedCompositeFieldContainer[Turn]
-    def __init__(self, conversation_id: _Optional[str] = ..., system_prompt: _Optional[str] = ..., turns: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., created_at: _Optional[str] = ..., last_activity: _Optional[str] = ..., history: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ...) -> None: ...
+    head: str
+    stored_turns: int
+    tree: _containers.RepeatedCompositeFieldContainer[Turn]
+    def __init__(self, conversation_id: _Optional[str] = ..., system_prompt: _Optional[str] = ..., turns: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., created_at: _Optional[str] = ..., last_activity: _Optional[str] = ..., history: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., head: _Optional[str] = ..., stored_turns: _Optional[int] = ..., tree: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ...) -> None: ...
 
 class Turn(_message.Message):
-    __slots__ = ("turn", "messages", "model", "finish_reason", "usage", "created_at", "finished_at")
+    __slots__ = ("turn", "messages", "model", "finish_reason", "usage", "created_at", "finished_at", "id", "parent_id", "siblings")
     TURN_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +143,9 @@ class Turn(_message.Message):
     USAGE_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PARENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SIBLINGS_FIELD_NUMBER: _ClassVar[int]
     turn: int
     messages: _containers.RepeatedCompositeFieldContainer[Message]
     model: str
@@ -116,7 +153,10 @@ class Turn(_message.Message):
     usage: Usage
     created_at: str
     finished_at: str
-    def __init__(self, turn: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., model: _Optional[str] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., created_at: _Optional[str] = ..., finished_at: _Optional[str] = ...) -> None: ...
+    id: str
+    parent_id: str
+    siblings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, turn: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., model: _Optional[str] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., created_at: _Optional[str] = ..., finished_at: _Optional[str] = ..., id: _Optional[str] = ..., parent_id: _Optional[str] = ..., siblings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Message(_message.Message):
     __slots__ = ("role", "text", "tokens")
@@ -143,14 +183,50 @@ class RollbackRequest(_message.Message):
     def __init__(self, conversation_id: _Optional[str] = ..., turns: _Optional[int] = ...) -> None: ...
 
 class RollbackResponse(_message.Message):
-    __slots__ = ("conversation_id", "removed", "turns")
+    __slots__ = ("conversation_id", "removed", "turns", "head")
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     REMOVED_FIELD_NUMBER: _ClassVar[int]
     TURNS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
     conversation_id: str
     removed: int
     turns: int
-    def __init__(self, conversation_id: _Optional[str] = ..., removed: _Optional[int] = ..., turns: _Optional[int] = ...) -> None: ...
+    head: str
+    def __init__(self, conversation_id: _Optional[str] = ..., removed: _Optional[int] = ..., turns: _Optional[int] = ..., head: _Optional[str] = ...) -> None: ...
+
+class SetHeadRequest(_message.Message):
+    __slots__ = ("conversation_id", "turn_id")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    TURN_ID_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    turn_id: str
+    def __init__(self, conversation_id: _Optional[str] = ..., turn_id: _Optional[str] = ...) -> None: ...
+
+class SetHeadResponse(_message.Message):
+    __slots__ = ("conversation_id", "head")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    head: str
+    def __init__(self, conversation_id: _Optional[str] = ..., head: _Optional[str] = ...) -> None: ...
+
+class DeleteTurnRequest(_message.Message):
+    __slots__ = ("conversation_id", "turn_id")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    TURN_ID_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    turn_id: str
+    def __init__(self, conversation_id: _Optional[str] = ..., turn_id: _Optional[str] = ...) -> None: ...
+
+class DeleteTurnResponse(_message.Message):
+    __slots__ = ("conversation_id", "deleted", "head")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    deleted: int
+    head: str
+    def __init__(self, conversation_id: _Optional[str] = ..., deleted: _Optional[int] = ..., head: _Optional[str] = ...) -> None: ...
 
 class SetSystemPromptRequest(_message.Message):
     __slots__ = ("conversation_id", "prompt")

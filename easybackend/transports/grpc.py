@@ -1,23 +1,33 @@
 """The gRPC transport: ``chat.Chat`` and ``grpc.health.v1.Health`` served by purerpc on our socket.
 
-``Ask`` adapts one ``AskRequest`` to :meth:`ChatService.ask` and streams the
-events back: one ``AskResponse`` per piece of the answer (``response`` holds
-the text; a piece longer than MAX_BODY_BYTES, the message limit, is cut
-across several, never inside a character), then a last ``AskResponse`` with
-an empty ``response`` carrying ``finish_reason``, ``usage`` and ``model``.
-``proto/chat.proto`` is wire-compatible with the original (same package,
-service, method and field numbers 1-2), so clients generated from the
-original proto keep working.
+``Ask`` and ``Regenerate`` are the two asks: each adapts its request to one
+core :class:`~easybackend.chat.service.AskRequest` (``Ask``'s ``parent_id``,
+empty for the head; ``Regenerate``'s ``turn_id`` as the turn to answer again)
+and streams :meth:`ChatService.ask`'s events back through the one
+:meth:`_Chat._answer`: one ``AskResponse`` per piece of the answer
+(``response`` holds the text; a piece longer than MAX_BODY_BYTES, the message
+limit, is cut across several, never inside a character), then a last
+``AskResponse`` with an empty ``response`` carrying ``finish_reason``,
+``usage``, ``model`` and the new turn's ``turn_id`` and ``turn``. Both are
+refused, accounted and cancelled the same way. ``proto/chat.proto`` is
+wire-compatible with the original (same package, service, method, and the
+request's field numbers 1-3: prompt, conversation_id and, as in the
+original's later proto, parent_id), so clients generated from the original
+protos keep working; EasyBackend's own AskRequest fields start at 16.
 
 The conversation-management RPCs (``ListConversations``,
-``GetConversation``, ``DeleteConversation``, ``Rollback``,
-``SetSystemPrompt``) are the HTTP API's ``/conversations`` operations: each
-is one call of the matching :class:`ChatService` method, and its answer is
-the HTTP API's JSON form (:mod:`.http_conversations`) as a proto message,
-so field names, times (ISO 8601, UTC) and pagination are the same on both.
-``ListConversations`` with ``limit`` 0 lists 50 per page; its
-``next_cursor`` is empty on the last page. An unset or empty ``prompt`` in
-``SetSystemPrompt`` clears the conversation's system prompt.
+``GetConversation``, ``DeleteConversation``, ``Rollback``, ``SetHead``,
+``DeleteTurn``, ``SetSystemPrompt``) are the HTTP API's ``/conversations``
+operations: each is one call of the matching :class:`ChatService` method,
+and its answer is the HTTP API's JSON form (:mod:`easybackend.chat.views`,
+:mod:`.http_conversations`) as a proto message, so field names, times (ISO
+8601, UTC), pagination and the tree (``id``, ``parent_id``, ``siblings``,
+``head``, ``stored_turns``, ``tree``) are the same on both; JSON's ``null``
+is an unset field. ``GetConversation``'s ``view`` is ``""``/``"path"`` (the
+active path) or ``"tree"`` (every turn too). ``ListConversations`` with
+``limit`` 0 lists 50 per page; its ``next_cursor`` is empty on the last
+page. An unset or empty ``prompt`` in ``SetSystemPrompt`` clears the
+conversation's system prompt.
 
 With ``API_KEYS`` set, every ``chat.Chat`` call needs
 ``authorization: Bearer <key>`` metadata (else UNAUTHENTICATED), and the
@@ -60,7 +70,8 @@ Cancellation: each call runs in its own cancel scope, which is cancelled
   does not enforce it): the call ends with DEADLINE_EXCEEDED.
 
 Cancelling a call cancels the chat service's ask, which closes the upstream
-request and stores the partial answer with finish reason ``cancelled``.
+request and stores the partial answer with finish reason ``cancelled`` (for
+a ``Regenerate``, as a new sibling of the regenerated turn).
 
 Shutdown: accepting stops, idle connections get GOAWAY and are closed, new
 calls on busy connections are refused with UNAVAILABLE (health calls still
@@ -111,6 +122,7 @@ from ..chat.views import conversation_detail, conversation_summary
 from ..proto_gen import chat_grpc, chat_pb2, health_grpc, health_pb2
 from ..request_ids import accept_request_id
 from ..settings import Settings
+from ..storage import ROOT
 from ..tls import server_ssl_context
 from ._purerpc_compat import BadRequestData, H2Connection, ServerSocket
 from .pieces import split_utf8
@@ -123,6 +135,7 @@ STATUS_BY_ERROR: dict[type[errors.ChatError], StatusCode] = {
     errors.InvalidInput: StatusCode.INVALID_ARGUMENT,
     errors.PromptTooLong: StatusCode.INVALID_ARGUMENT,
     errors.HTTPError: StatusCode.INVALID_ARGUMENT,  # HTTP only
+    errors.UpstreamRejected: StatusCode.INVALID_ARGUMENT,  # the HTTP /v1 relay only
     errors.Unauthenticated: StatusCode.UNAUTHENTICATED,
     errors.NotFound: StatusCode.NOT_FOUND,
     errors.MethodNotAllowed: StatusCode.UNIMPLEMENTED,
@@ -140,7 +153,10 @@ STATUS_BY_ERROR: dict[type[errors.ChatError], StatusCode] = {
 
 CHAT_SERVICE = "chat.Chat"
 HEALTH_SERVICE = "grpc.health.v1.Health"
-ASK_METHOD = "Ask"  # the one chat.Chat method that is an ask (access line, metrics)
+# The chat.Chat methods that are asks (a refusal gets an ask's access line and metrics).
+ASK_METHODS = frozenset({"Ask", "Regenerate"})
+# GetConversation's views: "" (unset) and "path" the active path, "tree" every turn too.
+VIEWS = {"": False, "path": False, "tree": True}
 DEFAULT_PAGE = 50  # conversations per page when ListConversations leaves limit at 0
 TLS_HANDSHAKE_TIMEOUT = 10.0  # seconds
 # Seconds a new connection has to send the HTTP/2 preface and its SETTINGS (real clients
@@ -261,8 +277,8 @@ class _Chat(chat_grpc.ChatServicer):
         )
 
     def refused(self, call: _Call, error: errors.ChatError) -> None:
-        """A call ended with ``error``: an Ask the core had not taken is reported as refused."""
-        if call.headers.service_name == CHAT_SERVICE and call.headers.method_name == ASK_METHOD:
+        """A call ended with ``error``: an ask the core had not taken is reported as refused."""
+        if call.headers.service_name == CHAT_SERVICE and call.headers.method_name in ASK_METHODS:
             if not call.taken:
                 call.taken = True  # reported once
                 self._service.refused(
@@ -272,10 +288,30 @@ class _Chat(chat_grpc.ChatServicer):
                     conversation_id=getattr(call.message, "conversation_id", None),
                 )
 
-    async def Ask(  # noqa: N802 (the RPC's name)
+    def Ask(  # noqa: N802 (the RPC's name)
         self, message: chat_pb2.AskRequest, request: _Call
     ) -> AsyncIterator[chat_pb2.AskResponse]:
-        ask = _ask_request(message, self._caller(request))
+        """An ask: the new turn is a child of ``parent_id`` (empty: the head; "root": none)."""
+        return self._answer(request, lambda caller: _ask_request(message, caller))
+
+    def Regenerate(  # noqa: N802
+        self, message: chat_pb2.RegenerateRequest, request: _Call
+    ) -> AsyncIterator[chat_pb2.AskResponse]:
+        """An ask of ``turn_id``'s prompt again, stored as its new sibling (see :meth:`Ask`)."""
+        return self._answer(request, lambda caller: _regenerate_request(message, caller))
+
+    async def _answer(
+        self, request: _Call, make: Callable[[Caller], AskRequest]
+    ) -> AsyncIterator[chat_pb2.AskResponse]:
+        """Stream one ask's answer: its pieces, then the last message with the new turn.
+
+        ``make`` turns the caller into the core's request. Errors before the
+        core takes the ask (the key, the request) are the caller's refusal
+        (:meth:`refused`); from then on the core accounts for the ask. When
+        the call is cancelled (reset, deadline, connection gone, shutdown cut)
+        the core stores the part delivered as ``cancelled``.
+        """
+        ask = make(self._caller(request))
         request.taken = True  # the core accounts for it from here on
         async with contextlib.aclosing(self._service.ask(ask)) as events:
             async for event in events:
@@ -292,6 +328,8 @@ class _Chat(chat_grpc.ChatServicer):
                             total_tokens=usage.total_tokens,
                         ),
                         model=event.model,
+                        turn_id=event.turn_id,
+                        turn=event.turn,
                     )
 
     # Conversation management: the HTTP API's operations, answered with its JSON forms
@@ -317,8 +355,11 @@ class _Chat(chat_grpc.ChatServicer):
         self, message: chat_pb2.ConversationRequest, request: _Call
     ) -> chat_pb2.Conversation:
         caller = self._caller(request)
+        tree = VIEWS.get(message.view)
+        if tree is None:
+            raise errors.InvalidInput('view must be "path" or "tree" (or unset, for "path")')
         detail = await self._service.get_conversation(message.conversation_id, caller=caller)
-        return chat_pb2.Conversation(**_int32_totals(conversation_detail(detail)))
+        return chat_pb2.Conversation(**_int32_totals(conversation_detail(detail, tree=tree)))
 
     async def DeleteConversation(  # noqa: N802
         self, message: chat_pb2.ConversationRequest, request: _Call
@@ -331,11 +372,30 @@ class _Chat(chat_grpc.ChatServicer):
         self, message: chat_pb2.RollbackRequest, request: _Call
     ) -> chat_pb2.RollbackResponse:
         caller = self._caller(request)
-        removed, left, _head = await self._service.rollback(
+        removed, left, head = await self._service.rollback(
             message.conversation_id, message.turns, caller=caller
         )
         return chat_pb2.RollbackResponse(
-            conversation_id=message.conversation_id, removed=removed, turns=left
+            conversation_id=message.conversation_id, removed=removed, turns=left, head=head
+        )
+
+    async def SetHead(  # noqa: N802
+        self, message: chat_pb2.SetHeadRequest, request: _Call
+    ) -> chat_pb2.SetHeadResponse:
+        caller = self._caller(request)
+        await self._service.set_head(message.conversation_id, message.turn_id, caller=caller)
+        head = None if message.turn_id == ROOT else message.turn_id
+        return chat_pb2.SetHeadResponse(conversation_id=message.conversation_id, head=head)
+
+    async def DeleteTurn(  # noqa: N802
+        self, message: chat_pb2.DeleteTurnRequest, request: _Call
+    ) -> chat_pb2.DeleteTurnResponse:
+        caller = self._caller(request)
+        deleted, head = await self._service.delete_turn(
+            message.conversation_id, message.turn_id, caller=caller
+        )
+        return chat_pb2.DeleteTurnResponse(
+            conversation_id=message.conversation_id, deleted=deleted, head=head
         )
 
     async def SetSystemPrompt(  # noqa: N802
@@ -368,20 +428,33 @@ def _first(headers: RequestReceived, key: str) -> str | None:
     return next((value for name, value in headers.custom_metadata if name == key), None)
 
 
+def _overrides(message: chat_pb2.AskRequest | chat_pb2.RegenerateRequest) -> dict[str, Any]:
+    """The per-turn overrides (fields 16-19 of both requests) the client set; unset ones are None."""
+    return {
+        name: getattr(message, name) if message.HasField(name) else None
+        for name in ("model", "temperature", "max_tokens", "system")
+    }
+
+
 def _ask_request(message: chat_pb2.AskRequest, caller: Caller) -> AskRequest:
-    """The core's AskRequest; the optional fields are passed only when the client set them."""
-
-    def optional(name: str) -> Any:
-        return getattr(message, name) if message.HasField(name) else None
-
+    """The core's AskRequest for an Ask; an empty ``parent_id`` (unset) is the head."""
     return AskRequest(
         conversation_id=message.conversation_id,
         prompt=message.prompt,
-        model=optional("model"),
-        temperature=optional("temperature"),
-        max_tokens=optional("max_tokens"),
-        system=optional("system"),
+        parent_id=message.parent_id or None,
         caller=caller,
+        **_overrides(message),
+    )
+
+
+def _regenerate_request(message: chat_pb2.RegenerateRequest, caller: Caller) -> AskRequest:
+    """The core's AskRequest for a Regenerate: ``turn_id``'s prompt asked again."""
+    return AskRequest(
+        conversation_id=message.conversation_id,
+        prompt="",
+        regenerate=message.turn_id,
+        caller=caller,
+        **_overrides(message),
     )
 
 
