@@ -9,6 +9,7 @@ key and an oversized Ask (both with grpcio).
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from typing import Any
 
 import purerpc
@@ -47,14 +48,21 @@ async def get_as(server: Server, secret: str, conversation_id: str) -> chat_pb2.
 
 # --------------------------------------------------------------------------- API keys
 
-# Every chat.Chat RPC, in an order in which each succeeds with the right key.
-CALLS: list[tuple[str, Any]] = [
-    ("Ask", chat_pb2.AskRequest(conversation_id="1", prompt="hi")),
-    ("ListConversations", chat_pb2.ListConversationsRequest()),
-    ("GetConversation", chat_pb2.ConversationRequest(conversation_id="1")),
-    ("SetSystemPrompt", chat_pb2.SetSystemPromptRequest(conversation_id="1", prompt="evil")),
-    ("Rollback", chat_pb2.RollbackRequest(conversation_id="1", turns=1)),
-    ("DeleteConversation", chat_pb2.ConversationRequest(conversation_id="1")),
+# Every chat.Chat RPC, in an order in which each succeeds with the right key, its request made
+# from the id of the conversation's first turn.
+CALLS: list[tuple[str, Callable[[str], Any]]] = [
+    ("Ask", lambda turn: chat_pb2.AskRequest(conversation_id="1", prompt="hi")),
+    ("Regenerate", lambda turn: chat_pb2.RegenerateRequest(conversation_id="1", turn_id=turn)),
+    ("ListConversations", lambda turn: chat_pb2.ListConversationsRequest()),
+    ("GetConversation", lambda turn: chat_pb2.ConversationRequest(conversation_id="1")),
+    ("SetHead", lambda turn: chat_pb2.SetHeadRequest(conversation_id="1", turn_id=turn)),
+    (
+        "SetSystemPrompt",
+        lambda turn: chat_pb2.SetSystemPromptRequest(conversation_id="1", prompt="evil"),
+    ),
+    ("Rollback", lambda turn: chat_pb2.RollbackRequest(conversation_id="1", turns=1)),
+    ("DeleteTurn", lambda turn: chat_pb2.DeleteTurnRequest(conversation_id="1", turn_id=turn)),
+    ("DeleteConversation", lambda turn: chat_pb2.ConversationRequest(conversation_id="1")),
 ]
 
 
@@ -67,10 +75,11 @@ async def test_without_the_right_key_every_rpc_is_unauthenticated(
     keyed: Server, metadata: dict[str, str]
 ):
     await ask_as(keyed, ALICE, "1", "alice's turn")
+    [turn] = (await get_as(keyed, ALICE, "1")).history
     requests_before = len(keyed.fake.requests)
 
-    for method, request in CALLS:
-        error = await rpc_error(keyed, method, request, metadata=metadata)
+    for method, make in CALLS:
+        error = await rpc_error(keyed, method, make(turn.id), metadata=metadata)
         code, message = status_of(error)
         assert code == purerpc.StatusCode.UNAUTHENTICATED, method
         assert "API key" in message, method
@@ -78,23 +87,29 @@ async def test_without_the_right_key_every_rpc_is_unauthenticated(
 
     assert len(keyed.fake.requests) == requests_before  # nothing reached the model
     untouched = await get_as(keyed, ALICE, "1")  # the refused calls changed nothing
-    assert untouched.turns == 1 and not untouched.HasField("system_prompt")
+    assert untouched.turns == untouched.stored_turns == 1
+    assert not untouched.HasField("system_prompt") and untouched.head == turn.id
 
 
 async def test_with_the_right_key_every_rpc_succeeds(keyed: Server):
-    results = {
-        method: await rpc(keyed, method, request, metadata=bearer(ALICE))
-        for method, request in CALLS
-    }
+    results: dict[str, Any] = {}
+    first = ""
+    for method, make in CALLS:
+        results[method] = await rpc(keyed, method, make(first), metadata=bearer(ALICE))
+        first = first or results["Ask"][-1].turn_id
 
     *pieces, last = results["Ask"]
     assert "".join(p.response for p in pieces) == "echo(1): hi" and last.finish_reason == "stop"
+    assert results["Regenerate"][-1].finish_reason == "stop"
     assert [c.conversation_id for c in results["ListConversations"].conversations] == ["1"]
     assert results["GetConversation"].turns == 1
+    assert results["GetConversation"].stored_turns == 2
+    assert results["SetHead"].head == first
     assert results["SetSystemPrompt"].system_prompt == "evil"
     assert (results["Rollback"].removed, results["Rollback"].turns) == (1, 0)
+    assert (results["DeleteTurn"].deleted, results["DeleteTurn"].HasField("head")) == (1, False)
     assert results["DeleteConversation"].conversation_id == "1"
-    assert len(keyed.fake.requests) == 1
+    assert len(keyed.fake.requests) == 2
 
 
 async def test_two_keys_on_one_conversation_id_get_two_conversations(keyed: Server):
@@ -289,6 +304,9 @@ async def test_hostile_conversation_ids_are_invalid_argument(
         ),
         ("Rollback", chat_pb2.RollbackRequest(conversation_id=conversation_id, turns=1)),
         ("DeleteConversation", chat_pb2.ConversationRequest(conversation_id=conversation_id)),
+        ("Regenerate", chat_pb2.RegenerateRequest(conversation_id=conversation_id, turn_id="t")),
+        ("SetHead", chat_pb2.SetHeadRequest(conversation_id=conversation_id, turn_id="root")),
+        ("DeleteTurn", chat_pb2.DeleteTurnRequest(conversation_id=conversation_id, turn_id="t")),
     ]
     for method, request in calls:
         code, message = status_of(await rpc_error(grpc_server, method, request))
