@@ -290,13 +290,22 @@ class _Chat(chat_grpc.ChatServicer):
     def Ask(  # noqa: N802 (the RPC's name)
         self, message: chat_pb2.AskRequest, request: _Call
     ) -> AsyncIterator[chat_pb2.AskResponse]:
-        """An ask: the new turn is a child of ``parent_id`` (empty: the head; "root": none)."""
+        """An ask: the new turn is a child of ``parent_id`` (empty: the head; "root": none).
+
+        An unknown parent is NotFound, a malformed one InvalidInput, both before
+        the model is called; errors and cancellation as in :meth:`_answer`.
+        """
         return self._answer(request, lambda caller: _ask_request(message, caller))
 
     def Regenerate(  # noqa: N802
         self, message: chat_pb2.RegenerateRequest, request: _Call
     ) -> AsyncIterator[chat_pb2.AskResponse]:
-        """An ask of ``turn_id``'s prompt again, stored as its new sibling (see :meth:`Ask`)."""
+        """An ask of ``turn_id``'s prompt again, stored as its new sibling, the new head.
+
+        An unknown turn is NotFound before the model is called; errors and
+        cancellation (a partial answer stored as a ``cancelled`` sibling) as in
+        :meth:`_answer`.
+        """
         return self._answer(request, lambda caller: _regenerate_request(message, caller))
 
     async def _answer(
