@@ -4,7 +4,9 @@ Every test gets a PostgreSQL schema of its own on the local server (the URL
 sets ``search_path``), dropped afterwards even when the test fails. Servers
 are real ``python run.py`` processes answering from the fake upstream served
 in the test; the database is read with a connection of the test's own.
-Also here: a database outage and its recovery (through a TCP proxy the test
+Conversations are trees (SPEC §12): concurrent asks through several instances
+grow one chain, and head switches and subtree deletes mixed with asks never
+leave the tree unsound. Also here: a database outage and its recovery (through a TCP proxy the test
 cuts and restores), and ``easybackend migrate-storage`` both ways.
 """
 
@@ -51,16 +53,22 @@ async def pg_rows(schema: str, sql: str, params: tuple[Any, ...] = ()) -> list[t
 async def whole_turns(
     schema: str, conversation_id: str, owner: str = ""
 ) -> list[tuple[int, str, str]]:
-    """(seq, prompt, answer) of the conversation, checking that the store holds only whole turns."""
-    turns = await pg_rows(
+    """(seq, prompt, answer) of the conversation, checking that the store holds only whole turns
+    and that they form one chain: each the child of the turn before, the head the last one."""
+    rows = await pg_rows(
         schema,
-        "SELECT t.seq, t.prompt, t.answer FROM turns t JOIN conversations c"
-        " ON c.pk = t.conversation_pk WHERE c.owner = %s AND c.conversation_id = %s"
-        " ORDER BY t.seq",
+        "SELECT t.seq, t.prompt, t.answer, t.parent_seq, t.depth, c.head_seq, c.last_seq"
+        " FROM turns t JOIN conversations c ON c.pk = t.conversation_pk"
+        " WHERE c.owner = %s AND c.conversation_id = %s ORDER BY t.seq",
         (owner, conversation_id),
     )
+    turns = [(seq, prompt, answer) for seq, prompt, answer, *_ in rows]
     assert [seq for seq, _, _ in turns] == list(range(1, len(turns) + 1))
     assert all(prompt and answer for _, prompt, answer in turns), turns
+    assert [(parent, depth) for _, _, _, parent, depth, _, _ in rows] == [
+        (seq - 1 or None, seq) for seq, _, _ in turns
+    ]
+    assert {(head, last) for *_, head, last in rows} <= {(len(turns), len(turns))}
     count = await pg_rows(
         schema,
         "SELECT turn_count FROM conversations WHERE owner = %s AND conversation_id = %s",
@@ -72,6 +80,31 @@ async def whole_turns(
     )
     assert await pg_rows(schema, orphans) == [(0,)]
     return turns
+
+
+# Every way a conversation's tree could be broken, each counted over the whole schema in one
+# statement (one snapshot): a head naming no turn, a parent that is gone, a depth that is not
+# its parent's plus one, a turn id given twice, a seq beyond the conversation's last.
+BROKEN_TREES = """
+    SELECT
+        (SELECT count(*) FROM conversations c WHERE c.head_seq IS NOT NULL AND NOT EXISTS
+            (SELECT 1 FROM turns t WHERE t.conversation_pk = c.pk AND t.seq = c.head_seq)),
+        (SELECT count(*) FROM turns t WHERE t.parent_seq IS NOT NULL AND NOT EXISTS
+            (SELECT 1 FROM turns p WHERE p.conversation_pk = t.conversation_pk
+             AND p.seq = t.parent_seq)),
+        (SELECT count(*) FROM turns t LEFT JOIN turns p ON p.conversation_pk = t.conversation_pk
+            AND p.seq = t.parent_seq WHERE t.depth <> coalesce(p.depth, 0) + 1),
+        (SELECT count(*) - count(DISTINCT turn_id) FROM turns),
+        (SELECT count(*) FROM turns t JOIN conversations c ON c.pk = t.conversation_pk
+            WHERE t.seq > c.last_seq)
+"""
+
+
+async def broken_trees(schema: str) -> dict[str, int]:
+    """The counts of BROKEN_TREES that are not zero (so an empty dict is a sound store)."""
+    (counts,) = await pg_rows(schema, BROKEN_TREES)
+    names = ("dangling heads", "orphans", "wrong depths", "duplicate ids", "seqs past last_seq")
+    return {name: count for name, count in zip(names, counts, strict=True) if count}
 
 
 # -- the upstream's view ------------------------------------------------------------------------
@@ -169,16 +202,22 @@ async def start_instance(
         assert UPSTREAM_KEY not in process.output
 
 
-async def start_pair(start: StartInstance) -> tuple[Instance, Instance]:
+async def start_together(start: StartInstance, *names: str) -> list[Instance]:
+    """Start one instance per name at the same time (so they also migrate together)."""
     instances: dict[str, Instance] = {}
 
     async def one(name: str) -> None:
         instances[name] = await start(name)
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(one, "a")
-        nursery.start_soon(one, "b")
-    return instances["a"], instances["b"]
+        for name in names:
+            nursery.start_soon(one, name)
+    return [instances[name] for name in names]
+
+
+async def start_pair(start: StartInstance) -> tuple[Instance, Instance]:
+    a, b = await start_together(start, "a", "b")
+    return a, b
 
 
 # -- two instances, one database ----------------------------------------------------------------
@@ -237,6 +276,155 @@ async def test_concurrent_asks_split_across_instances_are_answered_one_at_a_time
     check_serialised(fake, turns)
     for index, (_, prompt, answer) in enumerate(turns):
         assert answer == echo(2 * index + 1, prompt)  # the whole history went up every time
+
+
+async def test_concurrent_asks_through_three_instances_grow_one_chain(
+    fake, start_instance, pg_schema
+):
+    """Each instance reads the head under the conversation's lock and moves it with the insert,
+    so concurrent asks through different instances each continue from the turn stored just
+    before: one chain, never two turns on one parent."""
+    instances = await start_together(start_instance, "a", "b", "c")
+    fake.token_delay = 0.01  # every answer takes a while, so the asks overlap
+    prompts = [f"ask {i} via {instances[i % 3].name}" for i in range(12)]
+    ends: dict[str, dict[str, Any]] = {}
+    clients = [instance.client() for instance in instances]
+    try:
+
+        async def ask(client: httpx2.AsyncClient, prompt: str) -> None:
+            response = await client.post("/ask/chain", json={"prompt": prompt})
+            assert response.status_code == 200, response.text
+            ends[prompt] = response.json()
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for i, prompt in enumerate(prompts):
+                    nursery.start_soon(ask, clients[i % 3], prompt)
+        seen = [(await client.get("/conversations/chain")).json() for client in clients]
+    finally:
+        for client in clients:
+            await client.aclose()
+
+    turns = await whole_turns(pg_schema, "chain")  # seqs 1..12, each the child of the one before
+    assert sorted(prompt for _, prompt, _ in turns) == sorted(prompts)
+    ids = await pg_rows(
+        pg_schema,
+        "SELECT t.prompt, t.turn_id, t.depth FROM turns t JOIN conversations c"
+        " ON c.pk = t.conversation_pk WHERE c.conversation_id = 'chain'",
+    )
+    assert {prompt: (end["turn_id"], end["turn"]) for prompt, end in ends.items()} == {
+        prompt: (turn_id, depth) for prompt, turn_id, depth in ids
+    }
+    check_serialised(fake, turns)  # each upstream context held every turn before it
+    assert seen[0] == seen[1] == seen[2]
+    assert seen[0]["head"] == ends[turns[-1][1]]["turn_id"]
+    assert [t["parent_id"] for t in seen[0]["history"]] == [
+        None,
+        *(t["id"] for t in seen[0]["history"][:-1]),
+    ]
+    assert all(len(t["siblings"]) == 1 for t in seen[0]["history"])
+    assert await broken_trees(pg_schema) == {}
+
+
+async def test_head_switches_deletes_and_asks_mixed_across_instances_keep_the_tree_sound(
+    fake, start_instance, pg_schema
+):
+    """PUT head, DELETE of a subtree and asks (at the head or at a named parent), all at once
+    through three instances: a watcher reading the database throughout never sees a head
+    naming a missing turn (nor an orphan); every stored turn was answered from exactly the path
+    to its parent; an ask naming a deleted parent is refused before the model is called."""
+    instances = await start_together(start_instance, "a", "b", "c")
+    clients = [instance.client() for instance in instances]
+    fake.token_delay = 0.005
+    statuses: dict[str, int] = {}
+    try:
+        on_a = clients[0]
+        seed: dict[str, str] = {}
+        for name, parent in (("s1", None), ("s2", "s1"), ("s3", "s2"), ("b2", "s1")):
+            body = {"prompt": name} | ({"parent_id": seed[parent]} if parent else {})
+            response = await on_a.post("/ask/mix", json=body)
+            assert response.status_code == 200, response.text
+            seed[name] = response.json()["turn_id"]
+        seeded_requests = len(fake.requests)
+
+        operations: list[tuple[str, str, dict[str, Any] | None]] = []  # (label, path, body)
+        for i in range(9):
+            operations.append((f"ask {i}", "POST /ask/mix", {"prompt": f"ask {i}"}))
+        for i, parent in enumerate(("s1", "s3", "b2")):
+            body = {"prompt": f"branch {i} from {parent}", "parent_id": seed[parent]}
+            operations.append((f"branch {i}", "POST /ask/mix", body))
+        for i, target in enumerate(("s3", "b2", "root", "s2", "s3", "s1")):
+            turn_id = seed.get(target, target)
+            operations.append(
+                (f"head {i} {target}", "PUT /conversations/mix/head", {"turn_id": turn_id})
+            )
+        operations.append(("delete s2", f"DELETE /conversations/mix/turns/{seed['s2']}", None))
+
+        async def run(index: int, label: str, request: str, body: dict[str, Any] | None) -> None:
+            method, path = request.split(" ")
+            client = clients[index % 3]
+            response = await client.request(method, path, json=body)
+            statuses[label] = response.status_code
+            if response.status_code != 200:
+                assert error_code(response) == "not_found", response.text
+
+        seen_broken: list[dict[str, int]] = []
+        with trio.fail_after(40):
+            async with trio.open_nursery() as nursery:
+                mixing = trio.Event()
+
+                async def watch() -> None:
+                    while not mixing.is_set():
+                        seen_broken.append(await broken_trees(pg_schema))
+                    seen_broken.append(await broken_trees(pg_schema))
+
+                nursery.start_soon(watch)
+                async with trio.open_nursery() as operations_nursery:
+                    for index, operation in enumerate(operations):
+                        operations_nursery.start_soon(run, index, *operation)
+                mixing.set()
+    finally:
+        for client in clients:
+            await client.aclose()
+
+    assert len(seen_broken) > 1 and all(broken == {} for broken in seen_broken), seen_broken
+    # what cannot be refused: asks at the head, anything naming s1, b2 or "root" (never
+    # deleted), the one delete of s2; what names s2 or s3 is refused once s2 is gone
+    must_succeed = [f"ask {i}" for i in range(9)] + ["branch 0", "branch 2", "delete s2"]
+    must_succeed += ["head 1 b2", "head 2 root", "head 5 s1"]
+    assert all(statuses[label] == 200 for label in must_succeed), statuses
+    assert set(statuses.values()) <= {200, 404}, statuses
+
+    answered = [label for label in statuses if label.startswith(("ask", "branch"))]
+    answered = [label for label in answered if statuses[label] == 200]
+    assert len(fake.requests) == seeded_requests + len(answered)  # refused: nothing sent up
+    rows = await pg_rows(
+        pg_schema,
+        "SELECT t.seq, t.parent_seq, t.prompt, t.answer FROM turns t JOIN conversations c"
+        " ON c.pk = t.conversation_pk WHERE c.conversation_id = 'mix' ORDER BY t.seq",
+    )
+    by_seq = {seq: (parent, prompt, answer) for seq, parent, prompt, answer in rows}
+
+    def path_to(seq: int | None) -> list[tuple[str, str]]:
+        path = []
+        while seq is not None:
+            parent, prompt, answer = by_seq[seq]
+            path.append((prompt, answer))
+            seq = parent
+        return path[::-1]
+
+    requests = {last_user_text(r): r for r in fake.requests}
+    for _, parent, prompt, _ in rows:
+        assert history_of(requests[prompt]["body"]["messages"]) == path_to(parent), prompt
+    stored = {prompt for _, _, prompt, _ in rows}
+    assert {"s1", "b2"} <= stored and not {"s2", "s3"} & stored  # the delete took s2's subtree
+    prompts = {label: body["prompt"] for label, _, body in operations if body and "prompt" in body}
+    for label in answered:  # each answer is stored, unless it was below s2 when s2 went
+        prompt = prompts[label]
+        context = [p for p, _ in history_of(requests[prompt]["body"]["messages"])]
+        assert prompt in stored or "s2" in context, (prompt, context)
+    (head,) = await pg_rows(pg_schema, "SELECT head_seq FROM conversations")
+    assert head[0] is None or head[0] in by_seq
 
 
 async def active_asks(client: httpx2.AsyncClient) -> float:
@@ -412,16 +600,24 @@ def new_turn(prompt: str, at: float, usage: int = 7) -> NewTurn:
 
 
 async def fill(store: Storage, legacy: Path) -> None:
-    """Conversations of two owners, a system prompt, a rollback, unicode, and a legacy import."""
+    """Conversations of two owners, a system prompt, branches, a head off the newest turn, a
+    deleted turn (so the last seq given is past every stored one), a rollback, unicode, and a
+    legacy import."""
+    plain = ConversationRef("", "plain")
+    turns = []
     for i in range(3):
-        await store.append_turn(ConversationRef("", "plain"), new_turn(f"plain {i}", 1000.5 + i))
-    await store.set_system_prompt(ConversationRef("", "plain"), "Answer in haiku.", 4)
+        parent = turns[-1] if turns else None
+        turns.append(await store.append_turn(plain, new_turn(f"plain {i}", 1000.5 + i), parent))
+    await store.append_turn(plain, new_turn("plain 1, edited", 1010), turns[0])  # a branch
+    doomed = await store.append_turn(plain, new_turn("plain 3, deleted", 1020), turns[2])
+    assert await store.delete_turn(plain, doomed.turn_id) == (1, turns[2])  # back to "plain 2"
+    await store.set_system_prompt(plain, "Answer in haiku.", 4)
+    alice = ConversationRef("alice", "plain")
+    parent = None
     for i in range(4):
-        await store.append_turn(
-            ConversationRef("alice", "plain"), new_turn(f"ålice {i} 🙂", 2000 + i)
-        )
-    # a rollback drops turns, not their usage: the totals no longer add up from the turns
-    await store.rollback(ConversationRef("alice", "plain"), 2)
+        parent = await store.append_turn(alice, new_turn(f"ålice {i} 🙂", 2000 + i), parent)
+    # a rollback moves the head back and keeps the turns; their usage stays in the totals
+    await store.rollback(alice, 2)
     await store.set_system_prompt(ConversationRef("bob", "empty"), "Only a system prompt.", 5)
     await trio.Path(legacy).mkdir()
     await trio.Path(legacy / "old-1.json").write_text(
@@ -442,7 +638,7 @@ async def contents(url: str) -> tuple[list[Any], dict[tuple[str, str], dict[str,
         for conversation in exported:
             detail = await store.get_conversation(conversation.ref)
             shown[conversation.ref.owner, conversation.ref.conversation_id] = conversation_detail(
-                detail
+                detail, tree=True
             )
     finally:
         await store.close()
@@ -464,12 +660,22 @@ async def test_migrate_storage_from_sqlite_to_postgresql_and_back(
     finally:
         await store.close()
     before, shown_before = await contents(original)
-    assert len(before) == 4 and sum(len(c.turns) for c in before) == 7
+    assert len(before) == 4 and sum(len(c.turns) for c in before) == 10
+    plain = next(c for c in before if c.ref == ConversationRef("", "plain"))
+    assert (plain.head_seq, plain.last_seq, [t.seq for t in plain.turns]) == (3, 5, [1, 2, 3, 4])
+    assert [t.parent_seq for t in plain.turns] == [None, 1, 2, 1]
+    shown = shown_before["", "plain"]
+    assert [t["messages"][0]["text"] for t in shown["history"]] == ["plain 0", "plain 1", "plain 2"]
+    assert len(shown["tree"]) == 4 and shown["history"][1]["siblings"] == [
+        plain.turns[1].turn_id,
+        plain.turns[3].turn_id,
+    ]
 
     code, out, err = await migrate(tmp_path, "--from", original, "--to", pg_url(pg_schema))
     assert code == 0, err
     assert err == ""
-    assert out.count("\n") == 1 and out.startswith("copied 4 conversations with 7 turns"), out
+    assert out.count("\n") == 1 and out.startswith("copied 4 conversations with 10 turns"), out
+    # ids, parents, depths, heads and last seqs exactly as they were: the same tree
     on_postgres, shown_on_postgres = await contents(pg_url(pg_schema))
     assert on_postgres == before
     assert shown_on_postgres == shown_before
@@ -498,7 +704,7 @@ async def test_migrate_storage_from_sqlite_to_postgresql_and_back(
     back = f"sqlite:///{tmp_path / 'back' / 'easybackend.sqlite3'}"
     code, out, err = await migrate(tmp_path, "--from", pg_url(pg_schema), "--to", back)
     assert code == 0, err
-    assert out.startswith("copied 4 conversations with 7 turns (1 legacy import records)"), out
+    assert out.startswith("copied 4 conversations with 10 turns (1 legacy import records)"), out
     assert await contents(back) == (before, shown_before)
 
     # the migrated store serves on: the history goes upstream, import-json adds nothing twice
@@ -508,15 +714,28 @@ async def test_migrate_storage_from_sqlite_to_postgresql_and_back(
         assert (again.turns, again.unchanged) == (0, 1)
     finally:
         await store.close()
-    server = await start_server(DATABASE_URL=pg_url(pg_schema))
-    async with server.client() as client:
-        response = await client.post("/ask/plain", json={"prompt": "and now?"})
-        assert response.status_code == 200, response.text
-    messages = upstream_messages(fake)
-    assert messages[0] == {"role": "system", "content": "Answer in haiku."}
-    assert [p for p, _ in history_of(messages)] == ["plain 0", "plain 1", "plain 2"]
-    turns = await whole_turns(pg_schema, "plain")
-    assert [(seq, prompt) for seq, prompt, _ in turns][-1] == (4, "and now?")
+    # on either side of the copy the next ask continues from the same head, with the next seq
+    head_id = plain.turns[2].turn_id
+    for url in (pg_url(pg_schema), back):
+        server = await start_server(DATABASE_URL=url)
+        async with server.client() as client:
+            response = await client.post("/ask/plain", json={"prompt": "and now?"})
+            assert response.status_code == 200, response.text
+            shown = (await client.get("/conversations/plain")).json()
+        server.shutdown.set()
+        messages = upstream_messages(fake)
+        assert messages[0] == {"role": "system", "content": "Answer in haiku."}
+        assert [p for p, _ in history_of(messages)] == ["plain 0", "plain 1", "plain 2"]
+        assert response.json()["turn"] == 4
+        assert [t["id"] for t in shown["history"]][:3] == [t.turn_id for t in plain.turns[:3]]
+        assert shown["history"][-1]["parent_id"] == head_id
+        assert shown["head"] == response.json()["turn_id"]
+        store = await open_url(url, STORE_SETTINGS)
+        try:
+            new = await store.find_turn(ConversationRef("", "plain"), response.json()["turn_id"])
+        finally:
+            await store.close()
+        assert (new.seq, new.parent_seq, new.depth) == (6, 3, 4)  # seq 5 was given (and deleted)
 
 
 async def test_migrate_storage_errors_are_one_line_without_the_password(tmp_path, pg_schema):
