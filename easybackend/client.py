@@ -346,7 +346,7 @@ class TreeCommands:
         if not choice:
             self._screen.line("[branches] kept")
             return
-        if not choice.isdigit() or not 1 <= int(choice) <= len(versions):
+        if not (choice.isascii() and choice.isdigit()) or not 1 <= int(choice) <= len(versions):
             raise ChatClientError(f"no version {choice!r} (1-{len(versions)}); the head stays")
         chosen = versions[int(choice) - 1]
         if chosen != current:
