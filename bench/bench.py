@@ -3,6 +3,7 @@
     python bench/bench.py                 # the full run (several minutes)
     python bench/bench.py --quick         # a smoke run with small sizes (CI)
     python bench/bench.py --json out.json --markdown out.md
+    python bench/bench.py --only long     # only the long-conversation rows (--only repeats)
 
 Three processes: the fake upstream (``easybackend.fake_upstream``), the
 server (``run.py``, SQLite persistence on) and this client. Every figure of
@@ -14,7 +15,8 @@ the server is set against the same client talking to the same fake directly:
   a direct non-streaming call;
 - whole-answer asks per second at concurrency 64;
 - concurrent open streams per protocol: errors and server memory per stream;
-- ask latency on a conversation of 10 turns against one of 10,000 turns;
+- ask latency on a conversation of 10 turns against one of 10,000 turns, and against one of
+  10,000 turns with many side branches (6,000 of them), asked by parent_id at its deepest leaf;
 - start-up time until all three protocols answer.
 
 Each ask uses a conversation of its own unless said otherwise, so asks never
@@ -245,11 +247,10 @@ class HttpWhole(Client):
         self.base = f"http://127.0.0.1:{stack.http}"
         self.client = client
 
-    async def ask(self, conversation: str, prompt: str) -> float:
+    async def ask(self, conversation: str, prompt: str, parent_id: str | None = None) -> float:
+        body = {"prompt": prompt} | ({"parent_id": parent_id} if parent_id else {})
         started = time.perf_counter()
-        response = await self.client.post(
-            f"{self.base}/ask/{conversation}", json={"prompt": prompt}
-        )
+        response = await self.client.post(f"{self.base}/ask/{conversation}", json=body)
         response.raise_for_status()
         return time.perf_counter() - started
 
@@ -500,56 +501,96 @@ async def open_streams(
     }
 
 
-def seed_long_conversation(database: Path, turns: int, conversation_id: str) -> None:
-    """Store ``turns`` turns directly (the server is stopped).
+def seed_conversation(
+    database: Path, conversation_id: str, parents: list[int | None], head: int
+) -> None:
+    """Store a conversation directly (the server is stopped): turn ``seq`` (from 1) is a child
+    of ``parents[seq - 1]`` (None: a first turn), the head is turn ``head``; turn ids are
+    ``<conversation_id>-<seq>``.
 
     Each turn is about 350 tokens, so the default 4096-token window holds about ten of them:
-    the 10-turn and the long conversation send about the same context upstream, and what
-    differs is only the history the server has to look through.
+    every conversation sends about the same context upstream, and what differs is only the
+    history the server has to look through.
     """
     prompt = " ".join(f"word{i}" for i in range(150))
     answer = " ".join(f"reply{i}" for i in range(200))
+    depths: list[int] = []
+    for parent in parents:
+        depths.append(depths[parent - 1] + 1 if parent else 1)
     db = sqlite3.connect(database)
     with db:
         now = time.time()
         db.execute(
-            "INSERT INTO conversations (owner, conversation_id, turn_count, created_at, updated_at)"
-            " VALUES ('', ?, ?, ?, ?)",
-            (conversation_id, turns, now, now),
+            "INSERT INTO conversations (owner, conversation_id, turn_count, created_at, updated_at,"
+            " head_seq, last_seq) VALUES ('', ?, ?, ?, ?, ?, ?)",
+            (conversation_id, len(parents), now, now, head, len(parents)),
         )
         (pk,) = db.execute(
             "SELECT pk FROM conversations WHERE conversation_id = ?", (conversation_id,)
         ).fetchone()
         db.executemany(
-            "INSERT INTO turns VALUES (?, ?, ?, 150, ?, 200, 'm', 'stop', 150, 200, ?, ?)",
+            "INSERT INTO turns (conversation_pk, seq, prompt, prompt_tokens, answer, answer_tokens,"
+            " model, finish_reason, usage_prompt_tokens, usage_completion_tokens, created_at,"
+            " finished_at, turn_id, parent_seq, depth)"
+            " VALUES (?, ?, ?, 150, ?, 200, 'm', 'stop', 150, 200, ?, ?, ?, ?, ?)",
             (
-                (pk, seq, f"{seq} {prompt}", f"{seq} {answer}", now, now)
-                for seq in range(1, turns + 1)
+                (pk, seq, f"{seq} {prompt}", f"{seq} {answer}", now, now,
+                 f"{conversation_id}-{seq}", parent, depth)
+                for seq, (parent, depth) in enumerate(zip(parents, depths, strict=True), 1)
             ),
-        )
+        )  # fmt: skip
     db.close()
 
 
-async def long_conversation(stack: Stack, asks: int) -> dict[str, object]:
-    latencies = {}
+def chain(turns: int) -> list[int | None]:
+    """The parents of a linear conversation: each turn the child of the one before."""
+    return [None, *range(1, turns)]
+
+
+def branched(turns: int, every: int = 2, siblings: int = 3) -> tuple[list[int | None], int]:
+    """The parents of a conversation of ``turns`` turns with many side branches, and its
+    deepest leaf: along one path, every ``every``-th turn has ``siblings`` siblings (answered
+    before it, as regenerates or edits would be), each a leaf of its own."""
+    parents: list[int | None] = []
+    leaf: int | None = None  # the path's last turn
+    depth = 0
+    while len(parents) < turns:
+        depth += 1
+        if depth % every == 0:
+            for _ in range(min(siblings, turns - len(parents) - 1)):
+                parents.append(leaf)
+        parents.append(leaf)
+        leaf = len(parents)
+    return parents, leaf
+
+
+async def long_conversation(
+    stack: Stack, asks: int, at: dict[str, tuple[str, str | None]], rounds: int = 5
+) -> dict[str, float]:
+    """The p50 latency (s) of a whole-answer ask for each label of ``at``: (the conversation,
+    the parent_id to ask with; None: at the head). They take turns, ``rounds`` rounds of
+    ``asks / rounds`` asks each, so a drift of the machine weighs on all alike."""
+    samples: dict[str, list[float]] = {label: [] for label in at}
     async with httpx2.AsyncClient(timeout=60) as client:
-        for name in ("short", "long"):
-            ask = HttpWhole(stack, client).ask
-            await ask(name, PROMPT)  # warm-up
-            samples = [await ask(name, PROMPT) for _ in range(asks)]
-            latencies[name] = statistics.median(samples)
-    return {
-        "p50_10_turns_ms": round(latencies["short"] * 1000, 2),
-        "p50_long_ms": round(latencies["long"] * 1000, 2),
-        "ratio": round(latencies["long"] / latencies["short"], 3),
-    }
+        ask = HttpWhole(stack, client).ask
+        for conversation, parent_id in at.values():
+            await ask(conversation, PROMPT, parent_id)  # warm-up
+        for _ in range(rounds):
+            for label, (conversation, parent_id) in at.items():
+                for _ in range(max(1, asks // rounds)):
+                    samples[label].append(await ask(conversation, PROMPT, parent_id))
+    return {label: statistics.median(values) for label, values in samples.items()}
 
 
 # --- the run
 
 
+ROWS = ("startup", "ttft", "throughput", "streams", "long")  # what --only can select
+
+
 async def main(args: argparse.Namespace) -> dict[str, object]:
     quick = args.quick
+    rows = set(args.only or ROWS)
     concurrencies = [1, 10] if quick else [1, 100, 1000]
     samples = 20 if quick else 200
     paced = paced_load(args)
@@ -564,14 +605,16 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         try:
             await stack.start_upstream()
             startups = []
-            for _ in range(1 if quick else 3):
-                startups.append(await stack.start_server())
+            for _ in range(1 if quick or "startup" not in rows else 3):
+                startups.append(await stack.start_server())  # also creates the database
                 stack.stop_server()
-            report["startup_s"] = round(statistics.median(startups), 3)
+            if "startup" in rows:
+                report["startup_s"] = round(statistics.median(startups), 3)
             await stack.start_server()
 
-            report["ttft"] = []
-            for concurrency in concurrencies:
+            if "ttft" in rows:
+                report["ttft"] = []
+            for concurrency in concurrencies if "ttft" in rows else []:
                 # in turns against drift: 5 rounds at 1, 3 up to 100, 1 above (it takes long)
                 rounds = 5 if concurrency == 1 else 3 if concurrency <= 100 else 1
                 per_worker = math.ceil(samples / concurrency / (rounds if concurrency > 1 else 1))
@@ -581,31 +624,71 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                     report["ttft"].append(row)
                     print(json.dumps(row), flush=True)
 
-            report["throughput"] = await throughput(
-                stack, 64 if not quick else 8, 3 if quick else 10
-            )
-            print(json.dumps(report["throughput"]), flush=True)
+            if "throughput" in rows:
+                report["throughput"] = await throughput(
+                    stack, 64 if not quick else 8, 3 if quick else 10
+                )
+                print(json.dumps(report["throughput"]), flush=True)
 
-            report["streams"] = []
-            for count in stream_counts:
+            if "streams" in rows:
+                report["streams"] = []
+            for count in stream_counts if "streams" in rows else []:
                 for protocol in (Sse, WebSocket, Grpc):
                     row = await open_streams(stack, protocol, count, 2 if quick else 5)
                     report["streams"].append(row)
                     print(json.dumps(row), flush=True)
 
-            stack.stop_server()
-            database = stack.data_dir / "easybackend.sqlite3"
-            seed_long_conversation(database, 10, "short")
-            seed_long_conversation(database, long_turns, "long")
-            await stack.start_server()
-            report["long_conversation"] = {
-                "turns": long_turns,
-                **await long_conversation(stack, 10 if quick else 50),
-            }
-            print(json.dumps(report["long_conversation"]), flush=True)
+            if "long" in rows:
+                report["long_conversation"] = await long_rows(stack, long_turns, quick)
+                print(json.dumps(report["long_conversation"]), flush=True)
         finally:
             stack.stop()
     return report
+
+
+async def long_rows(stack: Stack, turns: int, quick: bool) -> dict[str, object]:
+    """Asks on a 10-turn conversation against a ``turns``-turn one, asked at the head; and
+    against a ``turns``-turn one with many side branches, asked at its deepest leaf by
+    parent_id (the 10-turn one then asked by parent_id too, at its last turn)."""
+    stack.stop_server()
+    database = stack.data_dir / "easybackend.sqlite3"
+    seed_conversation(database, "short", chain(10), head=10)
+    seed_conversation(database, "short-by-parent", chain(10), head=10)
+    seed_conversation(database, "long", chain(turns), head=turns)
+    parents, leaf = branched(turns)
+    seed_conversation(database, "branched", parents, head=len(parents) - 1)  # a side leaf
+    await stack.start_server()
+    p50 = await long_conversation(
+        stack,
+        10 if quick else 50,
+        {
+            "short": ("short", None),
+            "long": ("long", None),
+            "short at its last turn": ("short-by-parent", "short-by-parent-10"),
+            "branched": ("branched", f"branched-{leaf}"),
+        },
+    )
+    depth = sum(1 for _ in _path(parents, leaf))
+    return {
+        "turns": turns,
+        "p50_10_turns_ms": round(p50["short"] * 1000, 2),
+        "p50_long_ms": round(p50["long"] * 1000, 2),
+        "ratio": round(p50["long"] / p50["short"], 3),
+        "branched": {
+            "turns": len(parents),
+            "path_turns": depth,
+            "side_turns": len(parents) - depth,
+            "p50_10_turns_ms": round(p50["short at its last turn"] * 1000, 2),
+            "p50_ms": round(p50["branched"] * 1000, 2),
+            "ratio": round(p50["branched"] / p50["short at its last turn"], 3),
+        },
+    }
+
+
+def _path(parents: list[int | None], seq: int | None):
+    while seq is not None:
+        yield seq
+        seq = parents[seq - 1]
 
 
 def load_sentence(rows: list[dict]) -> str:
@@ -621,44 +704,54 @@ def load_sentence(rows: list[dict]) -> str:
 
 
 def markdown(report: dict) -> str:
-    lines = [
-        f"Machine: {report['machine']}.",
-        "",
-        f"Start-up until all three protocols answer: **{report['startup_s']} s**.",
-        "",
-    ]
-    lines += [
-        load_sentence(report["ttft"]),
-        "",
-        "| protocol | concurrency | direct p50 ms | server p50 ms | added p50 ms | added p99 ms | errors |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for row in report["ttft"]:
-        lines.append(
-            f"| {row['protocol']} | {row['concurrency']} | {row['direct_p50_ms']} | {row['server_p50_ms']} "
-            f"| {row['added_p50_ms']} | {row['added_p99_ms']} | {row['errors']} |"
-        )
-    t = report["throughput"]
-    lines += [
-        "",
-        f"Whole-answer asks per second at concurrency {t['concurrency']} (persistence on): "
-        f"**{t['server_asks_per_s']}** through EasyBackend, {t['direct_asks_per_s']} direct (ratio {t['ratio']}).",
-        "",
-        "| protocol | open streams | errors | RSS before MiB | RSS peak MiB | KiB per stream |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for row in report["streams"]:
-        lines.append(
-            f"| {row['protocol']} | {row['streams']} | {row['errors']} | {row['rss_before_mib']} "
-            f"| {row['rss_peak_mib']} | {row['kib_per_stream']} |"
-        )
-    long = report["long_conversation"]
-    lines += [
-        "",
-        f"Whole-answer ask on a conversation of 10 turns: p50 {long['p50_10_turns_ms']} ms; "
-        f"of {long['turns']} turns: p50 {long['p50_long_ms']} ms (ratio {long['ratio']}).",
-    ]
-    return "\n".join(lines) + "\n"
+    lines = [f"Machine: {report['machine']}.", ""]
+    if "startup_s" in report:
+        lines += [f"Start-up until all three protocols answer: **{report['startup_s']} s**.", ""]
+    if "ttft" in report:
+        lines += [
+            load_sentence(report["ttft"]),
+            "",
+            "| protocol | concurrency | direct p50 ms | server p50 ms | added p50 ms | added p99 ms | errors |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for row in report["ttft"]:
+            lines.append(
+                f"| {row['protocol']} | {row['concurrency']} | {row['direct_p50_ms']} | {row['server_p50_ms']} "
+                f"| {row['added_p50_ms']} | {row['added_p99_ms']} | {row['errors']} |"
+            )
+        lines.append("")
+    if "throughput" in report:
+        t = report["throughput"]
+        lines += [
+            f"Whole-answer asks per second at concurrency {t['concurrency']} (persistence on): "
+            f"**{t['server_asks_per_s']}** through EasyBackend, {t['direct_asks_per_s']} direct (ratio {t['ratio']}).",
+            "",
+        ]
+    if "streams" in report:
+        lines += [
+            "| protocol | open streams | errors | RSS before MiB | RSS peak MiB | KiB per stream |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for row in report["streams"]:
+            lines.append(
+                f"| {row['protocol']} | {row['streams']} | {row['errors']} | {row['rss_before_mib']} "
+                f"| {row['rss_peak_mib']} | {row['kib_per_stream']} |"
+            )
+        lines.append("")
+    if "long_conversation" in report:
+        long = report["long_conversation"]
+        tree = long["branched"]
+        lines += [
+            f"Whole-answer ask on a conversation of 10 turns: p50 {long['p50_10_turns_ms']} ms; "
+            f"of {long['turns']} turns: p50 {long['p50_long_ms']} ms (ratio {long['ratio']}).",
+            "",
+            f"Ask by parent_id at the deepest leaf of a conversation of {tree['turns']} turns "
+            f"({tree['side_turns']} of them in side branches, {tree['path_turns']} on the path): "
+            f"p50 {tree['p50_ms']} ms; at the last turn of a 10-turn conversation: p50 "
+            f"{tree['p50_10_turns_ms']} ms (ratio {tree['ratio']}).",
+            "",
+        ]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def cli() -> None:
@@ -676,6 +769,13 @@ def cli() -> None:
         "--answer-tokens",
         type=int,
         help="tokens per answer in those rows (default 100; 10 with --quick)",
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=ROWS,
+        help="run only these rows (repeat the option for several); long: the long-conversation"
+        " rows (10,000 turns, linear and branched)",
     )
     parser.add_argument("--json", type=Path, help="write the report as JSON here")
     parser.add_argument("--markdown", type=Path, help="write the report as a Markdown table here")
