@@ -53,12 +53,19 @@ class Budget:
 def build_messages(
     system_prompt: str | None, turns: list[StoredTurn], prompt: str
 ) -> list[dict[str, str]]:
-    """The chat messages for the upstream call, oldest first."""
+    """The chat messages for the upstream call, oldest first.
+
+    An empty half of a turn is left out: a turn made of a lone user message (a
+    conversation item not answered yet) sends only its prompt, one made of a
+    lone assistant message only its answer.
+    """
     messages: list[dict[str, str]] = []
     if system_prompt is not None:
         messages.append({"role": "system", "content": system_prompt})
     for turn in turns:
-        messages.append({"role": "user", "content": turn.prompt})
-        messages.append({"role": "assistant", "content": turn.answer})
+        if turn.prompt:
+            messages.append({"role": "user", "content": turn.prompt})
+        if turn.answer:
+            messages.append({"role": "assistant", "content": turn.answer})
     messages.append({"role": "user", "content": prompt})
     return messages

@@ -35,7 +35,7 @@ import dataclasses
 import re
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 import trio
 
@@ -56,7 +56,9 @@ from ..storage import (
     ConversationSummary,
     NewTurn,
     ServingStore,
+    StoredTurn,
     TurnPosition,
+    TurnRecord,
 )
 from ..storage.sql import new_turn_id
 from ..upstream.openai_client import Completion, OpenAIUpstream, UpstreamCall
@@ -117,6 +119,27 @@ def checked_text(field: str, value: object) -> str:
     return value
 
 
+# The finish reason of a turn the client gave whole (GivenTurn): no model wrote its answer.
+GIVEN = "given"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GivenTurn:
+    """A turn the client gives whole, stored without calling the model: a user message and the
+    answer it had, either of which may be empty (a lone message).
+
+    What conversation items and a response's earlier input messages become.
+    An empty half is left out of the context sent upstream (see
+    :func:`~.context.build_messages`). Stored with model ``""``, finish reason
+    :data:`GIVEN` and no usage.
+    """
+
+    prompt: str
+    answer: str
+    turn_id: str | None = None  # its id (storage.sql.new_turn_id) when the caller must know it
+    extra: str | None = None  # JSON kept with it (TurnRecord.extra)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class AskRequest:
     """One ask, as every transport hands it to the core.
@@ -143,6 +166,14 @@ class AskRequest:
     turn_id: str | None = None
     store: bool = True  # False: answer from the conversation's context, keep nothing
     extra: str | None = None  # JSON the transport keeps with the turn (TurnRecord.extra)
+    # Turns the client gave before the prompt (a response's earlier input messages): the
+    # newest history sent, and (with store) stored as the chain from the parent to the new
+    # turn, in the transaction that stores it.
+    preceding: tuple[GivenTurn, ...] = ()
+    # False: an ask whose whole path (and preceding turns) does not fit the context window is
+    # refused with PromptTooLong instead of sent without its oldest turns.
+    truncate: bool = True
+    top_p: float | None = None  # nucleus sampling, sent to the model when given
     caller: Caller = dataclasses.field(kw_only=True)
 
 
@@ -264,6 +295,11 @@ class ChatService:
             raise InvalidInput("max_tokens must be a positive whole number")
         if request.system is not None:
             checked_text("system", request.system)
+        top_p = request.top_p
+        if top_p is not None and (
+            isinstance(top_p, bool) or not isinstance(top_p, int | float) or not 0 <= top_p <= 1
+        ):
+            raise InvalidInput("top_p must be a number between 0 and 1")
 
     def _checked_prompt(self, prompt: object) -> str:
         if not isinstance(prompt, str) or not prompt.strip():
@@ -317,6 +353,7 @@ class ChatService:
         turn_id = new_turn_id() if turn_id is None else validate_turn_id(turn_id, "turn_id")
         prompt_tokens = await self.counter.text_off_loop(prompt) if regenerate is None else 0
         created_at = time.time()
+        given = await self._counted_turns(request.preceding, created_at)
 
         with self._admitted(request):
             async with self._hold(ref):
@@ -334,11 +371,7 @@ class ChatService:
                     prompt, prompt_tokens = original.prompt, original.prompt_tokens
                 parent = head.parent
                 plan = await _ContextPlan.choose(self, request, prompt_tokens, head)
-                history = (
-                    await self.storage.newest_turns(ref, parent, plan.budget.history, turn_cost)
-                    if parent is not None
-                    else []
-                )
+                history = await self._history(ref, request, parent, plan.budget.history, given)
                 call = self._upstream_call(request, build_messages(plan.system, history, prompt))
                 sent_tokens = plan.budget.fixed + sum(turn_cost(t) for t in history)
 
@@ -363,7 +396,7 @@ class ChatService:
                 except BaseException:
                     if pieces and completion is None and is_cancellation(sys.exception()):
                         turn = await self._store_cancelled(
-                            _Keep(ref, parent, turn_id, request),
+                            _Keep(ref, parent, turn_id, request, given),
                             call,
                             prompt,
                             prompt_tokens,
@@ -386,22 +419,93 @@ class ChatService:
                     completion,
                     answer_tokens=await self.counter.text_off_loop(answer),
                 )
-                await self._keep(_Keep(ref, parent, turn_id, request), turn)
+                await self._keep(_Keep(ref, parent, turn_id, request, given), turn)
         yield End(
             conversation_id=ref.conversation_id,
             model=turn.model,
             finish_reason=turn.finish_reason,
             usage=Usage(turn.usage_prompt_tokens, turn.usage_completion_tokens),
             turn_id=turn_id,
-            turn=parent.depth + 1 if parent else 1,
+            turn=(parent.depth if parent else 0) + len(given) + 1,
         )
 
     async def _keep(self, keep: _Keep, turn: NewTurn) -> None:
-        """Store ``turn`` where ``keep`` says (nothing for an ask that keeps nothing)."""
-        if keep.request.store:
-            await self.storage.append_turn(
-                keep.ref, turn, keep.parent, turn_id=keep.turn_id, extra=keep.request.extra
+        """Store ``turn`` where ``keep`` says (nothing for an ask that keeps nothing), after the
+        ask's preceding turns, in one transaction."""
+        if not keep.request.store:
+            return
+        if keep.given:
+            chain = [(new, given.turn_id, given.extra) for given, new in keep.given]
+            chain.append((turn, keep.turn_id, keep.request.extra))
+            await self.storage.append_turns(keep.ref, chain, keep.parent)
+            return
+        await self.storage.append_turn(
+            keep.ref, turn, keep.parent, turn_id=keep.turn_id, extra=keep.request.extra
+        )
+
+    async def _counted_turns(
+        self, turns: Sequence[GivenTurn], created_at: float
+    ) -> list[tuple[GivenTurn, NewTurn]]:
+        """Each given turn with the NewTurn it is stored as (texts checked and counted).
+
+        Raises InvalidInput for a text the store cannot take or a turn with neither half.
+        """
+        counted = []
+        for given in turns:
+            checked_text("input", given.prompt)
+            checked_text("input", given.answer)
+            if not given.prompt and not given.answer:
+                raise InvalidInput("a message must not be empty")
+            if given.turn_id is not None:
+                validate_turn_id(given.turn_id, "turn_id")
+            new = NewTurn(
+                prompt=given.prompt,
+                prompt_tokens=await self.counter.text_off_loop(given.prompt),
+                answer=given.answer,
+                answer_tokens=await self.counter.text_off_loop(given.answer),
+                model="",
+                finish_reason=GIVEN,
+                usage_prompt_tokens=0,
+                usage_completion_tokens=0,
+                created_at=created_at,
+                finished_at=created_at,
             )
+            counted.append((given, new))
+        return counted
+
+    async def _history(
+        self,
+        ref: ConversationRef,
+        request: AskRequest,
+        parent: TurnPosition | None,
+        budget: int,
+        given: list[tuple[GivenTurn, NewTurn]],
+    ) -> list[StoredTurn]:
+        """The turns sent before the prompt, oldest first: the newest that fit ``budget`` of the
+        path to ``parent`` followed by the ask's preceding turns (the newest of all).
+
+        Raises PromptTooLong when the request does not ``truncate`` and some turn is left out.
+        """
+        fitting: list[StoredTurn] = []
+        left = budget
+        for _, new in reversed(given):
+            turn = StoredTurn(0, new.prompt, new.prompt_tokens, new.answer, new.answer_tokens)
+            if turn_cost(turn) > left:
+                break
+            left -= turn_cost(turn)
+            fitting.append(turn)
+        fitting.reverse()
+        stored: list[StoredTurn] = []
+        if parent is not None and len(fitting) == len(given):
+            stored = await self.storage.newest_turns(ref, parent, left, turn_cost)
+        path = (parent.depth if parent else 0) + len(given)
+        if not request.truncate and len(stored) + len(fitting) < path:
+            raise PromptTooLong(
+                f"the conversation's {path} turns and the prompt do not fit the context window"
+                f" (MAX_CONTEXT_TOKENS {self.settings.max_context_tokens}), and truncation is"
+                " disabled"
+            )
+        return stored + fitting
 
     def _upstream_call(self, request: AskRequest, messages: list[dict[str, str]]) -> UpstreamCall:
         """The call to the model: the request's overrides, else the settings."""
@@ -413,6 +517,7 @@ class ChatService:
             if request.temperature is None
             else request.temperature,
             max_tokens=request.max_tokens or settings.max_response_tokens,
+            top_p=request.top_p,
         )
 
     @contextlib.contextmanager
@@ -561,6 +666,130 @@ class ChatService:
         async with self._hold(ref):
             await self.storage.set_system_prompt(ref, prompt, tokens)
 
+    # The stateful OpenAI API (transports/openai_api): empty conversations with metadata, turns
+    # given whole, the conversation that holds a turn, turns removed alone, messages cleared.
+
+    def _ref(self, conversation_id: str, caller: Caller) -> ConversationRef:
+        return ConversationRef(caller.owner, validate_conversation_id(conversation_id))
+
+    async def create_conversation(
+        self, conversation_id: str, metadata: str | None, *, caller: Caller
+    ) -> bool:
+        """Create an empty conversation holding ``metadata`` (JSON text); False if it exists
+        (it is then left as it is). Raises InvalidInput."""
+        ref = self._ref(conversation_id, caller)
+        async with self._hold(ref):
+            return await self.storage.create_conversation(ref, metadata)
+
+    async def conversation_summary(
+        self, conversation_id: str, *, caller: Caller
+    ) -> ConversationSummary:
+        """The conversation as listed, without its turns. Raises InvalidInput or NotFound."""
+        ref = self._ref(conversation_id, caller)
+        async with self._locks.hold(ref):
+            summary = await self.storage.conversation_summary(ref)
+        if summary is None:
+            raise NotFound(f"no conversation {conversation_id!r}")
+        return summary
+
+    async def set_metadata(
+        self, conversation_id: str, metadata: str | None, *, caller: Caller
+    ) -> None:
+        """Replace the conversation's metadata (JSON text). Raises InvalidInput or NotFound."""
+        ref = self._ref(conversation_id, caller)
+        async with self._hold(ref):
+            if not await self.storage.set_metadata(ref, metadata):
+                raise NotFound(f"no conversation {conversation_id!r}")
+
+    async def conversation_of_turn(self, turn_id: str, *, caller: Caller) -> str:
+        """The id of the caller's conversation that holds the turn ``turn_id``.
+
+        Raises InvalidInput (not a turn id) or NotFound (no such turn among the caller's:
+        another key's turn is not found either).
+        """
+        validate_turn_id(turn_id, "turn_id")
+        conversation_id = await self.storage.conversation_of_turn(caller.owner, turn_id)
+        if conversation_id is None:
+            raise NotFound(f"no turn {turn_id!r}")
+        return conversation_id
+
+    async def find_turn(self, conversation_id: str, turn_id: str, *, caller: Caller) -> TurnRecord:
+        """The conversation's turn ``turn_id``, whole. Raises InvalidInput or NotFound."""
+        ref = self._ref(conversation_id, caller)
+        validate_turn_id(turn_id, "turn_id")
+        async with self._locks.hold(ref):
+            turn = await self.storage.find_turn(ref, turn_id)
+        if turn is None:
+            raise NotFound(f"no turn {turn_id!r} in conversation {conversation_id!r}")
+        return turn
+
+    async def add_turns(
+        self, conversation_id: str, turns: Sequence[GivenTurn], *, caller: Caller
+    ) -> list[TurnPosition]:
+        """Append turns the client gives whole after the head, without calling the model.
+
+        One transaction: each turn the parent of the next, the last the new head;
+        their positions. The conversation must exist. Raises InvalidInput or
+        NotFound. On cancellation the transaction, once started, still finishes.
+        """
+        ref = self._ref(conversation_id, caller)
+        given = await self._counted_turns(turns, time.time())
+        async with self._hold(ref):
+            if await self.storage.conversation_summary(ref) is None:
+                raise NotFound(f"no conversation {conversation_id!r}")
+            head = await self.storage.conversation_head(ref)
+            assert head is not None  # no turn named: an existing conversation has a head row
+            chain = [(new, given_turn.turn_id, given_turn.extra) for given_turn, new in given]
+            return await self.storage.append_turns(ref, chain, head.parent)
+
+    async def splice_turns(
+        self, conversation_id: str, turn_ids: Sequence[str], *, caller: Caller
+    ) -> str | None:
+        """Remove each turn of ``turn_ids`` alone: its children become its parent's, the head
+        moves to its parent if it was the head. Returns the head's id after (None: no turn).
+
+        Every turn must be in the conversation, else nothing is removed.
+        Raises InvalidInput or NotFound.
+        """
+        ref = self._ref(conversation_id, caller)
+        for turn_id in turn_ids:
+            validate_turn_id(turn_id, "turn_id")
+        async with self._hold(ref):
+            for turn_id in turn_ids:
+                if await self.storage.find_turn(ref, turn_id) is None:
+                    raise NotFound(f"no turn {turn_id!r} in conversation {conversation_id!r}")
+            result = await self.storage.splice_turns(ref, turn_ids)
+        if result is None:
+            raise NotFound(f"no conversation {conversation_id!r}")
+        _, head = result
+        return head.turn_id if head else None
+
+    async def clear_message(
+        self, conversation_id: str, turn_id: str, role: str, *, caller: Caller
+    ) -> None:
+        """Remove one message of a turn: its prompt (``role`` "user") or its answer ("assistant").
+
+        The other half stays, as a lone message; a turn left with neither is
+        removed alone (:meth:`splice_turns`). Raises InvalidInput, or NotFound
+        when the turn does not exist or that message is already empty.
+        """
+        ref = self._ref(conversation_id, caller)
+        validate_turn_id(turn_id, "turn_id")
+        if role not in ("user", "assistant"):
+            raise InvalidInput("role must be user or assistant")
+        async with self._hold(ref):
+            turn = await self.storage.find_turn(ref, turn_id)
+            text = turn.prompt if role == "user" and turn else turn.answer if turn else ""
+            if turn is None or not text:
+                raise NotFound(f"no {role} message in turn {turn_id!r}")
+            prompt, prompt_tokens = (turn.prompt, turn.prompt_tokens) if role != "user" else ("", 0)
+            answer, answer_tokens = (turn.answer, turn.answer_tokens) if role == "user" else ("", 0)
+            if prompt or answer:
+                texts = (prompt, prompt_tokens, answer, answer_tokens)
+                await self.storage.set_turn_text(ref, turn_id, texts)
+            else:
+                await self.storage.splice_turns(ref, [turn_id])
+
     def _new_turn(
         self,
         call: UpstreamCall,
@@ -629,12 +858,14 @@ class ChatService:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Keep:
-    """Where an ask's turn is stored: its conversation, its parent, its id, and the ask."""
+    """Where an ask's turn is stored: its conversation, its parent, its id, the ask, and the
+    turns the ask gave before it (stored between the parent and it)."""
 
     ref: ConversationRef
     parent: TurnPosition | None
     turn_id: str
     request: AskRequest
+    given: list[tuple[GivenTurn, NewTurn]]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -234,6 +234,37 @@ class ServingStore(Protocol):
         """
         ...
 
+    async def append_turns(
+        self,
+        ref: ConversationRef,
+        turns: Sequence[tuple[NewTurn, str | None, str | None]],
+        parent: TurnPosition | None,
+    ) -> list[TurnPosition]:
+        """Store ``turns`` (each a turn, its id or None for a new one, its extra) in one
+        transaction as a chain below ``parent``: each turn the parent of the next, the last
+        the head; their positions. Creates the conversation, as :meth:`append_turn` does."""
+        ...
+
+    async def splice_turns(
+        self, ref: ConversationRef, turn_ids: Sequence[str]
+    ) -> tuple[int, TurnPosition | None] | None:
+        """Remove each turn of ``turn_ids`` alone, in one transaction: its children become
+        children of its parent (their subtrees one level shallower), and the head moves to its
+        parent if it was the head. Usage totals keep the turns. Ids the conversation does not
+        hold are skipped. Returns (turns removed, the head after); None for an unknown
+        conversation."""
+        ...
+
+    async def set_turn_text(
+        self, ref: ConversationRef, turn_id: str, texts: tuple[str, int, str, int]
+    ) -> bool:
+        """Replace the turn's (prompt, prompt tokens, answer, answer tokens); False if no such turn."""
+        ...
+
+    async def conversation_summary(self, ref: ConversationRef) -> ConversationSummary | None:
+        """The conversation as listed (no turns read), or None if it does not exist."""
+        ...
+
     async def conversation_of_turn(self, owner: str, turn_id: str) -> str | None:
         """The id of the owner's conversation holding the turn ``turn_id``, or None."""
         ...

@@ -304,6 +304,22 @@ def append(
     return place
 
 
+def append_chain(
+    dialect: Dialect,
+    db: Connection,
+    ref: ConversationRef,
+    turns: Sequence[tuple[NewTurn, str | None, str | None]],
+    parent: TurnPosition | None,
+) -> list[TurnPosition]:
+    """Store ``turns`` (each with its id and extra) as a chain below ``parent``, each the
+    parent of the next; the last becomes the head."""
+    positions = []
+    for turn, turn_id, extra in turns:
+        parent = append(dialect, db, ref, turn, parent, turn_id, extra)
+        positions.append(parent)
+    return positions
+
+
 def conversation_of_turn(dialect: Dialect, db: Connection, owner: str, turn_id: str) -> str | None:
     row = dialect.execute(
         db,
@@ -421,6 +437,75 @@ def delete_turn(
         (deleted, head_seq, now, pk),
     )
     return deleted, _position(dialect, db, pk, head_seq)
+
+
+def splice_turns(
+    dialect: Dialect, db: Connection, ref: ConversationRef, turn_ids: Sequence[str], now: float
+) -> tuple[int, TurnPosition | None] | None:
+    """Remove each turn of ``turn_ids`` alone: its children become its parent's (their subtrees
+    one level shallower) and the head moves to its parent if it was the head. Ids the
+    conversation does not hold are skipped. (turns removed, the head after); None for an
+    unknown conversation."""
+    row = _conversation_for_change(dialect, db, ref)
+    if row is None:
+        return None
+    pk, head_seq = row
+    removed = 0
+    for turn_id in turn_ids:
+        found = dialect.execute(
+            db,
+            "SELECT seq, parent_seq FROM turns WHERE turn_id = ? AND conversation_pk = ?",
+            (turn_id, pk),
+        ).fetchone()
+        if found is None:
+            continue
+        seq, parent_seq = found
+        dialect.execute(
+            db,
+            "UPDATE turns SET depth = depth - 1 WHERE conversation_pk = ?"
+            f" AND seq IN ({SUBTREE} SELECT seq FROM subtree)",
+            (pk, pk, seq, pk),
+        )
+        dialect.execute(
+            db,
+            "UPDATE turns SET parent_seq = ? WHERE conversation_pk = ? AND parent_seq = ?",
+            (parent_seq, pk, seq),
+        )
+        dialect.execute(db, "DELETE FROM turns WHERE conversation_pk = ? AND seq = ?", (pk, seq))
+        if head_seq == seq:
+            head_seq = parent_seq
+        removed += 1
+    dialect.execute(
+        db,
+        "UPDATE conversations SET turn_count = turn_count - ?, head_seq = ?, updated_at = ?"
+        " WHERE pk = ?",
+        (removed, head_seq, now, pk),
+    )
+    return removed, _position(dialect, db, pk, head_seq)
+
+
+def set_turn_text(
+    dialect: Dialect,
+    db: Connection,
+    ref: ConversationRef,
+    turn_id: str,
+    texts: tuple[str, int, str, int],
+) -> bool:
+    """Replace a turn's prompt and answer (each with its token count); False if no such turn."""
+    changed = dialect.execute(
+        db,
+        "UPDATE turns SET prompt = ?, prompt_tokens = ?, answer = ?, answer_tokens = ?"
+        f" WHERE turn_id = ? AND conversation_pk = {_PK_BY_REF}",
+        (*texts, turn_id, *_key(ref)),
+    ).rowcount
+    return changed > 0
+
+
+def summary(dialect: Dialect, db: Connection, ref: ConversationRef) -> ConversationSummary | None:
+    row = dialect.execute(
+        db, f"SELECT {SUMMARY_COLUMNS} FROM {SUMMARY_FROM} WHERE {_C_BY_REF}", _key(ref)
+    ).fetchone()
+    return _summary(row) if row else None
 
 
 def _position(dialect: Dialect, db: Connection, pk: int, seq: int | None) -> TurnPosition | None:

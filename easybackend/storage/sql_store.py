@@ -100,6 +100,27 @@ class SQLStore:
     ) -> TurnPosition:
         return await self._run(sql.append, Access.WRITE, ref, turn, parent, turn_id, extra)
 
+    async def append_turns(
+        self,
+        ref: ConversationRef,
+        turns: Sequence[tuple[NewTurn, str | None, str | None]],
+        parent: TurnPosition | None,
+    ) -> list[TurnPosition]:
+        return await self._run(sql.append_chain, Access.WRITE, ref, turns, parent)
+
+    async def splice_turns(
+        self, ref: ConversationRef, turn_ids: Sequence[str]
+    ) -> tuple[int, TurnPosition | None] | None:
+        return await self._run(sql.splice_turns, Access.WRITE, ref, turn_ids, time.time())
+
+    async def set_turn_text(
+        self, ref: ConversationRef, turn_id: str, texts: tuple[str, int, str, int]
+    ) -> bool:
+        return await self._run(sql.set_turn_text, Access.WRITE, ref, turn_id, texts)
+
+    async def conversation_summary(self, ref: ConversationRef) -> ConversationSummary | None:
+        return await self._run(sql.summary, Access.READ, ref)
+
     async def conversation_of_turn(self, owner: str, turn_id: str) -> str | None:
         return await self._run(sql.conversation_of_turn, Access.READ, owner, turn_id)
 

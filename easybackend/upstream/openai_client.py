@@ -91,6 +91,7 @@ class UpstreamCall:
     model: str
     temperature: float
     max_tokens: int | None
+    top_p: float | None = None  # sent only when given
 
 
 class OpenAIUpstream:
@@ -171,6 +172,8 @@ class OpenAIUpstream:
         }
         if call.max_tokens is not None:
             body["max_tokens"] = call.max_tokens
+        if call.top_p is not None:
+            body["top_p"] = call.top_p
         for attempt in range(self.settings.upstream_retries + 1):
             try:
                 with trio.fail_at(deadline):
