@@ -11,15 +11,18 @@ every table.
 
 :func:`from_upstream` is the single place where exceptions of the ``openai``
 SDK are translated; it never copies an upstream error body verbatim, so a
-provider that echoes a key or a prompt cannot leak it. :func:`unexpected` is
-the one catch-all for exceptions that are not ChatErrors: it logs the
-traceback once and gives the client an :class:`InternalError` that tells
-nothing more.
+provider that echoes a key or a prompt cannot leak it. A request the /v1
+relay forwarded as the client sent it is the exception
+(:func:`from_relayed_upstream`): the provider's refusal of it is quoted to
+that client, the upstream key blanked. :func:`unexpected` is the one
+catch-all for exceptions that are not ChatErrors: it logs the traceback once
+and gives the client an :class:`InternalError` that tells nothing more.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from typing import TypeVar
 
@@ -37,9 +40,10 @@ class ChatError(Exception):
 
     code = "internal_error"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.param = param  # the request field at fault, when there is one (OpenAI's ``param``)
 
 
 class InternalError(ChatError):
@@ -138,6 +142,16 @@ class UpstreamUnavailable(UpstreamError):
     code = "upstream_unavailable"
 
 
+class UpstreamRejected(UpstreamError):
+    """The model provider refused a relayed /v1 request as invalid (HTTP 4xx); /v1 keeps its status."""
+
+    code = "upstream_rejected"
+
+    def __init__(self, message: str, *, status: int = 400, param: str | None = None) -> None:
+        super().__init__(message, param=param)  # param: the field the provider named, if any
+        self.status = status  # the provider's: 400, 404, 409, 413, 422, …
+
+
 def from_upstream(exc: BaseException) -> UpstreamError:
     """Translate an exception raised by the ``openai`` SDK into an :class:`UpstreamError`.
 
@@ -159,6 +173,48 @@ def from_upstream(exc: BaseException) -> UpstreamError:
     if isinstance(exc, openai.APIError):
         return UpstreamError("the model provider's answer was broken off or malformed")
     return UpstreamError(f"the call to the model provider failed ({type(exc).__name__})")
+
+
+# A relayed refusal quotes at most this much of the provider's message.
+MAX_QUOTED_MESSAGE = 500
+# The provider's statuses that say a relayed request is invalid: passed on to its client.
+RELAYED_STATUSES = frozenset({400, 404, 409, 413, 422})
+_UNPRINTABLE = re.compile(r"[^\t\n\x20-\x7e\xa0-\ud7ff\ue000-\U0010ffff]")
+
+
+def from_relayed_upstream(exc: BaseException, *, secret: str | None) -> UpstreamError:
+    """:func:`from_upstream` for a relayed request (the client's own body, sent as it came).
+
+    The provider's refusal of such a request as invalid (a status of
+    RELAYED_STATUSES) is the client's to see: an :class:`UpstreamRejected`
+    with that status, the request field it named and its message quoted (at
+    most MAX_QUOTED_MESSAGE characters, unprintable ones dropped, ``secret`` —
+    the upstream key — blanked out wherever it appears). Anything else (401
+    and 403: the server's key; 402: the server's account; 429, 5xx…) is
+    :func:`from_upstream`'s.
+    """
+    if not isinstance(exc, openai.APIStatusError) or exc.status_code not in RELAYED_STATUSES:
+        return from_upstream(exc)
+    status = exc.status_code
+    body = exc.body if isinstance(exc.body, dict) else {}
+    said = body.get("message")
+    param = body.get("param")
+    quoted = _quoted(said, secret) if isinstance(said, str) else ""
+    message = f"the model provider refused the request (HTTP {status})"
+    named = _quoted(param, secret)[:64] if isinstance(param, str) else ""
+    return UpstreamRejected(
+        f"{message}: {quoted}" if quoted else message, status=status, param=named or None
+    )
+
+
+def _quoted(text: str, secret: str | None) -> str:
+    """``text`` fit to quote to a client: no ``secret``, no unprintable characters, not too long."""
+    if secret:
+        text = text.replace(secret, "***")
+    text = _UNPRINTABLE.sub("", text).strip()
+    if len(text) > MAX_QUOTED_MESSAGE:
+        text = text[: MAX_QUOTED_MESSAGE - 1] + "…"
+    return text
 
 
 def unexpected(exc: BaseException, where: str) -> InternalError:

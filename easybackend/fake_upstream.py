@@ -38,6 +38,9 @@ key; directives are removed from the echoed text, and a text that had any is the
     ``stall_after=2``       send 2 tokens, then send nothing until the client goes away.
     ``delay=0.05``          per-token delay for this request.
     ``tokens=200``          answer exactly 200 tokens: the echo, then ``" t1"``, ``" t2"``, ...
+    ``tool_call=get_time``  answer with a call of the function ``get_time`` instead of text
+                            (``tool_calls``, finish_reason ``"tool_calls"``): its arguments are
+                            ``{"echo": <the answer's text>}``, streamed in pieces (the tokens).
 
 Events per completion request: ``started``, then ``stalled`` (if stalling), then exactly one of
 ``completed``, ``disconnected`` (client went away, noticed even while sleeping or stalled),
@@ -85,6 +88,7 @@ _FAULT_KEYS: dict[str, Callable[[Any], Any]] = {
     "stall_after": int,
     "delay": float,
     "tokens": int,
+    "tool_call": str,
 }
 
 
@@ -100,7 +104,10 @@ def _parse_fault(raw: Any) -> dict[str, Any]:
             fault[key] = _FAULT_KEYS[key](value)
         except (TypeError, ValueError):
             raise ValueError(f"bad value for fault key {key!r}: {value!r}") from None
-        if fault[key] < 0:
+        if key == "tool_call":
+            if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", fault[key]):
+                raise ValueError("tool_call must name a function (A-Z a-z 0-9 _ -, 1-64)")
+        elif fault[key] < 0:
             raise ValueError(f"fault key {key!r} must not be negative")
     if not 400 <= fault.get("status", 400) <= 599:
         raise ValueError("fault status must be within 400..599")
@@ -112,8 +119,10 @@ def _is_dict(value: Any) -> bool:
 
 
 def _text(content: Any) -> str:
-    if isinstance(content, list):  # content parts
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    if isinstance(content, list):  # content parts: the text of the text parts
+        return "".join(
+            p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+        )
     return content if isinstance(content, str) else ""
 
 
@@ -146,6 +155,7 @@ class _Reply:
     fault: dict[str, Any]
     delay: float
     include_usage: bool
+    tool: str | None = None  # answer with a call of this function, its arguments as the pieces
     chunks: int = 0
     final: bool = False  # "completed" was recorded; the last bytes are being sent
 
@@ -157,6 +167,14 @@ class _Reply:
         )
         tail = ',"usage":null}' if self.include_usage else "}"
         self._head, self._tail = head.encode(), f"{tail}\n\n".encode()
+
+    def call_delta(self, index: int, piece: str) -> str:
+        """The JSON ``delta`` of piece ``index`` of the tool call's arguments (the first names it)."""
+        call: dict[str, Any] = {"index": 0, "function": {"arguments": piece}}
+        if index == 0:
+            call = {"index": 0, "id": f"call_{self.id}", "type": "function"}
+            call["function"] = {"name": self.tool, "arguments": piece}
+        return json.dumps({"tool_calls": [call]})
 
     def chunk(self, delta: str, finish: str = "null") -> bytes:
         """One SSE ``chat.completion.chunk`` event with a pre-encoded JSON ``delta``."""
@@ -365,11 +383,14 @@ class FakeUpstream:
         text = _DIRECTIVE.sub("", last_user)
         text = text.strip() if text != last_user else text
         pieces = _PIECE.findall(f"echo({len(messages)}): {text}")
+        tool = fault.get("tool_call")
+        if tool is not None:  # the call's arguments, in pieces
+            pieces = _PIECE.findall(json.dumps({"echo": f"echo({len(messages)}): {text}"}))
         if "tokens" in fault:
             n = fault["tokens"]
             pieces = (pieces + [f" t{i}" for i in range(1, n - len(pieces) + 1)])[:n]
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
-        finish = "stop"
+        finish = "stop" if tool is None else "tool_calls"
         if isinstance(limit, int) and limit < len(pieces):
             pieces, finish = pieces[: max(limit, 0)], "length"
         prompt = sum(len(_WORD.findall(_text(m.get("content")))) + 4 for m in messages)
@@ -378,7 +399,7 @@ class FakeUpstream:
         options = body.get("stream_options")
         include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
         model, delay = str(body.get("model") or self.model), fault.get("delay", self.token_delay)
-        return _Reply(rid, model, pieces, finish, usage, fault, float(delay), include_usage)
+        return _Reply(rid, model, pieces, finish, usage, fault, float(delay), include_usage, tool)
 
     def _finish(self, reply: _Reply) -> None:
         # Recorded before the last send: the client may act on the end of the response before
@@ -412,10 +433,14 @@ class FakeUpstream:
         async def emit_piece(piece: str) -> None:
             await send(_body(reply.chunk('{"content":' + json.dumps(piece) + "}"), more=True))
 
+        async def emit_call_piece(piece: str) -> None:
+            await send(_body(reply.chunk(reply.call_delta(reply.chunks, piece)), more=True))
+
         sse = (b"content-type", b"text/event-stream; charset=utf-8")
         await send(_start(200, sse, (b"cache-control", b"no-cache")))
-        await send(_body(reply.chunk('{"role":"assistant","content":""}'), more=True))
-        if not await self._produce(reply, emit_piece):
+        role = '{"role":"assistant","content":%s}' % ("null" if reply.tool else '""')
+        await send(_body(reply.chunk(role), more=True))
+        if not await self._produce(reply, emit_call_piece if reply.tool else emit_piece):
             return "failed"  # returning mid-body makes hypercorn close the connection
         await send(_body(reply.chunk("{}", f'"{reply.finish}"'), more=True))
         if reply.include_usage:
@@ -437,6 +462,12 @@ class FakeUpstream:
             await send(_body(b'{"id":', more=True))
             return "failed"
         message = {"role": "assistant", "content": "".join(reply.pieces), "refusal": None}
+        if reply.tool is not None:
+            function = {"name": reply.tool, "arguments": message.pop("content")}
+            message["content"] = None
+            message["tool_calls"] = [
+                {"id": f"call_{reply.id}", "type": "function", "function": function}
+            ]
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reply.finish}
         completion = {"id": reply.id, "object": "chat.completion", "created": int(time.time())}
         completion |= {"model": reply.model, "choices": [choice], "usage": reply.usage}

@@ -135,6 +135,7 @@ STATUS_BY_ERROR: dict[type[errors.ChatError], StatusCode] = {
     errors.InvalidInput: StatusCode.INVALID_ARGUMENT,
     errors.PromptTooLong: StatusCode.INVALID_ARGUMENT,
     errors.HTTPError: StatusCode.INVALID_ARGUMENT,  # HTTP only
+    errors.UpstreamRejected: StatusCode.INVALID_ARGUMENT,  # the HTTP /v1 relay only
     errors.Unauthenticated: StatusCode.UNAUTHENTICATED,
     errors.NotFound: StatusCode.NOT_FOUND,
     errors.MethodNotAllowed: StatusCode.UNIMPLEMENTED,

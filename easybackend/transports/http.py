@@ -4,10 +4,12 @@ Routes: ``POST /ask/{id}`` (whole answer as JSON), ``POST /ask/{id}/stream``
 (Server-Sent Events), their regenerate twins ``POST
 /conversations/{id}/turns/{turn_id}/regenerate[/stream]``, ``GET /healthz``,
 the conversation management routes (:mod:`.http_conversations`), and the
-OpenAPI document with Swagger UI (``/openapi.json``, ``/docs``). Every error is JSON
+OpenAPI document with Swagger UI (``/openapi.json``, ``/docs``), and the
+OpenAI-compatible API under ``/v1`` (:mod:`.openai_api`). Every error is JSON
 ``{"error": {"code", "message"}}`` with the status :data:`STATUS_BY_ERROR`
-gives its class; what the HTTP layer refuses itself (a body over the limit,
-a wrong method, an unknown route) is turned into the matching ChatError
+gives its class (under ``/v1``: OpenAI's shape and table,
+:mod:`.openai_api.errors`); what the HTTP layer refuses itself (a body over
+the limit, a wrong method, an unknown route) is turned into the matching ChatError
 first, and an unexpected exception into an InternalError (logged once).
 
 Every request but those to the open paths is made a
@@ -63,7 +65,9 @@ from ..errors import (
     wire_form,
 )
 from ..request_ids import accept_request_id, new_request_id
+from . import openai_api
 from .http_conversations import conversation_routes
+from .openai_api import errors as openai_errors
 from .openapi import EasyBackendOpenAPI, UsageBody
 
 DOC_PATHS = {"/docs", "/openapi.json"}
@@ -73,6 +77,7 @@ SSE_ENDPOINTS = {"ask_stream", "regenerate_stream"}
 STATUS_BY_ERROR: dict[type[ChatError], int] = {
     errors.InvalidInput: 400,
     errors.HTTPError: 400,  # the HTTP layer's own status is kept (see http_error below)
+    errors.UpstreamRejected: 400,  # the /v1 relay only, where the provider's status is kept
     errors.Unauthenticated: 401,
     errors.NotFound: 404,
     errors.MethodNotAllowed: 405,
@@ -291,7 +296,10 @@ def create_app(service: ChatService, stopping: Stopping | None = None) -> Quart:
                 conversation_id=(request.view_args or {}).get("conversation_id"),
                 caller=g.get("caller"),
             )
-        response = error_response(error, status)
+        if openai_api.is_openai_path(request.path):  # /v1: OpenAI's error shape
+            response = openai_errors.error_response(error, status)
+        else:
+            response = error_response(error, status)
         if isinstance(error, errors.Unauthenticated):
             response.headers["WWW-Authenticate"] = 'Bearer realm="easybackend"'
         return response
@@ -314,10 +322,14 @@ def create_app(service: ChatService, stopping: Stopping | None = None) -> Quart:
 
     def is_ask() -> bool:
         return request.method == "POST" and (
-            request.path.startswith("/ask/") or request.endpoint in REGENERATE_ENDPOINTS
+            request.path.startswith("/ask/")
+            or request.endpoint in REGENERATE_ENDPOINTS
+            or request.endpoint in openai_api.ASK_ENDPOINTS
         )
 
     def ask_protocol() -> str:
+        if openai_api.is_openai_path(request.path):
+            return openai_api.PROTOCOL
         return "sse" if request.endpoint in SSE_ENDPOINTS else "http"
 
     @app.before_request
@@ -362,7 +374,7 @@ def create_app(service: ChatService, stopping: Stopping | None = None) -> Quart:
                 "*" if "*" in allowed_origins else origin
             )
             response.headers["Access-Control-Allow-Headers"] = (
-                "Authorization, Content-Type, X-Request-Id"
+                "Authorization, Content-Type, X-Request-Id, X-Conversation-Id"
             )
             response.headers["Access-Control-Allow-Methods"] = "GET, POST, PUT, DELETE, OPTIONS"
             response.headers["Access-Control-Max-Age"] = "600"
@@ -495,6 +507,7 @@ def create_app(service: ChatService, stopping: Stopping | None = None) -> Quart:
         raise NotFound(f"no route POST /ask/{conversation_id}")
 
     app.register_blueprint(conversation_routes(service, caller))
+    app.register_blueprint(openai_api.openai_routes(service, caller, stopping))
 
     @app.get("/readyz")
     @document_response(HealthBody, 200)

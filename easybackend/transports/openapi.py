@@ -1,9 +1,12 @@
 """The OpenAPI document: quart-schema's, made exact where routes alone cannot say it.
 
-- ``conversation_id`` and ``turn_id`` path parameters carry the id's pattern and length;
+- ``conversation_id``, ``turn_id`` and ``key_name`` path parameters carry their pattern and length;
 - request bodies are marked required, but a regenerate's (it is optional);
 - every operation lists the error responses it can give, all with the
-  ``ErrorBody`` schema, so clients (and schema-based fuzzers) know them.
+  ``ErrorBody`` schema, so clients (and schema-based fuzzers) know them;
+- the OpenAI-compatible routes under ``/v1`` list theirs with OpenAI's error
+  shape (``OpenAIErrorBody``, :data:`OPENAI_ERRORS`), their streamed answers
+  as ``text/event-stream``, and the ``X-Conversation-Id`` header.
 """
 
 from __future__ import annotations
@@ -19,8 +22,14 @@ TURN_ID_PATTERN = r"^[A-Za-z0-9_\-]{1,64}$"
 
 ERROR_DESCRIPTIONS = {
     "400": "Invalid input (bad conversation id, bad field, body not a JSON object)",
-    "401": "Missing or wrong API key (only when API_KEYS is set)",
-    "404": "Unknown conversation, or unknown turn (parent_id, turn_id)",
+    "401": "Missing or wrong API key (only when API_KEYS is set or keys are stored); on /admin"
+    " routes a missing or wrong ADMIN_KEY",
+    "403": "The model is not in MODELS or not among the key's models; on /admin routes an"
+    " ordinary API key instead of ADMIN_KEY",
+    "404": "Unknown conversation, or unknown turn (parent_id, turn_id); on /admin routes the"
+    " admin API is off (ADMIN_KEY unset) or no key has that name",
+    "409": "A key of that name exists, was revoked, or is one of API_KEYS (or is revoked: it"
+    " cannot change)",
     "413": "Prompt too long for the context window, or body larger than MAX_BODY_BYTES",
     "429": "The model provider is rate limiting, or this key has too many answers in progress",
     "502": "The model provider failed, could not be reached, or rejected the server's key",
@@ -77,13 +86,58 @@ SSE_EVENT = {
         },
     },
 }
-ASK_ERRORS = ("400", "401", "404", "413", "429", "502", "503", "504")
+ASK_ERRORS = ("400", "401", "403", "404", "413", "429", "502", "503", "504")
+ADMIN_ERRORS = ("400", "401", "403", "404", "409", "413", "503")
 CONVERSATION_ERRORS = ("400", "401", "404", "413", "503")
 LIST_ERRORS = ("400", "401", "503")
 OPEN_PATHS = ("/healthz", "/readyz", "/docs", "/openapi.json", "/metrics")
+# The error statuses of each /v1 route (a relayed request may get the provider's 400, 404, 409,
+# 413 or 422 back; see errors.from_relayed_upstream). Routes not listed give OPENAI_DEFAULT.
+OPENAI_ERRORS = {
+    "/v1/models": ("401",),
+    "/v1/models/{model_id}": ("401", "404"),
+    "/v1/chat/completions": ("400", "401", "404", "409", "413", "422", "429", "502", "503", "504"),
+    "/v1/responses": ("400", "401", "403", "404", "413", "429", "502", "503", "504"),
+    "/v1/responses/{response_id}/cancel": ("400", "401", "404", "413", "503"),
+    "/v1/conversations": ("400", "401", "413", "503"),
+    "/v1/conversations/{conversation_id}": ("400", "401", "404", "413", "503"),
+    "/v1/conversations/{conversation_id}/items": ("400", "401", "404", "413", "503"),
+}
+OPENAI_DEFAULT = ("400", "401", "404", "503")
+OPENAI_ERROR_DESCRIPTIONS = {
+    **ERROR_DESCRIPTIONS,
+    "400": "Invalid request (bad field, a part a conversation cannot store, prompt too long),"
+    " or the model provider refused the relayed request",
+    "404": "Unknown model, conversation, turn or route; or the provider's 404 (relay)",
+    "409": "The model provider refused the relayed request with 409",
+    "413": "Body larger than MAX_BODY_BYTES, or the provider's 413 (relay)",
+    "422": "The model provider refused the relayed request with 422",
+}
+# A streamed chat completion (stream: true), one Server-Sent Event each: data: events holding a
+# chat.completion.chunk object, then data: [DONE] (or one data: event holding an error object).
+CHAT_COMPLETION_STREAM = {
+    "schema": {
+        "type": "object",
+        "required": ["data"],
+        "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
+    }
+}
+# A streamed response (stream: true): OpenAI's Responses events, each an SSE event named by its
+# type, from response.created to response.completed (or .incomplete, .failed).
+RESPONSE_STREAM = {"schema": {"type": "string"}}
+CONVERSATION_HEADER = {
+    "name": "X-Conversation-Id",
+    "in": "header",
+    "required": False,
+    "description": "Conversation mode (as the body field conversation): the server keeps the"
+    " history and stores the turn",
+    "schema": {"type": "string", "pattern": ID_PATTERN, "minLength": 1, "maxLength": 128},
+}
 
 
 def error_responses_for(path: str) -> tuple[str, ...]:
+    if path == "/v1" or path.startswith("/v1/"):
+        return OPENAI_ERRORS.get(path, OPENAI_DEFAULT)
     if path == "/readyz":
         return ("503",)
     if path in OPEN_PATHS:
@@ -92,6 +146,8 @@ def error_responses_for(path: str) -> tuple[str, ...]:
         return ASK_ERRORS
     if path.startswith("/conversations/"):
         return CONVERSATION_ERRORS
+    if path.startswith("/admin/"):
+        return ADMIN_ERRORS
     return LIST_ERRORS
 
 
@@ -114,6 +170,19 @@ class ErrorBody(pydantic.BaseModel):
     error: ErrorDetail
 
 
+class OpenAIErrorDetail(pydantic.BaseModel):
+    message: str = pydantic.Field(description="What went wrong, for humans")
+    type: str = pydantic.Field(description="OpenAI's kind of error, e.g. invalid_request_error")
+    param: str | None = pydantic.Field(description="The request field at fault, if any")
+    code: str = pydantic.Field(description="EasyBackend's stable code, e.g. invalid_input")
+
+
+class OpenAIErrorBody(pydantic.BaseModel):
+    """Every error under /v1, in OpenAI's shape."""
+
+    error: OpenAIErrorDetail
+
+
 class EasyBackendOpenAPI(OpenAPIProvider):
     """quart-schema's provider with the refinements listed in the module docstring."""
 
@@ -125,6 +194,13 @@ class EasyBackendOpenAPI(OpenAPIProvider):
                 "pattern": ID_PATTERN,
                 "minLength": 1,
                 "maxLength": 128,
+            }
+        elif name == "key_name":
+            parameter["schema"] = {
+                "type": "string",
+                "pattern": r"^[A-Za-z0-9_.\-]{1,64}$",
+                "minLength": 1,
+                "maxLength": 64,
             }
         elif name == "turn_id":
             parameter["schema"] = {
@@ -143,13 +219,31 @@ class EasyBackendOpenAPI(OpenAPIProvider):
     def schema(self) -> dict[str, Any]:
         spec = super().schema()
         schemas = spec.setdefault("components", {}).setdefault("schemas", {})
-        error_schema = ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")
-        schemas.update(error_schema.pop("$defs", {}))
-        schemas["ErrorBody"] = error_schema
-        reference = {"$ref": "#/components/schemas/ErrorBody"}
+        for body in (ErrorBody, OpenAIErrorBody):
+            error_schema = body.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(error_schema.pop("$defs", {}))
+            schemas[body.__name__] = error_schema
         for path, operations in spec.get("paths", {}).items():
+            openai = path.startswith("/v1/")
+            reference = {
+                "$ref": f"#/components/schemas/{'OpenAIErrorBody' if openai else 'ErrorBody'}"
+            }
+            descriptions = OPENAI_ERROR_DESCRIPTIONS if openai else ERROR_DESCRIPTIONS
             for method, operation in operations.items():
                 responses = operation.setdefault("responses", {})
+                if path == "/v1/chat/completions":
+                    responses[200]["content"]["text/event-stream"] = CHAT_COMPLETION_STREAM
+                    responses[200]["description"] = (
+                        "A chat.completion; with stream: true, data: events of"
+                        " chat.completion.chunk objects, then data: [DONE]"
+                    )
+                    operation.setdefault("parameters", []).append(CONVERSATION_HEADER)
+                if path == "/v1/responses" and method == "post":
+                    responses[200]["content"]["text/event-stream"] = RESPONSE_STREAM
+                    responses[200]["description"] = (
+                        "A response; with stream: true, Server-Sent Events from"
+                        " response.created to response.completed"
+                    )
                 if path.endswith("/stream") and 200 not in responses:
                     responses[200] = {
                         "description": "Server-Sent Events: delta events, then one end or one error event",
@@ -167,7 +261,7 @@ class EasyBackendOpenAPI(OpenAPIProvider):
                     responses[204] = {"description": "Done; no content"}
                 for status in error_responses_for(path):
                     responses[int(status)] = {
-                        "description": ERROR_DESCRIPTIONS[status],
+                        "description": descriptions[status],
                         "content": {"application/json": {"schema": reference}},
                     }
         return spec

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import email.utils
+import functools
 import importlib.util
 import json
 import logging
@@ -44,12 +45,13 @@ import re
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import httpx2
 import openai
 import trio
 
-from ..errors import UpstreamError, UpstreamTimeout, from_upstream
+from ..errors import UpstreamError, UpstreamTimeout, from_relayed_upstream, from_upstream
 from ..metrics import Metrics
 from ..settings import ConfigError, Settings
 from .transport import LeanTransport
@@ -174,6 +176,34 @@ class OpenAIUpstream:
             body["max_tokens"] = call.max_tokens
         if call.top_p is not None:
             body["top_p"] = call.top_p
+        return await self._post(body, deadline)
+
+    async def _post(
+        self, body: object, deadline: float, *, relayed: bool = False, whole: bool = False
+    ) -> httpx2.Response:
+        """POST ``body`` (an object, or JSON bytes sent as they are) to ``/chat/completions``.
+
+        Returns the response with its body unread. Retries transient failures
+        (see the module docstring) until ``deadline``. A ``relayed`` body is
+        the client's own: the provider's refusal of it is the client's error
+        (:func:`~easybackend.errors.from_relayed_upstream`). For a ``whole``
+        (non-streaming) answer the wait for the response's head may last until
+        the deadline: such an answer comes all at once, when the model is done.
+        """
+        translate = (
+            functools.partial(from_relayed_upstream, secret=self.settings.openai_api_key)
+            if relayed
+            else from_upstream
+        )
+        payload = {"content": body} if isinstance(body, bytes) else {"body": body}
+        options: dict[str, Any] = {}  # the SDK's per-request options
+        if whole:
+            settings = self.settings
+            options["timeout"] = httpx2.Timeout(
+                settings.upstream_timeout,
+                connect=settings.upstream_connect_timeout,
+                read=settings.upstream_timeout,
+            )
         for attempt in range(self.settings.upstream_retries + 1):
             try:
                 with trio.fail_at(deadline):
@@ -183,7 +213,8 @@ class OpenAIUpstream:
                     return await self._client.post(
                         "/chat/completions",
                         cast_to=httpx2.Response,
-                        body=body,
+                        **payload,
+                        options=options,  # type: ignore[arg-type]
                         stream=True,
                         stream_cls=openai.AsyncStream[httpx2.Response],
                     )
@@ -192,7 +223,7 @@ class OpenAIUpstream:
                     UpstreamTimeout("the model provider did not answer in time")
                 ) from None
             except Exception as exc:
-                error = self._failed(from_upstream(exc))
+                error = self._failed(translate(exc))
                 wait = _retry_wait(exc, attempt)
                 last_attempt = attempt == self.settings.upstream_retries
                 if wait is None or last_attempt or trio.current_time() + wait >= deadline:
@@ -203,6 +234,108 @@ class OpenAIUpstream:
                 self.metrics.upstream_retries.inc()
                 await trio.sleep(wait)
         raise AssertionError("unreachable")
+
+    async def relay_stream(self, body: bytes) -> AsyncIterator[list[Relayed]]:
+        """Send a client's streaming request as it is; yield its chunks as they arrive.
+
+        ``body`` (JSON) goes to the provider unchanged (the caller has set
+        ``stream`` and ``stream_options``). Each item holds the chunks of one read of the
+        event stream, each as its JSON text (exactly as the provider sent it)
+        and that text parsed, which is an object. It ends at ``data: [DONE]``.
+
+        Raises :class:`~easybackend.errors.UpstreamError` as :meth:`stream`
+        does (retries before the first byte, timeouts, line limits, a broken
+        stream, an error event, JSON that does not parse or is not an object,
+        a stream that ends with neither ``[DONE]`` nor a finish reason), and
+        :class:`~easybackend.errors.UpstreamRejected` for the provider's 4xx
+        refusal. On cancellation, or when the consumer closes the generator
+        early, the HTTP response is closed at once (the provider stops).
+        """
+        deadline = trio.current_time() + self.settings.upstream_timeout
+        response = await self._post(body, deadline, relayed=True)
+        batches = _line_batches(response, self._limits(deadline))
+        ending = _RelayEnding()
+        try:
+            while (chunks := await self._next_chunks(batches, ending)) is not None:
+                yield chunks
+            await _drain(batches)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await batches.aclose()  # type: ignore[attr-defined]
+                await response.aclose()
+        if not ending.done and not ending.finished:
+            raise self._failed(UpstreamError("the model provider broke off the answer"))
+
+    async def relay_whole(self, body: bytes) -> Relayed:
+        """Send a client's non-streaming request (JSON) as it is; its answer, as sent and parsed.
+
+        The answer's body may be up to :func:`max_line_bytes` long and must
+        come within ``UPSTREAM_TIMEOUT``; it must be a JSON object without an
+        ``error``. Raises as :meth:`relay_stream` does. On cancellation the
+        HTTP response is closed at once.
+        """
+        deadline = trio.current_time() + self.settings.upstream_timeout
+        response = await self._post(body, deadline, relayed=True, whole=True)
+        limit = max_line_bytes(self.settings.max_answer_chars)
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        parts = response.aiter_raw() if encoding in ("", "identity") else response.aiter_bytes()
+        received: list[bytes] = []
+        size = 0
+        try:
+            with trio.fail_at(deadline):
+                async for part in parts:
+                    size += len(part)
+                    if size > limit:
+                        raise self._failed(
+                            UpstreamError(f"the model provider's answer is over {limit} bytes")
+                        )
+                    received.append(part)
+        except trio.TooSlowError:
+            raise self._failed(
+                UpstreamTimeout(
+                    f"the model provider did not finish within {self.settings.upstream_timeout:g} seconds"
+                )
+            ) from None
+        except httpx2.TimeoutException as exc:
+            raise self._failed(UpstreamTimeout("the model provider stopped sending")) from exc
+        except httpx2.HTTPError as exc:
+            raise self._failed(UpstreamError("the model provider broke off the answer")) from exc
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await response.aclose()
+        data = b"".join(received)
+        try:
+            answer = _parse_event(data)
+        except UpstreamError as exc:
+            raise self._failed(exc) from None
+        if type(answer) is not dict or "error" in answer:
+            raise self._failed(UpstreamError("the model provider answered with an error"))
+        return data, answer
+
+    async def _next_chunks(
+        self, batches: AsyncIterator[list[bytes]], ending: _RelayEnding
+    ) -> list[Relayed] | None:
+        """The chunks of the next lines that hold some, or None at the end of the stream.
+
+        Raises UpstreamError as :meth:`_next_text` does.
+        """
+        idle = self.settings.upstream_idle_timeout
+        try:
+            while not ending.done:
+                lines = await anext(batches, None)
+                if lines is None:
+                    return None
+                if chunks := ending.feed(lines):
+                    return chunks
+            return None
+        except UpstreamError as exc:
+            raise self._failed(exc) from None
+        except httpx2.TimeoutException as exc:
+            raise self._failed(
+                UpstreamTimeout(f"the model provider sent nothing for {idle:g} seconds")
+            ) from exc
+        except httpx2.HTTPError as exc:
+            raise self._failed(UpstreamError("the model provider broke off the answer")) from exc
 
     def _limits(self, deadline: float) -> _LineLimits:
         settings = self.settings
@@ -315,6 +448,44 @@ class _Answer:
             self.usage = checked
         else:
             log.warning("ignoring malformed usage figures from the model provider")
+
+
+# One relayed chunk (or a whole relayed answer): its JSON text as the provider sent it, parsed.
+Relayed = tuple[bytes, dict[str, Any]]
+
+
+class _RelayEnding:
+    """What a relayed event stream has said of its end: ``[DONE]``, a finish reason."""
+
+    __slots__ = ("done", "finished")
+
+    def __init__(self) -> None:
+        self.done = False  # data: [DONE] arrived
+        self.finished = False  # some choice had a finish reason
+
+    def feed(self, lines: list[bytes]) -> list[Relayed]:
+        """The chunks of some lines of the event stream; raises UpstreamError on a bad one."""
+        chunks = []
+        for line in lines:
+            if not line.startswith(b"data:"):
+                continue  # blank separators, comments, event names
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                self.done = True
+                break
+            chunk = _parse_event(data)
+            if type(chunk) is not dict or "error" in chunk:
+                raise UpstreamError(
+                    "the model provider reported an error in the middle of the answer"
+                )
+            if not self.finished and (choices := chunk.get("choices")):
+                if type(choices) is not list:
+                    raise _malformed("choices is not a list")
+                self.finished = any(
+                    isinstance(choice, dict) and choice.get("finish_reason") for choice in choices
+                )
+            chunks.append((data, chunk))
+        return chunks
 
 
 def _parse_event(data: bytes) -> object:

@@ -2,7 +2,8 @@
 
 ``servers`` (the in-process server, ``python run.py`` processes, free ports),
 ``upstream`` (the fake upstream's view and its faults), ``http``, ``websocket``,
-``grpc`` (the clients of each protocol), ``database`` (the SQLite file),
+``grpc`` (the clients of each protocol), ``openai_sdk`` (the official OpenAI SDK
+pointed at ``/v1``), ``database`` (the SQLite file),
 ``postgres`` (schemas on the local PostgreSQL), ``logs`` (the log-leak watch,
 access lines, metrics) and ``waiting`` (bounded polling). Fixtures live in
 ``tests/conftest.py`` only; test modules import from here, never from each other.

@@ -1,0 +1,93 @@
+"""The official OpenAI JavaScript SDK (npm ``openai``, pinned in tests/js) against a live server.
+
+``tests/js/chat.mjs`` streams a chat completion through the relay, keeps a
+conversation by the body field and by the header, and checks the SDK's typed
+errors; it prints what it got, and this test checks that and what the fake
+upstream received. It needs Node.js and the SDK installed with
+``npm ci --prefix tests/js`` (the README's test command and CI do it): without
+``node`` the test is skipped, saying so; with node but without the SDK it
+fails with the command to run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import trio
+from helpers.openai_sdk import base_url
+from helpers.upstream import upstream_messages
+
+from easybackend import errors
+
+JS = Path(__file__).resolve().parent / "js"
+NODE = shutil.which("node")
+KEY = "js-client-SECRET-3333"
+
+pytestmark = pytest.mark.skipif(
+    NODE is None, reason="Node.js (node) is not installed: the JavaScript SDK tests need it"
+)
+
+
+async def run_script(name: str, env: dict[str, str], timeout: float = 60) -> dict:
+    """Run ``node tests/js/NAME`` to completion; its one line of JSON output."""
+    if not (JS / "node_modules" / "openai" / "package.json").is_file():
+        pytest.fail(
+            "the JavaScript SDK is not installed: run `npm ci --prefix tests/js` first",
+            pytrace=False,
+        )
+    with trio.fail_after(timeout):
+        done = await trio.run_process(
+            [NODE, str(JS / name)],
+            cwd=JS,
+            env={**os.environ, **env},
+            stdin=subprocess.DEVNULL,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    output = done.stdout.decode() + done.stderr.decode()
+    assert done.returncode == 0, output[-4000:]
+    return json.loads(done.stdout.decode().strip().splitlines()[-1])
+
+
+async def test_the_javascript_sdk_streams_keeps_conversations_and_raises_typed_errors(
+    start_server,
+):
+    server = await start_server(API_KEYS=f"js:{KEY}")
+    model = server.settings.model
+    got = await run_script(
+        "chat.mjs",
+        {
+            "EASYBACKEND_BASE_URL": base_url(server),
+            "EASYBACKEND_KEY": KEY,
+            "EASYBACKEND_MODEL": model,
+        },
+    )
+    fake = server.fake
+    relay = got["relay"]
+    assert relay["text"] == "echo(1): hello from js"
+    assert relay["ids"] == [fake.requests[0]["id"]]  # the provider's chunks, passed through
+    assert relay["usage"]["completion_tokens"] == 4
+    # the conversation in the body: the server sent the first turn with the second prompt
+    body = got["body"]
+    assert body["first"] == "echo(1): my colour is green"
+    assert [f"chatcmpl-{turn}" for turn in body["turn_ids"]] == body["ids"]
+    assert [(m["role"], m["content"]) for m in upstream_messages(fake, 2)] == [
+        ("user", "my colour is green"),
+        ("assistant", "echo(1): my colour is green"),
+        ("user", "what is my colour?"),
+    ]
+    # the conversation in the header, streamed: one id per answer, the history remembered
+    first, second = got["header"]
+    assert first["text"] == "echo(1): one" and second["finish"] == "stop"
+    assert len(second["ids"]) == 1 and second["usage"] is None  # no usage unless asked
+    assert [m["content"] for m in upstream_messages(fake, 4)] == ["one", "echo(1): one", "two"]
+    assert got["not_found"]["code"] == errors.NotFound.code
+    assert got["bad_request"]["param"] == "messages[0].content[0]"
+    assert got["models"] == [model]
+    assert len(fake.requests) == 5  # the refused image part never went upstream
