@@ -40,7 +40,10 @@ from easybackend.storage import (
     TurnPosition,
     TurnRecord,
     open_url,
+    schema,
 )
+from easybackend.storage import postgres as pg_store
+from easybackend.storage import sqlite as sqlite_store
 
 SETTINGS = load_settings({"OPENAI_API_KEY": "unused"}, environ={}, env_file=None)
 REF = ConversationRef("alice", "tree")
@@ -342,6 +345,21 @@ def schema_version(url: str) -> int:
         return connection.execute("SELECT version FROM easybackend_schema").fetchone()[0]
 
 
+def newest_version(url: str) -> int:
+    """The schema version this release migrates a store to: one per migration.
+
+    The tree's is number 3 on SQLite, 2 on PostgreSQL (the version after the previous
+    release's); later migrations may follow it.
+    """
+    if url.startswith("sqlite"):
+        migrations, tree = sqlite_store.MIGRATIONS, schema.TREE.format(**schema.SQLITE_TYPES)
+        assert migrations.index(tree) + 1 == 3 == LINEAR_SQLITE_VERSION + 1
+    else:
+        migrations, tree = pg_store.MIGRATIONS, schema.TREE.format(**schema.POSTGRES_TYPES)
+        assert migrations.index(tree) + 1 == 2 == LINEAR_POSTGRES_VERSION + 1
+    return len(migrations)
+
+
 async def test_a_database_of_the_previous_schema_becomes_chains(store_url, tmp_path):
     linear_database(store_url, tmp_path)
     old_version = (
@@ -350,7 +368,7 @@ async def test_a_database_of_the_previous_schema_becomes_chains(store_url, tmp_p
     assert schema_version(store_url) == old_version
     store = await open_url(store_url, SETTINGS)
     try:
-        assert schema_version(store_url) == (3 if store_url.startswith("sqlite") else 2)
+        assert schema_version(store_url) == newest_version(store_url)
         ids: list[str] = []
         for old in LINEAR:
             ref = ConversationRef(old.owner, old.conversation_id)
@@ -426,7 +444,7 @@ async def test_a_database_of_the_previous_schema_becomes_chains(store_url, tmp_p
 
     again = await open_url(store_url, SETTINGS)  # upgraded once: a second open changes nothing
     try:
-        assert schema_version(store_url) == (3 if store_url.startswith("sqlite") else 2)
+        assert schema_version(store_url) == newest_version(store_url)
         detail = await again.get_conversation(ConversationRef("", "plain"))
         assert [t.turn_id for t in detail.turns] == ids[:5]
     finally:
