@@ -4,8 +4,10 @@ Each file is named after its conversation id and holds a JSON list of
 strings shaped ``"User: <prompt>\\n\\n\\nChatGPT: <answer><|im_end|>\\n"``.
 Every entry becomes a turn (finish reason ``stop``, model ``imported``, usage
 0: no tokens were spent through this server; times from the file's
-modification time). Importing is idempotent: each file's entries are
-counted per conversation, so a second run adds only entries appended since.
+modification time). The turns are chained after the conversation's head (a
+conversation the original made is linear), each becoming the head. Importing
+is idempotent: each file's entries are counted per conversation, so a second
+run adds only entries appended since.
 A file that cannot be read whole is named and skipped; nothing of it is stored.
 """
 

@@ -3,8 +3,10 @@
 Each conversation goes across whole, through the stores' own
 :meth:`~easybackend.storage.base.TransferStore.export_all` and
 :meth:`~easybackend.storage.base.TransferStore.import_conversations`: owner, id,
-system prompt and its token count, counters, times, every turn as stored,
-and the bookkeeping of ``import-json`` (so importing the original's files
+system prompt and its token count, counters, times, every turn as stored
+(its id, parent and depth: the tree as it is), the head, the last seq given
+(so a deleted turn's number is not handed out again), and the bookkeeping of
+``import-json`` (so importing the original's files
 again into the new store adds nothing twice). The target is written in
 transactions of about :data:`BATCH_ROWS` rows; a copy that fails part-way
 leaves whole conversations only, and can be run again with ``--force``.
