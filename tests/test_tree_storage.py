@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import trio
 from helpers.database import (
     LINEAR_POSTGRES_VERSION,
     LINEAR_SQLITE_VERSION,
@@ -449,6 +450,31 @@ async def test_a_database_of_the_previous_schema_becomes_chains(store_url, tmp_p
         assert [t.turn_id for t in detail.turns] == ids[:5]
     finally:
         await again.close()
+
+
+async def test_instances_upgrading_a_database_of_the_previous_schema_together_agree(pg_schema):
+    """Instances starting together on the previous release's PostgreSQL schema upgrade it once
+    (under the migration lock): every one reads the same turn ids."""
+    url = pg_url(pg_schema)
+    write_linear_postgres(pg_schema, LINEAR)
+    opened: list[Storage] = []
+
+    async def open_one() -> None:
+        opened.append(await open_url(url, SETTINGS))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(open_one)
+        seen = [
+            [t.turn_id for t in (await store.get_conversation(ConversationRef("", "plain"))).turns]
+            for store in opened
+        ]
+    finally:
+        for store in opened:
+            await store.close()
+    assert len(seen) == 3 and seen[0] == seen[1] == seen[2] and len(set(seen[0])) == 5
+    assert schema_version(url) == newest_version(url)
 
 
 # -- import-json and export through the command line --------------------------------------------
