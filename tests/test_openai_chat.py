@@ -555,3 +555,21 @@ async def test_errors_under_v1_are_in_openais_shape(server):
         # the native routes keep their own shape
         reply = await http.get("/conversations/nope")
         assert set(reply.json()["error"]) == {"code", "message"}
+
+
+async def test_the_shutdown_grace_ends_a_relayed_stream_with_an_error_event(start_server):
+    server = await start_server(SHUTDOWN_GRACE="0.5")
+    fake = server.fake
+    long = [{"role": "user", "content": "[[fake:tokens=2000]] [[fake:delay=0.01]]"}]
+    async with async_client(server) as client:
+        stream = await client.chat.completions.create(model=MODEL, messages=long, stream=True)
+        chunks = 0
+        with trio.fail_after(10), pytest.raises(openai.APIError) as cut:
+            async for _ in stream:
+                chunks += 1
+                if chunks == 3:
+                    server.shutdown.set()  # the grace ends 0.5 s later, mid-answer
+    assert cut.value.body["code"] == errors.ShuttingDown.code
+    assert cut.value.body["type"] == "service_unavailable_error"
+    rid = fake.requests[-1]["id"]
+    await wait_until(lambda: "disconnected" in events_of(fake, rid))  # the upstream call closed
