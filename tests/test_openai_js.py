@@ -91,3 +91,59 @@ async def test_the_javascript_sdk_streams_keeps_conversations_and_raises_typed_e
     assert got["bad_request"]["param"] == "messages[0].content[0]"
     assert got["models"] == [model]
     assert len(fake.requests) == 5  # the refused image part never went upstream
+
+
+async def test_the_javascript_sdk_chains_responses_and_keeps_a_conversation(start_server):
+    """``tests/js/responses.mjs``: a previous_response_id chain (streamed at its end), a
+    branch, a conversation made with items and continued by a response, typed errors."""
+    server = await start_server(API_KEYS=f"js:{KEY}")
+    got = await run_script(
+        "responses.mjs",
+        {
+            "EASYBACKEND_BASE_URL": base_url(server),
+            "EASYBACKEND_KEY": KEY,
+            "EASYBACKEND_MODEL": server.settings.model,
+        },
+    )
+    fake = server.fake
+    chain = got["chain"]
+    assert chain["texts"] == [
+        "echo(1): my name is Ada",
+        "echo(3): what is my name?",
+        "echo(5): and again?",
+    ]
+    assert len(set(chain["conversation"])) == 1 and chain["previous"] == chain["ids"][1]
+    assert chain["kinds"][0] == "response.created" and chain["kinds"][-1] == "response.completed"
+    assert chain["usage"]["output_tokens"] == 3
+    assert [m["content"] for m in upstream_messages(fake, 2)] == [
+        "my name is Ada",
+        "echo(1): my name is Ada",
+        "what is my name?",
+        "echo(3): what is my name?",
+        "and again?",
+    ]
+    assert got["branch"] == "echo(3): a branch"  # the first turn only, not the chain
+    assert got["retrieved"] == chain["texts"][1]
+    assert got["input_items"] == ["what is my name?"]
+    conversation = got["conversation"]
+    assert conversation["id"].startswith("conv_") and conversation["metadata"] == {"from": "js"}
+    assert conversation["reply_conversation"] == conversation["id"]
+    assert [(m["role"], m["content"]) for m in upstream_messages(fake)] == [
+        ("system", "Be kind."),
+        ("user", "hi"),
+        ("assistant", "hello"),
+        ("user", "one more"),
+        ("user", "bye"),
+    ]
+    assert conversation["reply"] == "echo(5): bye"
+    assert conversation["items"] == [
+        ["system", "Be kind."],
+        ["user", "hi"],
+        ["assistant", "hello"],
+        ["user", "one more"],
+        ["user", "bye"],
+        ["assistant", "echo(5): bye"],
+    ]
+    assert got["not_found"]["code"] == errors.NotFound.code
+    assert got["bad_request"]["param"] == "input[0].content[0].type"
+    assert len(fake.requests) == 5  # the refused image part never went upstream

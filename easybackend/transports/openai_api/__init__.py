@@ -27,7 +27,9 @@ from quart import Blueprint
 from ...chat.caller import Caller
 from ...chat.service import ChatService
 from .chat_completions import chat_completion_routes
+from .conversations import conversation_routes
 from .models import model_routes
+from .responses import response_routes
 
 if TYPE_CHECKING:
     from ..http import Stopping
@@ -36,7 +38,7 @@ PREFIX = "/v1"
 PROTOCOL = "openai"  # the protocol of its asks, in access lines and metrics
 BLUEPRINT = "openai_api"
 # The endpoints that are asks (the HTTP app accounts for the refused ones).
-ASK_ENDPOINTS = frozenset({f"{BLUEPRINT}.chat_completions"})
+ASK_ENDPOINTS = frozenset({f"{BLUEPRINT}.chat_completions", f"{BLUEPRINT}.create_response"})
 
 
 def is_openai_path(path: str) -> bool:
@@ -51,4 +53,6 @@ def openai_routes(
     blueprint = Blueprint(BLUEPRINT, __name__, url_prefix=PREFIX)
     model_routes(blueprint, service.settings, caller)
     chat_completion_routes(blueprint, service, caller, stopping)
+    response_routes(blueprint, service, caller, stopping)
+    conversation_routes(blueprint, service, caller)
     return blueprint
