@@ -676,7 +676,8 @@ class ChatService:
         self, conversation_id: str, metadata: str | None, *, caller: Caller
     ) -> bool:
         """Create an empty conversation holding ``metadata`` (JSON text); False if it exists
-        (it is then left as it is). Raises InvalidInput."""
+        (it is then left as it is). Raises InvalidInput or StorageUnavailable; cancelled, the
+        write once started still finishes."""
         ref = self._ref(conversation_id, caller)
         async with self._hold(ref):
             return await self.storage.create_conversation(ref, metadata)
@@ -684,7 +685,8 @@ class ChatService:
     async def conversation_summary(
         self, conversation_id: str, *, caller: Caller
     ) -> ConversationSummary:
-        """The conversation as listed, without its turns. Raises InvalidInput or NotFound."""
+        """The conversation as listed, without its turns. Raises InvalidInput or NotFound
+        (StorageUnavailable); a cancelled read changes nothing."""
         ref = self._ref(conversation_id, caller)
         async with self._locks.hold(ref):
             summary = await self.storage.conversation_summary(ref)
@@ -695,7 +697,8 @@ class ChatService:
     async def set_metadata(
         self, conversation_id: str, metadata: str | None, *, caller: Caller
     ) -> None:
-        """Replace the conversation's metadata (JSON text). Raises InvalidInput or NotFound."""
+        """Replace the conversation's metadata (JSON text). Raises InvalidInput or NotFound
+        (StorageUnavailable); cancelled, the write once started still finishes."""
         ref = self._ref(conversation_id, caller)
         async with self._hold(ref):
             if not await self.storage.set_metadata(ref, metadata):
@@ -705,7 +708,7 @@ class ChatService:
         """The id of the caller's conversation that holds the turn ``turn_id``.
 
         Raises InvalidInput (not a turn id) or NotFound (no such turn among the caller's:
-        another key's turn is not found either).
+        another key's turn is not found either). A cancelled read changes nothing.
         """
         validate_turn_id(turn_id, "turn_id")
         conversation_id = await self.storage.conversation_of_turn(caller.owner, turn_id)
@@ -714,7 +717,8 @@ class ChatService:
         return conversation_id
 
     async def find_turn(self, conversation_id: str, turn_id: str, *, caller: Caller) -> TurnRecord:
-        """The conversation's turn ``turn_id``, whole. Raises InvalidInput or NotFound."""
+        """The conversation's turn ``turn_id``, whole. Raises InvalidInput or NotFound; a
+        cancelled read changes nothing."""
         ref = self._ref(conversation_id, caller)
         validate_turn_id(turn_id, "turn_id")
         async with self._locks.hold(ref):
@@ -749,7 +753,8 @@ class ChatService:
         moves to its parent if it was the head. Returns the head's id after (None: no turn).
 
         Every turn must be in the conversation, else nothing is removed.
-        Raises InvalidInput or NotFound.
+        Raises InvalidInput or NotFound. One transaction: cancelled, it still
+        finishes once started (all the turns are removed, or none).
         """
         ref = self._ref(conversation_id, caller)
         for turn_id in turn_ids:
@@ -771,7 +776,8 @@ class ChatService:
 
         The other half stays, as a lone message; a turn left with neither is
         removed alone (:meth:`splice_turns`). Raises InvalidInput, or NotFound
-        when the turn does not exist or that message is already empty.
+        when the turn does not exist or that message is already empty. One
+        write: cancelled, it still finishes once started.
         """
         ref = self._ref(conversation_id, caller)
         validate_turn_id(turn_id, "turn_id")
