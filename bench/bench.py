@@ -4,15 +4,18 @@
     python bench/bench.py --quick         # a smoke run with small sizes (CI)
     python bench/bench.py --json out.json --markdown out.md
     python bench/bench.py --only long     # only the long-conversation rows (--only repeats)
+    python bench/bench.py --only ttft --protocol sse --protocol relay --concurrency 1 --concurrency 100
 
 Three processes: the fake upstream (``easybackend.fake_upstream``), the
 server (``run.py``, SQLite persistence on) and this client. Every figure of
 the server is set against the same client talking to the same fake directly:
 
 - added time to first token (p50, p99) per protocol (HTTP whole answer, SSE,
-  WebSocket, gRPC) at concurrencies 1, 100 and 1,000 (1 and 10 with --quick);
-  for the whole-answer HTTP ask the "first token" is the whole answer, against
-  a direct non-streaming call;
+  WebSocket, gRPC, and the stateless ``/v1/chat/completions`` relay streaming)
+  at concurrencies 1, 100 and 1,000 (1 and 10 with --quick; ``--protocol`` and
+  ``--concurrency`` select); for the whole-answer HTTP ask the "first token" is
+  the whole answer, against a direct non-streaming call; the relay is the same
+  client sending the same OpenAI request, to EasyBackend instead of the fake;
 - whole-answer asks per second at concurrency 64;
 - concurrent open streams per protocol: errors and server memory per stream;
 - ask latency on a conversation of 10 turns against one of 10,000 turns, and against one of
@@ -68,6 +71,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from easybackend.proto_gen import chat_grpc, chat_pb2, health_grpc, health_pb2  # noqa: E402
+from easybackend.settings import DEFAULT_MODEL  # noqa: E402
 
 PROMPT = "hello there"
 
@@ -271,6 +275,35 @@ class Sse(HttpWhole):
                     first = time.perf_counter() - started
                 elif line.startswith("event: error"):
                     raise RuntimeError("error event")
+        assert first is not None
+        return first
+
+
+class OpenAIRelay(HttpWhole):
+    """The same request as the streaming baseline, sent to EasyBackend's ``/v1`` (no conversation)."""
+
+    name = "/v1 relay (stream)"
+    baseline = DirectStream
+
+    async def ask(self, conversation: str, prompt: str) -> float:
+        body = {
+            "model": DEFAULT_MODEL,
+            "stream": True,
+            "messages": [{"role": "user", "content": prompt}],
+        }
+        url = f"{self.base}/v1/chat/completions"
+        started = time.perf_counter()
+        first = None
+        async with self.client.stream("POST", url, json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if first is None and line.startswith("data: {"):
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        raise RuntimeError("error event")
+                    choices = chunk["choices"]
+                    if choices and choices[0]["delta"].get("content"):
+                        first = time.perf_counter() - started
         assert first is not None
         return first
 
@@ -586,12 +619,21 @@ async def long_conversation(
 
 
 ROWS = ("startup", "ttft", "throughput", "streams", "long")  # what --only can select
+# The protocols of the time-to-first-token rows, by the name --protocol selects them with.
+TTFT_PROTOCOLS = {
+    "http": HttpWhole,
+    "sse": Sse,
+    "ws": WebSocket,
+    "grpc": Grpc,
+    "relay": OpenAIRelay,
+}
 
 
 async def main(args: argparse.Namespace) -> dict[str, object]:
     quick = args.quick
     rows = set(args.only or ROWS)
-    concurrencies = [1, 10] if quick else [1, 100, 1000]
+    concurrencies = args.concurrency or ([1, 10] if quick else [1, 100, 1000])
+    protocols = [TTFT_PROTOCOLS[name] for name in args.protocol or TTFT_PROTOCOLS]
     samples = 20 if quick else 200
     paced = paced_load(args)
     stream_counts = [20] if quick else [2000]
@@ -619,7 +661,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                 rounds = 5 if concurrency == 1 else 3 if concurrency <= 100 else 1
                 per_worker = math.ceil(samples / concurrency / (rounds if concurrency > 1 else 1))
                 load = paced if concurrency > 1 else UNPACED
-                for protocol in (HttpWhole, Sse, WebSocket, Grpc):
+                for protocol in protocols:
                     row = await ttft(stack, protocol, concurrency, per_worker, load, rounds)
                     report["ttft"].append(row)
                     print(json.dumps(row), flush=True)
@@ -692,15 +734,23 @@ def _path(parents: list[int | None], seq: int | None):
 
 
 def load_sentence(rows: list[dict]) -> str:
-    single = next(row for row in rows if row["concurrency"] == 1)
-    paced = next(row for row in rows if row["concurrency"] > 1)
-    return (
-        f"Load, the same direct and through EasyBackend: at concurrency 1, one client asks for "
-        f"{single['answer_tokens']}-token answers with no delay; at concurrency N above 1, N clients, "
-        "starting spread over one answer's duration, each ask back to back for "
-        f"{paced['answer_tokens']}-token answers at {paced['token_delay_s']} s per token, so N asks "
-        "are in flight (each client's first ask is not counted)."
-    )
+    """What the load of the time-to-first-token rows was (the concurrencies run, --concurrency)."""
+    single = next((row for row in rows if row["concurrency"] == 1), None)
+    paced = next((row for row in rows if row["concurrency"] > 1), None)
+    parts = []
+    if single is not None:
+        parts.append(
+            f"at concurrency 1, one client asks for {single['answer_tokens']}-token answers with"
+            " no delay"
+        )
+    if paced is not None:
+        parts.append(
+            "at concurrency N above 1, N clients, starting spread over one answer's duration,"
+            f" each ask back to back for {paced['answer_tokens']}-token answers at"
+            f" {paced['token_delay_s']} s per token, so N asks are in flight (each client's first"
+            " ask is not counted)"
+        )
+    return "Load, the same direct and through EasyBackend: " + "; ".join(parts) + "."
 
 
 def markdown(report: dict) -> str:
@@ -776,6 +826,20 @@ def cli() -> None:
         choices=ROWS,
         help="run only these rows (repeat the option for several); long: the long-conversation"
         " rows (10,000 turns, linear and branched)",
+    )
+    parser.add_argument(
+        "--protocol",
+        action="append",
+        choices=TTFT_PROTOCOLS,
+        help="the protocols of the time-to-first-token rows (repeat for several; default all);"
+        " relay: POST /v1/chat/completions, streaming, no conversation",
+    )
+    parser.add_argument(
+        "--concurrency",
+        action="append",
+        type=int,
+        help="the concurrencies of the time-to-first-token rows (repeat for several;"
+        " default 1, 100 and 1000; 1 and 10 with --quick)",
     )
     parser.add_argument("--json", type=Path, help="write the report as JSON here")
     parser.add_argument("--markdown", type=Path, help="write the report as a Markdown table here")
