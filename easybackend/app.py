@@ -85,12 +85,6 @@ async def _start_and_serve(
     """Start every listener, report ``task_status``, serve until they all stop (see :func:`serve`)."""
     server_ssl_context(settings, [])  # a bad certificate or key stops start-up here (ConfigError)
     check_proxy_environment()  # so does a proxy variable httpx cannot use (ConfigError)
-    if not settings.api_keys and not _is_loopback(settings.host):
-        log.warning(
-            "API_KEYS is not set and HOST %s is reachable from other machines: anyone who can "
-            "connect can use the model and read every conversation",
-            settings.host,
-        )
     sockets = _bind_all(settings)
     try:
         await _serve_on(settings, sockets, shutdown, signals, task_status)
@@ -119,6 +113,14 @@ async def _serve_on(
             metrics = Metrics()
             upstream = OpenAIUpstream(settings, metrics, base_url=upstream_url)
             service = ChatService(settings, storage, upstream, counter, metrics)
+            # The stored keys: read before anything is served, then every second until the end.
+            await nursery.start(service.keys.refresh_forever)
+            if not service.callers.enabled and not _is_loopback(settings.host):
+                log.warning(
+                    "API_KEYS is not set, no key is stored, and HOST %s is reachable from other "
+                    "machines: anyone who can connect can use the model and read every conversation",
+                    settings.host,
+                )
             async with trio.open_nursery() as listeners:
                 ports = {name: sock.getsockname()[1] for name, sock in sockets.items()}
                 for name, sock in sockets.items():  # each server takes its socket over
@@ -131,7 +133,7 @@ async def _serve_on(
                     *(_where(settings.host, ports.get(name)) for name in SERVERS),
                 )
             await upstream.aclose()
-            nursery.cancel_scope.cancel()  # the demo upstream
+            nursery.cancel_scope.cancel()  # the demo upstream, the key refresh
     finally:
         with trio.CancelScope(shield=True):
             await storage.close()

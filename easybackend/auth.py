@@ -43,6 +43,13 @@ class KeyRing:
             return ""
         if not presented:
             raise Unauthenticated("an API key is required: send Authorization: Bearer <key>")
+        owner = self.name_for(presented)
+        if owner is None:
+            raise Unauthenticated("the API key is not valid")
+        return owner
+
+    def name_for(self, presented: str) -> str | None:
+        """The name of the key whose secret is ``presented``, or None (no key matches)."""
         candidate = _digest(presented)
         owner = None
         for (
@@ -51,8 +58,6 @@ class KeyRing:
         ) in self._digests:  # no early exit: the time does not depend on which matched
             if hmac.compare_digest(candidate, digest):
                 owner = name
-        if owner is None:
-            raise Unauthenticated("the API key is not valid")
         return owner
 
 

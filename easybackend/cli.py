@@ -3,7 +3,8 @@
 ``easybackend [serve] [flags]`` starts the server; flags override the
 environment and ``.env``. ``easybackend chat`` is the terminal client
 (:mod:`easybackend.client`); ``import-json``, ``export`` and
-``migrate-storage`` are storage commands (:mod:`easybackend.data_commands`).
+``migrate-storage`` are storage commands (:mod:`easybackend.data_commands`);
+``keys`` manages the stored backend keys (:mod:`easybackend.keys_commands`).
 Bad configuration or a taken port prints one line ``easybackend: error: …``
 and exits 2 (configuration) or 1 (start-up), with no traceback.
 """
@@ -25,6 +26,11 @@ SERVE_FLAGS = {
     "--host": ("HOST", "address to listen on (HOST, default 0.0.0.0)"),
     "--http-port": ("HTTP_PORT", "HTTP port, 0 or off to disable (HTTP_PORT, default 8000)"),
     "--model": ("GPT_ENGINE", "model name (GPT_ENGINE)"),
+    "--models": (
+        "MODELS",
+        "models an ask may name, as name or alias=model, comma-separated (MODELS, default: "
+        "GPT_ENGINE alone)",
+    ),
     "--base-url": ("OPENAI_BASE_URL", "OpenAI-compatible endpoint (OPENAI_BASE_URL)"),
     "--conversations-dir": (
         "CONVERSATIONS_DIR",
@@ -139,6 +145,9 @@ example:
         metavar="PATH",
         help="read settings (PG_POOL_SIZE, PG_POOL_TIMEOUT) from this file instead of ./.env",
     )
+    from . import keys_commands  # argparse only; what a command needs is imported when it runs
+
+    keys_commands.add_parser(commands)
     for command in (importer, exporter):
         for flag in ("--conversations-dir", "--database-url"):
             variable, text = SERVE_FLAGS[flag]
@@ -191,6 +200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .client import main as chat_main
 
         return chat_main(args["protocol"], args["url"], args["conversation"])
+    if command == "keys":
+        from .keys_commands import main as keys_main
+
+        return keys_main(args)
     return _data_command(command, args)
 
 

@@ -70,6 +70,24 @@ class Unauthenticated(ChatError):
     code = "unauthenticated"
 
 
+class Forbidden(ChatError):
+    """An admin route was called with an ordinary API key instead of ADMIN_KEY."""
+
+    code = "forbidden"
+
+
+class ModelNotAllowed(ChatError):
+    """The ask names a model outside MODELS or outside its key's own list of models."""
+
+    code = "model_not_allowed"
+
+
+class KeyConflict(ChatError):
+    """A stored key by that name exists already, or was revoked (names are never reused)."""
+
+    code = "key_conflict"
+
+
 class TooManyRequests(ChatError):
     """The key (or address) has MAX_STREAMS_PER_KEY answers in progress, or a socket too many asks queued."""
 

@@ -44,8 +44,14 @@ class JsonFormatter(logging.Formatter):
 
 
 def secrets_of(settings: Settings) -> list[str]:
-    """Every secret the settings hold: the upstream key, the backend keys, a database password."""
-    found = [settings.openai_api_key, *settings.api_keys.values(), *settings.database.secrets]
+    """Every secret the settings hold: the upstream key, the backend keys, the admin key, a
+    database password."""
+    found = [
+        settings.openai_api_key,
+        *settings.api_keys.values(),
+        settings.admin_key,
+        *settings.database.secrets,
+    ]
     return [secret for secret in found if secret and len(secret) >= 4]
 
 

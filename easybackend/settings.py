@@ -19,8 +19,10 @@ import dotenv
 
 from .auth import parse_api_keys
 from .database_url import DatabaseURL
+from .governance.models import ModelEntry, parse_models
 
 DEFAULT_MODEL = "gpt-4.1-mini"
+MIN_ADMIN_KEY = 16  # characters of ADMIN_KEY at least
 
 
 class ConfigError(Exception):
@@ -34,6 +36,7 @@ class Settings:
     openai_api_key: str = dataclasses.field(default="", repr=False)
     openai_base_url: str | None = None
     model: str = DEFAULT_MODEL
+    models: tuple[ModelEntry, ...] = ()  # MODELS: the allow-list; empty: GPT_ENGINE alone
     encoding_name: str | None = None
     first_prompt: str | None = None
     temperature: float = 0.5
@@ -61,6 +64,7 @@ class Settings:
     max_prompt_chars: int = 100_000
     api_keys: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)
     max_streams_per_key: int = 64
+    admin_key: str = dataclasses.field(default="", repr=False)  # the admin API's; "" turns it off
     tls_certfile: Path | None = None
     tls_keyfile: Path | None = None
     cors_origins: tuple[str, ...] = ("*",)
@@ -164,6 +168,13 @@ def _upstream_transport(value: str) -> str:
     return value.strip().lower()
 
 
+def _admin_key(value: str) -> str:
+    secret = value.strip()
+    if secret and (len(secret) < MIN_ADMIN_KEY or any(c.isspace() for c in secret)):
+        raise ValueError(f"must be at least {MIN_ADMIN_KEY} characters without blanks")
+    return secret
+
+
 def _optional_path(value: str) -> Path | None:
     return Path(value) if value.strip() else None
 
@@ -193,6 +204,7 @@ ENVIRONMENT = {
     "OPENAI_API_KEY": ("openai_api_key", _text),
     "OPENAI_BASE_URL": ("openai_base_url", _optional_text),
     "GPT_ENGINE": ("model", _text),
+    "MODELS": ("models", parse_models),
     "ENCODING_NAME": ("encoding_name", _optional_text),
     "FIRST_PROMPT": ("first_prompt", _optional_text),
     "TEMPERATURE": ("temperature", _temperature),
@@ -219,6 +231,7 @@ ENVIRONMENT = {
     "MAX_BODY_BYTES": ("max_body_bytes", _positive_int),
     "MAX_PROMPT_CHARS": ("max_prompt_chars", _positive_int),
     "API_KEYS": ("api_keys", parse_api_keys),
+    "ADMIN_KEY": ("admin_key", _admin_key),
     "MAX_STREAMS_PER_KEY": ("max_streams_per_key", _positive_int),
     "TLS_CERTFILE": ("tls_certfile", _optional_path),
     "TLS_KEYFILE": ("tls_keyfile", _optional_path),
@@ -232,7 +245,7 @@ ENVIRONMENT = {
     "MAX_ANSWER_CHARS": ("max_answer_chars", _positive_int),
     "HTTP_HEADER_TIMEOUT": ("http_header_timeout", _seconds),
 }
-SECRET_VARIABLES = {"OPENAI_API_KEY", "API_KEYS"}  # never echoed in an error
+SECRET_VARIABLES = {"OPENAI_API_KEY", "API_KEYS", "ADMIN_KEY"}  # never echoed in an error
 
 
 def load_settings(
@@ -275,6 +288,15 @@ def load_settings(
 def _checked(settings: Settings, need_api_key: bool) -> Settings:
     if not settings.model.strip():
         raise ConfigError("GPT_ENGINE must name a model")
+    if settings.models and not any(
+        settings.model in (entry.name, entry.model) for entry in settings.models
+    ):
+        raise ConfigError(
+            f"GPT_ENGINE ({settings.model}) must be in MODELS, as a name or as the model of an"
+            " alias: it is the model of every ask that names none"
+        )
+    if settings.admin_key and settings.admin_key in settings.api_keys.values():
+        raise ConfigError("ADMIN_KEY must differ from every secret of API_KEYS")
     if not settings.openai_api_key and not settings.demo and need_api_key:
         raise ConfigError(
             "OPENAI_API_KEY is not set: export it (or put it in .env), or start with --demo"

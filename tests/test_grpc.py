@@ -26,6 +26,7 @@ import trio
 from helpers import database
 from helpers.grpc import CALL_TIMEOUT, compile_for_grpcio, expect_rpc_failure, rpc
 from helpers.servers import Server, StartServer, free_port
+from helpers.upstream import ALLOW_OTHER_MODEL
 
 from easybackend.fake_upstream import FakeUpstream
 from easybackend.listeners import ListenError
@@ -151,7 +152,10 @@ async def test_purerpc_client_gets_pieces_then_finish_and_usage(grpc_server: Ser
     assert last.usage.total_tokens == last.usage.prompt_tokens + last.usage.completion_tokens
 
 
-async def test_optional_fields_reach_the_upstream(grpc_server: Server):
+async def test_optional_fields_reach_the_upstream(start_server: StartServer):
+    grpc_server = await start_server(
+        GRPC_PORT=str(free_port()), SHUTDOWN_GRACE="2", **ALLOW_OTHER_MODEL
+    )
     request = chat_pb2.AskRequest(
         conversation_id="opts",
         prompt="one two three four five six",

@@ -15,7 +15,7 @@ import pytest
 import trio
 from helpers.grpc import CALL_TIMEOUT, as_json, ask, rpc, rpc_error, status_of
 from helpers.servers import Server, StartServer, free_port
-from helpers.upstream import roles_and_contents, upstream_messages
+from helpers.upstream import ALLOW_OTHER_MODEL, roles_and_contents, upstream_messages
 
 from easybackend.proto_gen import chat_pb2
 
@@ -78,8 +78,11 @@ async def test_bad_listing_request_is_invalid_argument(
 
 
 async def test_get_conversation_shows_turns_messages_usage_and_system_prompt(
-    grpc_server: Server,
+    start_server: StartServer,
 ):
+    grpc_server = await start_server(
+        GRPC_PORT=str(free_port()), SHUTDOWN_GRACE="2", **ALLOW_OTHER_MODEL
+    )
     await rpc(
         grpc_server,
         "SetSystemPrompt",

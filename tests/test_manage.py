@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import trio
-from helpers.upstream import roles_and_contents, upstream_messages
+from helpers.upstream import ALLOW_OTHER_MODEL, roles_and_contents, upstream_messages
 
 
 async def ask(client, conversation_id: str, prompt: str, **extra) -> dict:
@@ -17,7 +17,8 @@ async def ask(client, conversation_id: str, prompt: str, **extra) -> dict:
     return reply.json()
 
 
-async def test_get_conversation_shows_turns_system_prompt_and_usage(server):
+async def test_get_conversation_shows_turns_system_prompt_and_usage(start_server):
+    server = await start_server(**ALLOW_OTHER_MODEL)
     async with server.client() as client:
         first = await ask(client, "g1", "hello")
         await ask(client, "g1", "again", model="other-model", max_tokens=1)

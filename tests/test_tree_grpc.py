@@ -34,7 +34,7 @@ from helpers.grpc import (
 )
 from helpers.logs import capture_access, metric
 from helpers.servers import Server, StartServer, free_port
-from helpers.upstream import echo, events_of, history_of, upstream_messages
+from helpers.upstream import ALLOW_OTHER_MODEL, echo, events_of, history_of, upstream_messages
 from helpers.waiting import wait_until
 
 from easybackend.proto_gen import chat_pb2
@@ -325,8 +325,11 @@ async def test_delete_turn_deletes_its_branch_and_moves_the_head_up(grpc_server:
 
 
 async def test_regenerate_answers_the_prompt_again_as_a_sibling_that_becomes_the_head(
-    grpc_server: Server,
+    start_server: StartServer,
 ):
+    grpc_server = await start_server(
+        GRPC_PORT=str(free_port()), SHUTDOWN_GRACE="2", **ALLOW_OTHER_MODEL
+    )
     one = await ask(grpc_server, "rg", "one")
     two = await ask(grpc_server, "rg", "two")
     await ask(grpc_server, "rg", "three")

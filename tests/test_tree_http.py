@@ -6,7 +6,7 @@ from __future__ import annotations
 import trio
 from helpers.database import stored_turns
 from helpers.http import error_code, parse_sse
-from helpers.upstream import echo, events_of, history_of, upstream_messages
+from helpers.upstream import ALLOW_OTHER_MODEL, echo, events_of, history_of, upstream_messages
 from helpers.waiting import wait_until
 from helpers.websocket import ws_json_ask
 
@@ -135,7 +135,8 @@ async def test_websocket_json_asks_branch_and_regenerate(ws_server):
     assert body["history"][0]["siblings"] == [one["turn_id"], regenerated[-1]["turn_id"]]
 
 
-async def test_regenerate_answers_the_same_prompt_again_as_a_sibling(server):
+async def test_regenerate_answers_the_same_prompt_again_as_a_sibling(start_server):
+    server = await start_server(**ALLOW_OTHER_MODEL)
     async with server.client() as client:
         one = await ask(client, "rg", "one")
         two = await ask(client, "rg", "two")

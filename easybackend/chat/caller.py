@@ -8,6 +8,16 @@ values it sent (the HTTP header, the WebSocket handshake's header, gRPC
 Caller or raises Unauthenticated. No service method has a default caller, so
 a handler that forgot to make one fails instead of acting as someone else.
 
+A key is one of ``API_KEYS`` or one of the stored keys
+(:mod:`easybackend.governance.keys`, read from the in-process copy of the
+key table: no database read); authentication is on when either holds a key.
+The Caller carries the key's :class:`~easybackend.governance.keys.Grant`
+(its name, models and limits), which the core checks. A Caller lives as long
+as its request, or as its WebSocket connection: :meth:`Callers.current` says
+whether its key still works (revoked, disabled, expired since, or keys
+turned on since an anonymous connection opened) and gives its grant as the
+table stands now, which the core asks before each ask.
+
 The client's address (:func:`client_address`, what per-client limits count
 when API keys are off) follows one rule, the same on every protocol:
 
@@ -23,10 +33,14 @@ when API keys are off) follows one rule, the same on every protocol:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import ipaddress
 from collections.abc import Iterable
 
 from ..auth import KeyRing, bearer_token
+from ..errors import Forbidden, NotFound, Unauthenticated
+from ..governance.keys import Grant, KeyStore
 from ..request_ids import accept_request_id
 from ..settings import Settings
 
@@ -46,6 +60,7 @@ class Caller:
     protocol: str  # http, sse, ws, grpc, openai (internal for the server's own calls)
     request_id: str  # the client's (if acceptable) or a new one: logged and sent back
     client: str  # its address (see client_address); what per-client limits count without keys
+    grant: Grant | None = None  # what its key allows (models, limits); None when keys are off
 
     def with_request_id(self, presented: object) -> Caller:
         """The same caller for another request: ``presented`` if acceptable, else a new id."""
@@ -59,9 +74,18 @@ class Caller:
 class Callers:
     """Makes the Caller of each request from what its transport presents. One per service."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, stored: KeyStore | None = None) -> None:
         self.settings = settings
         self.keys = KeyRing(settings.api_keys)
+        self.stored = stored  # the stored keys' copy, if this service has a store
+        self._env_grants = {name: Grant(name) for name in settings.api_keys}
+        admin = settings.admin_key
+        self._admin_digest = hashlib.sha256(admin.encode()).digest() if admin else None
+
+    @property
+    def enabled(self) -> bool:
+        """Keys are required: API_KEYS is set, or the key table holds a key."""
+        return self.keys.enabled or (self.stored is not None and self.stored.enabled)
 
     def caller(
         self,
@@ -77,20 +101,80 @@ class Callers:
 
         ``request_id`` is the client's, taken if acceptable (else a new one is
         made); ``peer`` and ``forwarded_for`` give the client's address. Raises
-        Unauthenticated when API keys are set and the key is missing or wrong;
-        with keys off whatever is presented is ignored.
+        Unauthenticated when keys are on and the key is missing, wrong, or a
+        stored key that is revoked, disabled or expired; with keys off whatever
+        is presented is ignored.
         """
         if protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {protocol!r}")
         presented = key if key is not None else bearer_token(authorization)
-        owner = self.keys.owner_for(presented)
+        grant = self._grant(presented)
         return Caller(
-            owner=owner,
-            key_name=owner if self.keys.enabled else None,
+            owner=grant.name if grant is not None else "",
+            key_name=grant.name if grant is not None else None,
             protocol=protocol,
             request_id=accept_request_id(request_id),
             client=client_address(peer, forwarded_for, self.settings),
+            grant=grant,
         )
+
+    def _grant(self, presented: str | None) -> Grant | None:
+        """The grant of the key ``presented``, None with keys off; raises Unauthenticated."""
+        if not self.enabled:
+            return None
+        if not presented:
+            raise Unauthenticated("an API key is required: send Authorization: Bearer <key>")
+        name = self.keys.name_for(presented) if self.keys.enabled else None
+        if name is not None:
+            return self._env_grants[name]
+        found = self.stored.find(presented) if self.stored is not None else None
+        if found is None:
+            raise Unauthenticated("the API key is not valid")
+        return self.stored.usable(*found)  # type: ignore[union-attr]
+
+    def current(self, caller: Caller) -> Caller:
+        """``caller`` with its key as it stands now; raises Unauthenticated if it no longer works.
+
+        A stored key revoked, disabled or expired since the caller was made no
+        longer works, and one whose models or limits changed gives its new
+        grant; a caller made while keys were off no longer works once they are
+        on. Reads the in-process copy only.
+        """
+        grant = caller.grant
+        if grant is None:
+            if self.enabled and caller.protocol != "internal":
+                raise Unauthenticated("an API key is required: send Authorization: Bearer <key>")
+            return caller
+        if not grant.stored:
+            return caller
+        found = self.stored.named(grant.name) if self.stored is not None else None
+        if found is None:
+            raise Unauthenticated("the API key is not valid")
+        fresh = self.stored.usable(*found)  # type: ignore[union-attr]
+        return caller if fresh is grant else dataclasses.replace(caller, grant=fresh)
+
+    def check_admin(self, authorization: str | None) -> None:
+        """Let an admin request through, or refuse it.
+
+        NotFound when ADMIN_KEY is not set (the admin API is off);
+        Unauthenticated when no key or a wrong one is presented; Forbidden when
+        the key presented is an ordinary key that works (API_KEYS or stored).
+        The admin key is compared in constant time.
+        """
+        if self._admin_digest is None:
+            raise NotFound("the admin API is off: set ADMIN_KEY to use it")
+        presented = bearer_token(authorization)
+        if not presented:
+            raise Unauthenticated("the admin API needs ADMIN_KEY: send Authorization: Bearer <key>")
+        if hmac.compare_digest(hashlib.sha256(presented.encode()).digest(), self._admin_digest):
+            return
+        try:
+            ordinary = self._grant(presented) is not None
+        except Unauthenticated:
+            ordinary = False
+        if ordinary:
+            raise Forbidden("the admin API needs ADMIN_KEY, not an API key")
+        raise Unauthenticated("the admin key is not valid")
 
 
 def client_address(peer: object, forwarded_for: Iterable[str], settings: Settings) -> str:

@@ -5,7 +5,11 @@ Nothing is read or stored. The request goes to the provider unchanged, every
 field it holds (tools, ``response_format``, image parts, ``seed``…) included,
 but for two things:
 
-- ``model`` is ``GPT_ENGINE`` when the request names none;
+- ``model`` is the provider model :meth:`ChatService.model_for` chose: the
+  one named, or ``GPT_ENGINE`` when the request names none, an alias of
+  ``MODELS`` giving its provider model; a model outside ``MODELS`` (or the
+  caller's key's own list) is refused with ModelNotAllowed before any
+  upstream call;
 - a streaming request asks for usage (``stream_options.include_usage``), so
   that the ask's tokens are counted.
 
@@ -98,15 +102,15 @@ def check_relay_body(body: object) -> Mapping[str, Any]:
     return body
 
 
-def upstream_body(request: RelayRequest, default_model: str) -> bytes:
-    """The JSON sent to the provider: the client's, with a model and, streaming, usage asked for.
+def upstream_body(request: RelayRequest, model: str) -> bytes:
+    """The JSON sent to the provider: the client's, with ``model`` (the provider model chosen
+    for it) and, streaming, usage asked for.
 
     Encoded as UTF-8; a string holding a lone surrogate (which the client can
     send as a ``\\ud800`` escape) is sent escaped as it came.
     """
     body = dict(request.body)
-    if not body.get("model"):
-        body["model"] = default_model
+    body["model"] = model
     if request.stream:
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
     try:
@@ -130,7 +134,8 @@ async def relay_stream(service: ChatService, request: RelayRequest) -> AsyncIter
     tally = _Tally()
     try:
         with service._admitted(request):  # type: ignore[arg-type]
-            body = upstream_body(request, service.settings.model)
+            model = service.model_for(request.body.get("model"), caller=request.caller)
+            body = upstream_body(request, model)
             async with contextlib.aclosing(service.upstream.relay_stream(body)) as stream:
                 async for chunks in stream:
                     sent = []
@@ -160,7 +165,8 @@ async def relay_whole(service: ChatService, request: RelayRequest) -> bytes:
     record = record_for(service.metrics, request.caller, NO_CONVERSATION)
     try:
         with service._admitted(request):  # type: ignore[arg-type]
-            body = upstream_body(request, service.settings.model)
+            model = service.model_for(request.body.get("model"), caller=request.caller)
+            body = upstream_body(request, model)
             data, answer = await service.upstream.relay_whole(body)
         record.first_piece()
         tally = _Tally()

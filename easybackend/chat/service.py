@@ -47,6 +47,8 @@ from ..errors import (
     StorageUnavailable,
     TooManyRequests,
 )
+from ..governance.keys import KeyStore
+from ..governance.models import ModelEntry, ModelList
 from ..metrics import Metrics
 from ..settings import Settings
 from ..storage import (
@@ -237,7 +239,10 @@ class ChatService:
         self.storage = storage
         self.upstream = upstream
         self.counter = counter
-        self.callers = Callers(settings)
+        # The stored keys' in-process copy (app.py runs its refresh) and the model allow-list.
+        self.keys = KeyStore(storage, env_names=settings.api_keys)  # type: ignore[arg-type]
+        self.callers = Callers(settings, self.keys)
+        self.models = ModelList(settings.models, settings.model)
         # Who is calling, from what a transport was given; raises Unauthenticated
         # (see Callers.caller). Every other method takes the Caller it returns.
         self.caller = self.callers.caller
@@ -275,6 +280,28 @@ class ChatService:
             conversation_id=_shown_id(conversation_id),
             key_name=caller.key_name if caller is not None else None,
         )
+
+    def model_for(self, requested: str | None, *, caller: Caller) -> str:
+        """The provider model an ask naming ``requested`` (None: none) calls for ``caller``.
+
+        The one check of a model, for every protocol, before anything is sent
+        upstream: a name outside MODELS, or outside the caller's key's own list,
+        raises ModelNotAllowed; an alias gives its provider model. The key is
+        taken as it stands now (see :meth:`Callers.current`): one revoked,
+        disabled or expired since the caller was made raises Unauthenticated.
+        """
+        grant = self.callers.current(caller).grant
+        return self.models.choose(requested, grant.models if grant is not None else None)
+
+    def allowed_models(self, *, caller: Caller) -> list[ModelEntry]:
+        """The models ``caller`` may name: MODELS and its key's own list together, in order."""
+        grant = caller.grant
+        return self.models.allowed(grant.models if grant is not None else None)
+
+    def default_model(self, *, caller: Caller) -> ModelEntry | None:
+        """The model an ask of ``caller`` that names none gets; None if it may use none."""
+        grant = caller.grant
+        return self.models.default_for(grant.models if grant is not None else None)
 
     @staticmethod
     def _check_overrides(request: AskRequest) -> None:
@@ -349,6 +376,7 @@ class ChatService:
             if request.parent_id is not None:
                 raise InvalidInput("a regenerate takes no parent_id: its parent is the turn's")
         self._check_overrides(request)
+        model = self.model_for(request.model, caller=request.caller)
         turn_id = request.turn_id
         turn_id = new_turn_id() if turn_id is None else validate_turn_id(turn_id, "turn_id")
         prompt_tokens = await self.counter.text_off_loop(prompt) if regenerate is None else 0
@@ -372,7 +400,8 @@ class ChatService:
                 parent = head.parent
                 plan = await _ContextPlan.choose(self, request, prompt_tokens, head)
                 history = await self._history(ref, request, parent, plan.budget.history, given)
-                call = self._upstream_call(request, build_messages(plan.system, history, prompt))
+                messages = build_messages(plan.system, history, prompt)
+                call = self._upstream_call(request, messages, model)
                 sent_tokens = plan.budget.fixed + sum(turn_cost(t) for t in history)
 
                 pieces: list[str] = []
@@ -507,12 +536,15 @@ class ChatService:
             )
         return stored + fitting
 
-    def _upstream_call(self, request: AskRequest, messages: list[dict[str, str]]) -> UpstreamCall:
-        """The call to the model: the request's overrides, else the settings."""
+    def _upstream_call(
+        self, request: AskRequest, messages: list[dict[str, str]], model: str
+    ) -> UpstreamCall:
+        """The call to ``model`` (the provider's, see :meth:`model_for`): the request's
+        overrides, else the settings."""
         settings = self.settings
         return UpstreamCall(
             messages=messages,
-            model=request.model or settings.model,
+            model=model,
             temperature=settings.temperature
             if request.temperature is None
             else request.temperature,
@@ -524,12 +556,12 @@ class ChatService:
     def _admitted(self, request: AskRequest) -> Iterator[None]:
         """Count an answer in progress for the asking client; raises TooManyRequests beyond the limit.
 
-        The client is the request's key when API keys are configured, else its
-        address (so one address cannot hold every slot). The slot is given back
-        when the block ends, however it ends (cancellation included).
+        The client is the request's key when keys are on (API_KEYS or stored keys),
+        else its address (so one address cannot hold every slot). The slot is given
+        back when the block ends, however it ends (cancellation included).
         """
         caller = request.caller
-        if self.settings.api_keys:
+        if caller.key_name is not None:
             counted, who = f"key:{caller.owner}", "this key"
         else:
             counted, who = f"address:{caller.client}", f"the address {caller.client or '-'}"

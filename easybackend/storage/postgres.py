@@ -56,6 +56,7 @@ MIGRATIONS: list[str] = [
     + "\n    CREATE INDEX conversations_by_activity ON conversations (owner, updated_at DESC, pk DESC);"
     + schema.LEGACY_IMPORTS,
     schema.TREE.format(**schema.POSTGRES_TYPES),
+    schema.API_KEYS.format(**schema.POSTGRES_TYPES),
 ]
 
 

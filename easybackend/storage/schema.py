@@ -78,6 +78,26 @@ LEGACY_IMPORTS = """
         PRIMARY KEY (owner, conversation_id, source)
     );"""
 
+# Backend keys created at run time (SPEC §14; see easybackend/governance/keys.py): only the
+# SHA-256 of each secret is kept. A revoked key keeps its row (its name owns conversations and
+# is never given again); disabled is 0 or 1; models is a JSON list of names, NULL for every
+# model; the limits are NULL when there is none.
+API_KEYS = """
+    CREATE TABLE api_keys (
+        name TEXT PRIMARY KEY,
+        secret_sha256 TEXT NOT NULL UNIQUE,
+        created_at {time} NOT NULL,
+        updated_at {time} NOT NULL,
+        expires_at {time},
+        revoked_at {time},
+        disabled INTEGER NOT NULL DEFAULT 0,
+        rpm INTEGER,
+        tpm INTEGER,
+        tokens_per_day {total},
+        tokens_per_month {total},
+        models TEXT
+    );"""
+
 # key: the conversation's own id; reference: a turn's pointer to it; total: usage sums;
 # time: epoch seconds; turns_options: after the turns table's definition; random_id: a new
 # turn id for a row of the turns table (the tree migration).

@@ -12,11 +12,11 @@ from __future__ import annotations
 import enum
 import functools
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from ..errors import StorageUnavailable
-from . import sql
+from . import sql, sql_keys
 from .base import (
     ConversationDetail,
     ConversationExport,
@@ -174,6 +174,22 @@ class SQLStore:
             )
         except StorageUnavailable as exc:
             raise self._writes.unready(exc) from None
+
+    # stored backend keys (easybackend.governance.keys.KeyTable)
+
+    async def keys(self) -> list[sql_keys.KeyRecord]:
+        return await self._run(sql_keys.all_keys, Access.READ)
+
+    async def create_key(self, record: sql_keys.KeyRecord) -> bool:
+        return await self._run(sql_keys.insert_key, Access.WRITE, record)
+
+    async def update_key(
+        self, name: str, changes: Mapping[str, Any]
+    ) -> sql_keys.KeyRecord | None:
+        return await self._run(sql_keys.update_key, Access.WRITE, name, changes, time.time())
+
+    async def revoke_key(self, name: str) -> sql_keys.KeyRecord | None:
+        return await self._run(sql_keys.revoke_key, Access.WRITE, name, time.time())
 
     # transfer
 

@@ -38,6 +38,7 @@ MIGRATIONS: list[str] = [
     + "\n    CREATE INDEX conversations_by_activity ON conversations (owner, updated_at DESC);",
     schema.LEGACY_IMPORTS,
     schema.TREE.format(**schema.SQLITE_TYPES),
+    schema.API_KEYS.format(**schema.SQLITE_TYPES),
 ]
 
 

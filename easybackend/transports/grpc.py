@@ -137,6 +137,9 @@ STATUS_BY_ERROR: dict[type[errors.ChatError], StatusCode] = {
     errors.HTTPError: StatusCode.INVALID_ARGUMENT,  # HTTP only
     errors.UpstreamRejected: StatusCode.INVALID_ARGUMENT,  # the HTTP /v1 relay only
     errors.Unauthenticated: StatusCode.UNAUTHENTICATED,
+    errors.Forbidden: StatusCode.PERMISSION_DENIED,  # the HTTP admin API only
+    errors.ModelNotAllowed: StatusCode.PERMISSION_DENIED,
+    errors.KeyConflict: StatusCode.ALREADY_EXISTS,  # the HTTP admin API only
     errors.NotFound: StatusCode.NOT_FOUND,
     errors.MethodNotAllowed: StatusCode.UNIMPLEMENTED,
     errors.RequestTooLarge: StatusCode.RESOURCE_EXHAUSTED,

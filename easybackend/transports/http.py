@@ -66,6 +66,7 @@ from ..errors import (
 )
 from ..request_ids import accept_request_id, new_request_id
 from . import openai_api
+from .http_admin import admin_routes, is_admin_path, model_routes
 from .http_conversations import conversation_routes
 from .openai_api import errors as openai_errors
 from .openapi import EasyBackendOpenAPI, UsageBody
@@ -79,8 +80,11 @@ STATUS_BY_ERROR: dict[type[ChatError], int] = {
     errors.HTTPError: 400,  # the HTTP layer's own status is kept (see http_error below)
     errors.UpstreamRejected: 400,  # the /v1 relay only, where the provider's status is kept
     errors.Unauthenticated: 401,
+    errors.Forbidden: 403,  # the admin API only
+    errors.ModelNotAllowed: 403,
     errors.NotFound: 404,
     errors.MethodNotAllowed: 405,
+    errors.KeyConflict: 409,  # the admin API only
     errors.PromptTooLong: 413,
     errors.RequestTooLarge: 413,
     errors.TooManyRequests: 429,
@@ -342,6 +346,8 @@ def create_app(service: ChatService, stopping: Stopping | None = None) -> Quart:
         g.caller = None
         if request.method == "OPTIONS" or request.path in open_paths:
             return
+        if is_admin_path(request.path):  # ADMIN_KEY, not an API key (see http_admin)
+            return
         g.caller = service.caller(
             protocol=ask_protocol(),
             authorization=request.headers.get("Authorization"),
@@ -376,7 +382,9 @@ def create_app(service: ChatService, stopping: Stopping | None = None) -> Quart:
             response.headers["Access-Control-Allow-Headers"] = (
                 "Authorization, Content-Type, X-Request-Id, X-Conversation-Id"
             )
-            response.headers["Access-Control-Allow-Methods"] = "GET, POST, PUT, DELETE, OPTIONS"
+            response.headers["Access-Control-Allow-Methods"] = (
+                "GET, POST, PUT, PATCH, DELETE, OPTIONS"
+            )
             response.headers["Access-Control-Max-Age"] = "600"
             response.vary.add("Origin")
         return response
@@ -507,6 +515,8 @@ def create_app(service: ChatService, stopping: Stopping | None = None) -> Quart:
         raise NotFound(f"no route POST /ask/{conversation_id}")
 
     app.register_blueprint(conversation_routes(service, caller))
+    app.register_blueprint(model_routes(service, caller))
+    app.register_blueprint(admin_routes(service))
     app.register_blueprint(openai_api.openai_routes(service, caller, stopping))
 
     @app.get("/readyz")

@@ -96,7 +96,19 @@ OPEN_PATHS = ("/healthz", "/readyz", "/docs", "/openapi.json", "/metrics")
 OPENAI_ERRORS = {
     "/v1/models": ("401",),
     "/v1/models/{model_id}": ("401", "404"),
-    "/v1/chat/completions": ("400", "401", "404", "409", "413", "422", "429", "502", "503", "504"),
+    "/v1/chat/completions": (
+        "400",
+        "401",
+        "403",
+        "404",
+        "409",
+        "413",
+        "422",
+        "429",
+        "502",
+        "503",
+        "504",
+    ),  # fmt: skip
     "/v1/responses": ("400", "401", "403", "404", "413", "429", "502", "503", "504"),
     "/v1/responses/{response_id}/cancel": ("400", "401", "404", "413", "503"),
     "/v1/conversations": ("400", "401", "413", "503"),

@@ -4,7 +4,8 @@
 ``upstream`` (the fake upstream's view and its faults), ``http``, ``websocket``,
 ``grpc`` (the clients of each protocol), ``openai_sdk`` (the official OpenAI SDK
 pointed at ``/v1``), ``database`` (the SQLite file),
-``postgres`` (schemas on the local PostgreSQL), ``logs`` (the log-leak watch,
+``postgres`` (schemas on the local PostgreSQL), ``keys`` (the admin key and API,
+waiting for a change of the stored keys), ``logs`` (the log-leak watch,
 access lines, metrics) and ``waiting`` (bounded polling). Fixtures live in
 ``tests/conftest.py`` only; test modules import from here, never from each other.
 """

@@ -8,9 +8,15 @@ from typing import Any
 import httpx2
 
 from easybackend.fake_upstream import FakeUpstream
+from easybackend.settings import DEFAULT_MODEL
 
 # Every key the tests use contains SECRET (see helpers.logs).
 UPSTREAM_KEY = "sk-test-upstream-SECRET-0123456789"
+
+# The model tests name in a per-ask override. Only GPT_ENGINE may be named by default (MODELS):
+# a server that must take it is started with ALLOW_OTHER_MODEL.
+OTHER_MODEL = "other-model"
+ALLOW_OTHER_MODEL = {"MODELS": f"{DEFAULT_MODEL},{OTHER_MODEL}"}
 
 # The fake's answer is split into these pieces ("tokens"); see easybackend/fake_upstream.py.
 PIECES = re.compile(r"\s*\S+|\s+")

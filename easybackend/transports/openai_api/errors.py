@@ -35,6 +35,9 @@ STATUS_BY_ERROR: dict[type[ChatError], tuple[int, str]] = {
     errors.PromptTooLong: (400, INVALID_REQUEST),  # as OpenAI answers a context too long
     errors.UpstreamRejected: (400, INVALID_REQUEST),  # the provider's status is kept
     errors.Unauthenticated: (401, "authentication_error"),
+    errors.Forbidden: (403, "permission_error"),
+    errors.ModelNotAllowed: (403, "permission_error"),
+    errors.KeyConflict: (409, INVALID_REQUEST),
     errors.NotFound: (404, INVALID_REQUEST),
     errors.MethodNotAllowed: (405, INVALID_REQUEST),
     errors.RequestTooLarge: (413, INVALID_REQUEST),

@@ -1,8 +1,8 @@
 """``GET /v1/models`` and ``GET /v1/models/{id}``: the models a caller may use, in OpenAI's shape.
 
 :func:`usable_models` is the one answer to "which models may this caller
-use": for now ``GPT_ENGINE`` alone (SPEC §14 adds an allow-list and aliases,
-``MODELS``; they belong there).
+use": the names of ``MODELS`` (``GPT_ENGINE`` alone by default) that the
+caller's key may use (:mod:`easybackend.governance.models`).
 """
 
 from __future__ import annotations
@@ -17,14 +17,22 @@ from quart_schema import document_response, tag
 
 from ...chat.caller import Caller
 from ...errors import NotFound
+from ...governance import models as allow_list
 from ...settings import Settings
 
 OWNED_BY = "easybackend"
 
 
 def usable_models(settings: Settings, caller: Caller) -> list[str]:
-    """The models ``caller`` may ask for, the server's default first."""
-    return [settings.model]
+    """The models ``caller`` may ask for, the one an ask naming none gets first."""
+    models = allow_list.ModelList(settings.models, settings.model)
+    own = caller.grant.models if caller.grant is not None else None
+    names = [entry.name for entry in models.allowed(own)]
+    default = models.default_for(own)
+    if default is not None:
+        names.remove(default.name)
+        names.insert(0, default.name)
+    return names
 
 
 class ModelObject(pydantic.BaseModel):
