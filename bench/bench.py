@@ -38,7 +38,9 @@ model's: --answer-tokens tokens (default 100) at --token-delay seconds each
 (default 0.02, 50 tokens per second), so an answer lasts 2 s; --quick makes
 them 10 tokens at 0.005 s. At concurrency 1 there is no load to model: the
 answers are 20 tokens with no delay. Direct and server take turns, in rounds,
-so that a drift in the machine's speed weighs on both alike: at concurrency 1,
+and so do the protocols of a concurrency (round 1: each protocol, direct then
+server; round 2: the same…), so that a drift in the machine's speed weighs on
+all alike: at concurrency 1,
 five rounds of 200 asks; at 100, three rounds in which each worker is counted
 once (300 samples); at 1,000, one round, each worker counted once (--quick:
 a tenth of the asks). Every other figure uses answers with no delay.
@@ -428,37 +430,61 @@ async def run_workers(
 async def ttft(
     stack: Stack, protocol: type, concurrency: int, per_worker: int, load: Load, rounds: int = 1
 ) -> dict[str, object]:
-    """Added time to first token of ``protocol`` over its direct baseline, under ``load``.
+    """Added time to first token of ``protocol`` over its direct baseline (see :func:`ttft_rows`)."""
+    (row,) = await ttft_rows(stack, [protocol], concurrency, per_worker, load, rounds)
+    return row
 
-    Direct and server take turns for ``rounds`` rounds (``per_worker`` asks per worker
-    each), so a drift in the machine's speed weighs on both alike.
+
+async def ttft_rows(
+    stack: Stack,
+    protocols: list[type],
+    concurrency: int,
+    per_worker: int,
+    load: Load,
+    rounds: int = 1,
+) -> list[dict[str, object]]:
+    """Added time to first token of each of ``protocols`` over its direct baseline, under ``load``.
+
+    For ``rounds`` rounds (``per_worker`` asks per worker each) every protocol
+    takes its turn, and within it direct and server take turns, so that a drift
+    in the machine's speed weighs on direct and server, and on every protocol, alike.
     """
     limits = httpx2.Limits(max_connections=None, max_keepalive_connections=None)
-    samples: dict[str, list[float]] = {"direct": [], "server": []}
-    errors = 0
+    samples = {protocol: {"direct": [], "server": []} for protocol in protocols}
+    errors = dict.fromkeys(protocols, 0)
     async with httpx2.AsyncClient(timeout=120, limits=limits) as http:
         for _ in range(rounds):
-            for label, kind in (("direct", protocol.baseline), ("server", protocol)):
+            for protocol in protocols:
+                for label, kind in (("direct", protocol.baseline), ("server", protocol)):
 
-                def make(kind: type = kind) -> Client:
-                    return kind(stack, http)
+                    def make(kind: type = kind) -> Client:
+                        return kind(stack, http)
 
-                taken, failed = await run_workers(concurrency, per_worker, make, load)
-                samples[label] += taken
-                errors += failed if label == "server" else 0
-    direct, server = samples["direct"], samples["server"]
-    return {
-        "protocol": protocol.name,
-        "concurrency": concurrency,
-        "answer_tokens": load.tokens,
-        "token_delay_s": load.token_delay,
-        "samples": len(server),
-        "errors": errors,
-        "direct_p50_ms": round(statistics.median(direct) * 1000, 2),
-        "server_p50_ms": round(statistics.median(server) * 1000, 2),
-        "added_p50_ms": round((statistics.median(server) - statistics.median(direct)) * 1000, 2),
-        "added_p99_ms": round((percentile(server, 0.99) - percentile(direct, 0.99)) * 1000, 2),
-    }
+                    taken, failed = await run_workers(concurrency, per_worker, make, load)
+                    samples[protocol][label] += taken
+                    errors[protocol] += failed if label == "server" else 0
+    rows = []
+    for protocol in protocols:
+        direct, server = samples[protocol]["direct"], samples[protocol]["server"]
+        rows.append(
+            {
+                "protocol": protocol.name,
+                "concurrency": concurrency,
+                "answer_tokens": load.tokens,
+                "token_delay_s": load.token_delay,
+                "samples": len(server),
+                "errors": errors[protocol],
+                "direct_p50_ms": round(statistics.median(direct) * 1000, 2),
+                "server_p50_ms": round(statistics.median(server) * 1000, 2),
+                "added_p50_ms": round(
+                    (statistics.median(server) - statistics.median(direct)) * 1000, 2
+                ),
+                "added_p99_ms": round(
+                    (percentile(server, 0.99) - percentile(direct, 0.99)) * 1000, 2
+                ),
+            }
+        )
+    return rows
 
 
 async def throughput(stack: Stack, concurrency: int, seconds: float) -> dict[str, object]:
@@ -661,8 +687,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                 rounds = 5 if concurrency == 1 else 3 if concurrency <= 100 else 1
                 per_worker = math.ceil(samples / concurrency / (rounds if concurrency > 1 else 1))
                 load = paced if concurrency > 1 else UNPACED
-                for protocol in protocols:
-                    row = await ttft(stack, protocol, concurrency, per_worker, load, rounds)
+                for row in await ttft_rows(stack, protocols, concurrency, per_worker, load, rounds):
                     report["ttft"].append(row)
                     print(json.dumps(row), flush=True)
 

@@ -573,3 +573,24 @@ async def test_the_shutdown_grace_ends_a_relayed_stream_with_an_error_event(star
     assert cut.value.body["type"] == "service_unavailable_error"
     rid = fake.requests[-1]["id"]
     await wait_until(lambda: "disconnected" in events_of(fake, rid))  # the upstream call closed
+
+
+async def test_the_role_chunk_goes_out_with_the_first_token(server):
+    """The chunk that only names the role is held until the first output, then both are sent in
+    one write (the fake sends it at once, the first token 0.3 s later)."""
+    body = {
+        "model": MODEL,
+        "stream": True,
+        "messages": [{"role": "user", "content": "a b [[fake:delay=0.3]]"}],
+    }
+    async with server.client() as http:
+        with trio.fail_after(5):
+            async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                first = b""
+                async for part in response.aiter_raw():
+                    first += part
+                    if first.endswith(b"\n\n"):
+                        break
+    events = first.decode().split("\n\n")[:-1]
+    assert len(events) == 2, events
+    assert '"role":"assistant"' in events[0] and '"content":"echo(1):"' in events[1]

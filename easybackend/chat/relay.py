@@ -124,7 +124,9 @@ async def relay_stream(service: ChatService, request: RelayRequest) -> AsyncIter
 
     Each chunk is the JSON text of one ``chat.completion.chunk`` (the caller
     frames them as ``data:`` events and adds ``data: [DONE]`` once this
-    ends). Raises ChatError subclasses (TooManyRequests before any upstream
+    ends). The chunks that come before any output (the one that only names
+    the role) are held and sent with the first that carries some: one write
+    less before the first token, and the first item is the answer's start. Raises ChatError subclasses (TooManyRequests before any upstream
     call when the caller has MAX_STREAMS_PER_KEY answers in progress). On
     cancellation or an early close the upstream call is closed; the ask is
     accounted as ``cancelled``.
@@ -136,18 +138,25 @@ async def relay_stream(service: ChatService, request: RelayRequest) -> AsyncIter
         with service._admitted(request):  # type: ignore[arg-type]
             model = service.model_for(request.body.get("model"), caller=request.caller)
             body = upstream_body(request, model)
+            held: list[bytes] = []  # the leading chunks without output (the role chunk)
+            answering = False
             async with contextlib.aclosing(service.upstream.relay_stream(body)) as stream:
                 async for chunks in stream:
-                    sent = []
+                    sent, held = held, []
                     for data, chunk in chunks:
-                        if tally.take(chunk):
+                        if tally.take(chunk) and not answering:
+                            answering = True
                             record.first_piece()
                         if include_usage or "usage" not in chunk:
                             sent.append(data)
                         elif (trimmed := _without_usage(data, chunk)) is not None:
                             sent.append(trimmed)
-                    if sent:
+                    if not answering:
+                        held = sent  # sent with the first output, in the same write
+                    elif sent:
                         yield sent
+            if held:
+                yield held
             await tally.account(service, request, record)
     except BaseException as exc:
         record.failed(exc)
@@ -195,11 +204,18 @@ class _Tally:
         self.pieces: list[str] = []  # the answer's text, kept while no usage has come
 
     def take(self, chunk: dict[str, Any]) -> bool:
-        """Note a chunk's usage and text; True when it carries some of the answer."""
+        """Note a chunk's usage and text; True when it carries output.
+
+        Output is any field of a choice's ``delta`` but ``role`` that is not
+        empty: content, tool calls, a refusal, a provider's own (a reasoning
+        model's ``reasoning_content``), or a finish reason.
+        """
         if (usage := chunk.get("usage")) is not None:
             self.usage = _usage_of(usage) or self.usage
         output = False
         for choice in _choices(chunk):
+            if choice.get("finish_reason"):
+                output = True
             delta = choice.get("delta")
             if not isinstance(delta, dict):
                 continue
@@ -207,8 +223,8 @@ class _Tally:
             if isinstance(content, str) and content:
                 self.pieces.append(content)
                 output = True
-            elif delta.get("tool_calls") or delta.get("function_call") or delta.get("refusal"):
-                output = True
+            elif not output:
+                output = any(value for name, value in delta.items() if name != "role")
         return output
 
     async def account(self, service: ChatService, request: RelayRequest, record: AskRecord) -> None:
