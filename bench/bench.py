@@ -108,10 +108,15 @@ async def wait_for_port(port: int, limit: float = 30) -> None:
 
 
 class Stack:
-    """The fake upstream and the server as child processes."""
+    """The fake upstream and the server as child processes.
 
-    def __init__(self, data_dir: Path) -> None:
+    The server is ``run.py`` of ``server_root`` (this source tree by default): started
+    from there, it imports that tree's ``easybackend``.
+    """
+
+    def __init__(self, data_dir: Path, server_root: Path = ROOT) -> None:
         self.data_dir = data_dir
+        self.server_root = server_root
         self.upstream_port = free_port()
         self.http, self.grpc, self.ws = free_port(), free_port(), free_port()
         self.processes: list[subprocess.Popen] = []
@@ -149,7 +154,7 @@ class Stack:
             "MAX_STREAMS_PER_KEY": "100000",
         }
         started = time.perf_counter()
-        command = [sys.executable, str(ROOT / "run.py")]
+        command = [sys.executable, str(self.server_root / "run.py")]
         self.server = subprocess.Popen(command, cwd=self.data_dir, env=env)  # noqa: ASYNC220
         self.processes.append(self.server)
         for port in (self.http, self.grpc, self.ws):

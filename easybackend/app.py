@@ -34,7 +34,12 @@ from .storage import open_storage
 from .tls import server_ssl_context
 from .transports.grpc import serve_grpc
 from .transports.http import Stopping, create_app
-from .transports.send_deadline import GOODBYE_SECONDS, StopOnBrokenSend, bound_hypercorn_sends
+from .transports.send_deadline import (
+    GOODBYE_SECONDS,
+    SendWatchdog,
+    StopOnBrokenSend,
+    bound_hypercorn_sends,
+)
 from .transports.websocket import serve_websocket
 from .upstream.openai_client import OpenAIUpstream, check_proxy_environment
 
@@ -249,12 +254,13 @@ async def _serve_http(
     config.errorlog.addFilter(_NOT_A_LIFESPAN_ERROR)
     config.graceful_timeout = settings.shutdown_grace + GOODBYE_SECONDS
     config.keep_alive_timeout = settings.http_header_timeout
-    bound_hypercorn_sends(config, settings.client_send_timeout)
+    watchdog = SendWatchdog(settings.client_send_timeout)  # run around hypercorn's serve
+    bound_hypercorn_sends(config, watchdog)
     config.backlog = LISTEN_BACKLOG  # hypercorn listens again on the socket: keep our backlog
     if settings.tls_certfile is not None:  # checked at start-up by server_ssl_context
         config.certfile, config.keyfile = str(settings.tls_certfile), str(settings.tls_keyfile)
     stopping = Stopping()
-    async with trio.open_nursery() as nursery:
+    async with watchdog.running(), trio.open_nursery() as nursery:
         nursery.start_soon(stopping.follow, shutdown, settings.shutdown_grace)
         await hypercorn_serve(
             StopOnBrokenSend(create_app(service, stopping)),  # type: ignore[arg-type]

@@ -126,7 +126,7 @@ from ..storage import ROOT
 from ..tls import server_ssl_context
 from ._purerpc_compat import BadRequestData, H2Connection, ServerSocket
 from .pieces import split_utf8
-from .send_deadline import GOODBYE_SECONDS, ClientTooSlow, SendBoundedStream, send_deadline
+from .send_deadline import GOODBYE_SECONDS, ClientTooSlow, SendBoundedStream, SendWatchdog, Watched
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ async def serve_grpc(
     if ssl_context is not None:
         listener = trio.SSLListener(listener, ssl_context, https_compatible=False)
     try:
-        async with trio.open_nursery() as nursery:
+        async with server.watchdog.running(), trio.open_nursery() as nursery:
             accepting = trio.CancelScope()
 
             async def accept(*, task_status: trio.TaskStatus[object]) -> None:
@@ -511,11 +511,9 @@ class _Health(health_grpc.HealthServicer):
 class _AnyioStream(anyio.abc.ByteStream):
     """A trio stream with the anyio socket-stream interface purerpc's framing uses."""
 
-    def __init__(
-        self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream], send_timeout: float
-    ) -> None:
-        # a write the client does not take within send_timeout closes the connection
-        self._stream = SendBoundedStream(stream, send_timeout)
+    def __init__(self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]) -> None:
+        # watched: a write the client does not take in time closes the connection
+        self.bounded = SendBoundedStream(stream)
         transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
         self._socket = transport.socket
 
@@ -525,7 +523,7 @@ class _AnyioStream(anyio.abc.ByteStream):
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         try:
-            data = await self._stream.receive_some(max_bytes)
+            data = await self.bounded.receive_some(max_bytes)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise anyio.BrokenResourceError from exc
         if not data:
@@ -534,7 +532,7 @@ class _AnyioStream(anyio.abc.ByteStream):
 
     async def send(self, item: bytes) -> None:
         try:
-            await self._stream.send_all(item)
+            await self.bounded.send_all(item)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise anyio.BrokenResourceError from exc
 
@@ -542,7 +540,7 @@ class _AnyioStream(anyio.abc.ByteStream):
         raise NotImplementedError("gRPC connections are never half-closed")
 
     async def aclose(self) -> None:
-        await self._stream.aclose()
+        await self.bounded.aclose()
 
 
 @dataclasses.dataclass(eq=False)
@@ -569,8 +567,12 @@ class _Connection:
             GRPCConfiguration(client_side=False, max_message_length=self.server.max_message_length),
             self.on_reset,
         )
-        with trio.CancelScope() as connection_scope:
-            client_stream = _AnyioStream(stream, self.server.send_timeout)
+        client_stream = _AnyioStream(stream)
+        # watched until purerpc's writer is done, which still writes as the connection closes
+        with (
+            self.server.watchdog.watching(client_stream.bounded),
+            trio.CancelScope() as connection_scope,
+        ):
             async with ServerSocket(connection, client_stream) as grpc_socket:
                 self.socket = grpc_socket
                 async with trio.open_nursery() as calls:
@@ -687,7 +689,8 @@ class _Server:
         self.services = services
         self.refused = refused  # told of every call that ends with an error (see _Chat.refused)
         self.max_message_length = max_message_length
-        self.send_timeout = send_timeout  # seconds one send to a client may block
+        # bounds every send to a client (run by serve_grpc around the connections)
+        self.watchdog = SendWatchdog(send_timeout)
         self.draining = False
         self.cutting = False  # the shutdown grace is over: calls in flight are being cut
         self.connections: set[_Connection] = set()
@@ -739,7 +742,10 @@ class _Server:
         """Run the call on ``stream``; return the status to end it with (None: nobody to tell).
 
         ``trailers`` gets the metadata the call ends with (its request id). A
-        call that ends with a ChatError is reported to ``refused`` first.
+        call that ends with a ChatError is reported to ``refused`` first. A
+        response message the client has not taken within CLIENT_SEND_TIMEOUT
+        seconds ends the call with CANCELLED, as if the client had gone (it is
+        told, should it read).
         """
         request = await stream.receive_event()
         if not isinstance(request, RequestReceived):
@@ -754,12 +760,13 @@ class _Server:
         ):
             return status_for(errors.MethodNotAllowed(f"method {call.method} is not implemented"))
         timeout = request.timeout.total_seconds() if request.timeout is not None else math.inf
-        response = _Response(stream, call.request_id, self.send_timeout)
+        response = _Response(stream, call.request_id)
         try:
             if refuse and request.service_name != HEALTH_SERVICE:  # health says NOT_SERVING
                 raise errors.ShuttingDown("the server is shutting down")
             stream.expect_message_type(method.signature.request_type)
-            with trio.move_on_after(timeout) as deadline:
+            with trio.move_on_after(timeout) as deadline, self.watchdog.watching(response):
+                response.scope = deadline  # what the watchdog cancels for a send too slow
                 message = call.message = await _single_message(stream)
                 if method.signature.cardinality is Cardinality.UNARY_UNARY:
                     await response.send(await method.method_fn(message, request=call))
@@ -770,9 +777,6 @@ class _Server:
                             await response.send(reply)
         except h2.exceptions.StreamClosedError:
             return None  # the stream was reset under us
-        except ClientTooSlow as exc:  # as if the client had gone; it is told, should it read
-            log.info("gRPC %s: giving up on a client that stopped reading: %s", call.method, exc)
-            return Status(StatusCode.CANCELLED, str(exc))
         except Exception as exc:
             if isinstance(exc, errors.ChatError):
                 error = exc
@@ -780,32 +784,52 @@ class _Server:
                 error = errors.unexpected(exc, f"gRPC {call.method}")
             self.refused(call, error)
             return status_for(error)
+        too_slow = response.too_slow
+        if too_slow is not None:  # as if the client had gone; it is told, should it read
+            log.info(
+                "gRPC %s: giving up on a client that stopped reading: %s", call.method, too_slow
+            )
+            return Status(StatusCode.CANCELLED, str(too_slow))
         if deadline.cancelled_caught:
             return Status(StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed")
         return Status(StatusCode.OK)
 
 
-class _Response:
-    """Sends response messages, starting the response (headers, with the request id) before the first."""
+class _Response(Watched):
+    """Sends response messages, starting the response (headers, with the request id) before the first.
 
-    def __init__(self, stream: GRPCProtoStream, request_id: str, send_timeout: float) -> None:
+    Watched by the server's watchdog while the call runs: when a send waits too
+    long, :attr:`too_slow` is set and :attr:`scope` (the call's deadline scope)
+    is cancelled.
+    """
+
+    def __init__(self, stream: GRPCProtoStream, request_id: str) -> None:
+        super().__init__()
         self._stream = stream
         self._request_id = request_id
-        self._send_timeout = send_timeout
         self._started = False
+        self.scope: trio.CancelScope | None = None  # set before the first send
 
     async def send(self, message: Any) -> None:
-        """Send one message; raises ClientTooSlow if the client does not take it in time.
+        """Send one message; the call's scope is cancelled if the client does not take it in time.
 
         purerpc waits here for the stream's HTTP/2 flow-control window, which a
         client that stops reading never reopens.
         """
-        with send_deadline(self._send_timeout):
+        self.begin()
+        try:
             if not self._started:
                 metadata = (("x-request-id", self._request_id),)
                 await self._stream.start_response(custom_metadata=metadata)
                 self._started = True
             await self._stream.send_message(message)
+        finally:
+            self.end()
+
+    async def expire(self, error: ClientTooSlow) -> None:
+        """End the wait of the send in progress (for the window): the call's scope is cancelled."""
+        assert self.scope is not None
+        self.scope.cancel()
 
 
 async def _single_message(stream: GRPCProtoStream) -> Any:

@@ -67,7 +67,7 @@ from ..settings import Settings
 from ..tls import server_ssl_context
 from ._trio_websocket_compat import WebSocketServer
 from .pieces import MAX_JSON_BYTES_PER_CHAR, split_json_text, split_utf8
-from .send_deadline import GOODBYE_SECONDS, ClientTooSlow, send_deadline
+from .send_deadline import GOODBYE_SECONDS, ClientTooSlow, SendWatchdog, Watched
 
 log = logging.getLogger("easybackend.websocket")
 
@@ -116,8 +116,9 @@ async def serve_websocket(
 
     live = _Count()  # open connections
     grace_over = trio.Event()
+    watchdog = SendWatchdog(settings.client_send_timeout)  # bounds every send to a client
 
-    async with trio.open_nursery() as handlers:
+    async with watchdog.running(), trio.open_nursery() as handlers:
 
         async def handle(request: WebSocketRequest) -> None:
             presented_id = _header(request, b"x-request-id")
@@ -146,6 +147,7 @@ async def serve_websocket(
                 settings.ws_idle_timeout,
                 live,
                 grace_over,
+                watchdog,
             ).run()
 
         server = WebSocketServer(
@@ -205,8 +207,11 @@ def _presented_key(request: WebSocketRequest) -> str | None:
     return query.get("api_key", [None])[0]
 
 
-class _Connection:
-    """One client socket: a reader task and a worker that answers queued asks in order."""
+class _Connection(Watched):
+    """One client socket: a reader task and a worker that answers queued asks in order.
+
+    Its sends are watched by the server's watchdog while it runs (:meth:`expire`).
+    """
 
     def __init__(
         self,
@@ -218,7 +223,9 @@ class _Connection:
         idle_timeout: float,
         live: _Count,
         grace_over: trio.Event,
+        watchdog: SendWatchdog,
     ) -> None:
+        super().__init__()
         self.service = service
         self.ws = ws
         self.shutdown = shutdown
@@ -231,7 +238,7 @@ class _Connection:
         self.current: trio.CancelScope | None = None
         # the largest message a client is told to accept: longer answer pieces are cut
         self.max_message_bytes = service.settings.max_body_bytes
-        self.send_timeout = service.settings.client_send_timeout
+        self.watchdog = watchdog
         self.grace_over = grace_over  # set when the shutdown grace ends
         self.cut = False  # the grace is over: answers in progress or queued end with shutting_down
 
@@ -245,12 +252,13 @@ class _Connection:
         """
         self.live.add(1)
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._answer_asks)
-                nursery.start_soon(self._stop_taking_asks_on_shutdown)
-                nursery.start_soon(self._cut_at_grace_end)
-                await self._read_messages()
-                nursery.cancel_scope.cancel()
+            with self.watchdog.watching(self):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._answer_asks)
+                    nursery.start_soon(self._stop_taking_asks_on_shutdown)
+                    nursery.start_soon(self._cut_at_grace_end)
+                    await self._read_messages()
+                    nursery.cancel_scope.cancel()
         except* ConnectionClosed:
             pass  # the client went away (a nursery raises it in a group: `except*`, not suppress)
         except* Exception:
@@ -431,17 +439,27 @@ class _Connection:
         """Send one message; every message to the client goes through here.
 
         A client that has not taken the message within CLIENT_SEND_TIMEOUT
-        seconds (it stopped reading) is dropped: the TCP connection is closed at
-        once, as no close frame gets through a full buffer, and ConnectionClosed
-        is raised, so the answer in progress ends as when a client goes away.
+        seconds (it stopped reading) is dropped by the watchdog (:meth:`expire`)
+        and ConnectionClosed is raised, so the answer in progress ends as when a
+        client goes away.
         """
+        self.begin()
         try:
-            with send_deadline(self.send_timeout):
-                await self.ws.send_message(message)
-        except ClientTooSlow as exc:
-            log.info("dropping a WebSocket connection: %s", exc)
-            await trio.aclose_forcefully(self.ws)
-            raise ConnectionClosed(CloseReason(ABNORMAL_CLOSURE, str(exc))) from None
+            await self.ws.send_message(message)
+        except ConnectionClosed:
+            if self.too_slow is None:
+                raise
+            raise ConnectionClosed(CloseReason(ABNORMAL_CLOSURE, str(self.too_slow))) from None
+        finally:
+            self.end()
+
+    async def expire(self, error: ClientTooSlow) -> None:
+        """The watchdog's, for a send too slow: drop the TCP connection, so that the send raises.
+
+        The connection is closed at once, as no close frame gets through a full buffer.
+        """
+        log.info("dropping a WebSocket connection: %s", error)
+        await trio.aclose_forcefully(self.ws)
 
     async def _close(self, code: int, reason: str) -> None:
         """Close the socket with ``code``; one whose client takes no close frame is dropped.
