@@ -120,6 +120,9 @@ async def _serve_on(
             service = ChatService(settings, storage, upstream, counter, metrics)
             # The stored keys: read before anything is served, then every second until the end.
             await nursery.start(service.keys.refresh_forever)
+            # Summaries, titles and the expiry sweep: the service's nursery, cancelled with the
+            # rest once the listeners have stopped (after the shutdown's grace).
+            await nursery.start(service.background.run)
             if not service.callers.enabled and not _is_loopback(settings.host):
                 log.warning(
                     "API_KEYS is not set, no key is stored, and HOST %s is reachable from other "
@@ -137,6 +140,7 @@ async def _serve_on(
                     "EasyBackend ready: HTTP %s, gRPC %s, WebSocket %s",
                     *(_where(settings.host, ports.get(name)) for name in SERVERS),
                 )
+            await service.background.stop()  # before the upstream client it calls is closed
             await upstream.aclose()
             nursery.cancel_scope.cancel()  # the demo upstream, the key refresh
     finally:

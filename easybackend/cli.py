@@ -41,6 +41,24 @@ SERVE_FLAGS = {
         "MAX_CONTEXT_TOKENS",
         "token budget sent upstream (MAX_CONTEXT_TOKENS, default 4096)",
     ),
+    "--memory": (
+        "MEMORY",
+        "what a conversation does with turns that no longer fit: truncate (drop them) or "
+        "summarize (fold them into a running summary) (MEMORY, default truncate)",
+    ),
+    "--conversation-ttl": (
+        "CONVERSATION_TTL",
+        "seconds a conversation may stay idle before it is forgotten; 0 or off: never "
+        "(CONVERSATION_TTL, default off)",
+    ),
+    "--summary-model": (
+        "SUMMARY_MODEL",
+        "model that writes summaries and titles (SUMMARY_MODEL, default the conversation's)",
+    ),
+    "--auto-title": (
+        "AUTO_TITLE",
+        "true: the model names each conversation after its first turn (AUTO_TITLE, default false)",
+    ),
     "--log-level": ("LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR (LOG_LEVEL, default INFO)"),
     "--log-format": ("LOG_FORMAT", "console or json (LOG_FORMAT, default console)"),
     "--log-file": ("LOG_FILE", "also log to this file, rotated at 10 MiB (LOG_FILE)"),

@@ -41,6 +41,8 @@ key; directives are removed from the echoed text, and a text that had any is the
     ``tool_call=get_time``  answer with a call of the function ``get_time`` instead of text
                             (``tool_calls``, finish_reason ``"tool_calls"``): its arguments are
                             ``{"echo": <the answer's text>}``, streamed in pieces (the tokens).
+    ``model=summarizer``    queued only: the fault waits for a request naming that model (the
+                            first queued fault a request may take is the one it pops).
 
 Events per completion request: ``started``, then ``stalled`` (if stalling), then exactly one of
 ``completed``, ``disconnected`` (client went away, noticed even while sleeping or stalled),
@@ -89,6 +91,7 @@ _FAULT_KEYS: dict[str, Callable[[Any], Any]] = {
     "delay": float,
     "tokens": int,
     "tool_call": str,
+    "model": str,
 }
 
 
@@ -107,6 +110,9 @@ def _parse_fault(raw: Any) -> dict[str, Any]:
         if key == "tool_call":
             if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", fault[key]):
                 raise ValueError("tool_call must name a function (A-Z a-z 0-9 _ -, 1-64)")
+        elif key == "model":
+            if not fault[key]:
+                raise ValueError("model must name a model")
         elif fault[key] < 0:
             raise ValueError(f"fault key {key!r} must not be negative")
     if not 400 <= fault.get("status", 400) <= 599:
@@ -346,7 +352,8 @@ class FakeUpstream:
             self._event(rid, "failed")
             await _send_json(send, 400, _error(str(exc), "invalid_request_error"))
             return
-        fault = {**(self._faults.popleft() if self._faults else {}), **inline}
+        fault = {**self._pop_fault(body.get("model")), **inline}
+        fault.pop("model", None)
         record["fault"] = fault or None
         if "status" in fault:
             self._event(rid, "failed")
@@ -376,6 +383,15 @@ class FakeUpstream:
             nursery.cancel_scope.cancel()
         if not reply.final:
             self._event(rid, outcome, reply.chunks)
+
+    def _pop_fault(self, model: object) -> dict[str, Any]:
+        """The first queued fault a request for ``model`` may take (one naming no model, or
+        that one), removed from the queue; {} if none."""
+        for fault in self._faults:
+            if fault.get("model", model) == model:
+                self._faults.remove(fault)
+                return fault
+        return {}
 
     def _plan(
         self, rid: str, body: dict, messages: list[dict], last_user: str, fault: dict[str, Any]

@@ -77,6 +77,18 @@ class Settings:
     client_send_timeout: float = 30.0  # seconds one send to a client may block
     max_answer_chars: int = 1_000_000  # longest answer kept; beyond it the answer ends "length"
     http_header_timeout: float = 10.0  # seconds a client may take to send a request head
+    # Memory beyond the window (SPEC §15; README "Memory"): each conversation's own settings
+    # override these.
+    memory: str = "truncate"  # MEMORY: truncate or summarize
+    conversation_ttl: float | None = None  # seconds idle before a conversation is forgotten
+    summary_model: str | None = None  # None: the model the conversation asks
+    summary_prompt: str | None = None  # None: the built-in one (chat/memory.py)
+    summary_threshold: int | None = None  # tokens dropped before a summary; None: budget / 4
+    summary_max_tokens: int | None = None  # cap on a summary's length; None: see memory.py
+    auto_title: bool = False  # the model names a conversation after its first turn
+    title_prompt: str | None = None  # None: the built-in one (chat/memory.py)
+    sweep_interval: float = 60.0  # seconds between two sweeps of expired conversations
+    background_jobs: int = 4  # summaries and titles made at once
     demo: bool = False
 
     @property
@@ -147,6 +159,20 @@ def _bool(value: str) -> bool:
     if lowered in ("0", "false", "no", "off", ""):
         return False
     raise ValueError("must be true or false")
+
+
+def _memory(value: str) -> str:
+    policy = value.strip().lower()
+    if policy not in ("truncate", "summarize"):
+        raise ValueError("must be truncate or summarize")
+    return policy
+
+
+def _optional_seconds(value: str) -> float | None:
+    """Seconds, or unset: empty, 0, off, never or none."""
+    if value.strip().lower() in ("", "0", "off", "never", "none"):
+        return None
+    return _seconds(value)
 
 
 def _log_level(value: str) -> str:
@@ -244,6 +270,16 @@ ENVIRONMENT = {
     "CLIENT_SEND_TIMEOUT": ("client_send_timeout", _seconds),
     "MAX_ANSWER_CHARS": ("max_answer_chars", _positive_int),
     "HTTP_HEADER_TIMEOUT": ("http_header_timeout", _seconds),
+    "MEMORY": ("memory", _memory),
+    "CONVERSATION_TTL": ("conversation_ttl", _optional_seconds),
+    "SUMMARY_MODEL": ("summary_model", _optional_text),
+    "SUMMARY_PROMPT": ("summary_prompt", _optional_text),
+    "SUMMARY_THRESHOLD": ("summary_threshold", _optional_positive_int),
+    "SUMMARY_MAX_TOKENS": ("summary_max_tokens", _optional_positive_int),
+    "AUTO_TITLE": ("auto_title", _bool),
+    "TITLE_PROMPT": ("title_prompt", _optional_text),
+    "SWEEP_INTERVAL": ("sweep_interval", _seconds),
+    "BACKGROUND_JOBS": ("background_jobs", _positive_int),
 }
 SECRET_VARIABLES = {"OPENAI_API_KEY", "API_KEYS", "ADMIN_KEY"}  # never echoed in an error
 
@@ -307,6 +343,11 @@ def _checked(settings: Settings, need_api_key: bool) -> Settings:
     if budget < 16:
         raise ConfigError(
             "MAX_CONTEXT_TOKENS minus MAX_RESPONSE_TOKENS leaves no room for a prompt"
+        )
+    if settings.summary_max_tokens is not None and settings.summary_max_tokens * 2 > budget:
+        raise ConfigError(
+            "SUMMARY_MAX_TOKENS must be at most half of MAX_CONTEXT_TOKENS minus"
+            " MAX_RESPONSE_TOKENS: a summary is sent with the turns it leaves room for"
         )
     database_url = (
         settings.database_url or f"sqlite:///{settings.conversations_dir / 'easybackend.sqlite3'}"

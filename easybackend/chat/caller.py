@@ -47,8 +47,10 @@ from ..settings import Settings
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-# openai: the OpenAI-compatible API under /v1 on the HTTP port, streaming or not
-PROTOCOLS = frozenset({"http", "sse", "ws", "grpc", "openai", "internal"})
+# openai: the OpenAI-compatible API under /v1 on the HTTP port, streaming or not; summary and
+# title: the server's own calls for a conversation's memory (chat/memory.py), made for the
+# caller whose turn made them due
+PROTOCOLS = frozenset({"http", "sse", "ws", "grpc", "openai", "internal", "summary", "title"})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -57,7 +59,7 @@ class Caller:
 
     owner: str  # the namespace of the conversations it touches: the key's name, "" without keys
     key_name: str | None  # the key it presented; None when API keys are off
-    protocol: str  # http, sse, ws, grpc, openai (internal for the server's own calls)
+    protocol: str  # http, sse, ws, grpc, openai (internal, summary, title: the server's own)
     request_id: str  # the client's (if acceptable) or a new one: logged and sent back
     client: str  # its address (see client_address); what per-client limits count without keys
     grant: Grant | None = None  # what its key allows (models, limits); None when keys are off

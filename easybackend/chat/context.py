@@ -51,17 +51,21 @@ class Budget:
 
 
 def build_messages(
-    system_prompt: str | None, turns: list[StoredTurn], prompt: str
+    system_prompt: str | None, turns: list[StoredTurn], prompt: str, *, summary: str | None = None
 ) -> list[dict[str, str]]:
     """The chat messages for the upstream call, oldest first.
 
     An empty half of a turn is left out: a turn made of a lone user message (a
     conversation item not answered yet) sends only its prompt, one made of a
-    lone assistant message only its answer.
+    lone assistant message only its answer. A ``summary`` of the turns before
+    ``turns`` (memory=summarize, see chat/memory.py) is a system message of its
+    own, after the system prompt.
     """
     messages: list[dict[str, str]] = []
     if system_prompt is not None:
         messages.append({"role": "system", "content": system_prompt})
+    if summary is not None:
+        messages.append({"role": "system", "content": summary})
     for turn in turns:
         if turn.prompt:
             messages.append({"role": "user", "content": turn.prompt})

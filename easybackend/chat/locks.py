@@ -35,3 +35,8 @@ class KeyedLock:
 
     def __len__(self) -> int:
         return len(self._locks)
+
+    def __contains__(self, key: Hashable) -> bool:
+        """Someone holds or awaits the lock of ``key`` (a plain dict lookup: safe from a worker
+        thread, which sees the state of an instant)."""
+        return key in self._locks

@@ -62,13 +62,16 @@ from ..storage import (
     TurnPosition,
     TurnRecord,
 )
+from ..storage.base import NO_SETTINGS, ROOT, ConversationSettings, MemoryContext
 from ..storage.sql import new_turn_id
 from ..upstream.openai_client import Completion, OpenAIUpstream, UpstreamCall
 from .accounting import CANCELLED, AskRecord, is_cancellation, record_for, record_refusal
+from .background import Background
 from .caller import Caller, Callers
 from .context import Budget, build_messages, turn_cost
 from .in_progress import AnswersInProgress
 from .locks import KeyedLock
+from .memory import Memory
 from .tokens import TokenCounter
 from .tree import validate_turn_id
 
@@ -255,6 +258,11 @@ class ChatService:
         self.first_prompt_tokens = (
             counter.text(settings.first_prompt) if settings.first_prompt is not None else None
         )
+        # Work off the critical path (summaries, titles, the expiry sweep), in a nursery app.py
+        # runs (Background.run); the memory policy (settings per conversation, summaries, expiry).
+        self.background = Background(settings.background_jobs)
+        self.memory = Memory(self)
+        self.background.add_loop(self.memory.sweep_forever)
 
     def refused(
         self,
@@ -384,25 +392,42 @@ class ChatService:
         given = await self._counted_turns(request.preceding, created_at)
 
         with self._admitted(request):
-            async with self._hold(ref):
+            async with self._hold(ref, live=False):
                 # Read under the conversation's lock: its head and the new turn's parent, then
                 # the newest turns of the path to the parent that fit.
                 head = await self.storage.conversation_head(
                     ref, request.parent_id, sibling_of=regenerate
                 )
+                named = regenerate if regenerate is not None else request.parent_id
+                if head is not None and self.memory.expired(head.settings, head.updated_at):
+                    # Idle past its expiry: gone. A turn of it cannot be named; an ask starts anew.
+                    await self.storage.forget_if_expired(ref, self.memory.now(), self.memory.ttl)
+                    head = ConversationHead(None, None, None) if named in (None, ROOT) else None
                 if head is None:
-                    named = regenerate if regenerate is not None else request.parent_id
                     raise NotFound(f"no turn {named!r} in conversation {ref.conversation_id!r}")
+                if request.model is None and head.settings.model is not None:
+                    model = self.model_for(head.settings.model, caller=request.caller)
                 if regenerate is not None:
                     original = await self.storage.find_turn(ref, regenerate)
                     assert original is not None  # found by conversation_head, under the lock
                     prompt, prompt_tokens = original.prompt, original.prompt_tokens
                 parent = head.parent
                 plan = await _ContextPlan.choose(self, request, prompt_tokens, head)
-                history = await self._history(ref, request, parent, plan.budget.history, given)
-                messages = build_messages(plan.system, history, prompt)
-                call = self._upstream_call(request, messages, model)
+                summarize = self.memory.policy(head.settings) == "summarize"
+                history, remembered = await self._history(
+                    ref, request, parent, plan.budget.history, given, summarize=summarize
+                )
+                summary = remembered.summary if remembered is not None else None
+                messages = build_messages(
+                    plan.system,
+                    history,
+                    prompt,
+                    summary=self.memory.summary_text(summary) if summary else None,
+                )
+                call = self._upstream_call(request, messages, model, head.settings)
                 sent_tokens = plan.budget.fixed + sum(turn_cost(t) for t in history)
+                if summary is not None:
+                    sent_tokens += self.memory.summary_cost(summary.tokens)
 
                 pieces: list[str] = []
                 completion: Completion | None = None
@@ -448,7 +473,24 @@ class ChatService:
                     completion,
                     answer_tokens=await self.counter.text_off_loop(answer),
                 )
-                await self._keep(_Keep(ref, parent, turn_id, request, given), turn)
+                stored = await self._keep(_Keep(ref, parent, turn_id, request, given), turn)
+        if stored is not None:  # what the new turn makes due, off the critical path
+            pending = None
+            if remembered is not None:
+                new_cost = turn_cost(
+                    StoredTurn(0, prompt, prompt_tokens, answer, turn.answer_tokens)
+                )
+                spent = sent_tokens - plan.budget.fixed
+                pending = remembered.dropped_tokens + max(0, spent + new_cost - plan.budget.history)
+            self.memory.after_turn(
+                ref,
+                head,
+                stored,
+                pending,
+                caller=request.caller,
+                model=call.model,
+                first=(prompt, answer) if parent is None and not given else None,
+            )
         yield End(
             conversation_id=ref.conversation_id,
             model=turn.model,
@@ -458,17 +500,16 @@ class ChatService:
             turn=(parent.depth if parent else 0) + len(given) + 1,
         )
 
-    async def _keep(self, keep: _Keep, turn: NewTurn) -> None:
+    async def _keep(self, keep: _Keep, turn: NewTurn) -> TurnPosition | None:
         """Store ``turn`` where ``keep`` says (nothing for an ask that keeps nothing), after the
-        ask's preceding turns, in one transaction."""
+        ask's preceding turns, in one transaction; its position (None: not stored)."""
         if not keep.request.store:
-            return
+            return None
         if keep.given:
             chain = [(new, given.turn_id, given.extra) for given, new in keep.given]
             chain.append((turn, keep.turn_id, keep.request.extra))
-            await self.storage.append_turns(keep.ref, chain, keep.parent)
-            return
-        await self.storage.append_turn(
+            return (await self.storage.append_turns(keep.ref, chain, keep.parent))[-1]
+        return await self.storage.append_turn(
             keep.ref, turn, keep.parent, turn_id=keep.turn_id, extra=keep.request.extra
         )
 
@@ -509,11 +550,16 @@ class ChatService:
         parent: TurnPosition | None,
         budget: int,
         given: list[tuple[GivenTurn, NewTurn]],
-    ) -> list[StoredTurn]:
+        *,
+        summarize: bool = False,
+    ) -> tuple[list[StoredTurn], MemoryContext | None]:
         """The turns sent before the prompt, oldest first: the newest that fit ``budget`` of the
-        path to ``parent`` followed by the ask's preceding turns (the newest of all).
+        path to ``parent`` followed by the ask's preceding turns (the newest of all); with
+        ``summarize``, the stored turns are those after the path's newest summary (which the
+        MemoryContext returned holds, with what was left out), read in the same one query.
 
-        Raises PromptTooLong when the request does not ``truncate`` and some turn is left out.
+        Raises PromptTooLong when the request does not ``truncate`` and some turn is left out
+        (a turn a summary covers is not left out).
         """
         fitting: list[StoredTurn] = []
         left = budget
@@ -525,29 +571,40 @@ class ChatService:
             fitting.append(turn)
         fitting.reverse()
         stored: list[StoredTurn] = []
+        remembered: MemoryContext | None = None
         if parent is not None and len(fitting) == len(given):
-            stored = await self.storage.newest_turns(ref, parent, left, turn_cost)
+            if summarize:
+                remembered = await self.storage.memory_context(
+                    ref, parent, left, turn_cost, self.memory.summary_cost
+                )
+                stored = remembered.turns
+            else:
+                stored = await self.storage.newest_turns(ref, parent, left, turn_cost)
         path = (parent.depth if parent else 0) + len(given)
-        if not request.truncate and len(stored) + len(fitting) < path:
+        covered = remembered.summary.end.depth if remembered and remembered.summary else 0
+        if not request.truncate and len(stored) + len(fitting) + covered < path:
             raise PromptTooLong(
                 f"the conversation's {path} turns and the prompt do not fit the context window"
                 f" (MAX_CONTEXT_TOKENS {self.settings.max_context_tokens}), and truncation is"
                 " disabled"
             )
-        return stored + fitting
+        return stored + fitting, remembered
 
     def _upstream_call(
-        self, request: AskRequest, messages: list[dict[str, str]], model: str
+        self,
+        request: AskRequest,
+        messages: list[dict[str, str]],
+        model: str,
+        own: ConversationSettings = NO_SETTINGS,
     ) -> UpstreamCall:
         """The call to ``model`` (the provider's, see :meth:`model_for`): the request's
-        overrides, else the settings."""
+        overrides, else the conversation's ``own`` settings, else the server's."""
         settings = self.settings
+        temperature = request.temperature if request.temperature is not None else own.temperature
         return UpstreamCall(
             messages=messages,
             model=model,
-            temperature=settings.temperature
-            if request.temperature is None
-            else request.temperature,
+            temperature=settings.temperature if temperature is None else temperature,
             max_tokens=request.max_tokens or settings.max_response_tokens,
             top_p=request.top_p,
         )
@@ -590,9 +647,15 @@ class ChatService:
         raise AssertionError("ask() ended without an End event")
 
     @contextlib.asynccontextmanager
-    async def _hold(self, ref: ConversationRef) -> AsyncIterator[None]:
-        """The conversation to oneself: in this process (fair), then across processes (storage)."""
+    async def _hold(self, ref: ConversationRef, *, live: bool = True) -> AsyncIterator[None]:
+        """The conversation to oneself: in this process (fair), then across processes (storage).
+
+        With ``live`` (every change but an ask, which reads its expiry with its head), an
+        expired conversation is deleted first, so the change finds none (see chat/memory.py).
+        """
         async with self._locks.hold(ref), self.storage.conversation_lock(ref):
+            if live:
+                await self.storage.forget_if_expired(ref, self.memory.now(), self.memory.ttl)
             yield
 
     async def ready(self) -> bool:
@@ -614,13 +677,28 @@ class ChatService:
     # answer in progress on that conversation and never sees half of one.
 
     async def list_conversations(
-        self, *, caller: Caller, limit: int = 50, after: str | None = None
+        self,
+        *,
+        caller: Caller,
+        limit: int = 50,
+        after: str | None = None,
+        query: str | None = None,
     ) -> list[ConversationSummary]:
-        """A page of the caller's conversations, most recently active first. Raises InvalidInput."""
+        """A page of the caller's conversations, most recently active first; with ``query``,
+        those whose title, prompts or answers hold every word of it, best first (see
+        chat/memory.py). Expired ones are left out. Raises InvalidInput."""
         if not 1 <= limit <= MAX_PAGE:
             raise InvalidInput(f"limit must be between 1 and {MAX_PAGE}")
+        now, ttl = self.memory.now(), self.memory.ttl
         try:
-            return await self.storage.list_conversations(caller.owner, limit, after)
+            if query is not None:
+                terms = self.memory.query_terms(query)
+                return await self.storage.search_conversations(
+                    caller.owner, terms, limit, after, now=now, ttl=ttl
+                )
+            return await self.storage.list_conversations(
+                caller.owner, limit, after, now=now, ttl=ttl
+            )
         except ValueError:
             raise InvalidInput("cursor is not one this server handed out") from None
 
@@ -629,7 +707,9 @@ class ChatService:
         ref = ConversationRef(caller.owner, validate_conversation_id(conversation_id))
         async with self._locks.hold(ref):
             detail = await self.storage.get_conversation(ref)
-        if detail is None:
+        if detail is None or self.memory.expired(
+            detail.summary.settings, detail.summary.updated_at
+        ):
             raise NotFound(f"no conversation {conversation_id!r}")
         return detail
 
@@ -722,7 +802,7 @@ class ChatService:
         ref = self._ref(conversation_id, caller)
         async with self._locks.hold(ref):
             summary = await self.storage.conversation_summary(ref)
-        if summary is None:
+        if summary is None or self.memory.expired(summary.settings, summary.updated_at):
             raise NotFound(f"no conversation {conversation_id!r}")
         return summary
 
@@ -933,7 +1013,7 @@ class _ContextPlan:
         else:
             system, system_tokens = settings.first_prompt, service.first_prompt_tokens
         budget = Budget.plan(
-            max_context_tokens=settings.max_context_tokens,
+            max_context_tokens=head.settings.max_context_tokens or settings.max_context_tokens,
             reserved_for_answer=request.max_tokens or settings.max_response_tokens or 0,
             system_tokens=system_tokens,
             prompt_tokens=prompt_tokens,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 
 from ..storage import ConversationDetail, ConversationSummary, TurnRecord
+from ..storage.base import MemorySummary
 from .tree import Tree
 
 
@@ -27,6 +28,36 @@ def conversation_summary(summary: ConversationSummary) -> dict[str, object]:
         "usage": _usage(summary.prompt_tokens, summary.completion_tokens),
         "created_at": _iso(summary.created_at),
         "last_activity": _iso(summary.updated_at),
+        "title": summary.settings.title,
+        "settings": conversation_settings(summary),
+    }
+
+
+def conversation_settings(summary: ConversationSummary) -> dict[str, object]:
+    """The conversation's own settings (SPEC §15); null: the server's applies."""
+    own = summary.settings
+    return {
+        "model": own.model,
+        "temperature": own.temperature,
+        "max_context_tokens": own.max_context_tokens,
+        "memory": own.memory,
+        "system": summary.system_prompt,
+        "title": own.title,
+        "expires_in": own.expires_in,
+    }
+
+
+def memory_summary(summary: MemorySummary | None) -> dict[str, object]:
+    """The JSON form of a path's summary (chat/memory.py): its text, the turns it covers (how
+    many, and the id of the last), when it was written, and by which model ("" if given)."""
+    if summary is None:
+        return {"summary": None, "covers": 0, "through": None, "model": None, "updated_at": None}
+    return {
+        "summary": summary.text,
+        "covers": summary.end.depth,
+        "through": summary.end.turn_id,
+        "model": summary.model or None,
+        "updated_at": _iso(summary.updated_at),
     }
 
 

@@ -30,6 +30,18 @@ class ChatServicer(purerpc.Servicer):
     async def SetSystemPrompt(self, input_message):
         raise NotImplementedError()
 
+    async def SetSettings(self, input_message):
+        raise NotImplementedError()
+
+    async def GetSummary(self, input_message):
+        raise NotImplementedError()
+
+    async def SetSummary(self, input_message):
+        raise NotImplementedError()
+
+    async def Compact(self, input_message):
+        raise NotImplementedError()
+
     @property
     def service(self) -> purerpc.Service:
         service_obj = purerpc.Service(
@@ -116,6 +128,42 @@ class ChatServicer(purerpc.Servicer):
                 chat__pb2.SetSystemPromptResponse,
             )
         )
+        service_obj.add_method(
+            "SetSettings",
+            self.SetSettings,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                chat__pb2.SetSettingsRequest,
+                chat__pb2.SetSettingsResponse,
+            )
+        )
+        service_obj.add_method(
+            "GetSummary",
+            self.GetSummary,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                chat__pb2.ConversationRequest,
+                chat__pb2.Summary,
+            )
+        )
+        service_obj.add_method(
+            "SetSummary",
+            self.SetSummary,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                chat__pb2.SetSummaryRequest,
+                chat__pb2.Summary,
+            )
+        )
+        service_obj.add_method(
+            "Compact",
+            self.Compact,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                chat__pb2.CompactRequest,
+                chat__pb2.Summary,
+            )
+        )
         return service_obj
 
 
@@ -195,5 +243,37 @@ class ChatStub:
                 purerpc.Cardinality.UNARY_UNARY,
                 chat__pb2.SetSystemPromptRequest,
                 chat__pb2.SetSystemPromptResponse,
+            )
+        )
+        self.SetSettings = self._client.get_method_stub(
+            "SetSettings",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                chat__pb2.SetSettingsRequest,
+                chat__pb2.SetSettingsResponse,
+            )
+        )
+        self.GetSummary = self._client.get_method_stub(
+            "GetSummary",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                chat__pb2.ConversationRequest,
+                chat__pb2.Summary,
+            )
+        )
+        self.SetSummary = self._client.get_method_stub(
+            "SetSummary",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                chat__pb2.SetSummaryRequest,
+                chat__pb2.Summary,
+            )
+        )
+        self.Compact = self._client.get_method_stub(
+            "Compact",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                chat__pb2.CompactRequest,
+                chat__pb2.Summary,
             )
         )

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nchat.proto\x12\x04\x63hat\"\xd8\x01\n\nAskRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x11\n\tparent_id\x18\x03 \x01(\t\x12\x12\n\x05model\x18\x10 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x11 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x12 \x01(\x05H\x02\x88\x01\x01\x12\x13\n\x06system\x18\x13 \x01(\tH\x03\x88\x01\x01\x42\x08\n\x06_modelB\x0e\n\x0c_temperatureB\r\n\x0b_max_tokensB\t\n\x07_system\"\xcd\x01\n\x11RegenerateRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\x12\x12\n\x05model\x18\x10 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x11 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x12 \x01(\x05H\x02\x88\x01\x01\x12\x13\n\x06system\x18\x13 \x01(\tH\x03\x88\x01\x01\x42\x08\n\x06_modelB\x0e\n\x0c_temperatureB\r\n\x0b_max_tokensB\t\n\x07_system\"\x80\x01\n\x0b\x41skResponse\x12\x10\n\x08response\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x1a\n\x05usage\x18\x03 \x01(\x0b\x32\x0b.chat.Usage\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0f\n\x07turn_id\x18\x10 \x01(\t\x12\x0c\n\x04turn\x18\x11 \x01(\x05\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"9\n\x18ListConversationsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\"b\n\x19ListConversationsResponse\x12\x30\n\rconversations\x18\x01 \x03(\x0b\x32\x19.chat.ConversationSummary\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t\"\xe4\x01\n\x13\x43onversationSummary\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x1a\n\rsystem_prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\r\n\x05turns\x18\x03 \x01(\x05\x12\x1a\n\x05usage\x18\x04 \x01(\x0b\x32\x0b.chat.Usage\x12\x12\n\ncreated_at\x18\x05 \x01(\t\x12\x15\n\rlast_activity\x18\x06 \x01(\t\x12\x11\n\x04head\x18\x08 \x01(\tH\x01\x88\x01\x01\x12\x14\n\x0cstored_turns\x18\t \x01(\x05\x42\x10\n\x0e_system_promptB\x07\n\x05_head\"<\n\x13\x43onversationRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0c\n\x04view\x18\x02 \x01(\t\"\x94\x02\n\x0c\x43onversation\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x1a\n\rsystem_prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\r\n\x05turns\x18\x03 \x01(\x05\x12\x1a\n\x05usage\x18\x04 \x01(\x0b\x32\x0b.chat.Usage\x12\x12\n\ncreated_at\x18\x05 \x01(\t\x12\x15\n\rlast_activity\x18\x06 \x01(\t\x12\x1b\n\x07history\x18\x07 \x03(\x0b\x32\n.chat.Turn\x12\x11\n\x04head\x18\x08 \x01(\tH\x01\x88\x01\x01\x12\x14\n\x0cstored_turns\x18\t \x01(\x05\x12\x18\n\x04tree\x18\n \x03(\x0b\x32\n.chat.TurnB\x10\n\x0e_system_promptB\x07\n\x05_head\"\xe4\x01\n\x04Turn\x12\x0c\n\x04turn\x18\x01 \x01(\x05\x12\x1f\n\x08messages\x18\x02 \x03(\x0b\x32\r.chat.Message\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1a\n\x05usage\x18\x05 \x01(\x0b\x32\x0b.chat.Usage\x12\x12\n\ncreated_at\x18\x06 \x01(\t\x12\x13\n\x0b\x66inished_at\x18\x07 \x01(\t\x12\n\n\x02id\x18\x08 \x01(\t\x12\x16\n\tparent_id\x18\t \x01(\tH\x00\x88\x01\x01\x12\x10\n\x08siblings\x18\n \x03(\tB\x0c\n\n_parent_id\"5\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\x05\"5\n\x1a\x44\x65leteConversationResponse\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\"9\n\x0fRollbackRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\r\n\x05turns\x18\x02 \x01(\x05\"g\n\x10RollbackResponse\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07removed\x18\x02 \x01(\x05\x12\r\n\x05turns\x18\x03 \x01(\x05\x12\x11\n\x04head\x18\x04 \x01(\tH\x00\x88\x01\x01\x42\x07\n\x05_head\":\n\x0eSetHeadRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\"F\n\x0fSetHeadResponse\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x11\n\x04head\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\x07\n\x05_head\"=\n\x11\x44\x65leteTurnRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\"Z\n\x12\x44\x65leteTurnResponse\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x05\x12\x11\n\x04head\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\x07\n\x05_head\"Q\n\x16SetSystemPromptRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\t\n\x07_prompt\"`\n\x17SetSystemPromptResponse\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x1a\n\rsystem_prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\x10\n\x0e_system_prompt2\xdf\x04\n\x04\x43hat\x12,\n\x03\x41sk\x12\x10.chat.AskRequest\x1a\x11.chat.AskResponse0\x01\x12:\n\nRegenerate\x12\x17.chat.RegenerateRequest\x1a\x11.chat.AskResponse0\x01\x12T\n\x11ListConversations\x12\x1e.chat.ListConversationsRequest\x1a\x1f.chat.ListConversationsResponse\x12@\n\x0fGetConversation\x12\x19.chat.ConversationRequest\x1a\x12.chat.Conversation\x12Q\n\x12\x44\x65leteConversation\x12\x19.chat.ConversationRequest\x1a .chat.DeleteConversationResponse\x12\x39\n\x08Rollback\x12\x15.chat.RollbackRequest\x1a\x16.chat.RollbackResponse\x12\x36\n\x07SetHead\x12\x14.chat.SetHeadRequest\x1a\x15.chat.SetHeadResponse\x12?\n\nDeleteTurn\x12\x17.chat.DeleteTurnRequest\x1a\x18.chat.DeleteTurnResponse\x12N\n\x0fSetSystemPrompt\x12\x1c.chat.SetSystemPromptRequest\x1a\x1d.chat.SetSystemPromptResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nchat.proto\x12\x04\x63hat\"\xd8\x01\n\nAskRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x11\n\tparent_id\x18\x03 \x01(\t\x12\x12\n\x05model\x18\x10 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x11 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x12 \x01(\x05H\x02\x88\x01\x01\x12\x13\n\x06system\x18\x13 \x01(\tH\x03\x88\x01\x01\x42\x08\n\x06_modelB\x0e\n\x0c_temperatureB\r\n\x0b_max_tokensB\t\n\x07_system\"\xcd\x01\n\x11RegenerateRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\x12\x12\n\x05model\x18\x10 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x11 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x12 \x01(\x05H\x02\x88\x01\x01\x12\x13\n\x06system\x18\x13 \x01(\tH\x03\x88\x01\x01\x42\x08\n\x06_modelB\x0e\n\x0c_temperatureB\r\n\x0b_max_tokensB\t\n\x07_system\"\x80\x01\n\x0b\x41skResponse\x12\x10\n\x08response\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x1a\n\x05usage\x18\x03 \x01(\x0b\x32\x0b.chat.Usage\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0f\n\x07turn_id\x18\x10 \x01(\t\x12\x0c\n\x04turn\x18\x11 \x01(\x05\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"H\n\x18ListConversationsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\x12\r\n\x05query\x18\x03 \x01(\t\"b\n\x19ListConversationsResponse\x12\x30\n\rconversations\x18\x01 \x03(\x0b\x32\x19.chat.ConversationSummary\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t\"\xbc\x02\n\x13\x43onversationSummary\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x1a\n\rsystem_prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\r\n\x05turns\x18\x03 \x01(\x05\x12\x1a\n\x05usage\x18\x04 \x01(\x0b\x32\x0b.chat.Usage\x12\x12\n\ncreated_at\x18\x05 \x01(\t\x12\x15\n\rlast_activity\x18\x06 \x01(\t\x12\x11\n\x04head\x18\x08 \x01(\tH\x01\x88\x01\x01\x12\x14\n\x0cstored_turns\x18\t \x01(\x05\x12\x12\n\x05title\x18\x0b \x01(\tH\x02\x88\x01\x01\x12,\n\x08settings\x18\x0c \x01(\x0b\x32\x1a.chat.ConversationSettingsB\x10\n\x0e_system_promptB\x07\n\x05_headB\x08\n\x06_titleJ\x04\x08\x07\x10\x08J\x04\x08\n\x10\x0b\"\x9c\x02\n\x14\x43onversationSettings\x12\x12\n\x05model\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x1f\n\x12max_context_tokens\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x13\n\x06memory\x18\x04 \x01(\tH\x03\x88\x01\x01\x12\x13\n\x06system\x18\x05 \x01(\tH\x04\x88\x01\x01\x12\x12\n\x05title\x18\x06 \x01(\tH\x05\x88\x01\x01\x12\x17\n\nexpires_in\x18\x07 \x01(\x01H\x06\x88\x01\x01\x42\x08\n\x06_modelB\x0e\n\x0c_temperatureB\x15\n\x13_max_context_tokensB\t\n\x07_memoryB\t\n\x07_systemB\x08\n\x06_titleB\r\n\x0b_expires_in\"<\n\x13\x43onversationRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0c\n\x04view\x18\x02 \x01(\t\"\xe0\x02\n\x0c\x43onversation\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x1a\n\rsystem_prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\r\n\x05turns\x18\x03 \x01(\x05\x12\x1a\n\x05usage\x18\x04 \x01(\x0b\x32\x0b.chat.Usage\x12\x12\n\ncreated_at\x18\x05 \x01(\t\x12\x15\n\rlast_activity\x18\x06 \x01(\t\x12\x1b\n\x07history\x18\x07 \x03(\x0b\x32\n.chat.Turn\x12\x11\n\x04head\x18\x08 \x01(\tH\x01\x88\x01\x01\x12\x14\n\x0cstored_turns\x18\t \x01(\x05\x12\x18\n\x04tree\x18\n \x03(\x0b\x32\n.chat.Turn\x12\x12\n\x05title\x18\x0b \x01(\tH\x02\x88\x01\x01\x12,\n\x08settings\x18\x0c \x01(\x0b\x32\x1a.chat.ConversationSettingsB\x10\n\x0e_system_promptB\x07\n\x05_headB\x08\n\x06_title\"\xe4\x01\n\x04Turn\x12\x0c\n\x04turn\x18\x01 \x01(\x05\x12\x1f\n\x08messages\x18\x02 \x03(\x0b\x32\r.chat.Message\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1a\n\x05usage\x18\x05 \x01(\x0b\x32\x0b.chat.Usage\x12\x12\n\ncreated_at\x18\x06 \x01(\t\x12\x13\n\x0b\x66inished_at\x18\x07 \x01(\t\x12\n\n\x02id\x18\x08 \x01(\t\x12\x16\n\tparent_id\x18\t \x01(\tH\x00\x88\x01\x01\x12\x10\n\x08siblings\x18\n \x03(\tB\x0c\n\n_parent_id\"5\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\x05\"5\n\x1a\x44\x65leteConversationResponse\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\"9\n\x0fRollbackRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\r\n\x05turns\x18\x02 \x01(\x05\"g\n\x10RollbackResponse\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07removed\x18\x02 \x01(\x05\x12\r\n\x05turns\x18\x03 \x01(\x05\x12\x11\n\x04head\x18\x04 \x01(\tH\x00\x88\x01\x01\x42\x07\n\x05_head\":\n\x0eSetHeadRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\"F\n\x0fSetHeadResponse\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x11\n\x04head\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\x07\n\x05_head\"=\n\x11\x44\x65leteTurnRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\"Z\n\x12\x44\x65leteTurnResponse\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x05\x12\x11\n\x04head\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\x07\n\x05_head\"Q\n\x16SetSystemPromptRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\t\n\x07_prompt\"`\n\x17SetSystemPromptResponse\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x1a\n\rsystem_prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\x10\n\x0e_system_prompt\"j\n\x12SetSettingsRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12,\n\x08settings\x18\x02 \x01(\x0b\x32\x1a.chat.ConversationSettings\x12\r\n\x05\x63lear\x18\x03 \x03(\t\"\\\n\x13SetSettingsResponse\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12,\n\x08settings\x18\x02 \x01(\x0b\x32\x1a.chat.ConversationSettings\"\xbc\x01\n\x07Summary\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x14\n\x07summary\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x0e\n\x06\x63overs\x18\x03 \x01(\x05\x12\x14\n\x07through\x18\x04 \x01(\tH\x01\x88\x01\x01\x12\x12\n\x05model\x18\x05 \x01(\tH\x02\x88\x01\x01\x12\x17\n\nupdated_at\x18\x06 \x01(\tH\x03\x88\x01\x01\x42\n\n\x08_summaryB\n\n\x08_throughB\x08\n\x06_modelB\r\n\x0b_updated_at\"=\n\x11SetSummaryRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07summary\x18\x02 \x01(\t\"7\n\x0e\x43ompactRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0c\n\x04keep\x18\x02 \x01(\x05\x32\xc1\x06\n\x04\x43hat\x12,\n\x03\x41sk\x12\x10.chat.AskRequest\x1a\x11.chat.AskResponse0\x01\x12:\n\nRegenerate\x12\x17.chat.RegenerateRequest\x1a\x11.chat.AskResponse0\x01\x12T\n\x11ListConversations\x12\x1e.chat.ListConversationsRequest\x1a\x1f.chat.ListConversationsResponse\x12@\n\x0fGetConversation\x12\x19.chat.ConversationRequest\x1a\x12.chat.Conversation\x12Q\n\x12\x44\x65leteConversation\x12\x19.chat.ConversationRequest\x1a .chat.DeleteConversationResponse\x12\x39\n\x08Rollback\x12\x15.chat.RollbackRequest\x1a\x16.chat.RollbackResponse\x12\x36\n\x07SetHead\x12\x14.chat.SetHeadRequest\x1a\x15.chat.SetHeadResponse\x12?\n\nDeleteTurn\x12\x17.chat.DeleteTurnRequest\x1a\x18.chat.DeleteTurnResponse\x12N\n\x0fSetSystemPrompt\x12\x1c.chat.SetSystemPromptRequest\x1a\x1d.chat.SetSystemPromptResponse\x12\x42\n\x0bSetSettings\x12\x18.chat.SetSettingsRequest\x1a\x19.chat.SetSettingsResponse\x12\x36\n\nGetSummary\x12\x19.chat.ConversationRequest\x1a\r.chat.Summary\x12\x34\n\nSetSummary\x12\x17.chat.SetSummaryRequest\x1a\r.chat.Summary\x12.\n\x07\x43ompact\x12\x14.chat.CompactRequest\x1a\r.chat.Summaryb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,37 +40,49 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGE']._serialized_start=578
   _globals['_USAGE']._serialized_end=657
   _globals['_LISTCONVERSATIONSREQUEST']._serialized_start=659
-  _globals['_LISTCONVERSATIONSREQUEST']._serialized_end=716
-  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_start=718
-  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_end=816
-  _globals['_CONVERSATIONSUMMARY']._serialized_start=819
-  _globals['_CONVERSATIONSUMMARY']._serialized_end=1047
-  _globals['_CONVERSATIONREQUEST']._serialized_start=1049
-  _globals['_CONVERSATIONREQUEST']._serialized_end=1109
-  _globals['_CONVERSATION']._serialized_start=1112
-  _globals['_CONVERSATION']._serialized_end=1388
-  _globals['_TURN']._serialized_start=1391
-  _globals['_TURN']._serialized_end=1619
-  _globals['_MESSAGE']._serialized_start=1621
-  _globals['_MESSAGE']._serialized_end=1674
-  _globals['_DELETECONVERSATIONRESPONSE']._serialized_start=1676
-  _globals['_DELETECONVERSATIONRESPONSE']._serialized_end=1729
-  _globals['_ROLLBACKREQUEST']._serialized_start=1731
-  _globals['_ROLLBACKREQUEST']._serialized_end=1788
-  _globals['_ROLLBACKRESPONSE']._serialized_start=1790
-  _globals['_ROLLBACKRESPONSE']._serialized_end=1893
-  _globals['_SETHEADREQUEST']._serialized_start=1895
-  _globals['_SETHEADREQUEST']._serialized_end=1953
-  _globals['_SETHEADRESPONSE']._serialized_start=1955
-  _globals['_SETHEADRESPONSE']._serialized_end=2025
-  _globals['_DELETETURNREQUEST']._serialized_start=2027
-  _globals['_DELETETURNREQUEST']._serialized_end=2088
-  _globals['_DELETETURNRESPONSE']._serialized_start=2090
-  _globals['_DELETETURNRESPONSE']._serialized_end=2180
-  _globals['_SETSYSTEMPROMPTREQUEST']._serialized_start=2182
-  _globals['_SETSYSTEMPROMPTREQUEST']._serialized_end=2263
-  _globals['_SETSYSTEMPROMPTRESPONSE']._serialized_start=2265
-  _globals['_SETSYSTEMPROMPTRESPONSE']._serialized_end=2361
-  _globals['_CHAT']._serialized_start=2364
-  _globals['_CHAT']._serialized_end=2971
+  _globals['_LISTCONVERSATIONSREQUEST']._serialized_end=731
+  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_start=733
+  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_end=831
+  _globals['_CONVERSATIONSUMMARY']._serialized_start=834
+  _globals['_CONVERSATIONSUMMARY']._serialized_end=1150
+  _globals['_CONVERSATIONSETTINGS']._serialized_start=1153
+  _globals['_CONVERSATIONSETTINGS']._serialized_end=1437
+  _globals['_CONVERSATIONREQUEST']._serialized_start=1439
+  _globals['_CONVERSATIONREQUEST']._serialized_end=1499
+  _globals['_CONVERSATION']._serialized_start=1502
+  _globals['_CONVERSATION']._serialized_end=1854
+  _globals['_TURN']._serialized_start=1857
+  _globals['_TURN']._serialized_end=2085
+  _globals['_MESSAGE']._serialized_start=2087
+  _globals['_MESSAGE']._serialized_end=2140
+  _globals['_DELETECONVERSATIONRESPONSE']._serialized_start=2142
+  _globals['_DELETECONVERSATIONRESPONSE']._serialized_end=2195
+  _globals['_ROLLBACKREQUEST']._serialized_start=2197
+  _globals['_ROLLBACKREQUEST']._serialized_end=2254
+  _globals['_ROLLBACKRESPONSE']._serialized_start=2256
+  _globals['_ROLLBACKRESPONSE']._serialized_end=2359
+  _globals['_SETHEADREQUEST']._serialized_start=2361
+  _globals['_SETHEADREQUEST']._serialized_end=2419
+  _globals['_SETHEADRESPONSE']._serialized_start=2421
+  _globals['_SETHEADRESPONSE']._serialized_end=2491
+  _globals['_DELETETURNREQUEST']._serialized_start=2493
+  _globals['_DELETETURNREQUEST']._serialized_end=2554
+  _globals['_DELETETURNRESPONSE']._serialized_start=2556
+  _globals['_DELETETURNRESPONSE']._serialized_end=2646
+  _globals['_SETSYSTEMPROMPTREQUEST']._serialized_start=2648
+  _globals['_SETSYSTEMPROMPTREQUEST']._serialized_end=2729
+  _globals['_SETSYSTEMPROMPTRESPONSE']._serialized_start=2731
+  _globals['_SETSYSTEMPROMPTRESPONSE']._serialized_end=2827
+  _globals['_SETSETTINGSREQUEST']._serialized_start=2829
+  _globals['_SETSETTINGSREQUEST']._serialized_end=2935
+  _globals['_SETSETTINGSRESPONSE']._serialized_start=2937
+  _globals['_SETSETTINGSRESPONSE']._serialized_end=3029
+  _globals['_SUMMARY']._serialized_start=3032
+  _globals['_SUMMARY']._serialized_end=3220
+  _globals['_SETSUMMARYREQUEST']._serialized_start=3222
+  _globals['_SETSUMMARYREQUEST']._serialized_end=3283
+  _globals['_COMPACTREQUEST']._serialized_start=3285
+  _globals['_COMPACTREQUEST']._serialized_end=3340
+  _globals['_CHAT']._serialized_start=3343
+  _globals['_CHAT']._serialized_end=4176
 # @@protoc_insertion_point(module_scope)

@@ -67,12 +67,14 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ...) -> None: ...
 
 class ListConversationsRequest(_message.Message):
-    __slots__ = ("limit", "cursor")
+    __slots__ = ("limit", "cursor", "query")
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     CURSOR_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
     limit: int
     cursor: str
-    def __init__(self, limit: _Optional[int] = ..., cursor: _Optional[str] = ...) -> None: ...
+    query: str
+    def __init__(self, limit: _Optional[int] = ..., cursor: _Optional[str] = ..., query: _Optional[str] = ...) -> None: ...
 
 class ListConversationsResponse(_message.Message):
     __slots__ = ("conversations", "next_cursor")
@@ -83,7 +85,7 @@ class ListConversationsResponse(_message.Message):
     def __init__(self, conversations: _Optional[_Iterable[_Union[ConversationSummary, _Mapping]]] = ..., next_cursor: _Optional[str] = ...) -> None: ...
 
 class ConversationSummary(_message.Message):
-    __slots__ = ("conversation_id", "system_prompt", "turns", "usage", "created_at", "last_activity", "head", "stored_turns")
+    __slots__ = ("conversation_id", "system_prompt", "turns", "usage", "created_at", "last_activity", "head", "stored_turns", "title", "settings")
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
     TURNS_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +94,8 @@ class ConversationSummary(_message.Message):
     LAST_ACTIVITY_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
     STORED_TURNS_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
     conversation_id: str
     system_prompt: str
     turns: int
@@ -100,7 +104,27 @@ class ConversationSummary(_message.Message):
     last_activity: str
     head: str
     stored_turns: int
-    def __init__(self, conversation_id: _Optional[str] = ..., system_prompt: _Optional[str] = ..., turns: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., created_at: _Optional[str] = ..., last_activity: _Optional[str] = ..., head: _Optional[str] = ..., stored_turns: _Optional[int] = ...) -> None: ...
+    title: str
+    settings: ConversationSettings
+    def __init__(self, conversation_id: _Optional[str] = ..., system_prompt: _Optional[str] = ..., turns: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., created_at: _Optional[str] = ..., last_activity: _Optional[str] = ..., head: _Optional[str] = ..., stored_turns: _Optional[int] = ..., title: _Optional[str] = ..., settings: _Optional[_Union[ConversationSettings, _Mapping]] = ...) -> None: ...
+
+class ConversationSettings(_message.Message):
+    __slots__ = ("model", "temperature", "max_context_tokens", "memory", "system", "title", "expires_in")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
+    SYSTEM_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    temperature: float
+    max_context_tokens: int
+    memory: str
+    system: str
+    title: str
+    expires_in: float
+    def __init__(self, model: _Optional[str] = ..., temperature: _Optional[float] = ..., max_context_tokens: _Optional[int] = ..., memory: _Optional[str] = ..., system: _Optional[str] = ..., title: _Optional[str] = ..., expires_in: _Optional[float] = ...) -> None: ...
 
 class ConversationRequest(_message.Message):
     __slots__ = ("conversation_id", "view")
@@ -111,7 +135,7 @@ class ConversationRequest(_message.Message):
     def __init__(self, conversation_id: _Optional[str] = ..., view: _Optional[str] = ...) -> None: ...
 
 class Conversation(_message.Message):
-    __slots__ = ("conversation_id", "system_prompt", "turns", "usage", "created_at", "last_activity", "history", "head", "stored_turns", "tree")
+    __slots__ = ("conversation_id", "system_prompt", "turns", "usage", "created_at", "last_activity", "history", "head", "stored_turns", "tree", "title", "settings")
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
     TURNS_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +146,8 @@ class Conversation(_message.Message):
     HEAD_FIELD_NUMBER: _ClassVar[int]
     STORED_TURNS_FIELD_NUMBER: _ClassVar[int]
     TREE_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
     conversation_id: str
     system_prompt: str
     turns: int
@@ -132,7 +158,9 @@ class Conversation(_message.Message):
     head: str
     stored_turns: int
     tree: _containers.RepeatedCompositeFieldContainer[Turn]
-    def __init__(self, conversation_id: _Optional[str] = ..., system_prompt: _Optional[str] = ..., turns: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., created_at: _Optional[str] = ..., last_activity: _Optional[str] = ..., history: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., head: _Optional[str] = ..., stored_turns: _Optional[int] = ..., tree: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ...) -> None: ...
+    title: str
+    settings: ConversationSettings
+    def __init__(self, conversation_id: _Optional[str] = ..., system_prompt: _Optional[str] = ..., turns: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., created_at: _Optional[str] = ..., last_activity: _Optional[str] = ..., history: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., head: _Optional[str] = ..., stored_turns: _Optional[int] = ..., tree: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., title: _Optional[str] = ..., settings: _Optional[_Union[ConversationSettings, _Mapping]] = ...) -> None: ...
 
 class Turn(_message.Message):
     __slots__ = ("turn", "messages", "model", "finish_reason", "usage", "created_at", "finished_at", "id", "parent_id", "siblings")
@@ -243,3 +271,53 @@ class SetSystemPromptResponse(_message.Message):
     conversation_id: str
     system_prompt: str
     def __init__(self, conversation_id: _Optional[str] = ..., system_prompt: _Optional[str] = ...) -> None: ...
+
+class SetSettingsRequest(_message.Message):
+    __slots__ = ("conversation_id", "settings", "clear")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    CLEAR_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    settings: ConversationSettings
+    clear: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, conversation_id: _Optional[str] = ..., settings: _Optional[_Union[ConversationSettings, _Mapping]] = ..., clear: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SetSettingsResponse(_message.Message):
+    __slots__ = ("conversation_id", "settings")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    settings: ConversationSettings
+    def __init__(self, conversation_id: _Optional[str] = ..., settings: _Optional[_Union[ConversationSettings, _Mapping]] = ...) -> None: ...
+
+class Summary(_message.Message):
+    __slots__ = ("conversation_id", "summary", "covers", "through", "model", "updated_at")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    COVERS_FIELD_NUMBER: _ClassVar[int]
+    THROUGH_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    summary: str
+    covers: int
+    through: str
+    model: str
+    updated_at: str
+    def __init__(self, conversation_id: _Optional[str] = ..., summary: _Optional[str] = ..., covers: _Optional[int] = ..., through: _Optional[str] = ..., model: _Optional[str] = ..., updated_at: _Optional[str] = ...) -> None: ...
+
+class SetSummaryRequest(_message.Message):
+    __slots__ = ("conversation_id", "summary")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    summary: str
+    def __init__(self, conversation_id: _Optional[str] = ..., summary: _Optional[str] = ...) -> None: ...
+
+class CompactRequest(_message.Message):
+    __slots__ = ("conversation_id", "keep")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    keep: int
+    def __init__(self, conversation_id: _Optional[str] = ..., keep: _Optional[int] = ...) -> None: ...

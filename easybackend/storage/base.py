@@ -17,9 +17,9 @@ transaction.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from ..errors import StorageUnavailable
 
@@ -74,12 +74,58 @@ class StoredTurn:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class ConversationSettings:
+    """A conversation's own settings (SPEC §15); None: the server's setting applies.
+
+    The system prompt is kept apart (``system_prompt``), as it always was.
+    """
+
+    model: str | None = None
+    temperature: float | None = None
+    max_context_tokens: int | None = None
+    memory: str | None = None  # "truncate" or "summarize"
+    title: str | None = None
+    expires_in: float | None = None  # seconds idle before it is forgotten; 0: never
+
+
+NO_SETTINGS = ConversationSettings()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class ConversationHead:
     """What an ask reads of its conversation before its turns: the own system prompt and the parent."""
 
     system_prompt: str | None  # None: the conversation has none (or does not exist yet)
     system_tokens: int | None
     parent: TurnPosition | None  # the turn the ask continues from; None: a new first turn
+    settings: ConversationSettings = NO_SETTINGS
+    updated_at: float | None = None  # its last activity (epoch seconds); None: no conversation
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MemorySummary:
+    """A running summary of a path of the tree: the turns from the root to ``end`` folded in.
+
+    A summary belongs to the turn it ends at, so each branch has the summaries
+    of its own path; the newest on an ask's path is the one sent.
+    """
+
+    text: str
+    tokens: int  # of the text (tiktoken)
+    end: TurnPosition  # the last turn it covers; it covers end.depth turns
+    model: str  # what wrote it; "" when it was given (edited) by a client
+    updated_at: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MemoryContext:
+    """What an ask under ``memory=summarize`` sends of its path: the newest summary on the path
+    (if it fits) and the newest turns after it that fit, and what was left out of neither."""
+
+    summary: MemorySummary | None
+    turns: list[StoredTurn]  # oldest first, all after the summary's end
+    dropped_tokens: int  # cost of the turns after the summary's end that did not fit
+    dropped_turns: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -97,6 +143,7 @@ class ConversationSummary:
     head_depth: int  # turns on the active path (root to head)
     metadata: str | None  # JSON an API keeps with the conversation (see TurnRecord.extra)
     cursor: str  # opaque position for the next page, after this conversation
+    settings: ConversationSettings = NO_SETTINGS  # its own settings (title included)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -299,9 +346,16 @@ class ServingStore(Protocol):
         ...
 
     async def list_conversations(
-        self, owner: str, limit: int, after: str | None
+        self,
+        owner: str,
+        limit: int,
+        after: str | None,
+        *,
+        now: float | None = None,
+        ttl: float | None = None,
     ) -> list[ConversationSummary]:
-        """The owner's conversations, most recently active first, starting after cursor ``after``.
+        """The owner's conversations, most recently active first, starting after cursor ``after``;
+        with ``now``, only those not expired then (``ttl``: see :meth:`forget_if_expired`).
 
         Raises ValueError for a cursor this store did not hand out.
         """
@@ -330,6 +384,79 @@ class ServingStore(Protocol):
         self, ref: ConversationRef, prompt: str | None, tokens: int | None
     ) -> None:
         """Set (or clear, with None) the conversation's own system prompt, creating the conversation."""
+        ...
+
+    # Memory beyond the window (SPEC §15): see easybackend.chat.memory and storage.sql_memory.
+
+    async def set_settings(
+        self, ref: ConversationRef, changes: Mapping[str, Any]
+    ) -> ConversationSummary:
+        """Set the settings ``changes`` names (columns: model, temperature, max_context_tokens,
+        memory, title, expires_in, system_prompt, system_tokens; None: the server's), creating
+        the conversation; the conversation after. Counts as activity."""
+        ...
+
+    async def set_title(self, ref: ConversationRef, title: str, usage: tuple[int, int]) -> bool:
+        """Give the conversation ``title`` unless it has one, adding ``usage`` (prompt and
+        completion tokens of the call that made it) to its totals; False if it had one."""
+        ...
+
+    async def forget_if_expired(self, ref: ConversationRef, now: float, ttl: float | None) -> bool:
+        """Delete the conversation if it is expired at ``now`` (its own expires_in, else
+        ``ttl``; see storage.sql_memory); True if it was."""
+        ...
+
+    async def sweep_expired(
+        self, now: float, ttl: float | None, limit: int, busy: Callable[[str, str], bool]
+    ) -> int:
+        """Delete up to ``limit`` expired conversations, none that is being asked (``busy``:
+        owner, conversation id; see sql_memory.sweep); how many were deleted."""
+        ...
+
+    async def memory_context(
+        self,
+        ref: ConversationRef,
+        last: TurnPosition,
+        budget: int,
+        cost: Callable[[StoredTurn], int],
+        summary_cost: Callable[[int], int],
+    ) -> MemoryContext:
+        """The newest summary on the path to ``last`` and the newest turns after it that fit
+        ``budget`` with it; one read, as :meth:`newest_turns` (pure ``cost`` functions)."""
+        ...
+
+    async def path_since_summary(
+        self, ref: ConversationRef, last: TurnPosition, limit: int
+    ) -> tuple[MemorySummary | None, list[Any]]:
+        """The newest summary on the path to ``last`` and the turns after it (sql_memory.PathTurn),
+        oldest first, at most ``limit``."""
+        ...
+
+    async def newest_summary(
+        self, ref: ConversationRef, last: TurnPosition
+    ) -> MemorySummary | None:
+        """The newest summary on the path to ``last``, or None."""
+        ...
+
+    async def store_summary(
+        self, ref: ConversationRef, made: MemorySummary, usage: tuple[int, int]
+    ) -> bool:
+        """Keep ``made`` as the summary ending at its turn, adding ``usage`` to the totals;
+        False when the conversation or the turn is gone."""
+        ...
+
+    async def search_conversations(
+        self,
+        owner: str,
+        terms: Sequence[str],
+        limit: int,
+        after: str | None,
+        *,
+        now: float,
+        ttl: float | None,
+    ) -> list[ConversationSummary]:
+        """The owner's live conversations whose title or a turn holds every term, best first,
+        after cursor ``after`` (one this method handed out; ValueError otherwise)."""
         ...
 
     def conversation_lock(self, ref: ConversationRef) -> AbstractAsyncContextManager[None]:

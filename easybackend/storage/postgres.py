@@ -57,12 +57,14 @@ MIGRATIONS: list[str] = [
     + schema.LEGACY_IMPORTS,
     schema.TREE.format(**schema.POSTGRES_TYPES),
     schema.API_KEYS.format(**schema.POSTGRES_TYPES),
+    schema.MEMORY.format(**schema.POSTGRES_TYPES) + schema.MEMORY_POSTGRES_SEARCH,
 ]
 
 
 class PostgresDialect(sql.Dialect):
     """PostgreSQL's spelling of the shared statements."""
 
+    name = "postgresql"
     placeholder = "%s"
     greatest = "greatest"
     for_update = " FOR UPDATE"

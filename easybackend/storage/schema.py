@@ -98,14 +98,114 @@ API_KEYS = """
         models TEXT
     );"""
 
+# Memory beyond the window (SPEC §15; chat/memory.py): each conversation's own settings (NULL:
+# the server's), running summaries of the tree's paths, each kept with the turn it ends at (so a
+# branch has those of its own path, and a deleted turn takes its summaries along), and the
+# indexes of the expiry sweep: conversations by last activity for CONVERSATION_TTL, and by the
+# moment they expire for those with an expires_in of their own (0: never). The full-text index
+# differs by engine (MEMORY_SQLITE_SEARCH, MEMORY_POSTGRES_SEARCH) and follows in the same
+# migration.
+MEMORY = """
+    ALTER TABLE conversations ADD COLUMN title TEXT;
+    ALTER TABLE conversations ADD COLUMN model TEXT;
+    ALTER TABLE conversations ADD COLUMN temperature {real};
+    ALTER TABLE conversations ADD COLUMN max_context_tokens INTEGER;
+    ALTER TABLE conversations ADD COLUMN memory TEXT;
+    ALTER TABLE conversations ADD COLUMN expires_in {real};
+    CREATE INDEX conversations_by_idle ON conversations (updated_at) WHERE expires_in IS NULL;
+    CREATE INDEX conversations_by_expiry ON conversations ((updated_at + expires_in))
+        WHERE expires_in > 0;
+    CREATE TABLE summaries (
+        conversation_pk {reference} NOT NULL,
+        end_seq INTEGER NOT NULL,
+        summary TEXT NOT NULL,
+        tokens INTEGER NOT NULL,
+        model TEXT NOT NULL,
+        updated_at {time} NOT NULL,
+        PRIMARY KEY (conversation_pk, end_seq),
+        FOREIGN KEY (conversation_pk, end_seq) REFERENCES turns (conversation_pk, seq)
+            ON DELETE CASCADE
+    ){turns_options};
+"""
+
+# SQLite's full-text index: FTS5 with the trigram tokenizer, which matches any substring of
+# three characters or more, so a Chinese word is found inside a sentence with no word
+# segmentation (unicode61 would take a whole run of CJK text as one token). Contentless: the
+# texts stay in their tables only. One document per turn (its prompt and answer; rowid
+# conversation pk * 2^32 + seq) and one per title (seq 0), kept by triggers in the transaction
+# that changes them. A contentless index forgets a document by being given its text again
+# ('delete'), which the triggers have as old.*.
+MEMORY_SQLITE_SEARCH = """
+    CREATE VIRTUAL TABLE search_index USING fts5(body, tokenize = 'trigram', content = '');
+    INSERT INTO search_index (rowid, body)
+        SELECT conversation_pk * 4294967296 + seq, prompt || char(10) || answer FROM turns;
+    CREATE TRIGGER turns_indexed AFTER INSERT ON turns BEGIN
+        INSERT INTO search_index (rowid, body)
+            VALUES (new.conversation_pk * 4294967296 + new.seq, new.prompt || char(10) || new.answer);
+    END;
+    CREATE TRIGGER turns_unindexed AFTER DELETE ON turns BEGIN
+        INSERT INTO search_index (search_index, rowid, body) VALUES
+            ('delete', old.conversation_pk * 4294967296 + old.seq, old.prompt || char(10) || old.answer);
+    END;
+    CREATE TRIGGER turns_reindexed AFTER UPDATE OF prompt, answer ON turns BEGIN
+        INSERT INTO search_index (search_index, rowid, body) VALUES
+            ('delete', old.conversation_pk * 4294967296 + old.seq, old.prompt || char(10) || old.answer);
+        INSERT INTO search_index (rowid, body)
+            VALUES (new.conversation_pk * 4294967296 + new.seq, new.prompt || char(10) || new.answer);
+    END;
+    CREATE TRIGGER titles_indexed AFTER INSERT ON conversations WHEN new.title IS NOT NULL BEGIN
+        INSERT INTO search_index (rowid, body) VALUES (new.pk * 4294967296, new.title);
+    END;
+    CREATE TRIGGER titles_reindexed AFTER UPDATE OF title ON conversations BEGIN
+        INSERT INTO search_index (search_index, rowid, body)
+            SELECT 'delete', old.pk * 4294967296, old.title WHERE old.title IS NOT NULL;
+        INSERT INTO search_index (rowid, body)
+            SELECT new.pk * 4294967296, new.title WHERE new.title IS NOT NULL;
+    END;
+    CREATE TRIGGER titles_unindexed AFTER DELETE ON conversations WHEN old.title IS NOT NULL BEGIN
+        INSERT INTO search_index (search_index, rowid, body)
+            VALUES ('delete', old.pk * 4294967296, old.title);
+    END;
+"""
+
+# PostgreSQL's: search matches substrings with ILIKE, which finds CJK words inside sentences
+# as it finds any text; pg_trgm's GIN indexes make it fast. The extension is created when the
+# database lets this user do so (a trusted extension since PostgreSQL 13: the database owner
+# may); without it search still works, reading every turn (the store warns at start-up). The
+# index's operator class is named with the extension's schema, which need not be on the
+# search_path.
+MEMORY_POSTGRES_SEARCH = """
+    DO $$
+    BEGIN
+        CREATE EXTENSION IF NOT EXISTS pg_trgm;
+    EXCEPTION WHEN OTHERS THEN
+        RAISE NOTICE 'pg_trgm is not available: %', SQLERRM;
+    END $$;
+    DO $$
+    DECLARE
+        ops TEXT;
+    BEGIN
+        SELECT quote_ident(n.nspname) || '.gin_trgm_ops' INTO ops
+            FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+            WHERE e.extname = 'pg_trgm';
+        IF ops IS NOT NULL THEN
+            EXECUTE format(
+                'CREATE INDEX turns_by_text ON turns USING gin ((prompt || E''\n'' || answer) %s)',
+                ops);
+            EXECUTE format('CREATE INDEX conversations_by_title ON conversations USING gin (title %s)', ops);
+        END IF;
+    END $$;
+"""
+
 # key: the conversation's own id; reference: a turn's pointer to it; total: usage sums;
-# time: epoch seconds; turns_options: after the turns table's definition; random_id: a new
-# turn id for a row of the turns table (the tree migration).
+# time: epoch seconds; real: any other number; turns_options: after the turns table's
+# definition; random_id: a new turn id for a row of the turns table (the tree migration).
 SQLITE_TYPES = {
     "key": "INTEGER PRIMARY KEY",  # the rowid itself
     "reference": "INTEGER",
     "total": "INTEGER",  # 64-bit in SQLite
     "time": "REAL",
+    "real": "REAL",
     "turns_options": " WITHOUT ROWID",  # stored in primary-key order
     "random_id": "lower(hex(randomblob(12)))",  # as sql.new_turn_id makes them: 24 hex digits
 }
@@ -114,6 +214,7 @@ POSTGRES_TYPES = {
     "reference": "BIGINT",
     "total": "BIGINT",
     "time": "DOUBLE PRECISION",
+    "real": "DOUBLE PRECISION",
     "turns_options": "",
     # 24 hex digits; the pk and seq make every input distinct
     "random_id": "substr(md5(random()::text || ':' || turns.conversation_pk || ':' || turns.seq), 1, 24)",

@@ -28,6 +28,7 @@ from .base import (
     ConversationExport,
     ConversationHead,
     ConversationRef,
+    ConversationSettings,
     ConversationSummary,
     NewTurn,
     StoredTurn,
@@ -41,11 +42,16 @@ EXPORT_BATCH = 100  # conversations read per transaction by export_all
 # no conversation has an empty id, so it never meets a real one.
 PROBE_ROW = ("", "", "readiness-probe")  # legacy_imports (owner, conversation_id, source)
 
-# A conversation as listed (ConversationSummary's fields but the cursor, then the pk), read from
-# ``conversations c`` joined with its head ``h`` (see SUMMARY_FROM).
+# A conversation's own settings, in ConversationSettings' field order (``c``: conversations).
+SETTINGS_COLUMNS = ", ".join(
+    f"c.{field.name}" for field in dataclasses.fields(ConversationSettings)
+)
+# A conversation as listed (ConversationSummary's fields up to the cursor, its settings, then the
+# pk), read from ``conversations c`` joined with its head ``h`` (see SUMMARY_FROM).
 SUMMARY_COLUMNS = (
     "c.conversation_id, c.system_prompt, c.turn_count, c.prompt_tokens, c.completion_tokens,"
-    " c.created_at, c.updated_at, h.turn_id, coalesce(h.depth, 0), c.metadata, c.pk"
+    f" c.created_at, c.updated_at, h.turn_id, coalesce(h.depth, 0), c.metadata, {SETTINGS_COLUMNS},"
+    " c.pk"
 )
 SUMMARY_FROM = (
     "conversations c LEFT JOIN turns h ON h.conversation_pk = c.pk AND h.seq = c.head_seq"
@@ -136,6 +142,7 @@ class Dialect:
     A subclass changes the placeholder and overrides the methods whose SQL differs.
     """
 
+    name = "sqlite"  # the engine, where a statement of its own is needed (see sql_memory)
     placeholder = "?"
     greatest = "max"  # the scalar maximum of two values
     for_update = ""  # appended to a SELECT whose rows the transaction goes on to change
@@ -210,14 +217,15 @@ def head(
     """The conversation's system prompt and the parent of its next turn (see ServingStore)."""
     row = dialect.execute(
         db,
-        "SELECT c.pk, c.system_prompt, c.system_tokens, h.seq, h.turn_id, h.depth"
-        f" FROM {SUMMARY_FROM} WHERE {_C_BY_REF}",
+        f"SELECT c.pk, c.system_prompt, c.system_tokens, c.updated_at, {SETTINGS_COLUMNS},"
+        f" h.seq, h.turn_id, h.depth FROM {SUMMARY_FROM} WHERE {_C_BY_REF}",
         _key(ref),
     ).fetchone()
     names_a_turn = sibling_of is not None or parent_id not in (None, ROOT)
     if row is None:
         return None if names_a_turn else ConversationHead(None, None, None)
-    pk, system_prompt, system_tokens, *head_turn = row
+    pk, system_prompt, system_tokens, updated_at, *rest = row
+    settings, head_turn = ConversationSettings(*rest[:-3]), rest[-3:]
     if sibling_of is not None:
         found = dialect.execute(
             db,
@@ -242,7 +250,7 @@ def head(
         if found is None:
             return None
         parent = TurnPosition(*found)
-    return ConversationHead(system_prompt, system_tokens, parent)
+    return ConversationHead(system_prompt, system_tokens, parent, settings, updated_at)
 
 
 def newest_turns(
@@ -523,10 +531,12 @@ def list_page(
     owner: str,
     limit: int,
     after: tuple[float, int] | None,
+    where: tuple[str, Sequence[Any]] = ("", ()),
 ) -> list[ConversationSummary]:
-    """A page of the owner's conversations after ``after`` (a decoded cursor)."""
-    query = f"SELECT {SUMMARY_COLUMNS} FROM {SUMMARY_FROM} WHERE c.owner = ?"
-    args: list[Any] = [owner]
+    """A page of the owner's conversations after ``after`` (a decoded cursor); ``where`` is a
+    further condition on ``c`` (`` AND …``) and its values."""
+    query = f"SELECT {SUMMARY_COLUMNS} FROM {SUMMARY_FROM} WHERE c.owner = ?{where[0]}"
+    args: list[Any] = [owner, *where[1]]
     if after is not None:
         condition, values = dialect.after(*after)
         query += condition
@@ -536,9 +546,13 @@ def list_page(
     return [_summary(row) for row in rows]
 
 
-def _summary(row: Sequence[Any]) -> ConversationSummary:
-    """A SUMMARY_COLUMNS row (the pk last)."""
-    return ConversationSummary(*row[:-1], cursor=encode_cursor(row[6], row[-1]))
+def _summary(row: Sequence[Any], cursor: str | None = None) -> ConversationSummary:
+    """A SUMMARY_COLUMNS row (the pk last); its cursor is the listing's unless given."""
+    return ConversationSummary(
+        *row[:10],
+        cursor=encode_cursor(row[6], row[-1]) if cursor is None else cursor,
+        settings=ConversationSettings(*row[10:-1]),
+    )
 
 
 def detail(dialect: Dialect, db: Connection, ref: ConversationRef) -> ConversationDetail | None:

@@ -16,13 +16,15 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequen
 from typing import Any, TypeVar
 
 from ..errors import StorageUnavailable
-from . import sql, sql_keys
+from . import sql, sql_keys, sql_memory
 from .base import (
     ConversationDetail,
     ConversationExport,
     ConversationHead,
     ConversationRef,
     ConversationSummary,
+    MemoryContext,
+    MemorySummary,
     NewTurn,
     StoredTurn,
     TurnPosition,
@@ -142,10 +144,17 @@ class SQLStore:
         return await self._run(sql.delete_turn, Access.WRITE, ref, turn_id, time.time())
 
     async def list_conversations(
-        self, owner: str, limit: int, after: str | None
+        self,
+        owner: str,
+        limit: int,
+        after: str | None,
+        *,
+        now: float | None = None,
+        ttl: float | None = None,
     ) -> list[ConversationSummary]:
         position = sql.decode_cursor(after) if after else None  # ValueError for a bad one
-        return await self._run(sql.list_page, Access.READ, owner, limit, position)
+        where = sql_memory.alive(now, ttl) if now is not None else ("", ())
+        return await self._run(sql.list_page, Access.READ, owner, limit, position, where)
 
     async def get_conversation(self, ref: ConversationRef) -> ConversationDetail | None:
         return await self._run(sql.detail, Access.READ, ref)
@@ -174,6 +183,65 @@ class SQLStore:
             )
         except StorageUnavailable as exc:
             raise self._writes.unready(exc) from None
+
+    # memory beyond the window (easybackend.chat.memory; see sql_memory)
+
+    async def set_settings(
+        self, ref: ConversationRef, changes: Mapping[str, Any]
+    ) -> ConversationSummary:
+        return await self._run(sql_memory.set_settings, Access.WRITE, ref, changes, time.time())
+
+    async def set_title(self, ref: ConversationRef, title: str, usage: tuple[int, int]) -> bool:
+        return await self._run(sql_memory.set_title, Access.WRITE, ref, title, usage)
+
+    async def forget_if_expired(self, ref: ConversationRef, now: float, ttl: float | None) -> bool:
+        return await self._run(sql_memory.forget_if_expired, Access.WRITE, ref, now, ttl)
+
+    async def sweep_expired(
+        self, now: float, ttl: float | None, limit: int, busy: Callable[[str, str], bool]
+    ) -> int:
+        return await self._run(sql_memory.sweep, Access.WRITE, now, ttl, limit, busy)
+
+    async def memory_context(
+        self,
+        ref: ConversationRef,
+        last: TurnPosition,
+        budget: int,
+        cost: Callable[[StoredTurn], int],
+        summary_cost: Callable[[int], int],
+    ) -> MemoryContext:
+        return await self._run(
+            sql_memory.memory_context, Access.READ, ref, last, budget, cost, summary_cost
+        )
+
+    async def path_since_summary(
+        self, ref: ConversationRef, last: TurnPosition, limit: int
+    ) -> tuple[MemorySummary | None, list[sql_memory.PathTurn]]:
+        return await self._run(sql_memory.path_since_summary, Access.SNAPSHOT, ref, last, limit)
+
+    async def newest_summary(
+        self, ref: ConversationRef, last: TurnPosition
+    ) -> MemorySummary | None:
+        return await self._run(sql_memory.newest_summary, Access.READ, ref, last)
+
+    async def store_summary(
+        self, ref: ConversationRef, made: MemorySummary, usage: tuple[int, int]
+    ) -> bool:
+        return await self._run(sql_memory.store_summary, Access.WRITE, ref, made, usage)
+
+    async def search_conversations(
+        self,
+        owner: str,
+        terms: Sequence[str],
+        limit: int,
+        after: str | None,
+        *,
+        now: float,
+        ttl: float | None,
+    ) -> list[ConversationSummary]:
+        offset = sql_memory.decode_search_cursor(after) if after else 0  # ValueError
+        where = sql_memory.alive(now, ttl)
+        return await self._run(sql_memory.search, Access.READ, owner, terms, limit, offset, where)
 
     # stored backend keys (easybackend.governance.keys.KeyTable)
 

@@ -39,6 +39,7 @@ MIGRATIONS: list[str] = [
     schema.LEGACY_IMPORTS,
     schema.TREE.format(**schema.SQLITE_TYPES),
     schema.API_KEYS.format(**schema.SQLITE_TYPES),
+    schema.MEMORY.format(**schema.SQLITE_TYPES) + schema.MEMORY_SQLITE_SEARCH,
 ]
 
 
@@ -122,11 +123,24 @@ def _migrate(db: sqlite3.Connection) -> None:
     for number in range(version, len(MIGRATIONS)):
         db.execute("BEGIN IMMEDIATE")
         try:
-            for statement in MIGRATIONS[number].split(";"):
-                if statement.strip():
-                    db.execute(statement)
+            for statement in _statements(MIGRATIONS[number]):
+                db.execute(statement)
             db.execute(f"PRAGMA user_version = {number + 1}")
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+
+def _statements(script: str) -> list[str]:
+    """The statements of a migration, each whole (a trigger's body holds semicolons of its own)."""
+    statements, statement = [], ""
+    for part in script.split(";"):
+        statement += part + ";"
+        if sqlite3.complete_statement(statement):
+            if statement.strip(" \n;"):
+                statements.append(statement)
+            statement = ""
+    if statement.strip(" \n;"):
+        statements.append(statement)
+    return statements

@@ -117,8 +117,14 @@ from purerpc.grpclib.events import MessageReceived, RequestEnded, RequestReceive
 
 from .. import errors
 from ..chat.caller import Caller, stream_peer
+from ..chat.memory import SETTING_NAMES
 from ..chat.service import AskRequest, ChatService, Delta
-from ..chat.views import conversation_detail, conversation_summary
+from ..chat.views import (
+    conversation_detail,
+    conversation_settings,
+    conversation_summary,
+    memory_summary,
+)
 from ..proto_gen import chat_grpc, chat_pb2, health_grpc, health_pb2
 from ..request_ids import accept_request_id
 from ..settings import Settings
@@ -353,7 +359,7 @@ class _Chat(chat_grpc.ChatServicer):
         caller = self._caller(request)
         limit = message.limit or DEFAULT_PAGE
         page = await self._service.list_conversations(
-            caller=caller, limit=limit, after=message.cursor or None
+            caller=caller, limit=limit, after=message.cursor or None, query=message.query or None
         )
         return chat_pb2.ListConversationsResponse(
             conversations=[
@@ -419,6 +425,54 @@ class _Chat(chat_grpc.ChatServicer):
         return chat_pb2.SetSystemPromptResponse(
             conversation_id=message.conversation_id, system_prompt=prompt
         )
+
+    async def SetSettings(  # noqa: N802
+        self, message: chat_pb2.SetSettingsRequest, request: _Call
+    ) -> chat_pb2.SetSettingsResponse:
+        caller = self._caller(request)
+        changes: dict[str, Any] = {}
+        for name in message.clear:
+            if name not in SETTING_NAMES:
+                raise errors.InvalidInput(
+                    f"clear names an unknown setting {name!r}; settings: {', '.join(SETTING_NAMES)}"
+                )
+            changes[name] = None
+        for name in SETTING_NAMES:
+            if message.settings.HasField(name):
+                if name in changes:
+                    raise errors.InvalidInput(f"{name} is both set and cleared")
+                changes[name] = getattr(message.settings, name)
+        summary = await self._service.memory.set_settings(
+            message.conversation_id, changes, caller=caller
+        )
+        return chat_pb2.SetSettingsResponse(
+            conversation_id=message.conversation_id, settings=conversation_settings(summary)
+        )
+
+    async def GetSummary(  # noqa: N802
+        self, message: chat_pb2.ConversationRequest, request: _Call
+    ) -> chat_pb2.Summary:
+        caller = self._caller(request)
+        found = await self._service.memory.summary(message.conversation_id, caller=caller)
+        return chat_pb2.Summary(conversation_id=message.conversation_id, **memory_summary(found))
+
+    async def SetSummary(  # noqa: N802
+        self, message: chat_pb2.SetSummaryRequest, request: _Call
+    ) -> chat_pb2.Summary:
+        caller = self._caller(request)
+        made = await self._service.memory.set_summary(
+            message.conversation_id, message.summary, caller=caller
+        )
+        return chat_pb2.Summary(conversation_id=message.conversation_id, **memory_summary(made))
+
+    async def Compact(  # noqa: N802
+        self, message: chat_pb2.CompactRequest, request: _Call
+    ) -> chat_pb2.Summary:
+        caller = self._caller(request)
+        made = await self._service.memory.compact(
+            message.conversation_id, caller=caller, keep=message.keep
+        )
+        return chat_pb2.Summary(conversation_id=message.conversation_id, **memory_summary(made))
 
 
 INT32_MAX = 2**31 - 1

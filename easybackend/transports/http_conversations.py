@@ -1,5 +1,6 @@
-"""HTTP conversation management: list, read, delete, roll back, move the head, delete a
-branch, set the system prompt.
+"""HTTP conversation management: list (and search), read, delete, roll back, move the head,
+delete a branch, set the system prompt and the conversation's settings, read, edit and force
+its summary (chat/memory.py).
 
 A blueprint registered by :func:`easybackend.transports.http.create_app`.
 Every operation is a thin call of the chat core with the request's
@@ -15,16 +16,46 @@ from collections.abc import Callable
 from typing import Literal
 
 import pydantic
-from quart import Blueprint, Response
-from quart_schema import document_response, tag, validate_querystring, validate_request
+from quart import Blueprint, Response, request
+from quart_schema import (
+    document_request,
+    document_response,
+    tag,
+    validate_querystring,
+    validate_request,
+)
 
 from ..chat.caller import Caller
 from ..chat.service import MAX_PAGE, ChatService
-from ..chat.views import conversation_detail, conversation_summary
+from ..chat.views import (
+    conversation_detail,
+    conversation_settings,
+    conversation_summary,
+    memory_summary,
+)
+from ..errors import InvalidInput
 from ..storage import ROOT
 from .openapi import UsageBody
 
 EXAMPLE_TIME = "2026-11-25T17:19:00.123Z"
+
+
+class SettingsOut(pydantic.BaseModel):
+    """A conversation's own settings (null: the server's setting applies)."""
+
+    model: str | None = pydantic.Field(description="Model of its asks (GPT_ENGINE)")
+    temperature: float | None = pydantic.Field(description="Sampling temperature (TEMPERATURE)")
+    max_context_tokens: int | None = pydantic.Field(
+        description="Token budget of its asks (MAX_CONTEXT_TOKENS, which bounds it)"
+    )
+    memory: str | None = pydantic.Field(
+        description="truncate (drop the oldest turns) or summarize (MEMORY)"
+    )
+    system: str | None = pydantic.Field(description="Its system prompt (FIRST_PROMPT)")
+    title: str | None
+    expires_in: float | None = pydantic.Field(
+        description="Seconds idle before it is forgotten, 0: never (CONVERSATION_TTL)"
+    )
 
 
 class ConversationSummaryBody(pydantic.BaseModel):
@@ -44,6 +75,10 @@ class ConversationSummaryBody(pydantic.BaseModel):
     )
     created_at: str
     last_activity: str
+    title: str | None = pydantic.Field(None, description="The conversation's title, if any")
+    settings: SettingsOut | None = pydantic.Field(
+        None, description="The conversation's own settings; null ones are the server's"
+    )
 
 
 class ConversationPage(pydantic.BaseModel):
@@ -86,6 +121,14 @@ class ListQuery(pydantic.BaseModel):
         50, ge=1, le=MAX_PAGE, description=f"Conversations per page (1-{MAX_PAGE})"
     )
     cursor: str | None = pydantic.Field(None, description="next_cursor of the previous page")
+    q: str | None = pydantic.Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="Search: only conversations whose title, or one of whose prompts or answers,"
+        " holds every word of it (case-insensitive; Chinese words are found inside sentences),"
+        " best first",
+    )
 
 
 class MessageBody(pydantic.BaseModel):
@@ -223,6 +266,84 @@ class SystemResult(pydantic.BaseModel):
     system_prompt: str | None
 
 
+class SettingsBody(pydantic.BaseModel):
+    """A partial update: only the fields sent change; null puts one back to the server's."""
+
+    model_config = pydantic.ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"memory": "summarize", "title": "Trip to Kyoto"},
+                {"model": "gpt-4.1-mini", "temperature": 0.2, "expires_in": 86400},
+            ]
+        },
+    )
+
+    model: str | None = pydantic.Field(None, min_length=1, description="Model of its asks")
+    temperature: float | None = pydantic.Field(None, ge=0, le=2, description="0-2")
+    max_context_tokens: int | None = pydantic.Field(
+        None, gt=0, description="Token budget of its asks, at most MAX_CONTEXT_TOKENS"
+    )
+    memory: Literal["truncate", "summarize"] | None = pydantic.Field(
+        None, description="truncate: drop the oldest turns; summarize: fold them into a summary"
+    )
+    system: str | None = pydantic.Field(None, description="Its system prompt; empty clears it")
+    title: str | None = pydantic.Field(None, max_length=200, description="Its title")
+    expires_in: float | None = pydantic.Field(
+        None, ge=0, description="Seconds idle before it is forgotten; 0: never"
+    )
+
+
+class SettingsResult(pydantic.BaseModel):
+    conversation_id: str
+    settings: SettingsOut
+
+
+class SummaryOut(pydantic.BaseModel):
+    """The summary sent ahead of the kept turns of the head's path (memory=summarize)."""
+
+    model_config = pydantic.ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "conversation_id": "123",
+                    "summary": "The user, Ada, is planning a trip to Kyoto in May.",
+                    "covers": 12,
+                    "through": "5c668971bf44ff809097e1a5",
+                    "model": "gpt-4.1-mini",
+                    "updated_at": EXAMPLE_TIME,
+                }
+            ]
+        }
+    )
+
+    conversation_id: str
+    summary: str | None = pydantic.Field(description="Its text; null: none yet")
+    covers: int = pydantic.Field(description="Turns it covers: the path's first ones")
+    through: str | None = pydantic.Field(description="The id of the last turn it covers")
+    model: str | None = pydantic.Field(description="The model that wrote it; null if given")
+    updated_at: str | None
+
+
+class SummaryBody(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"summary": "The user is Ada; she likes tea."}]},
+    )
+
+    summary: str = pydantic.Field(min_length=1, description="The text the next asks send")
+
+
+class CompactBody(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"keep": 2}]}
+    )
+
+    keep: int = pydantic.Field(
+        0, ge=0, description="The newest turns left out of the summary (sent as they are)"
+    )
+
+
 def conversation_routes(service: ChatService, caller: Callable[[], Caller]) -> Blueprint:
     """The management routes over ``service``; ``caller()`` is the request's Caller."""
     routes = Blueprint("conversations", __name__)
@@ -232,9 +353,10 @@ def conversation_routes(service: ChatService, caller: Callable[[], Caller]) -> B
     @document_response(ConversationPage, 200)
     @tag(["conversations"])
     async def list_conversations(query_args: ListQuery) -> dict[str, object]:
-        """List conversations, most recently active first, a page at a time."""
+        """List conversations, most recently active first, a page at a time; with ``q``, search
+        them (titles, prompts, answers), best first."""
         page = await service.list_conversations(
-            caller=caller(), limit=query_args.limit, after=query_args.cursor
+            caller=caller(), limit=query_args.limit, after=query_args.cursor, query=query_args.q
         )
         next_cursor = page[-1].cursor if len(page) == query_args.limit else None
         return {
@@ -304,5 +426,50 @@ def conversation_routes(service: ChatService, caller: Callable[[], Caller]) -> B
         """
         await service.set_system_prompt(conversation_id, data.prompt, caller=caller())
         return {"conversation_id": conversation_id, "system_prompt": data.prompt or None}
+
+    @routes.put("/conversations/<conversation_id>/settings")
+    @validate_request(SettingsBody)
+    @document_response(SettingsResult, 200)
+    @tag(["conversations"])
+    async def set_settings(conversation_id: str, data: SettingsBody) -> dict[str, object]:
+        """Change the conversation's own settings: only the fields sent (null: back to the
+        server's). The conversation is created if it does not exist yet. An ask's own model
+        or temperature still wins over these."""
+        changes = {name: getattr(data, name) for name in data.model_fields_set}
+        summary = await service.memory.set_settings(conversation_id, changes, caller=caller())
+        return {"conversation_id": conversation_id, "settings": conversation_settings(summary)}
+
+    @routes.get("/conversations/<conversation_id>/summary")
+    @document_response(SummaryOut, 200)
+    @tag(["conversations"])
+    async def get_summary(conversation_id: str) -> dict[str, object]:
+        """The summary the next ask sends ahead of the kept turns (memory=summarize): the
+        newest on the head's path."""
+        found = await service.memory.summary(conversation_id, caller=caller())
+        return {"conversation_id": conversation_id, **memory_summary(found)}
+
+    @routes.put("/conversations/<conversation_id>/summary")
+    @validate_request(SummaryBody)
+    @document_response(SummaryOut, 200)
+    @tag(["conversations"])
+    async def set_summary(conversation_id: str, data: SummaryBody) -> dict[str, object]:
+        """Edit the summary: the next asks send this text (later summaries build on it)."""
+        made = await service.memory.set_summary(conversation_id, data.summary, caller=caller())
+        return {"conversation_id": conversation_id, **memory_summary(made)}
+
+    @routes.post("/conversations/<conversation_id>/compact")
+    @document_request(CompactBody)
+    @document_response(SummaryOut, 200)
+    @tag(["conversations"])
+    async def compact(conversation_id: str) -> dict[str, object]:
+        """Fold the head's path into its summary now, all but the newest ``keep`` turns (the
+        model writes it; this request waits for it). The body is optional."""
+        body = await request.get_data()
+        try:
+            data = CompactBody.model_validate(await request.get_json() if body else {})
+        except pydantic.ValidationError as exc:
+            raise InvalidInput(f"invalid body: {exc.errors()[0]['msg']}") from None
+        made = await service.memory.compact(conversation_id, caller=caller(), keep=data.keep)
+        return {"conversation_id": conversation_id, **memory_summary(made)}
 
     return routes

@@ -90,6 +90,7 @@ ASK_ERRORS = ("400", "401", "403", "404", "413", "429", "502", "503", "504")
 ADMIN_ERRORS = ("400", "401", "403", "404", "409", "413", "503")
 CONVERSATION_ERRORS = ("400", "401", "404", "413", "503")
 LIST_ERRORS = ("400", "401", "503")
+SETTINGS_ERRORS = ("400", "401", "403", "404", "413", "503")  # 403: a model outside MODELS
 OPEN_PATHS = ("/healthz", "/readyz", "/docs", "/openapi.json", "/metrics")
 # The error statuses of each /v1 route (a relayed request may get the provider's 400, 404, 409,
 # 413 or 422 back; see errors.from_relayed_upstream). Routes not listed give OPENAI_DEFAULT.
@@ -154,8 +155,10 @@ def error_responses_for(path: str) -> tuple[str, ...]:
         return ("503",)
     if path in OPEN_PATHS:
         return ()
-    if path.startswith("/ask/") or "/regenerate" in path:
+    if path.startswith("/ask/") or "/regenerate" in path or path.endswith("/compact"):
         return ASK_ERRORS
+    if path.endswith("/settings"):
+        return SETTINGS_ERRORS
     if path.startswith("/conversations/"):
         return CONVERSATION_ERRORS
     if path.startswith("/admin/"):
@@ -266,7 +269,9 @@ class EasyBackendOpenAPI(OpenAPIProvider):
                         "description": "Prometheus metrics in the text exposition format",
                         "content": {"text/plain": {"schema": {"type": "string"}}},
                     }
-                if "/regenerate" in path and "requestBody" in operation:
+                if (
+                    "/regenerate" in path or path.endswith("/compact")
+                ) and "requestBody" in operation:
                     operation["requestBody"]["required"] = False
                 if method == "delete" and path == "/conversations/{conversation_id}":
                     responses.pop(200, None)

@@ -105,6 +105,10 @@ async def grpc_health(port: int, service: str = "") -> int:
     return reply.status
 
 
+# A conversation's settings, as the HTTP API names them (null there: unset in the message).
+SETTINGS = ("model", "temperature", "max_context_tokens", "memory", "system", "title", "expires_in")
+
+
 def as_json(message: Any, *, tree: bool = False) -> dict[str, Any]:
     """A management message in the HTTP API's JSON form.
 
@@ -122,6 +126,8 @@ def as_json(message: Any, *, tree: bool = False) -> dict[str, Any]:
         if "conversation_id" in item and "stored_turns" in item:  # a conversation
             item.setdefault("system_prompt", None)
             item.setdefault("head", None)
+            item.setdefault("title", None)
+            item["settings"] = {name: item.get("settings", {}).get(name) for name in SETTINGS}
         for turn in [*item.get("history", []), *item.get("tree", [])]:
             turn.setdefault("parent_id", None)
     if "history" in body and not tree:

@@ -102,7 +102,7 @@ def check_access_line(line: dict[str, Any]) -> None:
     """Every field is there, with the right kind of value."""
     assert set(line) == ACCESS_FIELDS, line
     assert isinstance(line["request_id"], str) and line["request_id"], line
-    assert line["protocol"] in ("http", "sse", "ws", "grpc", "openai"), line
+    assert line["protocol"] in ("http", "sse", "ws", "grpc", "openai", "summary", "title"), line
     assert isinstance(line["duration_ms"], int | float) and line["duration_ms"] >= 0, line
     assert line["ttft_ms"] is None or 0 <= line["ttft_ms"] <= line["duration_ms"], line
     assert isinstance(line["prompt_tokens"], int) and isinstance(line["completion_tokens"], int)

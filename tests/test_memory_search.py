@@ -1,0 +1,159 @@
+"""Full-text search over the caller's conversations (SPEC §15), on SQLite and PostgreSQL, HTTP
+and gRPC: prompts, answers and titles, English and Chinese, ranked and paginated."""
+
+from __future__ import annotations
+
+import pytest
+from helpers.database import LinearConversation, write_linear_sqlite
+from helpers.grpc import rpc
+from helpers.http import bearer, error_code
+from helpers.postgres import pg_url
+from helpers.servers import free_port
+
+from easybackend.proto_gen import chat_pb2
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request) -> dict[str, str]:
+    if request.param == "sqlite":
+        return {}
+    return {"DATABASE_URL": pg_url(request.getfixturevalue("pg_schema"))}
+
+
+async def ask(client, conversation_id: str, prompt: str) -> None:
+    reply = await client.post(f"/ask/{conversation_id}", json={"prompt": prompt})
+    assert reply.status_code == 200, reply.text
+
+
+async def search(client, q: str, **params) -> list[str]:
+    reply = await client.get("/conversations", params={"q": q, **params})
+    assert reply.status_code == 200, reply.text
+    return [c["conversation_id"] for c in reply.json()["conversations"]]
+
+
+async def test_search_finds_words_in_prompts_answers_and_titles_in_english_and_chinese(
+    start_server, backend
+):
+    server = await start_server(**backend)
+    async with server.client() as client:
+        await ask(client, "fox", "The quick brown fox jumps over the lazy dog")
+        await ask(client, "rain", "今天的天气预报说会下雨，我们还去公园吗？")
+        await ask(client, "plain", "nothing to see here")
+        titled = await client.put(
+            "/conversations/trip/settings", json={"title": "Kyoto Trip 京都之旅"}
+        )
+        assert titled.status_code == 200
+        results = {
+            q: await search(client, q)
+            for q in (
+                "brown",  # a word of a prompt
+                "BROWN FOX",  # case-insensitive, every word, in any order
+                "fox dog",
+                "天气预报",  # a Chinese word inside a sentence
+                "天气",  # two characters: shorter than a trigram
+                "公园吗",
+                "echo(1)",  # the fake's answers are searched too
+                "kyoto",  # a title
+                "京都",
+                "brown 天气",  # no one turn holds both
+                "zebra",
+                "100%",  # LIKE's own characters are taken literally
+                "%",
+                "_",
+            )
+        }
+
+    assert results == {
+        "brown": ["fox"],
+        "BROWN FOX": ["fox"],
+        "fox dog": ["fox"],
+        "天气预报": ["rain"],
+        "天气": ["rain"],
+        "公园吗": ["rain"],
+        "echo(1)": results["echo(1)"],
+        "kyoto": ["trip"],
+        "京都": ["trip"],
+        "brown 天气": [],
+        "zebra": [],
+        "100%": [],
+        "%": [],
+        "_": [],
+    }
+    assert sorted(results["echo(1)"]) == ["fox", "plain", "rain"]
+
+
+async def test_search_ranks_and_pages_like_the_listing(start_server, backend):
+    server = await start_server(**backend)
+    async with server.client() as client:
+        await ask(client, "once", "a walrus appears")
+        for number in range(3):
+            await ask(client, "thrice", f"walrus number {number}")
+        await ask(client, "never", "a seal appears")
+        titled = await client.put("/conversations/named/settings", json={"title": "Walrus notes"})
+        assert titled.status_code == 200
+        ranked = await search(client, "walrus")
+        pages, cursor = [], None
+        while True:
+            params = {"q": "walrus", "limit": 1, **({"cursor": cursor} if cursor else {})}
+            page = (await client.get("/conversations", params=params)).json()
+            pages.append([c["conversation_id"] for c in page["conversations"]])
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        listing_cursor = (await client.get("/conversations", params={"limit": 1})).json()
+        mixed = await client.get(
+            "/conversations", params={"q": "walrus", "cursor": listing_cursor["next_cursor"]}
+        )
+        bad = [
+            await client.get("/conversations", params={"q": q})
+            for q in ("", " ", "x" * 201, " ".join("w" * 3 for _ in range(11)))
+        ]
+
+    assert set(ranked) == {"once", "thrice", "named"}
+    assert ranked.index("thrice") < ranked.index("once")  # more matching turns rank higher
+    assert [item for page in pages for item in page] == ranked
+    assert pages[-1] == [] or len(pages[-1]) == 1
+    assert mixed.status_code == 400 and error_code(mixed) == "invalid_input"  # not a search cursor
+    assert [reply.status_code for reply in bad] == [400, 400, 400, 400]
+
+
+async def test_search_sees_only_the_callers_conversations(start_server, backend):
+    server = await start_server(API_KEYS="alice:alice-SECRET-1,bob:bob-SECRET-2", **backend)
+    async with server.client(headers=bearer("alice-SECRET-1")) as alice:
+        await ask(alice, "mine", "the password is swordfish")
+        own = await search(alice, "swordfish")
+    async with server.client(headers=bearer("bob-SECRET-2")) as bob:
+        await ask(bob, "his", "swordfish for dinner")
+        others = await search(bob, "swordfish")
+
+    assert own == ["mine"] and others == ["his"]
+
+
+async def test_list_conversations_over_grpc_takes_a_query(start_server, backend):
+    server = await start_server(GRPC_PORT=str(free_port()), **backend)
+    async with server.client() as client:
+        await ask(client, "g1", "今天的天气预报说会下雨")
+        await ask(client, "g2", "hello world")
+        http = (await client.get("/conversations", params={"q": "天气预报"})).json()
+    found = await rpc(
+        server, "ListConversations", chat_pb2.ListConversationsRequest(query="天气预报")
+    )
+    listed = await rpc(server, "ListConversations", chat_pb2.ListConversationsRequest())
+
+    assert [c.conversation_id for c in found.conversations] == ["g1"]
+    assert [c["conversation_id"] for c in http["conversations"]] == ["g1"]
+    assert {c.conversation_id for c in listed.conversations} == {"g1", "g2"}
+
+
+async def test_turns_stored_before_the_upgrade_are_found(start_server, tmp_path):
+    path = tmp_path / "conversations" / "easybackend.sqlite3"
+    path.parent.mkdir(parents=True)
+    write_linear_sqlite(path, [LinearConversation("", "legacy", ("the old zeppelin story",))])
+    server = await start_server()
+    async with server.client() as client:
+        assert await search(client, "zeppelin") == ["legacy"]
+        await ask(client, "legacy", "a new turn")
+        assert await search(client, "zeppelin") == ["legacy"]
+        deleted = await client.delete("/conversations/legacy")
+        assert deleted.status_code == 204
+        assert await search(client, "zeppelin") == []
