@@ -120,6 +120,9 @@ async def _serve_on(
             service = ChatService(settings, storage, upstream, counter, metrics)
             # The stored keys: read before anything is served, then every second until the end.
             await nursery.start(service.keys.refresh_forever)
+            # The keys' limits and usage: what they spent this month read first (SQLite), then
+            # the usage written every second and at the end (see governance/limits.py).
+            await nursery.start(service.limits.run)
             # Summaries, titles and the expiry sweep: the service's nursery, cancelled with the
             # rest once the listeners have stopped (after the shutdown's grace).
             await nursery.start(service.background.run)
@@ -142,7 +145,7 @@ async def _serve_on(
                 )
             await service.background.stop()  # before the upstream client it calls is closed
             await upstream.aclose()
-            nursery.cancel_scope.cancel()  # the demo upstream, the key refresh
+            nursery.cancel_scope.cancel()  # the demo upstream, the key refresh, the usage
     finally:
         with trio.CancelScope(shield=True):
             await storage.close()

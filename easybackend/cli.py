@@ -4,7 +4,8 @@
 environment and ``.env``. ``easybackend chat`` is the terminal client
 (:mod:`easybackend.client`); ``import-json``, ``export`` and
 ``migrate-storage`` are storage commands (:mod:`easybackend.data_commands`);
-``keys`` manages the stored backend keys (:mod:`easybackend.keys_commands`).
+``keys`` manages the stored backend keys (:mod:`easybackend.keys_commands`),
+``usage`` shows their usage (:mod:`easybackend.usage_commands`).
 Bad configuration or a taken port prints one line ``easybackend: error: …``
 and exits 2 (configuration) or 1 (start-up), with no traceback.
 """
@@ -166,6 +167,9 @@ example:
     from . import keys_commands  # argparse only; what a command needs is imported when it runs
 
     keys_commands.add_parser(commands)
+    from . import usage_commands
+
+    usage_commands.add_parser(commands)
     for command in (importer, exporter):
         for flag in ("--conversations-dir", "--database-url"):
             variable, text = SERVE_FLAGS[flag]
@@ -222,6 +226,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .keys_commands import main as keys_main
 
         return keys_main(args)
+    if command == "usage":
+        from .usage_commands import main as usage_main
+
+        return usage_main(args)
     return _data_command(command, args)
 
 

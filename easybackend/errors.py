@@ -22,6 +22,7 @@ and gives the client an :class:`InternalError` that tells nothing more.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Mapping
 from typing import TypeVar
@@ -92,6 +93,30 @@ class TooManyRequests(ChatError):
     """The key (or address) has MAX_STREAMS_PER_KEY answers in progress, or a socket too many asks queued."""
 
     code = "too_many_requests"
+
+
+class RateLimited(ChatError):
+    """The key, or its end user, is over its requests or tokens per minute (rpm, tpm, USER_RPM)."""
+
+    code = "rate_limited"
+
+    def __init__(
+        self, message: str, *, retry_after: float, limit: str = "rpm", param: str | None = None
+    ) -> None:
+        super().__init__(message, param=param)
+        self.limit = limit  # which limit refused: rpm, tpm, user_rpm, tokens_per_day, …
+        self.retry_after = retry_after  # seconds until an ask may be taken again
+
+    @property
+    def retry_after_seconds(self) -> int:
+        """``retry_after`` as the whole seconds a ``Retry-After`` header gives (at least 1)."""
+        return max(1, math.ceil(self.retry_after))
+
+
+class BudgetExhausted(RateLimited):
+    """The key has used its tokens_per_day or tokens_per_month (UTC): retry when the period turns."""
+
+    code = "budget_exhausted"
 
 
 class NotFound(ChatError):

@@ -46,6 +46,20 @@ class Metrics:
             ["direction"],
             registry=self.registry,
         )
+        # Key names only (API_KEYS and the key table: bounded), never a secret or an end user.
+        self.key_tokens = Counter(
+            "easybackend_key_tokens",
+            "Tokens of the asks of each key, by key name and direction (prompt, completion)",
+            ["key", "direction"],
+            registry=self.registry,
+        )
+        self.limit_refusals = Counter(
+            "easybackend_limit_refusals",
+            "Asks refused by a key's limit, by key name and limit (rpm, tpm, user_rpm,"
+            " tokens_per_day, tokens_per_month)",
+            ["key", "limit"],
+            registry=self.registry,
+        )
         self.active_streams = Gauge(
             "easybackend_active_streams",
             "Asks in progress, by protocol",

@@ -64,6 +64,7 @@ class Settings:
     max_prompt_chars: int = 100_000
     api_keys: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)
     max_streams_per_key: int = 64
+    user_rpm: int | None = None  # requests per minute of each end user (an ask's user) of a key
     admin_key: str = dataclasses.field(default="", repr=False)  # the admin API's; "" turns it off
     tls_certfile: Path | None = None
     tls_keyfile: Path | None = None
@@ -259,6 +260,7 @@ ENVIRONMENT = {
     "API_KEYS": ("api_keys", parse_api_keys),
     "ADMIN_KEY": ("admin_key", _admin_key),
     "MAX_STREAMS_PER_KEY": ("max_streams_per_key", _positive_int),
+    "USER_RPM": ("user_rpm", _optional_positive_int),
     "TLS_CERTFILE": ("tls_certfile", _optional_path),
     "TLS_KEYFILE": ("tls_keyfile", _optional_path),
     "CORS_ORIGINS": ("cors_origins", _origins),

@@ -19,7 +19,10 @@ of every other chunk. A non-streaming request is sent non-streaming, and its
 answer is passed back as the provider wrote it.
 
 A relayed ask is an ask like any other: admitted against
-``MAX_STREAMS_PER_KEY`` (:meth:`ChatService._admitted`), given one access
+``MAX_STREAMS_PER_KEY`` (:meth:`ChatService._admitted`) and the key's limits
+(:meth:`ChatService.admit`: rpm, tpm, budgets, and ``USER_RPM`` for the
+request's ``user``), its tokens charged to the key when it ends (a stream
+cut short: the prompt and the part received, counted here), given one access
 line and its metrics (:func:`~.accounting.record_for`; the conversation shown
 is ``-``), with the upstream client's retries before the first byte, its
 timeouts and its checks of what the provider sends (line limits, JSON that
@@ -40,7 +43,10 @@ import json
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+import trio
+
 from ..errors import InvalidInput
+from ..governance.limits import Ticket
 from ..upstream.openai_client import MAX_REPORTED_TOKENS
 from .accounting import AskRecord, record_for
 from .caller import Caller
@@ -48,6 +54,7 @@ from .caller import Caller
 if TYPE_CHECKING:
     from .service import ChatService
 
+STORE_ON_CANCEL_SECONDS = 5.0  # how long counting a cut answer may take once cancelled
 NO_CONVERSATION = "-"  # what a relayed ask's access line shows as its conversation
 # A chunk that ends with this member gets it cut when the client asked for no usage (the form
 # OpenAI and most providers write; any other form is re-encoded without the member).
@@ -137,6 +144,7 @@ async def relay_stream(service: ChatService, request: RelayRequest) -> AsyncIter
     try:
         with service._admitted(request):  # type: ignore[arg-type]
             model = service.model_for(request.body.get("model"), caller=request.caller)
+            await tally.admit(service, request, model)
             body = upstream_body(request, model)
             held: list[bytes] = []  # the leading chunks without output (the role chunk)
             answering = False
@@ -160,6 +168,7 @@ async def relay_stream(service: ChatService, request: RelayRequest) -> AsyncIter
             await tally.account(service, request, record)
     except BaseException as exc:
         record.failed(exc)
+        await tally.settle(service, request, record)  # cut short: what was received counts
         raise
     finally:
         record.close()
@@ -172,13 +181,14 @@ async def relay_whole(service: ChatService, request: RelayRequest) -> bytes:
     upstream call is closed; the ask is accounted as ``cancelled``.
     """
     record = record_for(service.metrics, request.caller, NO_CONVERSATION)
+    tally = _Tally()
     try:
         with service._admitted(request):  # type: ignore[arg-type]
             model = service.model_for(request.body.get("model"), caller=request.caller)
+            await tally.admit(service, request, model)
             body = upstream_body(request, model)
             data, answer = await service.upstream.relay_whole(body)
         record.first_piece()
-        tally = _Tally()
         tally.usage = _usage_of(answer.get("usage"))
         if tally.usage is None:
             for choice in _choices(answer):
@@ -195,13 +205,22 @@ async def relay_whole(service: ChatService, request: RelayRequest) -> bytes:
 
 
 class _Tally:
-    """What a relayed answer cost: the provider's usage, else the text to count."""
+    """What a relayed answer cost: the provider's usage, else the text to count; and its
+    place in the key's limits, charged once."""
 
-    __slots__ = ("pieces", "usage")
+    __slots__ = ("charged", "model", "pieces", "ticket", "usage")
 
     def __init__(self) -> None:
         self.usage: tuple[int, int] | None = None
         self.pieces: list[str] = []  # the answer's text, kept while no usage has come
+        self.ticket: Ticket | None = None  # admitted by the limits (ChatService.admit)
+        self.model = ""  # the provider model called: what the usage is counted under
+        self.charged = False
+
+    async def admit(self, service: ChatService, request: RelayRequest, model: str) -> None:
+        """The key's limits and the request's ``user``'s (raises as ChatService.admit)."""
+        self.ticket = await service.admit(request.caller, request.body.get("user"))
+        self.model = model
 
     def take(self, chunk: dict[str, Any]) -> bool:
         """Note a chunk's usage and text; True when it carries output.
@@ -228,13 +247,34 @@ class _Tally:
         return output
 
     async def account(self, service: ChatService, request: RelayRequest, record: AskRecord) -> None:
-        """Record the answer's tokens: the provider's figures, else counted (off the event loop)."""
-        if self.usage is not None:
-            record.answered(*self.usage)
+        """Record the answer's tokens (the provider's figures, else counted off the event loop)
+        and charge them to the key."""
+        record.answered(*await self._figures(service, request))
+        await self._charge(service, record)
+
+    async def settle(self, service: ChatService, request: RelayRequest, record: AskRecord) -> None:
+        """Charge an answer cut short (cancelled, failed) with what it received, if anything:
+        shielded, so a client that hangs up before the end still pays for what it got."""
+        if self.ticket is None or self.charged or (self.usage is None and not self.pieces):
             return
+        with trio.CancelScope(shield=True), trio.move_on_after(STORE_ON_CANCEL_SECONDS):
+            record.tokens(*await self._figures(service, request))
+        await self._charge(service, record)
+
+    async def _figures(self, service: ChatService, request: RelayRequest) -> tuple[int, int]:
+        if self.usage is not None:
+            return self.usage
         counter = service.counter
         prompt = await counter.text_off_loop(_messages_text(request.body.get("messages")))
-        record.answered(prompt, await counter.text_off_loop("".join(self.pieces)))
+        return prompt, await counter.text_off_loop("".join(self.pieces))
+
+    async def _charge(self, service: ChatService, record: AskRecord) -> None:
+        if self.ticket is None or self.charged:
+            return
+        self.charged = True
+        tokens = (record.prompt_tokens, record.completion_tokens)
+        if any(tokens):
+            await service.charge(self.ticket, self.model, *tokens)
 
 
 def _choices(payload: dict[str, Any]) -> list[dict[str, Any]]:

@@ -48,6 +48,7 @@ from ..errors import (
     TooManyRequests,
 )
 from ..governance.keys import KeyStore
+from ..governance.limits import Limits, Ticket, checked_user
 from ..governance.models import ModelEntry, ModelList
 from ..metrics import Metrics
 from ..settings import Settings
@@ -179,6 +180,8 @@ class AskRequest:
     # refused with PromptTooLong instead of sent without its oldest turns.
     truncate: bool = True
     top_p: float | None = None  # nucleus sampling, sent to the model when given
+    # The end user the ask is for (a bot's user, within its key): what USER_RPM counts apart.
+    user: str | None = None
     caller: Caller = dataclasses.field(kw_only=True)
 
 
@@ -246,6 +249,13 @@ class ChatService:
         self.keys = KeyStore(storage, env_names=settings.api_keys)  # type: ignore[arg-type]
         self.callers = Callers(settings, self.keys)
         self.models = ModelList(settings.models, settings.model)
+        # The keys' windows, budgets and usage (governance/limits.py; app.py runs its task).
+        self.limits = Limits(
+            storage,  # type: ignore[arg-type]
+            metrics,
+            user_rpm=settings.user_rpm,
+            shared=settings.database.is_postgres,
+        )
         # Who is calling, from what a transport was given; raises Unauthenticated
         # (see Callers.caller). Every other method takes the Caller it returns.
         self.caller = self.callers.caller
@@ -300,6 +310,26 @@ class ChatService:
         """
         grant = self.callers.current(caller).grant
         return self.models.choose(requested, grant.models if grant is not None else None)
+
+    async def admit(self, caller: Caller, user: object = None) -> Ticket:
+        """Take the ask's place in the limits of ``caller``'s key and of its end user ``user``.
+
+        The one check of the limits, for every protocol (asks and the /v1 relay), after
+        the input and the model are checked and before anything is sent upstream. Raises
+        InvalidInput (``user`` is no end-user id), RateLimited, BudgetExhausted,
+        Unauthenticated (the key no longer works) or StorageUnavailable (the shared
+        windows cannot be read). Cancelled on PostgreSQL, the windows may have been taken.
+        """
+        user = checked_user(user)
+        grant = self.callers.current(caller).grant
+        return await self.limits.admit(grant, caller.key_name, user)
+
+    async def charge(self, ticket: Ticket, model: str, prompt: int, completion: int) -> None:
+        """Count the tokens of an ask that ended (answered, or cancelled with a partial answer)
+        in its key's usage, budgets and tokens window. Shielded from cancellation, bounded by
+        STORE_ON_CANCEL_SECONDS; never raises for the database (see Limits.charge)."""
+        with trio.CancelScope(shield=True), trio.move_on_after(STORE_ON_CANCEL_SECONDS):
+            await self.limits.charge(ticket, model, prompt, completion)
 
     def allowed_models(self, *, caller: Caller) -> list[ModelEntry]:
         """The models ``caller`` may name: MODELS and its key's own list together, in order."""
@@ -356,21 +386,35 @@ class ChatService:
         whatever its end, gets one access log line and its metrics.
         """
         record = record_for(self.metrics, request.caller, _shown_id(request.conversation_id))
+        bill = _Bill()
         try:
-            async with contextlib.aclosing(self._answer(request, record)) as events:
+            async with contextlib.aclosing(self._answer(request, record, bill)) as events:
                 async for event in events:
                     if isinstance(event, End):
                         record.answered(event.usage.prompt_tokens, event.usage.completion_tokens)
+                        await self._bill(bill, event.model, record)  # before the client sees it
                     else:
                         record.first_piece()
                     yield event
         except BaseException as exc:
             record.failed(exc)
+            await self._bill(bill, bill.model, record)  # a cancelled answer's partial turn
             raise
         finally:
             record.close()
 
-    async def _answer(self, request: AskRequest, record: AskRecord) -> AsyncIterator[Delta | End]:
+    async def _bill(self, bill: _Bill, model: str, record: AskRecord) -> None:
+        """Charge the ask's tokens once, if it was admitted and cost any (see :meth:`charge`)."""
+        if bill.ticket is None or bill.charged:
+            return
+        if not (record.prompt_tokens or record.completion_tokens):
+            return
+        bill.charged = True
+        await self.charge(bill.ticket, model, record.prompt_tokens, record.completion_tokens)
+
+    async def _answer(
+        self, request: AskRequest, record: AskRecord, bill: _Bill
+    ) -> AsyncIterator[Delta | End]:
         ref = ConversationRef(
             request.caller.owner, validate_conversation_id(request.conversation_id)
         )
@@ -384,6 +428,7 @@ class ChatService:
             if request.parent_id is not None:
                 raise InvalidInput("a regenerate takes no parent_id: its parent is the turn's")
         self._check_overrides(request)
+        user = checked_user(request.user)
         model = self.model_for(request.model, caller=request.caller)
         turn_id = request.turn_id
         turn_id = new_turn_id() if turn_id is None else validate_turn_id(turn_id, "turn_id")
@@ -392,6 +437,9 @@ class ChatService:
         given = await self._counted_turns(request.preceding, created_at)
 
         with self._admitted(request):
+            # The key's and the end user's limits: a refused ask never reaches the upstream.
+            bill.ticket = await self.admit(request.caller, user)
+            bill.model = model
             async with self._hold(ref, live=False):
                 # Read under the conversation's lock: its head and the new turn's parent, then
                 # the newest turns of the path to the parent that fit.
@@ -459,6 +507,7 @@ class ChatService:
                             created_at,
                         )
                         record.tokens(turn.usage_prompt_tokens, turn.usage_completion_tokens)
+                        bill.model = turn.model
                     raise
                 assert completion is not None
                 answer = "".join(pieces)
@@ -972,6 +1021,16 @@ class ChatService:
         with trio.CancelScope(shield=True), trio.move_on_after(STORE_ON_CANCEL_SECONDS):
             await self._keep(keep, turn)
         return turn
+
+
+@dataclasses.dataclass(slots=True)
+class _Bill:
+    """What an ask is charged once it ends: its place in the limits, the model its usage is
+    counted under, and whether it was charged (once)."""
+
+    ticket: Ticket | None = None
+    model: str = ""
+    charged: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

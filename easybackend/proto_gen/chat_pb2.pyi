@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class AskRequest(_message.Message):
-    __slots__ = ("prompt", "conversation_id", "parent_id", "model", "temperature", "max_tokens", "system")
+    __slots__ = ("prompt", "conversation_id", "parent_id", "model", "temperature", "max_tokens", "system", "user")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     PARENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -15,6 +15,7 @@ class AskRequest(_message.Message):
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     conversation_id: str
     parent_id: str
@@ -22,23 +23,26 @@ class AskRequest(_message.Message):
     temperature: float
     max_tokens: int
     system: str
-    def __init__(self, prompt: _Optional[str] = ..., conversation_id: _Optional[str] = ..., parent_id: _Optional[str] = ..., model: _Optional[str] = ..., temperature: _Optional[float] = ..., max_tokens: _Optional[int] = ..., system: _Optional[str] = ...) -> None: ...
+    user: str
+    def __init__(self, prompt: _Optional[str] = ..., conversation_id: _Optional[str] = ..., parent_id: _Optional[str] = ..., model: _Optional[str] = ..., temperature: _Optional[float] = ..., max_tokens: _Optional[int] = ..., system: _Optional[str] = ..., user: _Optional[str] = ...) -> None: ...
 
 class RegenerateRequest(_message.Message):
-    __slots__ = ("conversation_id", "turn_id", "model", "temperature", "max_tokens", "system")
+    __slots__ = ("conversation_id", "turn_id", "model", "temperature", "max_tokens", "system", "user")
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     TURN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
     conversation_id: str
     turn_id: str
     model: str
     temperature: float
     max_tokens: int
     system: str
-    def __init__(self, conversation_id: _Optional[str] = ..., turn_id: _Optional[str] = ..., model: _Optional[str] = ..., temperature: _Optional[float] = ..., max_tokens: _Optional[int] = ..., system: _Optional[str] = ...) -> None: ...
+    user: str
+    def __init__(self, conversation_id: _Optional[str] = ..., turn_id: _Optional[str] = ..., model: _Optional[str] = ..., temperature: _Optional[float] = ..., max_tokens: _Optional[int] = ..., system: _Optional[str] = ..., user: _Optional[str] = ...) -> None: ...
 
 class AskResponse(_message.Message):
     __slots__ = ("response", "finish_reason", "usage", "model", "turn_id", "turn")

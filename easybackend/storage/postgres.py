@@ -58,6 +58,8 @@ MIGRATIONS: list[str] = [
     schema.TREE.format(**schema.POSTGRES_TYPES),
     schema.API_KEYS.format(**schema.POSTGRES_TYPES),
     schema.MEMORY.format(**schema.POSTGRES_TYPES) + schema.MEMORY_POSTGRES_SEARCH,
+    schema.USAGE.format(**schema.POSTGRES_TYPES)
+    + schema.USAGE_BACKFILL.format(day=schema.USAGE_POSTGRES_DAY),
 ]
 
 

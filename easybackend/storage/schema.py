@@ -197,6 +197,40 @@ MEMORY_POSTGRES_SEARCH = """
     END $$;
 """
 
+# Usage and limits (SPEC §14; easybackend/governance/limits.py): the tokens of every key (its
+# name; "" for asks made with keys off) per UTC day and model, which the budgets, GET /usage and
+# `easybackend usage` read, and the rate windows PostgreSQL's instances share (one row per
+# window: its GCRA time; SQLite keeps its windows in the process). USAGE_BACKFILL fills the
+# usage from the turns stored before (a conversation's owner is its key's name), so budgets
+# count what was asked before the upgrade; {day} is the engine's UTC day of turns.created_at.
+USAGE = """
+    CREATE TABLE key_usage (
+        key_name TEXT NOT NULL,
+        day TEXT NOT NULL,
+        model TEXT NOT NULL,
+        requests {total} NOT NULL DEFAULT 0,
+        prompt_tokens {total} NOT NULL DEFAULT 0,
+        completion_tokens {total} NOT NULL DEFAULT 0,
+        PRIMARY KEY (key_name, day, model)
+    );
+    CREATE INDEX key_usage_by_day ON key_usage (day);
+    CREATE TABLE rate_windows (
+        name TEXT PRIMARY KEY,
+        tat {time} NOT NULL
+    );
+    CREATE INDEX rate_windows_by_time ON rate_windows (tat);
+"""
+USAGE_BACKFILL = """
+    INSERT INTO key_usage (key_name, day, model, requests, prompt_tokens, completion_tokens)
+    SELECT c.owner, {day}, t.model, count(*), sum(t.usage_prompt_tokens),
+        sum(t.usage_completion_tokens)
+    FROM turns t JOIN conversations c ON c.pk = t.conversation_pk
+    WHERE t.model <> ''
+    GROUP BY c.owner, {day}, t.model;
+"""
+USAGE_SQLITE_DAY = "strftime('%Y-%m-%d', t.created_at, 'unixepoch')"
+USAGE_POSTGRES_DAY = "to_char(to_timestamp(t.created_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+
 # key: the conversation's own id; reference: a turn's pointer to it; total: usage sums;
 # time: epoch seconds; real: any other number; turns_options: after the turns table's
 # definition; random_id: a new turn id for a row of the turns table (the tree migration).

@@ -16,7 +16,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequen
 from typing import Any, TypeVar
 
 from ..errors import StorageUnavailable
-from . import sql, sql_keys, sql_memory
+from . import sql, sql_keys, sql_memory, sql_usage
 from .base import (
     ConversationDetail,
     ConversationExport,
@@ -259,6 +259,37 @@ class SQLStore:
     async def revoke_key(self, name: str) -> sql_keys.KeyRecord | None:
         return await self._run(sql_keys.revoke_key, Access.WRITE, name, time.time())
 
+    # usage and the shared rate windows (easybackend.governance.limits.UsageTable)
+
+    async def add_usage(self, rows: Sequence[sql_usage.UsageRow]) -> None:
+        await self._run(sql_usage.add_usage, Access.WRITE, rows)
+
+    async def usage_rows(
+        self, key_name: str | None, first_day: str, last_day: str
+    ) -> list[sql_usage.UsageRow]:
+        return await self._run(sql_usage.usage_rows, Access.READ, key_name, first_day, last_day)
+
+    async def spent(self, key_name: str | None, day: str, month: str) -> list[tuple[str, int, int]]:
+        return await self._run(sql_usage.spent, Access.READ, key_name, day, month)
+
+    async def admit_windows(
+        self,
+        peek: Sequence[str],
+        budget: tuple[str, str, str] | None,
+        go_on: Callable[[dict[str, float | None], tuple[int, int] | None], bool],
+        take: Sequence[tuple[str, float, float]],
+        now: float,
+    ) -> sql_usage.Reads | None:
+        return await self._run(sql_usage.admit, Access.WRITE, peek, budget, go_on, take, now)
+
+    async def charge_usage(
+        self, rows: Sequence[sql_usage.UsageRow], windows: Sequence[tuple[str, float]], now: float
+    ) -> None:
+        await self._run(_charge, Access.WRITE, rows, windows, now)
+
+    async def prune_windows(self, now: float) -> int:
+        return await self._run(sql_usage.prune_windows, Access.WRITE, now)
+
     # transfer
 
     async def import_turns(self, ref: ConversationRef, source: str, turns: list[NewTurn]) -> int:
@@ -282,6 +313,18 @@ class SQLStore:
 
 def _bound(step: Callable[..., T], dialect: sql.Dialect, args: tuple[Any, ...], db: Any) -> T:
     return step(dialect, db, *args)
+
+
+def _charge(
+    dialect: sql.Dialect,
+    db: Any,
+    rows: Sequence[sql_usage.UsageRow],
+    windows: Sequence[tuple[str, float]],
+    now: float,
+) -> None:
+    sql_usage.add_usage(dialect, db, rows)
+    for name, cost in windows:
+        sql_usage.charge_window(dialect, db, name, cost, now)
 
 
 def _import_all(dialect: sql.Dialect, db: Any, conversations: Sequence[ConversationExport]) -> None:

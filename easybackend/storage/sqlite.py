@@ -40,6 +40,8 @@ MIGRATIONS: list[str] = [
     schema.TREE.format(**schema.SQLITE_TYPES),
     schema.API_KEYS.format(**schema.SQLITE_TYPES),
     schema.MEMORY.format(**schema.SQLITE_TYPES) + schema.MEMORY_SQLITE_SEARCH,
+    schema.USAGE.format(**schema.SQLITE_TYPES)
+    + schema.USAGE_BACKFILL.format(day=schema.USAGE_SQLITE_DAY),
 ]
 
 

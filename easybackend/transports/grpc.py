@@ -39,6 +39,11 @@ once shutdown has begun) and fails with NOT_FOUND for any other name.
 ``Health.Watch`` sends the current status, then waits; at shutdown it sends
 NOT_SERVING and ends the call, so that watchers do not hold the drain up.
 
+A refusal by a key's limits (``rate_limited``, ``budget_exhausted``:
+RESOURCE_EXHAUSTED) ends the call with ``retry-after`` metadata too, the
+seconds to wait before asking again. AskRequest's and RegenerateRequest's
+``user`` (field 20) names the end user an ask is for, whom ``USER_RPM`` limits.
+
 Errors end the call with a status code and the error's readable message:
 every error is a :class:`~easybackend.errors.ChatError`, and
 :data:`STATUS_BY_ERROR` gives each class its status code (the README's error
@@ -150,6 +155,8 @@ STATUS_BY_ERROR: dict[type[errors.ChatError], StatusCode] = {
     errors.MethodNotAllowed: StatusCode.UNIMPLEMENTED,
     errors.RequestTooLarge: StatusCode.RESOURCE_EXHAUSTED,
     errors.TooManyRequests: StatusCode.RESOURCE_EXHAUSTED,
+    errors.RateLimited: StatusCode.RESOURCE_EXHAUSTED,  # with retry-after metadata
+    errors.BudgetExhausted: StatusCode.RESOURCE_EXHAUSTED,  # with retry-after metadata
     errors.UpstreamRateLimited: StatusCode.RESOURCE_EXHAUSTED,
     errors.UpstreamTimeout: StatusCode.DEADLINE_EXCEEDED,
     errors.UpstreamError: StatusCode.UNAVAILABLE,
@@ -502,12 +509,18 @@ def _overrides(message: chat_pb2.AskRequest | chat_pb2.RegenerateRequest) -> dic
     }
 
 
+def _user(message: chat_pb2.AskRequest | chat_pb2.RegenerateRequest) -> str | None:
+    """The end user the ask is for (field 20, what USER_RPM counts), None when unset."""
+    return message.user if message.HasField("user") else None
+
+
 def _ask_request(message: chat_pb2.AskRequest, caller: Caller) -> AskRequest:
     """The core's AskRequest for an Ask; an empty ``parent_id`` (unset) is the head."""
     return AskRequest(
         conversation_id=message.conversation_id,
         prompt=message.prompt,
         parent_id=message.parent_id or None,
+        user=_user(message),
         caller=caller,
         **_overrides(message),
     )
@@ -519,6 +532,7 @@ def _regenerate_request(message: chat_pb2.RegenerateRequest, caller: Caller) -> 
         conversation_id=message.conversation_id,
         prompt="",
         regenerate=message.turn_id,
+        user=_user(message),
         caller=caller,
         **_overrides(message),
     )
@@ -837,6 +851,8 @@ class _Server:
             else:  # logged with its traceback; the client learns nothing more
                 error = errors.unexpected(exc, f"gRPC {call.method}")
             self.refused(call, error)
+            if isinstance(error, errors.RateLimited):  # a key's limits: when to ask again
+                trailers["retry-after"] = str(error.retry_after_seconds)
             return status_for(error)
         too_slow = response.too_slow
         if too_slow is not None:  # as if the client had gone; it is told, should it read

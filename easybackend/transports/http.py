@@ -88,6 +88,8 @@ STATUS_BY_ERROR: dict[type[ChatError], int] = {
     errors.PromptTooLong: 413,
     errors.RequestTooLarge: 413,
     errors.TooManyRequests: 429,
+    errors.RateLimited: 429,  # with Retry-After
+    errors.BudgetExhausted: 429,  # with Retry-After
     errors.UpstreamRateLimited: 429,
     errors.InternalError: 500,
     errors.UpstreamError: 502,
@@ -97,6 +99,11 @@ STATUS_BY_ERROR: dict[type[ChatError], int] = {
     errors.ShuttingDown: 503,
     errors.UpstreamTimeout: 504,
 }
+
+
+USER_DESCRIPTION = (
+    "The end user this ask is for (a bot's user, within its key): USER_RPM limits each apart."
+)
 
 
 class AskBody(pydantic.BaseModel):
@@ -125,6 +132,7 @@ class AskBody(pydantic.BaseModel):
         description='The turn to answer after (a branch); "root" starts a new first turn.'
         " Default: the conversation's head.",
     )
+    user: str | None = pydantic.Field(None, description=USER_DESCRIPTION)
 
 
 class RegenerateBody(pydantic.BaseModel):
@@ -142,6 +150,7 @@ class RegenerateBody(pydantic.BaseModel):
     )
     max_tokens: int | None = pydantic.Field(None, gt=0, description="Cap on the answer's tokens.")
     system: str | None = pydantic.Field(None, description="System prompt for this turn only.")
+    user: str | None = pydantic.Field(None, description=USER_DESCRIPTION)
 
 
 class AnswerBody(pydantic.BaseModel):
@@ -177,8 +186,15 @@ class HealthBody(pydantic.BaseModel):
 
 
 def error_response(error: ChatError, status: int | None = None) -> Response:
-    """The JSON error response for ``error``: its class's status unless ``status`` is given."""
-    body = json.dumps({"error": {"code": error.code, "message": error.message}}, ensure_ascii=False)
+    """The JSON error response for ``error``: its class's status unless ``status`` is given.
+
+    A refusal by a key's limits also says when to retry: ``retry_after`` (seconds) in the
+    error, as the ``Retry-After`` header the app adds does.
+    """
+    shown: dict[str, object] = {"code": error.code, "message": error.message}
+    if isinstance(error, errors.RateLimited):
+        shown["retry_after"] = error.retry_after_seconds
+    body = json.dumps({"error": shown}, ensure_ascii=False)
     return Response(
         body, status=status or wire_form(error, STATUS_BY_ERROR), mimetype="application/json"
     )
@@ -306,6 +322,8 @@ def create_app(service: ChatService, stopping: Stopping | None = None) -> Quart:
             response = error_response(error, status)
         if isinstance(error, errors.Unauthenticated):
             response.headers["WWW-Authenticate"] = 'Bearer realm="easybackend"'
+        if isinstance(error, errors.RateLimited):  # under /v1 too: the SDKs read it
+            response.headers["Retry-After"] = str(error.retry_after_seconds)
         return response
 
     @app.errorhandler(ChatError)

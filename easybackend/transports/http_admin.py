@@ -4,9 +4,11 @@ Two blueprints registered by :func:`easybackend.transports.http.create_app`:
 
 - :func:`model_routes`: ``GET /models``, the models the caller may name
   (MODELS and its key's own list together) and the one an ask that names
-  none gets; an ordinary route (the caller is the HTTP app's);
+  none gets, and ``GET /usage``, the caller's own key's usage (by day or
+  model) and budgets; ordinary routes (the caller is the HTTP app's);
 - :func:`admin_routes`: ``GET /admin/keys``, ``POST /admin/keys``,
-  ``PATCH /admin/keys/{key_name}``, ``DELETE /admin/keys/{key_name}``. They are
+  ``PATCH /admin/keys/{key_name}``, ``DELETE /admin/keys/{key_name}`` and
+  ``GET /admin/usage`` (every key's usage, by key, day and model). They are
   guarded by ``ADMIN_KEY`` alone (``Authorization: Bearer <ADMIN_KEY>``, checked by
   :meth:`~easybackend.chat.caller.Callers.check_admin`): without ADMIN_KEY
   set they answer 404 (the admin API is off); with no key or a wrong one,
@@ -28,10 +30,11 @@ from collections.abc import Callable
 
 import pydantic
 from quart import Blueprint, request
-from quart_schema import document_response, tag, validate_request
+from quart_schema import document_querystring, document_response, tag, validate_request
 
 from ..chat.caller import Caller
 from ..chat.service import ChatService
+from ..governance import usage
 from ..governance.keys import MAX_PER_MINUTE, MAX_TOKENS, key_view
 
 ADMIN_PREFIX = "/admin/"  # every admin route; the HTTP app makes no Caller for these
@@ -165,6 +168,79 @@ class KeyCreateBody(KeyChangeBody):
     )
 
 
+class UsageRowBody(pydantic.BaseModel):
+    """The usage of one group (the fields grouped by, then the figures)."""
+
+    model_config = pydantic.ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "examples": [
+                {
+                    "day": "2026-12-01",
+                    "requests": 12,
+                    "prompt_tokens": 3400,
+                    "completion_tokens": 1800,
+                    "total_tokens": 5200,
+                }
+            ]
+        },
+    )
+
+    key: str | None = pydantic.Field(None, description="The key's name (admin; null: no key)")
+    day: str | None = pydantic.Field(None, description="The UTC day, YYYY-MM-DD")
+    model: str | None = pydantic.Field(None, description="The provider model that answered")
+    requests: int = pydantic.Field(description="Asks that cost tokens")
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class UsageTotalBody(pydantic.BaseModel):
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class BudgetBody(pydantic.BaseModel):
+    """The key's budgets (null: none) and what it spent of them, in tokens (UTC)."""
+
+    tokens_per_day: int | None
+    tokens_per_month: int | None
+    spent_today: int
+    spent_this_month: int
+
+
+class UsageAnswerBody(pydantic.BaseModel):
+    """Usage from ``from`` to ``to`` (UTC days, both included), grouped by ``group_by``."""
+
+    key: str | None = pydantic.Field(None, description="The caller's key (null: keys are off)")
+    from_: str = pydantic.Field(alias="from")
+    to: str
+    group_by: str
+    usage: list[UsageRowBody]
+    total: UsageTotalBody
+    budget: BudgetBody | None = pydantic.Field(None, description="GET /usage only")
+
+
+class UsageQueryArgs(pydantic.BaseModel):
+    """The days and the grouping of a usage query."""
+
+    from_: str | None = pydantic.Field(
+        None, alias="from", description="First UTC day, YYYY-MM-DD (default: the month's first)"
+    )
+    to: str | None = pydantic.Field(None, description="Last UTC day, YYYY-MM-DD (default: today)")
+    group_by: str | None = pydantic.Field(
+        None,
+        description="GET /usage: day (default) or model; GET /admin/usage: any of key, day,"
+        " model, comma-separated (default all three)",
+    )
+
+
+class AdminUsageQueryArgs(UsageQueryArgs):
+    key: str | None = pydantic.Field(None, description="One key's usage only")
+
+
 def model_routes(service: ChatService, caller: Callable[[], Caller]) -> Blueprint:
     """``GET /models`` for ``service``; ``caller`` gives the request's Caller."""
     blueprint = Blueprint("models", __name__)
@@ -184,6 +260,40 @@ def model_routes(service: ChatService, caller: Callable[[], Caller]) -> Blueprin
             "default": default.name if default is not None else None,
             "models": [entry.as_dict() for entry in service.allowed_models(caller=who)],
         }
+
+    @blueprint.get("/usage")
+    @document_querystring(UsageQueryArgs)
+    @document_response(UsageAnswerBody, 200)
+    @tag(["models"])
+    async def own_usage() -> dict[str, object]:
+        """This key's usage: requests and tokens per UTC day (``group_by=day``, the default) or
+        per model (``group_by=model``), from ``from`` to ``to`` (default: this month), and its
+        budgets with what it spent of them.
+
+        The figures are those the limits count: every ask that cost tokens, the /v1 relay's
+        too. With keys off, the usage of every ask (``key`` null).
+        """
+        who = caller()
+        args = request.args
+        query = usage.parse_query(
+            args.get("from"),
+            args.get("to"),
+            args.get("group_by"),
+            service.limits.clock(),
+            allowed=("day", "model"),
+            default=("day",),
+        )
+        name = who.key_name or ""
+        rows = await service.limits.usage_rows(name, query.first_day, query.last_day)
+        today, month = await service.limits.spent_now(name)
+        grant = service.callers.current(who).grant
+        budget = {
+            "tokens_per_day": grant.tokens_per_day if grant else None,
+            "tokens_per_month": grant.tokens_per_month if grant else None,
+            "spent_today": today,
+            "spent_this_month": month,
+        }
+        return usage.usage_view(query, rows, key=who.key_name, budget=budget)
 
     return blueprint
 
@@ -246,5 +356,23 @@ def admin_routes(service: ChatService) -> Blueprint:
         """Revoke a key for good: it stops working on every instance within a second, and its
         name is never given again. Needs ADMIN_KEY."""
         return key_view(await keys.revoke(key_name))
+
+    @blueprint.get("/usage")
+    @document_querystring(AdminUsageQueryArgs)
+    @document_response(UsageAnswerBody, 200)
+    @tag(["admin"])
+    async def all_usage() -> dict[str, object]:
+        """Every key's usage (or one ``key``'s), by key, UTC day and model (``group_by``: any of
+        them, comma-separated), from ``from`` to ``to`` (default: this month). Needs ADMIN_KEY.
+
+        Asks made with keys off are under ``key`` null.
+        """
+        args = request.args
+        query = usage.parse_query(
+            args.get("from"), args.get("to"), args.get("group_by"), service.limits.clock()
+        )
+        key = args.get("key")
+        rows = await service.limits.usage_rows(key, query.first_day, query.last_day)
+        return usage.usage_view(query, rows)
 
     return blueprint

@@ -31,7 +31,8 @@ ERROR_DESCRIPTIONS = {
     "409": "A key of that name exists, was revoked, or is one of API_KEYS (or is revoked: it"
     " cannot change)",
     "413": "Prompt too long for the context window, or body larger than MAX_BODY_BYTES",
-    "429": "The model provider is rate limiting, or this key has too many answers in progress",
+    "429": "The model provider is rate limiting, this key has too many answers in progress, or"
+    " it is over its limits (rate_limited, budget_exhausted: see Retry-After)",
     "502": "The model provider failed, could not be reached, or rejected the server's key",
     "503": "Storage unavailable or the server is shutting down",
     "504": "The model provider timed out",

@@ -8,10 +8,10 @@ Each text message is read as one of:
   ``<|err|>$<reason>``;
 - JSON (a message starting with ``{`` or ``[``): ``{"type": "ask", "conversation_id",
   "prompt", "parent_id"?, "id"?, "request_id"?, "model"?, "temperature"?,
-  "max_tokens"?, "system"?}`` → ``{"type": "delta", "text"}`` … then
+  "max_tokens"?, "system"?, "user"?}`` → ``{"type": "delta", "text"}`` … then
   ``{"type": "end", "finish_reason", "usage", "model", "turn_id", "turn"}`` or
   ``{"type": "error", "code", "message"}`` (each with the ask's ``id`` when it
-  had one); ``{"type": "regenerate", "conversation_id", "turn_id", …}`` asks a
+  had one; a refusal by a key's limits with ``retry_after``, in seconds); ``{"type": "regenerate", "conversation_id", "turn_id", …}`` asks a
   turn's prompt again as a new sibling of it (the same overrides, events and
   errors as an ask); ``{"type": "cancel"}`` stops the answer in progress (it
   ends with ``finish_reason: "cancelled"``); ``{"type": "ping"}`` →
@@ -485,8 +485,12 @@ class _Connection(Watched):
 
 
 def _error(error: ChatError) -> dict[str, Any]:
-    """The JSON ``error`` message of ``error``: its class's code and its message."""
-    return {"type": "error", "code": error.code, "message": error.message}
+    """The JSON ``error`` message of ``error``: its class's code and its message, and for a
+    refusal by a key's limits ``retry_after``, the seconds to wait before asking again."""
+    message = {"type": "error", "code": error.code, "message": error.message}
+    if isinstance(error, errors.RateLimited):
+        message["retry_after"] = error.retry_after_seconds
+    return message
 
 
 def _json_ask(data: dict[str, Any], caller: Caller) -> AskRequest:
@@ -501,6 +505,7 @@ def _json_ask(data: dict[str, Any], caller: Caller) -> AskRequest:
         max_tokens=data.get("max_tokens"),
         system=data.get("system"),
         parent_id=data.get("parent_id"),
+        user=data.get("user"),
         # "" for a missing turn_id: the core refuses it as a malformed turn id
         regenerate=("" if turn_id is None else turn_id) if regenerate else None,
         caller=caller,

@@ -60,9 +60,10 @@ USED_FIELDS = frozenset(
         "n",
         "conversation",
         "parent_id",
+        "user",  # the end user the turn is for: USER_RPM limits each apart
     }
 )
-IGNORED_FIELDS = frozenset({"user", "safety_identifier", "metadata", "store", "prompt_cache_key"})
+IGNORED_FIELDS = frozenset({"safety_identifier", "metadata", "store", "prompt_cache_key"})
 SYSTEM_ROLES = ("system", "developer")
 # How several new messages of one role become one text (see conversation_ask).
 JOIN_MESSAGES = "\n\n"
@@ -91,8 +92,8 @@ class ChatCompletionRequestDoc(pydantic.BaseModel):
 
     Without ``conversation`` every field is forwarded to the model provider as
     sent (tools, ``response_format``, ``seed``, image parts…). With it, only
-    the fields below are taken (and ``user``, ``metadata``, ``store``,
-    ``safety_identifier``, ``prompt_cache_key``, ignored).
+    the fields below are taken, ``user`` too (the end user USER_RPM limits; and
+    ``metadata``, ``store``, ``safety_identifier``, ``prompt_cache_key``, ignored).
     """
 
     model_config = pydantic.ConfigDict(
@@ -251,7 +252,8 @@ def conversation_ask(
     - content is a string or a list of ``text`` parts (joined by a newline);
     - ``model``, ``temperature``, ``max_completion_tokens`` (or
       ``max_tokens``) are the ask's overrides; ``parent_id`` places the turn
-      (a branch, ``"root"``), as on the native API.
+      (a branch, ``"root"``), as on the native API; ``user`` is the end user
+      the ask is for (``USER_RPM``).
 
     Raises InvalidInput naming the field (``param``) for anything a turn cannot
     hold: assistant, tool or function messages (the server keeps the
@@ -336,6 +338,7 @@ def conversation_ask(
         max_tokens=max_tokens,
         system=JOIN_MESSAGES.join(systems) if systems else None,
         parent_id=parent_id,
+        user=body.get("user"),  # the core checks it (limits.checked_user)
         caller=caller,
     )
     return ask, stream is True, bool(options and options.get("include_usage") is True)

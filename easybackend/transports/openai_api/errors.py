@@ -9,7 +9,8 @@ other transports' tables (a lookup walks the bases:
 exceptions: 400 ``BadRequestError``, 401 ``AuthenticationError``, 403
 ``PermissionDeniedError``, 404 ``NotFoundError``, 409 ``ConflictError``, 422
 ``UnprocessableEntityError``, 429 ``RateLimitError``, 5xx
-``InternalServerError``. A refusal the provider gave a relayed request
+``InternalServerError``. A refusal by a key's limits (``rate_limited``,
+``budget_exhausted``) also carries ``Retry-After`` (set by the HTTP app). A refusal the provider gave a relayed request
 (:class:`~easybackend.errors.UpstreamRejected`) keeps the provider's status.
 
 An error after a streamed answer has begun is one ``data:`` event holding the
@@ -42,6 +43,8 @@ STATUS_BY_ERROR: dict[type[ChatError], tuple[int, str]] = {
     errors.MethodNotAllowed: (405, INVALID_REQUEST),
     errors.RequestTooLarge: (413, INVALID_REQUEST),
     errors.TooManyRequests: (429, "rate_limit_error"),
+    errors.RateLimited: (429, "rate_limit_error"),  # with Retry-After
+    errors.BudgetExhausted: (429, "insufficient_quota"),  # OpenAI's type for a spent quota
     errors.UpstreamRateLimited: (429, "rate_limit_error"),
     errors.InternalError: (500, SERVER_ERROR),
     errors.UpstreamError: (502, SERVER_ERROR),

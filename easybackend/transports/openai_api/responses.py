@@ -621,6 +621,7 @@ def response_routes(
             preceding=tuple(preceding),
             truncate=settings["truncation"] == "auto",
             top_p=settings["top_p"],
+            user=settings["user"],  # the end user USER_RPM limits
             caller=asking,
         )
         if settings["temperature"] is None:
