@@ -111,11 +111,13 @@ async def test_compact_folds_the_path_now_and_is_accounted(start_server):
         for prompt in ("one", "two", "three"):
             await ask(client, "cp", prompt)
         before = (await client.get("/conversations/cp")).json()["usage"]
+        key_before = (await client.get("/usage")).json()["total"]
         with capture_access() as access:
             compacted = await client.post("/conversations/cp/compact", json={"keep": 1})
             assert compacted.status_code == 200, compacted.text
             line = (await access.wait_for(1))[0]
         after = (await client.get("/conversations/cp")).json()["usage"]
+        key_after = (await client.get("/usage")).json()["total"]
         text = await scrape(client)
         await ask(client, "cp", "four")
         again = await client.post("/conversations/cp/compact")  # no body: keep nothing
@@ -136,6 +138,12 @@ async def test_compact_folds_the_path_now_and_is_accounted(start_server):
     assert metric(text, "easybackend_asks_total", protocol="summary", outcome="ok") == 1
     assert after["completion_tokens"] == before["completion_tokens"] + line["completion_tokens"]
     assert after["prompt_tokens"] == before["prompt_tokens"] + line["prompt_tokens"]
+    # and in the key's usage (keys off here: the usage of every ask), as one more request
+    assert key_after["requests"] == key_before["requests"] + 1
+    assert (
+        key_after["total_tokens"]
+        == key_before["total_tokens"] + after["total_tokens"] - (before["total_tokens"])
+    )
 
 
 async def test_summaries_need_memory_summarize_and_a_turn(server):

@@ -119,6 +119,8 @@ MAX_EXPIRES_IN = 10 * 365 * 86400.0  # seconds
 SUMMARY_READ_TURNS = 5000  # turns of a path read by one summary update at most
 SUMMARY_ROUNDS = 8  # summary calls one update (or compaction) makes at most
 SWEEP_BATCH = 200  # conversations deleted per transaction by the sweep
+INDEX_DELAY = 0.5  # seconds the search indexer waits after a turn, to index those of a moment
+INDEX_BATCH = 32  # turns indexed per transaction (asks' storage calls run between two)
 MAX_QUERY_CHARS = 200
 MAX_QUERY_TERMS = 10
 
@@ -145,6 +147,7 @@ class Memory:
         self._instruction_tokens = service.counter.message(self.summary_prompt)
         self.now = time.time  # the wall clock of expiry (a test may replace it)
         self._due: dict[ConversationRef, _Due] = {}
+        self._index_due = trio.Event()  # a turn was stored: the search indexer has work
 
     # --- what applies
 
@@ -199,8 +202,13 @@ class Memory:
     ) -> None:
         """Start what a stored turn makes due: a summary update when ``pending`` (tokens the next
         ask would leave out unsummarized; None: not summarizing) reaches the threshold, a
-        title for a ``first`` turn (its prompt and answer) of a conversation without one."""
+        title for a ``first`` turn (its prompt and answer) of a conversation without one.
+
+        Only starts jobs in the service's nursery (none when it is not running): never
+        raises, never waits.
+        """
         background = self._service.background
+        self._index_due.set()
         if pending is not None and pending >= self.threshold(head.settings):
             self._due[ref] = _Due(turn, caller, model)
             background.spawn(("summary", ref), lambda: self._update_summary(ref), "summary")
@@ -210,22 +218,23 @@ class Memory:
             )
 
     async def _update_summary(self, ref: ConversationRef) -> None:
-        """The summary update of ``ref`` asked for last (see the module docstring)."""
-        due = self._due.pop(ref, None)
-        if due is None:
-            return
-        caller = due.caller.with_protocol("summary")
-        model = self._summary_model(due.model)
-        try:
-            async with self._service._hold(ref):
-                await self._fold(ref, due.last, caller, model, keep=None)
-        except ChatError as exc:
-            log.warning(
-                "summary of conversation %s failed (%s: %s); retried after its next turn",
-                ref.conversation_id,
-                exc.code,
-                exc.message,
-            )
+        """The summary updates of ``ref`` (see the module docstring), the one asked for last
+        first, then any asked for while it ran. A failure is logged and ends the job (the
+        next turn stored asks again); cancelled, nothing more is stored."""
+        while (due := self._due.pop(ref, None)) is not None:
+            caller = due.caller.with_protocol("summary")
+            model = self._summary_model(due.model)
+            try:
+                async with self._service._hold(ref):
+                    await self._fold(ref, due.last, caller, model, keep=None)
+            except ChatError as exc:
+                log.warning(
+                    "summary of conversation %s failed (%s: %s); retried after its next turn",
+                    ref.conversation_id,
+                    exc.code,
+                    exc.message,
+                )
+                return
 
     def _summary_model(self, asked: str) -> str:
         """SUMMARY_MODEL (an alias of MODELS gives its provider model), else ``asked``."""
@@ -373,7 +382,9 @@ class Memory:
         caller: Caller,
     ) -> tuple[str, tuple[int, int]]:
         """Ask the model for a whole answer, accounted as an ask of ``caller``'s protocol
-        (summary, title): its access line and metrics. Raises ChatError."""
+        (summary, title): its access line and metrics, the key's limits and usage. Raises
+        ChatError (a refusal of the key's limits included); cancelled, the call is closed and
+        nothing is charged."""
         service = self._service
         record = AskRecord(
             service.metrics,
@@ -388,6 +399,9 @@ class Memory:
         pieces: list[str] = []
         completion: Completion | None = None
         try:
+            # The key's limits and usage, as for an ask: refused (over its rate or budget), the
+            # call is not made; its tokens are charged to the key.
+            ticket = await service.admit(caller)
             async for item in service.upstream.stream(call):
                 if isinstance(item, Completion):
                     completion = item
@@ -407,6 +421,8 @@ class Memory:
                 else await service.counter.text_off_loop(text)
             )
             record.answered(prompt_tokens, completion_tokens)
+            answered = completion.model if completion is not None and completion.model else model
+            await service.charge(ticket, answered, prompt_tokens, completion_tokens)
         except BaseException as exc:
             record.failed(exc)
             raise
@@ -438,7 +454,8 @@ class Memory:
             return await self._fold(ref, head.parent, asking, model, keep=keep)
 
     async def summary(self, conversation_id: str, *, caller: Caller) -> MemorySummary | None:
-        """The newest summary on the head's path (None: none yet). Raises InvalidInput or NotFound."""
+        """The newest summary on the head's path (None: none yet). Raises InvalidInput, NotFound
+        or StorageUnavailable; a cancelled read changes nothing."""
         service = self._service
         ref = service._ref(conversation_id, caller)
         async with service._locks.hold(ref):
@@ -452,7 +469,8 @@ class Memory:
     ) -> MemorySummary:
         """Replace the text of the newest summary on the head's path (none: a summary of the
         whole path to the head); the next ask sends it as given. Raises InvalidInput (memory
-        is not summarize, no turn, a bad text) or NotFound."""
+        is not summarize, no turn, a bad text), NotFound or StorageUnavailable; cancelled,
+        the write once started still finishes."""
         from .service import checked_text
 
         if not isinstance(text, str) or not checked_text("summary", text).strip():
@@ -492,7 +510,10 @@ class Memory:
     async def _name(
         self, ref: ConversationRef, prompt: str, answer: str, caller: Caller, model: str
     ) -> None:
-        """Ask the model for the conversation's title and keep it unless one was set meanwhile."""
+        """Ask the model for the conversation's title and keep it unless one was set meanwhile.
+
+        A failure is logged (no title); cancelled, nothing is stored.
+        """
         asking = caller.with_protocol("title")
         messages = [
             {"role": "system", "content": self.title_prompt},
@@ -606,6 +627,22 @@ class Memory:
         if len(terms) > MAX_QUERY_TERMS:
             raise InvalidInput(f"q may hold at most {MAX_QUERY_TERMS} words")
         return terms
+
+    async def index_forever(self) -> None:
+        """Index new turns for search (SQLite; see storage.sql_memory.index_pending) from the
+        start and INDEX_DELAY seconds after turns are stored, INDEX_BATCH turns per
+        transaction so that asks run between two. A store failure is logged and tried again
+        with the next turn; cancellation stops it (a batch once started finishes)."""
+        storage = self._service.storage
+        while True:
+            try:
+                while await storage.index_pending(None, INDEX_BATCH) >= INDEX_BATCH:
+                    await trio.lowlevel.checkpoint()
+            except StorageUnavailable as exc:
+                log.warning("indexing new turns for search failed: %s", exc.message)
+            await self._index_due.wait()
+            self._index_due = trio.Event()
+            await trio.sleep(INDEX_DELAY)
 
     # --- expiry
 

@@ -273,6 +273,7 @@ class ChatService:
         self.background = Background(settings.background_jobs)
         self.memory = Memory(self)
         self.background.add_loop(self.memory.sweep_forever)
+        self.background.add_loop(self.memory.index_forever)
 
     def refused(
         self,

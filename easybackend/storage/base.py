@@ -193,6 +193,8 @@ class ConversationExport:
     metadata: str | None
     turns: list[TurnRecord]  # seq order
     legacy_imports: dict[str, int]  # legacy file name -> entries imported from it (import-json)
+    settings: ConversationSettings = NO_SETTINGS  # its own settings (title included)
+    summaries: tuple[MemorySummary, ...] = ()  # its paths' summaries (chat/memory.py)
 
 
 class WriteHealth:
@@ -443,6 +445,11 @@ class ServingStore(Protocol):
     ) -> bool:
         """Keep ``made`` as the summary ending at its turn, adding ``usage`` to the totals;
         False when the conversation or the turn is gone."""
+        ...
+
+    async def index_pending(self, owner: str | None, limit: int) -> int:
+        """Index for search the turns stored since (the owner's only, with ``owner``), about
+        ``limit`` at most; how many. A store whose index follows every write returns 0."""
         ...
 
     async def search_conversations(

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import hashlib
+import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -45,6 +46,8 @@ from .base import ConversationRef, TurnRecord
 from .sql_store import Access, SQLStore
 
 T = TypeVar("T")
+
+log = logging.getLogger("easybackend.storage")
 
 SPARE_CONNECTIONS = 4  # pooled connections beyond PG_POOL_SIZE, kept for work outside asks
 LOCK_POLL = 0.02  # seconds between two tries of a conversation's advisory lock
@@ -276,6 +279,15 @@ def _migrate(connection: psycopg.Connection) -> None:
         for number in range(version, len(MIGRATIONS)):
             connection.execute(MIGRATIONS[number])
             connection.execute("UPDATE easybackend_schema SET version = %s", (number + 1,))
+        if version >= len(MIGRATIONS):  # an extension installed since is used from now on
+            connection.execute(schema.POSTGRES_SEARCH_INDEXES)
+        trigrams = connection.execute("SELECT 1 FROM pg_extension WHERE extname = 'pg_trgm'")
+        if trigrams.fetchone() is None:
+            log.warning(
+                "PostgreSQL's pg_trgm extension is not installed and this user may not create"
+                " it: search (GET /conversations?q=) reads every turn. To index it, run"
+                " CREATE EXTENSION pg_trgm; as a superuser, then restart"
+            )
 
 
 def _lock_key(ref: ConversationRef) -> int:

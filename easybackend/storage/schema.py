@@ -132,26 +132,35 @@ MEMORY = """
 # three characters or more, so a Chinese word is found inside a sentence with no word
 # segmentation (unicode61 would take a whole run of CJK text as one token). Contentless: the
 # texts stay in their tables only. One document per turn (its prompt and answer; rowid
-# conversation pk * 2^32 + seq) and one per title (seq 0), kept by triggers in the transaction
-# that changes them. A contentless index forgets a document by being given its text again
-# ('delete'), which the triggers have as old.*.
+# conversation pk * 2^32 + seq) and one per title (seq 0). New turns are indexed off the
+# answer's path, in batches (sql_memory.index_pending, run in the background and before a
+# search): conversations.indexed_seq is the last seq indexed, turns above it are not yet. A
+# contentless index forgets a document by being given its text again ('delete'), which the
+# triggers have as old.*: a turn deleted or changed is forgotten in its transaction if it was
+# indexed (a conversation's turns are deleted before it, while indexed_seq can be read).
 MEMORY_SQLITE_SEARCH = """
     CREATE VIRTUAL TABLE search_index USING fts5(body, tokenize = 'trigram', content = '');
+    ALTER TABLE conversations ADD COLUMN indexed_seq INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX conversations_to_index ON conversations (pk) WHERE last_seq > indexed_seq;
     INSERT INTO search_index (rowid, body)
         SELECT conversation_pk * 4294967296 + seq, prompt || char(10) || answer FROM turns;
-    CREATE TRIGGER turns_indexed AFTER INSERT ON turns BEGIN
-        INSERT INTO search_index (rowid, body)
-            VALUES (new.conversation_pk * 4294967296 + new.seq, new.prompt || char(10) || new.answer);
-    END;
-    CREATE TRIGGER turns_unindexed AFTER DELETE ON turns BEGIN
+    INSERT INTO search_index (rowid, body)
+        SELECT pk * 4294967296, title FROM conversations WHERE title IS NOT NULL;
+    UPDATE conversations SET indexed_seq = last_seq;
+    CREATE TRIGGER turns_unindexed AFTER DELETE ON turns
+    WHEN old.seq <= (SELECT indexed_seq FROM conversations WHERE pk = old.conversation_pk) BEGIN
         INSERT INTO search_index (search_index, rowid, body) VALUES
             ('delete', old.conversation_pk * 4294967296 + old.seq, old.prompt || char(10) || old.answer);
     END;
-    CREATE TRIGGER turns_reindexed AFTER UPDATE OF prompt, answer ON turns BEGIN
+    CREATE TRIGGER turns_reindexed AFTER UPDATE OF prompt, answer ON turns
+    WHEN old.seq <= (SELECT indexed_seq FROM conversations WHERE pk = old.conversation_pk) BEGIN
         INSERT INTO search_index (search_index, rowid, body) VALUES
             ('delete', old.conversation_pk * 4294967296 + old.seq, old.prompt || char(10) || old.answer);
         INSERT INTO search_index (rowid, body)
             VALUES (new.conversation_pk * 4294967296 + new.seq, new.prompt || char(10) || new.answer);
+    END;
+    CREATE TRIGGER conversations_unindexed BEFORE DELETE ON conversations BEGIN
+        DELETE FROM turns WHERE conversation_pk = old.pk;
     END;
     CREATE TRIGGER titles_indexed AFTER INSERT ON conversations WHEN new.title IS NOT NULL BEGIN
         INSERT INTO search_index (rowid, body) VALUES (new.pk * 4294967296, new.title);
@@ -181,6 +190,10 @@ MEMORY_POSTGRES_SEARCH = """
     EXCEPTION WHEN OTHERS THEN
         RAISE NOTICE 'pg_trgm is not available: %', SQLERRM;
     END $$;
+""" + "\n"
+# The indexes, made as soon as pg_trgm is there: by the migration, and again at every start-up
+# (postgres._migrate), so that an extension installed later is used from the next start.
+POSTGRES_SEARCH_INDEXES = """
     DO $$
     DECLARE
         ops TEXT;
@@ -190,12 +203,15 @@ MEMORY_POSTGRES_SEARCH = """
             WHERE e.extname = 'pg_trgm';
         IF ops IS NOT NULL THEN
             EXECUTE format(
-                'CREATE INDEX turns_by_text ON turns USING gin ((prompt || E''\n'' || answer) %s)',
-                ops);
-            EXECUTE format('CREATE INDEX conversations_by_title ON conversations USING gin (title %s)', ops);
+                'CREATE INDEX IF NOT EXISTS turns_by_text ON turns'
+                ' USING gin ((prompt || E''\\n'' || answer) %s)', ops);
+            EXECUTE format(
+                'CREATE INDEX IF NOT EXISTS conversations_by_title ON conversations'
+                ' USING gin (title %s)', ops);
         END IF;
     END $$;
 """
+MEMORY_POSTGRES_SEARCH += POSTGRES_SEARCH_INDEXES
 
 # Usage and limits (SPEC §14; easybackend/governance/limits.py): the tokens of every key (its
 # name; "" for asks made with keys off) per UTC day and model, which the budgets, GET /usage and

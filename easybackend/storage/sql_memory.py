@@ -21,7 +21,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .base import (
+    ConversationExport,
     ConversationRef,
+    ConversationSettings,
     ConversationSummary,
     MemoryContext,
     MemorySummary,
@@ -33,6 +35,7 @@ from .sql import (
     _C_BY_REF,
     _PK_BY_REF,
     CONTEXT_COLUMNS,
+    SETTINGS_COLUMNS,
     SUMMARY_COLUMNS,
     SUMMARY_FROM,
     Connection,
@@ -40,6 +43,9 @@ from .sql import (
     _key,
     _summary,
     summary,
+)
+from .sql import (
+    export_batch as _export_batch,
 )
 
 # The settings a client may change, as the conversations table names them (system apart).
@@ -385,7 +391,121 @@ def store_summary(
     return True
 
 
+# --- transfer (migrate-storage)
+
+
+def export_batch(
+    dialect: Dialect, db: Connection, after: int
+) -> tuple[list[ConversationExport], int]:
+    """:func:`.sql.export_batch` with each conversation's settings and summaries, read in the
+    same snapshot."""
+    batch, last = _export_batch(dialect, db, after)
+    if not batch:
+        return batch, last
+    first = after + 1
+    settings = {
+        row[0]: ConversationSettings(*row[1:])
+        for row in dialect.execute(
+            db,
+            f"SELECT c.pk, {SETTINGS_COLUMNS} FROM conversations c WHERE c.pk BETWEEN ? AND ?",
+            (first, last),
+        )
+    }
+    pks = {
+        (row[1], row[2]): row[0]
+        for row in dialect.execute(
+            db,
+            "SELECT pk, owner, conversation_id FROM conversations WHERE pk BETWEEN ? AND ?",
+            (first, last),
+        )
+    }
+    summaries: dict[int, list[MemorySummary]] = {}
+    for pk, text, tokens, seq, turn_id, depth, model, updated_at in dialect.execute(
+        db,
+        "SELECT s.conversation_pk, s.summary, s.tokens, t.seq, t.turn_id, t.depth, s.model,"
+        " s.updated_at FROM summaries s JOIN turns t"
+        " ON t.conversation_pk = s.conversation_pk AND t.seq = s.end_seq"
+        " WHERE s.conversation_pk BETWEEN ? AND ? ORDER BY s.conversation_pk, s.end_seq",
+        (first, last),
+    ):
+        summaries.setdefault(pk, []).append(
+            MemorySummary(text, tokens, TurnPosition(seq, turn_id, depth), model, updated_at)
+        )
+    enriched = []
+    for conversation in batch:
+        pk = pks[_key(conversation.ref)]
+        enriched.append(
+            dataclasses.replace(
+                conversation,
+                settings=settings[pk],
+                summaries=tuple(summaries.get(pk, ())),
+            )
+        )
+    return enriched, last
+
+
+def import_memory(dialect: Dialect, db: Connection, conversation: ConversationExport) -> None:
+    """Write the settings and summaries of a conversation :func:`.sql.import_conversation`
+    just wrote (its turns keep their seqs, which the summaries name)."""
+    own = conversation.settings
+    values = [getattr(own, name) for name in SETTING_COLUMNS]
+    if any(value is not None for value in values):
+        assignments = ", ".join(f"{name} = ?" for name in SETTING_COLUMNS)
+        dialect.execute(
+            db,
+            f"UPDATE conversations SET {assignments} WHERE {_BY_REF}",
+            (*values, *_key(conversation.ref)),
+        )
+    if conversation.summaries:
+        (pk,) = dialect.execute(
+            db, f"SELECT pk FROM conversations WHERE {_BY_REF}", _key(conversation.ref)
+        ).fetchone()
+        dialect.executemany(
+            db,
+            "INSERT INTO summaries (conversation_pk, end_seq, summary, tokens, model, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (pk, made.end.seq, made.text, made.tokens, made.model, made.updated_at)
+                for made in conversation.summaries
+            ],
+        )
+
+
 # --- search
+
+
+def index_pending(dialect: Dialect, db: Connection, owner: str | None, limit: int) -> int:
+    """Index the turns stored since their conversation was last indexed (SQLite: see
+    schema.MEMORY_SQLITE_SEARCH), the owner's only if ``owner`` is given; at most ``limit``
+    turns (a conversation with more is indexed in part, its oldest first). Returns how many were indexed; 0 on PostgreSQL, whose indexes follow
+    every write. One transaction: the store's write lock is held while it runs."""
+    if dialect.name == "postgresql":
+        return 0
+    query = "SELECT pk, indexed_seq, last_seq FROM conversations WHERE last_seq > indexed_seq"
+    args: list[Any] = []
+    if owner is not None:
+        query += " AND owner = ?"
+        args.append(owner)
+    indexed = 0
+    for pk, done, last in dialect.execute(db, query + " LIMIT 1000", args).fetchall():
+        room = limit - indexed
+        turns = dialect.execute(
+            db,
+            "SELECT seq, prompt || char(10) || answer FROM turns"
+            " WHERE conversation_pk = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+            (pk, done, last, room),
+        ).fetchall()
+        dialect.executemany(
+            db,
+            "INSERT INTO search_index (rowid, body) VALUES (?, ?)",
+            [(pk * ROWID_SHIFT + seq, body) for seq, body in turns],
+        )
+        reached = last if len(turns) < room else turns[-1][0]
+        dialect.execute(db, "UPDATE conversations SET indexed_seq = ? WHERE pk = ?", (reached, pk))
+        indexed += len(turns)
+        if indexed >= limit:
+            break
+    return indexed
 
 
 def search(

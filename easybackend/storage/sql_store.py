@@ -34,6 +34,9 @@ from .base import (
 
 T = TypeVar("T")
 
+# Turns of the searching owner indexed before a search at most (the background indexes the rest).
+INDEX_BEFORE_SEARCH = 100_000
+
 
 class Access(enum.Enum):
     """What a transaction does, so the backend can open the right kind."""
@@ -229,6 +232,11 @@ class SQLStore:
     ) -> bool:
         return await self._run(sql_memory.store_summary, Access.WRITE, ref, made, usage)
 
+    async def index_pending(self, owner: str | None, limit: int) -> int:
+        if self.dialect.name != "sqlite":
+            return 0  # PostgreSQL's indexes follow every write
+        return await self._run(sql_memory.index_pending, Access.WRITE, owner, limit)
+
     async def search_conversations(
         self,
         owner: str,
@@ -241,6 +249,7 @@ class SQLStore:
     ) -> list[ConversationSummary]:
         offset = sql_memory.decode_search_cursor(after) if after else 0  # ValueError
         where = sql_memory.alive(now, ttl)
+        await self.index_pending(owner, INDEX_BEFORE_SEARCH)  # what the background has not yet
         return await self._run(sql_memory.search, Access.READ, owner, terms, limit, offset, where)
 
     # stored backend keys (easybackend.governance.keys.KeyTable)
@@ -301,7 +310,7 @@ class SQLStore:
     async def export_all(self) -> AsyncGenerator[ConversationExport, None]:
         after = 0
         while True:
-            batch, after = await self._run(sql.export_batch, Access.SNAPSHOT, after)
+            batch, after = await self._run(sql_memory.export_batch, Access.SNAPSHOT, after)
             for conversation in batch:
                 yield conversation
             if len(batch) < sql.EXPORT_BATCH:
@@ -330,3 +339,4 @@ def _charge(
 def _import_all(dialect: sql.Dialect, db: Any, conversations: Sequence[ConversationExport]) -> None:
     for conversation in conversations:
         sql.import_conversation(dialect, db, conversation)
+        sql_memory.import_memory(dialect, db, conversation)
