@@ -515,7 +515,8 @@ def test_field_numbers_keep_to_the_originals_and_never_collide(
         assert ours[number] == (name, kind), number  # prompt, conversation_id, parent_id
     string = descriptor_pb2.FieldDescriptorProto.TYPE_STRING
     assert ours[3] == ("parent_id", string)
-    overrides = {16: "model", 17: "temperature", 18: "max_tokens", 19: "system"}
+    # the per-turn overrides, and the end user the ask is for (USER_RPM)
+    overrides = {16: "model", 17: "temperature", 18: "max_tokens", 19: "system", 20: "user"}
     assert {number: name for number, (name, _) in ours.items() if number > 3} == overrides
     assert (
         _fields(chat_pb2.RegenerateRequest).items() >= {n: ours[n] for n in overrides}.items()
