@@ -168,6 +168,29 @@ async def test_budgets_count_utc_days_and_months_and_say_when_they_turn(store, s
     await limits.admit(monthly, "monthly", None)
 
 
+async def test_emptied_windows_are_forgotten(store, store_url):
+    """Windows of end users come and go: one that has emptied is dropped (kept in the process,
+    or a row of the database), so they take no room for ever; dropped, it reads as empty."""
+    clock = Clock(START)
+    limits = limits_on(store, store_url, clock, user_rpm=1)
+    for user in ("a", "b", "c"):
+        await limits.admit(None, None, user)
+
+    async def sweep() -> int:
+        """Windows dropped by the sweep (the background task's, once a minute)."""
+        if limits.shared:
+            return await store.prune_windows(clock())
+        before = len(limits._tat)
+        await limits._prune(clock())
+        return before - len(limits._tat)
+
+    clock.advance(59)
+    assert await sweep() == 0  # each still holds a request
+    clock.advance(1)
+    assert await sweep() == 3
+    await limits.admit(None, None, "a")
+
+
 def test_the_periods_and_the_user_ids():
     assert next_day(utc("2026-12-31T23:59:59")) == utc("2027-01-01T00:00:00")
     assert next_month(utc("2026-12-15T00:00:00")) == utc("2027-01-01T00:00:00")
@@ -251,6 +274,7 @@ async def refusals_everywhere(server: Server, secret: str, code: str, retry: int
             assert error_code(response) == code
             assert response.headers["Retry-After"] == str(retry)
             assert response.json()["error"]["retry_after"] == retry
+            assert secret not in response.text
         turn_id = (await client.get("/conversations/c1")).json()["history"][0]["id"]
         for path in ("regenerate", "regenerate/stream"):
             response = await client.post(f"/conversations/c1/turns/{turn_id}/{path}")

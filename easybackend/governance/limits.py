@@ -234,6 +234,7 @@ class Limits:
         self._pending: dict[tuple[str, str, str], list[int]] = {}  # usage not yet written
         self._loaded: set[str] = set()  # the days and months _spent holds in full (not shared)
         self._io = trio.Lock()  # a flush and a read of what was spent, one at a time
+        self._forgot = 0.0  # when emptied windows were last forgotten (not shared)
         self._flush_failed = False
 
     # -- admission ---------------------------------------------------------------------------
@@ -315,8 +316,8 @@ class Limits:
         for window in plan.take:
             tat = times[window.name]
             self._tat[window.name] = (now if tat is None or tat < now else tat) + window.cost
-        if len(self._tat) > MAX_KEPT_WINDOWS:
-            self._forget_empty(now)
+        if len(self._tat) > MAX_KEPT_WINDOWS and now - self._forgot >= FLUSH_SECONDS:
+            self._forget_empty(now)  # many users at once: at most one sweep a second
 
     async def _admit_shared(self, plan: _Plan, now: float) -> None:
         """The database's windows: one transaction (see :func:`~..storage.sql_usage.admit`)."""
@@ -508,6 +509,7 @@ class Limits:
             pass  # the next sweep tries again
 
     def _forget_empty(self, now: float) -> None:
+        self._forgot = now
         self._tat = {name: tat for name, tat in self._tat.items() if tat > now}
 
 
