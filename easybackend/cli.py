@@ -69,6 +69,9 @@ SERVE_FLAGS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="easybackend",
+        # No abbreviated flags: a subcommand's flag (chat --conversation) would otherwise be
+        # taken for a prefix of the server's (--conversation-ttl, --conversations-dir).
+        allow_abbrev=False,
         description=(
             "ChatGPT-style conversations with server-side memory over HTTP, WebSocket and gRPC. "
             "Configuration comes from flags, the environment and ./.env (see README)."
