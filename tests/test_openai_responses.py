@@ -541,3 +541,38 @@ async def test_the_raw_body_and_sse_are_what_openai_sends(server):
         }
         unknown = await http.post("/v1/responses", json={"input": "x", "bogus": 1})
         assert unknown.json()["error"]["param"] == "bogus"
+
+
+async def test_the_events_before_the_first_delta_go_out_with_it_in_one_write(server):
+    """The opening events are sent with the first delta, and the closing ones together, each in
+    one write: one chunk of the chunked body (the first token comes 0.3 s after the start, the
+    next ones 0.3 s apart)."""
+    body = json.dumps({"input": "a b [[fake:delay=0.3]]", "stream": True}).encode()
+    stream = await trio.open_tcp_stream("127.0.0.1", server.running.http_port)
+    async with stream:
+        await stream.send_all(
+            b"POST /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
+        )
+        data = b""
+        with trio.fail_after(10):
+            while not data.endswith(b"\r\n0\r\n\r\n"):  # the chunked body's end
+                chunk = await stream.receive_some()
+                assert chunk, f"connection closed before the whole body: {data!r}"
+                data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower(), head
+    writes = []  # the chunks of the body, each one write of the server
+    while True:
+        size, _, rest = rest.partition(b"\r\n")
+        if int(size, 16) == 0:
+            break
+        writes.append([kind for kind, _ in parse_sse(rest[: int(size, 16)].decode())])
+        rest = rest[int(size, 16) + 2 :]
+    delta = "response.output_text.delta"
+    assert writes == [
+        [*STREAM_EVENTS, delta],  # echo(1):
+        [delta],  # " a"
+        [delta],  # " b"
+        [*DONE_EVENTS, "response.completed"],
+    ], writes

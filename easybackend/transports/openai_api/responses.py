@@ -670,27 +670,33 @@ def response_routes(
     async def sse_body(
         current: _Live, first: Delta | End | _Cancelled, events: AsyncIterator[Any]
     ) -> AsyncIterator[str]:
-        """The events of a streamed response; an error after the first becomes response.failed."""
+        """The events of a streamed response; an error after the first becomes response.failed.
+
+        The events before the first delta go out with it, in one write, and the
+        events after the last delta in one write: a write less per event.
+        """
         state = current.state
         event_of = _Events()
         item_id = ids.message_id(state.turn_id, "assistant")
         empty_part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
         async with contextlib.aclosing(events):  # type: ignore[type-var]
-            yield event_of("response.created", response=render(state, output=False))
-            yield event_of("response.in_progress", response=render(state, output=False))
             added = {**state.message(), "status": "in_progress", "content": []}
-            yield event_of("response.output_item.added", output_index=0, item=added)
-            yield event_of(
-                "response.content_part.added",
-                item_id=item_id,
-                output_index=0,
-                content_index=0,
-                part=empty_part,
+            held = (  # sent with the first delta
+                event_of("response.created", response=render(state, output=False))
+                + event_of("response.in_progress", response=render(state, output=False))
+                + event_of("response.output_item.added", output_index=0, item=added)
+                + event_of(
+                    "response.content_part.added",
+                    item_id=item_id,
+                    output_index=0,
+                    content_index=0,
+                    part=empty_part,
+                )
             )
             event = first
             try:
                 while isinstance(event, Delta):
-                    yield event_of(
+                    yield held + event_of(
                         "response.output_text.delta",
                         item_id=item_id,
                         output_index=0,
@@ -698,28 +704,32 @@ def response_routes(
                         delta=event.text,
                         logprobs=[],
                     )
+                    held = ""
                     event = await anext(events)
             except ChatError:
-                yield event_of("response.failed", response=render(state))
+                yield held + event_of("response.failed", response=render(state))
                 return
-            yield event_of(
-                "response.output_text.done",
-                item_id=item_id,
-                output_index=0,
-                content_index=0,
-                text=state.text,
-                logprobs=[],
-            )
-            yield event_of(
-                "response.content_part.done",
-                item_id=item_id,
-                output_index=0,
-                content_index=0,
-                part={**empty_part, "text": state.text},
-            )
-            yield event_of("response.output_item.done", output_index=0, item=state.message())
             final = "response.completed" if state.status == "completed" else "response.incomplete"
-            yield event_of(final, response=render(state))
+            yield (
+                held
+                + event_of(
+                    "response.output_text.done",
+                    item_id=item_id,
+                    output_index=0,
+                    content_index=0,
+                    text=state.text,
+                    logprobs=[],
+                )
+                + event_of(
+                    "response.content_part.done",
+                    item_id=item_id,
+                    output_index=0,
+                    content_index=0,
+                    part={**empty_part, "text": state.text},
+                )
+                + event_of("response.output_item.done", output_index=0, item=state.message())
+                + event_of(final, response=render(state))
+            )
 
     async def final_render(current: _Live, asking: Caller) -> dict[str, Any]:
         """The response once its answer ended: a cancelled one as stored (with its usage)."""
