@@ -11,11 +11,15 @@ server (``run.py``, SQLite persistence on) and this client. Every figure of
 the server is set against the same client talking to the same fake directly:
 
 - added time to first token (p50, p99) per protocol (HTTP whole answer, SSE,
-  WebSocket, gRPC, and the stateless ``/v1/chat/completions`` relay streaming)
-  at concurrencies 1, 100 and 1,000 (1 and 10 with --quick; ``--protocol`` and
-  ``--concurrency`` select); for the whole-answer HTTP ask the "first token" is
-  the whole answer, against a direct non-streaming call; the relay is the same
-  client sending the same OpenAI request, to EasyBackend instead of the fake;
+  WebSocket, gRPC, the stateless ``/v1/chat/completions`` relay streaming, and
+  ``/v1/responses`` streaming with memory) at concurrencies 1, 100 and 1,000
+  (1 and 10 with --quick; ``--protocol`` and ``--concurrency`` select); for the
+  whole-answer HTTP ask the "first token" is the whole answer, against a direct
+  non-streaming call; the relay is the same client sending the same OpenAI
+  request, to EasyBackend instead of the fake; a response continues the
+  worker's conversation (``previous_response_id``: its context holds the newest
+  turns that fit the window) and its first token is the first
+  ``response.output_text.delta`` event, against the same streaming baseline;
 - whole-answer asks per second at concurrency 64;
 - concurrent open streams per protocol: errors and server memory per stream;
 - ask latency on a conversation of 10 turns against one of 10,000 turns, and against one of
@@ -312,6 +316,52 @@ class OpenAIRelay(HttpWhole):
                     if choices and choices[0]["delta"].get("content"):
                         first = time.perf_counter() - started
         assert first is not None
+        return first
+
+
+class Responses(HttpWhole):
+    """Streamed ``POST /v1/responses`` with memory: each ask continues the worker's conversation.
+
+    The worker's first ask (its warm-up) starts a conversation; each later ask
+    passes ``previous_response_id``, the id of the ask before it, so its context
+    holds the conversation's newest turns that fit the window and its answer is
+    stored after them (at concurrency 1 the window is full after about 60 asks:
+    61 earlier turns, 123 messages; above it each worker is counted once a
+    round, on its second ask: one earlier turn). The first token is the first
+    ``response.output_text.delta`` event. The baseline is the streaming one of
+    the SSE and relay rows. The response id is read from the ``response.created``
+    event once the answer is over, off the clock.
+    """
+
+    name = "/v1/responses (stream, memory)"
+    baseline = DirectStream
+
+    def __init__(self, stack: Stack, client: httpx2.AsyncClient) -> None:
+        super().__init__(stack, client)
+        self.previous: str | None = None  # the id of this worker's last response
+
+    async def ask(self, conversation: str, prompt: str) -> float:
+        body: dict[str, object] = {"model": DEFAULT_MODEL, "input": prompt, "stream": True}
+        if self.previous is not None:
+            body["previous_response_id"] = self.previous
+        url = f"{self.base}/v1/responses"
+        started = time.perf_counter()
+        first = None
+        created = None  # the data line of response.created, read once the answer is over
+        async with self.client.stream("POST", url, json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if line.startswith("event: "):
+                    if first is None and line == "event: response.output_text.delta":
+                        first = time.perf_counter() - started
+                    elif line == "event: response.failed":
+                        raise RuntimeError("response.failed")
+                elif created is None and line.startswith("data: "):
+                    created = line[6:]
+        assert first is not None and created is not None
+        event = json.loads(created)
+        assert event["type"] == "response.created"
+        self.previous = event["response"]["id"]
         return first
 
 
@@ -657,6 +707,7 @@ TTFT_PROTOCOLS = {
     "ws": WebSocket,
     "grpc": Grpc,
     "relay": OpenAIRelay,
+    "responses": Responses,
 }
 
 
@@ -862,7 +913,8 @@ def cli() -> None:
         action="append",
         choices=TTFT_PROTOCOLS,
         help="the protocols of the time-to-first-token rows (repeat for several; default all);"
-        " relay: POST /v1/chat/completions, streaming, no conversation",
+        " relay: POST /v1/chat/completions, streaming, no conversation; responses: POST"
+        " /v1/responses, streaming, each ask continuing the worker's conversation",
     )
     parser.add_argument(
         "--concurrency",
