@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="""\
 Copy every conversation from the database --from names into the one --to
 names, either way between SQLite and PostgreSQL: owner, id, system prompt,
-counters, times, all its turns, and the import-json bookkeeping. The source
+settings, counters, times, all its turns, its summaries, and the import-json
+bookkeeping. The source
 is not changed (beyond bringing its schema up to date, as a server would).
 
 Stop the servers using either database first. The target must hold no

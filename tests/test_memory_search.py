@@ -121,9 +121,11 @@ async def test_search_sees_only_the_callers_conversations(start_server, backend)
     server = await start_server(API_KEYS="alice:alice-SECRET-1,bob:bob-SECRET-2", **backend)
     async with server.client(headers=bearer("alice-SECRET-1")) as alice:
         await ask(alice, "mine", "the password is swordfish")
+        await ask(alice, "other", "nothing here")
         own = await search(alice, "swordfish")
     async with server.client(headers=bearer("bob-SECRET-2")) as bob:
         await ask(bob, "his", "swordfish for dinner")
+        await ask(bob, "more", "nothing here either")
         others = await search(bob, "swordfish")
 
     assert own == ["mine"] and others == ["his"]
@@ -148,7 +150,13 @@ async def test_list_conversations_over_grpc_takes_a_query(start_server, backend)
 async def test_turns_stored_before_the_upgrade_are_found(start_server, tmp_path):
     path = tmp_path / "conversations" / "easybackend.sqlite3"
     path.parent.mkdir(parents=True)
-    write_linear_sqlite(path, [LinearConversation("", "legacy", ("the old zeppelin story",))])
+    write_linear_sqlite(
+        path,
+        [
+            LinearConversation("", "legacy", ("the old zeppelin story",)),
+            LinearConversation("", "other", ("a story of boats",)),
+        ],
+    )
     server = await start_server()
     async with server.client() as client:
         assert await search(client, "zeppelin") == ["legacy"]
