@@ -8,6 +8,7 @@ carry it.
 
 from __future__ import annotations
 
+import pytest
 import trio
 from helpers.http import error_code
 from helpers.logs import capture_access, metric, scrape
@@ -19,6 +20,7 @@ from helpers.memory import (
     title_requests,
     wait_for_summary,
 )
+from helpers.postgres import pg_url
 from helpers.servers import free_port
 from helpers.upstream import ALLOW_OTHER_MODEL, OTHER_MODEL, echo, queue_faults
 from helpers.waiting import wait_until
@@ -30,6 +32,14 @@ from easybackend.settings import DEFAULT_MODEL
 FILLER = "lorem ipsum dolor sit amet " * 6
 # A small window, so that a few turns fill it; summaries of at most 150 tokens.
 SMALL = {"MAX_CONTEXT_TOKENS": "400", "SUMMARY_MAX_TOKENS": "150"}
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request) -> dict[str, str]:
+    """The server's database: the SQLite default, or a schema of the local PostgreSQL."""
+    if request.param == "sqlite":
+        return {}
+    return {"DATABASE_URL": pg_url(request.getfixturevalue("pg_schema"))}
 
 
 async def ask(client, conversation_id: str, prompt: str, **extra) -> dict:
@@ -47,9 +57,9 @@ def last_ask(fake) -> list[dict[str, str]]:
 
 
 async def test_the_first_turn_reaches_the_model_through_the_summary_once_it_no_longer_fits(
-    start_server,
+    start_server, backend
 ):
-    server = await start_server(MEMORY="summarize", **SMALL)
+    server = await start_server(MEMORY="summarize", **SMALL, **backend)
     async with server.client() as client:
         first = await ask(client, "long", "my secret word is zebra42")
         for number in range(8):
@@ -105,8 +115,8 @@ async def test_an_edited_summary_is_sent_as_edited(start_server):
     assert summary_requests(server.fake) == []  # no model call made it
 
 
-async def test_compact_folds_the_path_now_and_is_accounted(start_server):
-    server = await start_server(MEMORY="summarize")
+async def test_compact_folds_the_path_now_and_is_accounted(start_server, backend):
+    server = await start_server(MEMORY="summarize", **backend)
     async with server.client() as client:
         for prompt in ("one", "two", "three"):
             await ask(client, "cp", prompt)
