@@ -19,6 +19,7 @@ import openai
 import purerpc
 import pytest
 import trio
+import trio.testing
 from helpers.grpc import grpcio_stream, rpc_error, status_of
 from helpers.http import bearer, error_code
 from helpers.keys import ADMIN_KEY, create_key, wait_for_status
@@ -735,3 +736,36 @@ async def test_two_instances_share_the_budgets_and_the_usage(two_instances: list
             **{k: v for k, v in usage["total"].items() if k != "requests"},
         }
     ]
+
+
+async def test_a_usage_read_waits_for_the_write_under_way(store, store_url: str):
+    """A read flushes first: it must not slip in while the background write it would wait
+    for is still running (it would read the table before that write commits)."""
+    limits = limits_on(store, store_url, Clock(START))
+    release = trio.Event()
+    writing = trio.Event()
+    real_add = store.add_usage  # type: ignore[attr-defined]
+
+    async def held_add(rows):
+        writing.set()
+        await release.wait()
+        await real_add(rows)
+
+    store.add_usage = held_add  # type: ignore[attr-defined]
+    day = "2026-12-01"
+    limits._keep([("alice", day, "m", 1, 3, 4)])
+    read: list[object] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(limits.flush)  # the background task's write, held open
+            await writing.wait()
+
+            async def reader() -> None:
+                read.append(await limits.usage_rows("alice", day, day))
+
+            nursery.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+            assert read == []  # the read waits for the write under way
+            release.set()
+    (rows,) = read
+    assert [tuple(row)[3:] for row in rows] == [(1, 3, 4)]

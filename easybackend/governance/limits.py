@@ -421,10 +421,14 @@ class Limits:
             kept[2] += completion
 
     async def flush(self) -> None:
-        """Write the usage kept in this process. Raises StorageUnavailable (the usage is kept)."""
-        if not self._pending:
-            return
+        """Write the usage kept in this process. Raises StorageUnavailable (the usage is kept).
+
+        Waits for a write already under way (the background task's), so a read that flushes
+        first sees every usage this process counted before it.
+        """
         async with self._io:
+            if not self._pending:
+                return
             rows = [(*where, *figures) for where, figures in self._pending.items()]
             self._pending = {}
             try:
