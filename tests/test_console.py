@@ -6,6 +6,7 @@ upstream answers ``echo(n): <prompt>``, n the number of messages it was sent.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -122,6 +123,40 @@ async def test_branches_edit_regenerate_and_switch(server: Server):
     assert turn["id"] == turn["siblings"][1] and conversation["head"] == turn["id"]
 
 
+async def test_rollback_rename_export_and_delete(server: Server):
+    skip_without_browser()
+    async with server.client() as client:
+        response = await client.post("/ask/kept", json={"prompt": "keep me"})
+    assert response.status_code == 200
+
+    def scenario(page):
+        page.goto("/#kept")
+        page.get_by_text("echo(1): keep me").wait_for()
+        page.fill("#prompt", "and then")
+        page.press("#prompt", "Enter")
+        page.get_by_text("echo(3): and then").wait_for()
+        page.wait_for_selector("#send:not([hidden])")
+        page.click("#rollback")
+        page.get_by_text("echo(3): and then").wait_for(state="detached")
+        page.once("dialog", lambda dialog: dialog.accept("Renamed"))
+        page.click("#rename")
+        page.locator("#conversations li").get_by_text("Renamed").wait_for()
+        with page.expect_download() as download:
+            page.click("#export")
+        exported = json.loads(Path(download.value.path()).read_text())
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.click("#delete")
+        page.wait_for_selector("#conversations li", state="detached")
+        return exported
+
+    exported = await in_browser(server.http_url, scenario, accept_downloads=True)
+    assert exported["conversation_id"] == "kept" and exported["title"] == "Renamed"
+    assert exported["turns"] == 1 and exported["stored_turns"] == 2  # the rolled-back turn kept
+    assert [turn["messages"][0]["text"] for turn in exported["tree"]] == ["keep me", "and then"]
+    async with server.client() as client:
+        assert (await client.get("/conversations/kept")).status_code == 404
+
+
 async def test_settings_sidebar_search_and_language(server: Server):
     skip_without_browser()
 
@@ -186,6 +221,12 @@ async def test_chinese_from_the_browser_and_the_key_asked_once(start_server: Sta
         page.get_by_text("echo(1): 你好").wait_for()
         assert page.evaluate("sessionStorage.getItem('easybackend.key')") == "sk-console-test"
         assert page.evaluate("localStorage.getItem('easybackend.key')") is None
+        # a new tab without a key, the prompt dismissed: the page says why requests fail
+        page.evaluate("sessionStorage.clear()")
+        page.reload()
+        page.wait_for_selector("#keybox[open]")
+        page.keyboard.press("Escape")
+        page.locator("#notice").get_by_text("401").wait_for()
         return conversation_id(page)
 
     cid = await in_browser(server.http_url, scenario, locale="zh-CN")

@@ -364,6 +364,14 @@ async function deleteConversation() {
   newConversation();
 }
 
+// Moves the head back one turn; the turn stays in the tree as a branch (‹ › reaches it).
+async function rollback() {
+  if (!state.conversation?.turns) return;
+  await json(conv("/rollback"), { method: "POST", body: JSON.stringify({ turns: 1 }) });
+  await reload();
+  await loadList();
+}
+
 async function rename() {
   const title = prompt(t("renamePrompt"), state.conversation?.title ?? "");
   if (title === null) return;
@@ -403,6 +411,7 @@ function start() {
   $("export").addEventListener("click", exportConversation);
   $("delete").addEventListener("click", deleteConversation);
   $("rename").addEventListener("click", rename);
+  $("rollback").addEventListener("click", rollback);
   $("settings-toggle").addEventListener("click", () => {
     $("settings").hidden = !$("settings").hidden;
     if (!$("settings").hidden) loadSettings();

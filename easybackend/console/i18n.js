@@ -1,7 +1,7 @@
 // English and Chinese strings; the language comes from the browser unless chosen.
 const STRINGS = {
   en: {
-    newChat: "New chat", search: "Search", apiDocs: "API docs", rename: "Rename", export: "Export",
+    rollback: "Undo last turn", newChat: "New chat", search: "Search", apiDocs: "API docs", rename: "Rename", export: "Export",
     delete: "Delete", settings: "Settings", send: "Send", stop: "Stop",
     placeholder: "Message (Enter to send, Shift+Enter for a new line)",
     titleLabel: "Title", system: "System prompt", model: "Model", temperature: "Temperature",
@@ -14,7 +14,7 @@ const STRINGS = {
     cancelled: "stopped", failed: "Failed",
   },
   zh: {
-    newChat: "新对话", search: "搜索", apiDocs: "API 文档", rename: "重命名", export: "导出",
+    rollback: "撤销上一轮", newChat: "新对话", search: "搜索", apiDocs: "API 文档", rename: "重命名", export: "导出",
     delete: "删除", settings: "设置", send: "发送", stop: "停止",
     placeholder: "输入消息（Enter 发送，Shift+Enter 换行）",
     titleLabel: "标题", system: "系统提示词", model: "模型", temperature: "温度",
