@@ -8,6 +8,7 @@ the test if there was any. No browser is downloaded: ``/usr/bin/chromium`` is la
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from typing import Any
@@ -20,9 +21,18 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 def skip_without_browser() -> None:
-    pytest.importorskip("playwright.sync_api")
-    if not shutil.which("chromium"):
-        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    """Skip without Playwright or chromium; in CI (``CI`` set) fail instead, as .ci/run has both."""
+    missing = None
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing = "playwright is not installed (pip install -e '.[test]')"
+    if missing is None and not shutil.which("chromium"):
+        missing = "chromium is not installed (apt-get install -y chromium)"
+    if missing and os.environ.get("CI"):
+        pytest.fail(missing)
+    if missing:
+        pytest.skip(missing)
 
 
 def _run(base_url: str, scenario: Callable[[Any], object], options: dict[str, Any]) -> object:
