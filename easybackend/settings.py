@@ -70,6 +70,7 @@ class Settings:
     tls_keyfile: Path | None = None
     cors_origins: tuple[str, ...] = ("*",)
     public_docs: bool = True
+    console: bool = True  # CONSOLE: the web console at / (easybackend/console/)
     public_metrics: bool = True
     ws_handshake_timeout: float = 10.0
     ws_idle_timeout: float = 300.0
@@ -265,6 +266,7 @@ ENVIRONMENT = {
     "TLS_KEYFILE": ("tls_keyfile", _optional_path),
     "CORS_ORIGINS": ("cors_origins", _origins),
     "PUBLIC_DOCS": ("public_docs", _bool),
+    "CONSOLE": ("console", _bool),
     "PUBLIC_METRICS": ("public_metrics", _bool),
     "WS_HANDSHAKE_TIMEOUT": ("ws_handshake_timeout", _seconds),
     "WS_IDLE_TIMEOUT": ("ws_idle_timeout", _seconds),

@@ -4,7 +4,8 @@ Routes: ``POST /ask/{id}`` (whole answer as JSON), ``POST /ask/{id}/stream``
 (Server-Sent Events), their regenerate twins ``POST
 /conversations/{id}/turns/{turn_id}/regenerate[/stream]``, ``GET /healthz``,
 the conversation management routes (:mod:`.http_conversations`), and the
-OpenAPI document with Swagger UI (``/openapi.json``, ``/docs``), and the
+OpenAPI document with Swagger UI (``/openapi.json``, ``/docs``), the web console
+(``/``, :mod:`.http_console`), and the
 OpenAI-compatible API under ``/v1`` (:mod:`.openai_api`). Every error is JSON
 ``{"error": {"code", "message"}}`` with the status :data:`STATUS_BY_ERROR`
 gives its class (under ``/v1``: OpenAI's shape and table,
@@ -67,6 +68,7 @@ from ..errors import (
 from ..request_ids import accept_request_id, new_request_id
 from . import openai_api
 from .http_admin import admin_routes, is_admin_path, model_routes
+from .http_console import DOCS_STATIC_PREFIX, console_routes, is_console_path
 from .http_conversations import conversation_routes
 from .openai_api import errors as openai_errors
 from .openapi import EasyBackendOpenAPI, UsageBody
@@ -302,6 +304,7 @@ def create_app(service: ChatService, stopping: Stopping | None = None) -> Quart:
         ),
         redoc_ui_path=None,
         scalar_ui_path=None,
+        swagger_ui_path=None,  # served by http_console from the installed swagger-ui-bundle
         openapi_provider_class=EasyBackendOpenAPI,
     )
 
@@ -363,6 +366,10 @@ def create_app(service: ChatService, stopping: Stopping | None = None) -> Quart:
         g.request_id = accept_request_id(request.headers.get("X-Request-Id"))
         g.caller = None
         if request.method == "OPTIONS" or request.path in open_paths:
+            return
+        if is_console_path(request.path, console=settings.console):
+            return
+        if settings.public_docs and request.path.startswith(DOCS_STATIC_PREFIX):
             return
         if is_admin_path(request.path):  # ADMIN_KEY, not an API key (see http_admin)
             return
@@ -532,6 +539,7 @@ def create_app(service: ChatService, stopping: Stopping | None = None) -> Quart:
         validate_conversation_id(conversation_id)
         raise NotFound(f"no route POST /ask/{conversation_id}")
 
+    app.register_blueprint(console_routes(console=settings.console))
     app.register_blueprint(conversation_routes(service, caller))
     app.register_blueprint(model_routes(service, caller))
     app.register_blueprint(admin_routes(service))

@@ -1,0 +1,426 @@
+// The console: chat with streaming and Stop, conversations, branches, settings, keys.
+// Talks to this server's own HTTP API only (same origin).
+import { render } from "./markdown.js";
+import { apply, setLanguage, language, t } from "./i18n.js";
+
+const $ = (id) => document.getElementById(id);
+const KEY = "easybackend.key";
+const state = { id: null, conversation: null, controller: null, askedKey: false, models: null };
+
+// -- requests ----------------------------------------------------------------------------
+
+function headers(extra = {}) {
+  const key = sessionStorage.getItem(KEY);
+  return { ...(key ? { Authorization: "Bearer " + key } : {}), ...extra };
+}
+
+function askKey() {
+  return new Promise((resolve) => {
+    const box = $("keybox");
+    $("key").value = "";
+    box.addEventListener("close", () => {
+      const key = $("key").value.trim();
+      if (key) sessionStorage.setItem(KEY, key);
+      resolve(Boolean(key));
+    }, { once: true });
+    box.showModal();
+  });
+}
+
+// fetch on this server; on a 401 the key is asked for once, then the request is sent again.
+async function call(path, options = {}) {
+  const send = () => fetch(path, {
+    ...options,
+    headers: headers(options.body ? { "Content-Type": "application/json" } : {}),
+  });
+  let response = await send();
+  if (response.status === 401 && !state.askedKey) {
+    state.askedKey = true;
+    if (await askKey()) response = await send();
+  }
+  if (response.status === 401) notice(t("unauthorized"));
+  else if (response.ok) notice("");
+  return response;
+}
+
+async function json(path, options) {
+  const response = await call(path, options);
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    const error = new Error(body?.error?.message || response.statusText);
+    error.status = response.status;
+    throw error;
+  }
+  return body;
+}
+
+function notice(text) {
+  $("notice").textContent = text;
+  $("notice").hidden = !text;
+}
+
+const jsonBody = (value) => ({ method: "PUT", body: JSON.stringify(value) });
+const conv = (suffix = "") => "/conversations/" + encodeURIComponent(state.id) + suffix;
+
+// -- conversations ------------------------------------------------------------------------
+
+function newId() {
+  const bytes = crypto.getRandomValues(new Uint8Array(8));
+  return "c-" + Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+async function loadList() {
+  const q = $("search").value.trim();
+  let page;
+  try {
+    page = await json("/conversations?limit=100" + (q ? "&q=" + encodeURIComponent(q) : ""));
+  } catch (error) {
+    if (error.status !== 401) notice(t("failed") + ": " + error.message);
+    return;
+  }
+  const list = $("conversations");
+  list.replaceChildren();
+  for (const c of page.conversations) {
+    const item = document.createElement("li");
+    item.dataset.id = c.conversation_id;
+    item.textContent = c.title || c.conversation_id;
+    const when = document.createElement("span");
+    when.className = "when";
+    when.textContent = new Date(c.last_activity).toLocaleString(language() === "zh" ? "zh-CN" : "en");
+    item.append(when);
+    if (c.conversation_id === state.id) item.classList.add("active");
+    item.addEventListener("click", () => openConversation(c.conversation_id));
+    list.append(item);
+  }
+}
+
+async function openConversation(id) {
+  state.id = id;
+  location.hash = encodeURIComponent(id);
+  await reload();
+  await loadList();
+  if (!$("settings").hidden) await loadSettings();
+}
+
+async function reload() {
+  try {
+    state.conversation = await json(conv());
+  } catch (error) {
+    state.conversation = null; // a new conversation: stored with its first ask
+    if (error.status && error.status !== 404 && error.status !== 401) notice(error.message);
+  }
+  draw();
+}
+
+function newConversation() {
+  state.id = newId();
+  state.conversation = null;
+  location.hash = state.id;
+  draw();
+  loadList();
+  if (!$("settings").hidden) loadSettings();
+  $("prompt").focus();
+}
+
+// -- drawing ------------------------------------------------------------------------------
+
+function bubble(role, text) {
+  const node = document.createElement("div");
+  node.className = "msg " + role;
+  const body = document.createElement("div");
+  body.className = "body";
+  if (role === "assistant") body.append(render(text));
+  else body.textContent = text;
+  node.append(body);
+  return node;
+}
+
+function tools(node) {
+  const bar = document.createElement("div");
+  bar.className = "tools";
+  node.append(bar);
+  return bar;
+}
+
+function button(label, onclick, className) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.textContent = label;
+  if (className) b.className = className;
+  b.addEventListener("click", onclick);
+  return b;
+}
+
+function draw() {
+  const c = state.conversation;
+  $("title").textContent = c?.title || (c ? c.conversation_id : t("untitled"));
+  const box = $("messages");
+  box.replaceChildren();
+  for (const turn of c?.history ?? []) {
+    const prompt = turn.messages.find((m) => m.role === "user")?.text ?? "";
+    const answer = turn.messages.find((m) => m.role === "assistant")?.text ?? "";
+    const user = bubble("user", prompt);
+    user.dataset.turn = turn.id;
+    const userTools = tools(user);
+    if (turn.siblings.length > 1) {
+      const at = turn.siblings.indexOf(turn.id);
+      const nav = document.createElement("span");
+      nav.className = "siblings";
+      nav.append(
+        button("‹", () => switchTo(turn.siblings[at - 1]), "prev"),
+        document.createTextNode(` ${at + 1}/${turn.siblings.length} `),
+        button("›", () => switchTo(turn.siblings[at + 1]), "next"),
+      );
+      nav.querySelector(".prev").disabled = at === 0;
+      nav.querySelector(".next").disabled = at === turn.siblings.length - 1;
+      userTools.append(nav);
+    }
+    userTools.append(button(t("edit"), () => editPrompt(user, turn, prompt), "edit"));
+    const reply = bubble("assistant", answer);
+    reply.dataset.turn = turn.id;
+    reply.dataset.finish = turn.finish_reason;
+    if (turn.finish_reason === "cancelled") reply.classList.add("cancelled");
+    tools(reply).append(button(t("regenerate"), () => regenerate(turn.id), "regenerate"));
+    box.append(user, reply);
+  }
+  box.scrollTop = box.scrollHeight;
+}
+
+function editPrompt(node, turn, prompt) {
+  const form = document.createElement("div");
+  form.className = "edit-box";
+  const area = document.createElement("textarea");
+  area.value = prompt;
+  form.append(area, button(t("send"), () => {
+    const text = area.value.trim();
+    if (text) ask(text, turn.parent_id ?? "root");
+  }, "edit-send"));
+  node.replaceChildren(form);
+  area.focus();
+}
+
+async function switchTo(turnId) {
+  if (!turnId) return;
+  await json(conv("/head"), jsonBody({ turn_id: turnId }));
+  await reload();
+}
+
+// -- asking -------------------------------------------------------------------------------
+
+function busy(on) {
+  $("send").hidden = on;
+  $("stop").hidden = !on;
+}
+
+// Reads Server-Sent Events from a fetch response; calls onEvent(name, data) for each.
+async function readEvents(response, onEvent) {
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value;
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const frame = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      let name = "message";
+      const data = [];
+      for (const line of frame.split("\n")) {
+        if (line.startsWith("event:")) name = line.slice(6).trim();
+        else if (line.startsWith("data:")) data.push(line.slice(5).trimStart());
+      }
+      if (data.length) onEvent(name, JSON.parse(data.join("\n")));
+    }
+  }
+}
+
+async function stream(path, body, promptText) {
+  if (state.controller) return;
+  const box = $("messages");
+  if (promptText !== null) box.append(bubble("user", promptText));
+  const reply = bubble("assistant", "");
+  reply.classList.add("streaming");
+  box.append(reply);
+  box.scrollTop = box.scrollHeight;
+  let text = "";
+  state.controller = new AbortController();
+  busy(true);
+  try {
+    const response = await call(path, {
+      method: "POST", body: JSON.stringify(body), signal: state.controller.signal,
+    });
+    if (!response.ok) {
+      const error = await response.json().catch(() => ({}));
+      throw new Error(error?.error?.message || response.statusText);
+    }
+    await readEvents(response, (name, data) => {
+      if (name === "delta") {
+        text += data.text;
+        reply.querySelector(".body").replaceChildren(render(text));
+        box.scrollTop = box.scrollHeight;
+      } else if (name === "error") {
+        notice(t("failed") + ": " + data.message);
+      }
+    });
+  } catch (error) {
+    if (error.name !== "AbortError") notice(t("failed") + ": " + error.message);
+  } finally {
+    state.controller = null;
+    busy(false);
+  }
+  await reload();
+  await loadList();
+}
+
+function ask(prompt, parentId) {
+  const body = { prompt };
+  if (parentId) body.parent_id = parentId;
+  return stream("/ask/" + encodeURIComponent(state.id) + "/stream", body, prompt);
+}
+
+function regenerate(turnId) {
+  return stream(conv("/turns/" + encodeURIComponent(turnId) + "/regenerate/stream"), {}, null);
+}
+
+function stop() {
+  state.controller?.abort();
+}
+
+// -- settings -----------------------------------------------------------------------------
+
+async function loadSettings() {
+  $("settings-status").textContent = "";
+  if (!state.models) {
+    try {
+      state.models = await json("/models");
+    } catch {
+      state.models = { default: null, models: [] };
+    }
+  }
+  const s = state.conversation?.settings ?? {};
+  const select = $("set-model");
+  select.replaceChildren();
+  const first = new Option(t("serverDefault") + (state.models.default ? ` (${state.models.default})` : ""), "");
+  select.append(first);
+  for (const m of state.models.models) select.append(new Option(m.name, m.name));
+  select.value = s.model ?? "";
+  $("set-title").value = s.title ?? state.conversation?.title ?? "";
+  $("set-system").value = s.system ?? state.conversation?.system_prompt ?? "";
+  $("set-temperature").value = s.temperature ?? "";
+  $("set-memory").value = s.memory ?? "";
+  $("summary").value = "";
+  if (state.conversation) {
+    try {
+      $("summary").value = (await json(conv("/summary"))).summary ?? "";
+    } catch { /* no summary */ }
+  }
+}
+
+async function saveSettings() {
+  const temperature = $("set-temperature").value;
+  const body = {
+    title: $("set-title").value.trim() || null,
+    system: $("set-system").value,
+    model: $("set-model").value || null,
+    temperature: temperature === "" ? null : Number(temperature),
+    memory: $("set-memory").value || null,
+  };
+  try {
+    await json(conv("/settings"), jsonBody(body));
+    $("settings-status").textContent = t("saved");
+  } catch (error) {
+    $("settings-status").textContent = t("failed") + ": " + error.message;
+  }
+  await reload();
+  await loadList();
+}
+
+async function saveSummary() {
+  const summary = $("summary").value.trim();
+  if (!summary) return;
+  try {
+    await json(conv("/summary"), jsonBody({ summary }));
+    $("settings-status").textContent = t("saved");
+  } catch (error) {
+    $("settings-status").textContent = t("failed") + ": " + error.message;
+  }
+}
+
+// -- the rest -----------------------------------------------------------------------------
+
+async function exportConversation() {
+  const data = await json(conv("?view=tree"));
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(new Blob([JSON.stringify(data, null, 2)], { type: "application/json" }));
+  link.download = state.id + ".json";
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(link.href), 1000);
+}
+
+async function deleteConversation() {
+  if (!state.conversation || !confirm(t("confirmDelete"))) return;
+  await call(conv(), { method: "DELETE" });
+  newConversation();
+}
+
+// Moves the head back one turn; the turn stays in the tree as a branch (‹ › reaches it).
+async function rollback() {
+  if (!state.conversation?.turns) return;
+  await json(conv("/rollback"), { method: "POST", body: JSON.stringify({ turns: 1 }) });
+  await reload();
+  await loadList();
+}
+
+async function rename() {
+  const title = prompt(t("renamePrompt"), state.conversation?.title ?? "");
+  if (title === null) return;
+  await json(conv("/settings"), jsonBody({ title: title.trim() || null }));
+  await reload();
+  await loadList();
+}
+
+function start() {
+  $("lang").value = language();
+  apply();
+  $("lang").addEventListener("change", (e) => {
+    setLanguage(e.target.value);
+    draw();
+    loadList();
+  });
+  $("ask").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const text = $("prompt").value;
+    if (!text.trim() || state.controller) return;
+    $("prompt").value = "";
+    ask(text);
+  });
+  $("prompt").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+      e.preventDefault();
+      $("ask").requestSubmit();
+    }
+  });
+  $("stop").addEventListener("click", stop);
+  $("new-chat").addEventListener("click", newConversation);
+  let timer;
+  $("search").addEventListener("input", () => {
+    clearTimeout(timer);
+    timer = setTimeout(loadList, 250);
+  });
+  $("export").addEventListener("click", exportConversation);
+  $("delete").addEventListener("click", deleteConversation);
+  $("rename").addEventListener("click", rename);
+  $("rollback").addEventListener("click", rollback);
+  $("settings-toggle").addEventListener("click", () => {
+    $("settings").hidden = !$("settings").hidden;
+    if (!$("settings").hidden) loadSettings();
+  });
+  $("save-settings").addEventListener("click", saveSettings);
+  $("save-summary").addEventListener("click", saveSummary);
+  const fromHash = decodeURIComponent(location.hash.slice(1));
+  if (fromHash) openConversation(fromHash);
+  else newConversation();
+}
+
+start();

@@ -1,0 +1,246 @@
+"""The web console at / and Swagger UI at /docs, in a real browser (Chromium via Playwright).
+
+Every request to another host is aborted and fails the test (helpers.browser). The fake
+upstream answers ``echo(n): <prompt>``, n the number of messages it was sent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from helpers.browser import in_browser, skip_without_browser
+from helpers.servers import Server, StartServer
+
+from easybackend.transports.http_console import CSP
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+async def stored(server: Server, conversation_id: str, key: str | None = None) -> dict:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with server.client(headers=headers) as client:
+        response = await client.get(f"/conversations/{conversation_id}")
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+MARKDOWN = "apples and *pears*\n\n| fruit | count |\n|---|---|\n| apple | 3 |\n\n- **red**\n- `green`\n\n```\nprint('hi')\n```"
+
+
+def screenshot(page, name: str) -> None:
+    """With UPDATE_SCREENSHOTS=1, save the page as docs/<name> (the READMEs show them)."""
+    if os.environ.get("UPDATE_SCREENSHOTS"):
+        page.screenshot(path=str(DOCS / name))
+
+
+def conversation_id(page) -> str:
+    return page.evaluate("decodeURIComponent(location.hash.slice(1))")
+
+
+async def test_console_is_served_with_a_strict_policy_and_can_be_turned_off(
+    start_server: StartServer,
+):
+    on = await start_server()
+    async with on.client() as client:
+        page = await client.get("/")
+        script = await client.get("/console/app.js")
+        outside = await client.get("/console/../settings.py")
+    assert page.status_code == 200 and "<textarea" in page.text
+    assert page.headers["Content-Security-Policy"] == CSP
+    assert "'unsafe-inline'" not in CSP and "default-src 'none'" in CSP
+    assert script.headers["Content-Type"].startswith("text/javascript")
+    assert outside.status_code == 404
+    off = await start_server(CONSOLE="false")
+    async with off.client() as client:
+        assert (await client.get("/")).status_code == 404
+        assert (await client.get("/console/app.js")).status_code == 404
+        assert (await client.get("/docs")).status_code == 200
+
+
+async def test_chat_streams_continues_stops_and_shows_html_as_text(server: Server):
+    skip_without_browser()
+
+    def scenario(page):
+        page.goto("/")
+        page.fill("#prompt", "hello there")
+        page.press("#prompt", "Enter")
+        page.locator(".msg.assistant").first.get_by_text("echo(1): hello there").wait_for()
+        page.wait_for_selector("#send:not([hidden])")
+        page.fill("#prompt", "<img src=x onerror=alert(1)>")
+        page.press("#prompt", "Enter")
+        # the second prompt is sent with the first turn: 3 messages
+        page.get_by_text("echo(3): <img src=x onerror=alert(1)>").wait_for()
+        assert page.locator("#messages img").count() == 0
+        page.wait_for_selector("#send:not([hidden])")
+        screenshot(page, "console.png")
+        # Shift+Enter adds a line; a stalled answer is stopped
+        page.fill("#prompt", "wait for it [[fake:stall_after=2]]")
+        page.press("#prompt", "Shift+Enter")
+        assert page.input_value("#prompt").endswith("\n")
+        page.press("#prompt", "Enter")
+        page.wait_for_selector("#stop:not([hidden])")
+        page.locator(".msg.streaming").get_by_text("echo(5)").wait_for()
+        page.click("#stop")
+        page.wait_for_selector(".msg.assistant[data-finish=cancelled]")
+        return conversation_id(page)
+
+    cid = await in_browser(server.http_url, scenario)
+    conversation = await stored(server, cid)
+    assert [turn["finish_reason"] for turn in conversation["history"]] == [
+        "stop",
+        "stop",
+        "cancelled",
+    ]
+
+
+async def test_branches_edit_regenerate_and_switch(server: Server):
+    skip_without_browser()
+
+    def scenario(page):
+        page.goto("/")
+        page.fill("#prompt", "first")
+        page.press("#prompt", "Enter")
+        page.get_by_text("echo(1): first").wait_for()
+        page.wait_for_selector("#send:not([hidden])")
+        page.click(".msg.assistant .regenerate")
+        page.get_by_text("2/2").wait_for()
+        page.click(".msg.user .edit")
+        page.fill(".edit-box textarea", "edited")
+        page.click(".edit-send")
+        page.get_by_text("echo(1): edited").wait_for()
+        page.get_by_text("3/3").wait_for()
+        page.click(".siblings .prev")
+        page.get_by_text("2/3").wait_for()
+        assert page.get_by_text("echo(1): first").count() == 1
+        return conversation_id(page)
+
+    cid = await in_browser(server.http_url, scenario)
+    conversation = await stored(server, cid)
+    assert conversation["stored_turns"] == 3
+    turn = conversation["history"][0]
+    assert turn["id"] == turn["siblings"][1] and conversation["head"] == turn["id"]
+
+
+async def test_rollback_rename_export_and_delete(server: Server):
+    skip_without_browser()
+    async with server.client() as client:
+        response = await client.post("/ask/kept", json={"prompt": "keep me"})
+    assert response.status_code == 200
+
+    def scenario(page):
+        page.goto("/#kept")
+        page.get_by_text("echo(1): keep me").wait_for()
+        page.fill("#prompt", "and then")
+        page.press("#prompt", "Enter")
+        page.get_by_text("echo(3): and then").wait_for()
+        page.wait_for_selector("#send:not([hidden])")
+        page.click("#rollback")
+        page.get_by_text("echo(3): and then").wait_for(state="detached")
+        page.once("dialog", lambda dialog: dialog.accept("Renamed"))
+        page.click("#rename")
+        page.locator("#conversations li").get_by_text("Renamed").wait_for()
+        with page.expect_download() as download:
+            page.click("#export")
+        exported = json.loads(Path(download.value.path()).read_text())
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.click("#delete")
+        page.wait_for_selector("#conversations li", state="detached")
+        return exported
+
+    exported = await in_browser(server.http_url, scenario, accept_downloads=True)
+    assert exported["conversation_id"] == "kept" and exported["title"] == "Renamed"
+    assert exported["turns"] == 1 and exported["stored_turns"] == 2  # the rolled-back turn kept
+    assert [turn["messages"][0]["text"] for turn in exported["tree"]] == ["keep me", "and then"]
+    async with server.client() as client:
+        assert (await client.get("/conversations/kept")).status_code == 404
+
+
+async def test_settings_sidebar_search_and_language(server: Server):
+    skip_without_browser()
+
+    from playwright.sync_api import expect
+
+    def scenario(page):
+        page.goto("/")
+        page.fill("#prompt", MARKDOWN)
+        page.press("#prompt", "Enter")
+        page.get_by_text("echo(1): apples").wait_for()
+        page.wait_for_selector("#send:not([hidden])")
+        answer = page.locator(".msg.assistant").first
+        assert answer.locator("table td").first.inner_text() == "apple"
+        assert answer.locator("li strong").inner_text() == "red"
+        assert answer.locator("pre code").inner_text() == "print('hi')"
+        page.click("#settings-toggle")
+        page.fill("#set-title", "Fruit talk")
+        page.fill("#set-system", "You are terse.")
+        page.fill("#set-temperature", "0.3")
+        page.select_option("#set-memory", "summarize")
+        page.click("#save-settings")
+        page.wait_for_selector("#settings-status:text('Saved')")
+        page.locator("#conversations li").get_by_text("Fruit talk").wait_for()
+        page.fill("#summary", "The user likes apples.")
+        page.click("#save-summary")
+        page.wait_for_selector("#settings-status:text('Saved')")
+        screenshot(page, "console-settings.png")
+        cid = conversation_id(page)
+        page.click("#new-chat")
+        page.fill("#search", "nothing-like-this")
+        expect(page.locator("#conversations li")).to_have_count(0)
+        page.fill("#search", "apples")
+        page.locator("#conversations li").get_by_text("Fruit talk").click()
+        page.get_by_text("echo(1): apples").wait_for()
+        page.select_option("#lang", "zh")
+        page.get_by_role("button", name="发送").wait_for()
+        return cid
+
+    cid = await in_browser(server.http_url, scenario, locale="en-US")
+    conversation = await stored(server, cid)
+    settings = conversation["settings"]
+    assert conversation["title"] == "Fruit talk"
+    assert settings["system"] == "You are terse."
+    assert settings["temperature"] == 0.3 and settings["memory"] == "summarize"
+    async with server.client() as client:
+        summary = (await client.get(f"/conversations/{cid}/summary")).json()
+    assert summary["summary"] == "The user likes apples."
+
+
+async def test_chinese_from_the_browser_and_the_key_asked_once(start_server: StartServer):
+    skip_without_browser()
+    server = await start_server(API_KEYS="console:sk-console-test")
+
+    def scenario(page):
+        page.goto("/")
+        assert page.evaluate("document.documentElement.lang") == "zh-CN"
+        page.wait_for_selector("#keybox[open]")
+        page.fill("#key", "sk-console-test")
+        page.click("#key-ok")
+        page.fill("#prompt", "你好")
+        page.press("#prompt", "Enter")
+        page.get_by_text("echo(1): 你好").wait_for()
+        assert page.evaluate("sessionStorage.getItem('easybackend.key')") == "sk-console-test"
+        assert page.evaluate("localStorage.getItem('easybackend.key')") is None
+        # a new tab without a key, the prompt dismissed: the page says why requests fail
+        page.evaluate("sessionStorage.clear()")
+        page.reload()
+        page.wait_for_selector("#keybox[open]")
+        page.keyboard.press("Escape")
+        page.locator("#notice").get_by_text("401").wait_for()
+        return conversation_id(page)
+
+    cid = await in_browser(server.http_url, scenario, locale="zh-CN")
+    conversation = await stored(server, cid, key="sk-console-test")
+    assert conversation["turns"] == 1
+
+
+async def test_docs_render_offline_from_the_installed_package(server: Server):
+    skip_without_browser()
+
+    def scenario(page):
+        page.goto("/docs")
+        page.locator(".opblock-summary-path", has_text="/ask/{conversation_id}/stream").wait_for()
+        page.locator(".opblock-summary-path", has_text="/v1/chat/completions").wait_for()
+        screenshot(page, "docs-swagger.png")
+
+    await in_browser(server.http_url, scenario)
