@@ -27,6 +27,10 @@ SERVE_FLAGS = {
     "--host": ("HOST", "address to listen on (HOST, default 0.0.0.0)"),
     "--http-port": ("HTTP_PORT", "HTTP port, 0 or off to disable (HTTP_PORT, default 8000)"),
     "--model": ("GPT_ENGINE", "model name (GPT_ENGINE)"),
+    "--config": (
+        "CONFIG_FILE",
+        "TOML file of [[upstream]] tables: several providers and keys (CONFIG_FILE)",
+    ),
     "--models": (
         "MODELS",
         "models an ask may name, as name or alias=model, comma-separated (MODELS, default: "

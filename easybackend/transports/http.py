@@ -192,7 +192,9 @@ def error_response(error: ChatError, status: int | None = None) -> Response:
     error, as the ``Retry-After`` header the app adds does.
     """
     shown: dict[str, object] = {"code": error.code, "message": error.message}
-    if isinstance(error, errors.RateLimited):
+    if isinstance(error, errors.RateLimited) or (
+        isinstance(error, errors.UpstreamUnavailable) and error.retry_after is not None
+    ):
         shown["retry_after"] = error.retry_after_seconds
     body = json.dumps({"error": shown}, ensure_ascii=False)
     return Response(
@@ -322,7 +324,9 @@ def create_app(service: ChatService, stopping: Stopping | None = None) -> Quart:
             response = error_response(error, status)
         if isinstance(error, errors.Unauthenticated):
             response.headers["WWW-Authenticate"] = 'Bearer realm="easybackend"'
-        if isinstance(error, errors.RateLimited):  # under /v1 too: the SDKs read it
+        if isinstance(error, errors.RateLimited) or (
+            isinstance(error, errors.UpstreamUnavailable) and error.retry_after is not None
+        ):  # under /v1 too: the SDKs read it
             response.headers["Retry-After"] = str(error.retry_after_seconds)
         return response
 
