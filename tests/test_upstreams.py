@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -328,3 +329,46 @@ async def test_an_upstream_has_its_own_proxy(nursery, start_server, tmp_path, ki
     else:
         assert any(str(proxied.port) in target for target in targets), targets
     assert not any(str(direct.port) in target for target in targets)
+
+
+# -- visibility ----------------------------------------------------------------------------------
+
+
+async def test_the_upstreams_command_shows_keys_as_number_and_last_four(tmp_path):
+    secret = "sk-the-secret-part-of-the-key-WXYZ"
+    (tmp_path / "upstreams.toml").write_text(
+        table("openai", "https://api.openai.com/v1", [secret, "${SECOND}"], ["gpt-4.1-mini"])
+        + table("ollama", "http://127.0.0.1:11434/v1", ["ollama"], ["qwen"], weight=2),
+        encoding="utf-8",
+    )
+    env = clean_env(SECOND="sk-another-secret-key-9876")
+    result = await run_cli(tmp_path, env, ["upstreams", "--config", "upstreams.toml"])
+    assert result.returncode == 0, result.stderr.decode()
+    out = result.stdout.decode()
+    assert out.splitlines() == [
+        "openai  https://api.openai.com/v1  models: gpt-4.1-mini  weight 1",
+        "  key #1 …WXYZ",
+        "  key #2 …9876",
+        "ollama  http://127.0.0.1:11434/v1  models: qwen  weight 2",
+        "  key #1",
+    ]
+    assert "secret" not in out
+
+
+async def test_readyz_lists_the_upstreams_and_their_keys_states(nursery, start_server, tmp_path):
+    fake = await started_fake(nursery)
+    config = write_config(
+        tmp_path,
+        table("a", fake.base_url(), [UPSTREAM_KEY], ["gpt-4.1-mini"])
+        + table("b", fake.base_url(), [UPSTREAM_KEY], ["gpt-4.1-mini"]),
+    )
+    server = await start_server(CONFIG_FILE=config, UPSTREAM_RETRIES="1")
+    await queue_faults(fake, {"status": 429, "retry_after": 20})
+    assert (await chat(server, "gpt-4.1-mini")).status_code == 200
+    async with server.client(trust_env=False) as client:
+        ready = (await client.get("/readyz")).json()
+    assert ready["status"] == "ready"
+    states = {u["name"]: [k["state"] for k in u["keys"]] for u in ready["upstreams"]}
+    assert states["b"] == ["ready"]
+    assert states["a"][0].startswith("cooling ")
+    assert UPSTREAM_KEY not in json.dumps(ready)

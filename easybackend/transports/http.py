@@ -547,7 +547,11 @@ def create_app(service: ChatService, stopping: Stopping | None = None) -> Quart:
     async def readyz() -> Response:
         """Readiness: 200 while the conversation store answers, else 503 (not ready)."""
         if await service.ready():
-            return Response('{"status": "ready"}', mimetype="application/json")
+            if not settings.upstreams:
+                return Response('{"status": "ready"}', mimetype="application/json")
+            # with CONFIG_FILE: each upstream and its keys' states (keys as number, last 4)
+            details = {"status": "ready", "upstreams": service.upstream.router.describe()}
+            return Response(json.dumps(details, ensure_ascii=False), mimetype="application/json")
         return error_response(
             StorageUnavailable("the conversation store does not answer or takes no writes")
         )

@@ -179,6 +179,11 @@ def _upstream(
     )
 
 
+def shown_key(index: int, key: str) -> str:
+    """A key as shown anywhere: its number, and its last four characters when it is long enough."""
+    return f"#{index + 1} …{key[-4:]}" if len(key) > 8 else f"#{index + 1}"
+
+
 def _expanded(value: str, environ: Mapping[str, str], fail) -> str:  # type: ignore[no-untyped-def]
     """``value`` with each ``${VAR}`` replaced by that environment variable (which must be set)."""
 

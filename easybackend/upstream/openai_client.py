@@ -61,7 +61,7 @@ from ..errors import (
 )
 from ..metrics import Metrics
 from ..settings import ConfigError, Settings
-from .config import UpstreamConfig
+from .config import UpstreamConfig, shown_key
 from .transport import LeanTransport
 
 log = logging.getLogger("easybackend.upstream")
@@ -489,7 +489,7 @@ class Route:
 
     def shown_key(self) -> str:
         """The key as index and last four characters, for the ``upstreams`` command and /readyz."""
-        return f"#{self.index + 1} …{self.key[-4:]}" if len(self.key) > 8 else f"#{self.index + 1}"
+        return shown_key(self.index, self.key)
 
     def state(self, now: float) -> str:
         if self.out:
