@@ -27,6 +27,10 @@ SERVE_FLAGS = {
     "--host": ("HOST", "address to listen on (HOST, default 0.0.0.0)"),
     "--http-port": ("HTTP_PORT", "HTTP port, 0 or off to disable (HTTP_PORT, default 8000)"),
     "--model": ("GPT_ENGINE", "model name (GPT_ENGINE)"),
+    "--config": (
+        "CONFIG_FILE",
+        "TOML file of [[upstream]] tables: several providers and keys (CONFIG_FILE)",
+    ),
     "--models": (
         "MODELS",
         "models an ask may name, as name or alias=model, comma-separated (MODELS, default: "
@@ -174,6 +178,21 @@ example:
     from . import usage_commands
 
     usage_commands.add_parser(commands)
+    lister = commands.add_parser(
+        "upstreams",
+        help="list the upstreams of CONFIG_FILE (or the one of OPENAI_BASE_URL) and their keys",
+        description="Each upstream with its models, weight, proxy (shown as set or not) and its "
+        "keys, each as its number and last four characters. The keys' live state (cooling "
+        "down, rejected) is in the running server's /readyz.",
+    )
+    lister.add_argument(
+        "--config", dest="CONFIG_FILE", default=argparse.SUPPRESS, metavar="PATH",
+        help="the configuration file (CONFIG_FILE)",
+    )  # fmt: skip
+    lister.add_argument(
+        "--env-file", default=argparse.SUPPRESS, metavar="PATH",
+        help="read settings from this file instead of ./.env",
+    )  # fmt: skip
     for command in (importer, exporter):
         for flag in ("--conversations-dir", "--database-url"):
             variable, text = SERVE_FLAGS[flag]
@@ -234,6 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .usage_commands import main as usage_main
 
         return usage_main(args)
+    if command == "upstreams":
+        return _upstreams_command(args)
     return _data_command(command, args)
 
 
@@ -312,6 +333,41 @@ def _data_command(command: str, args: dict[str, str]) -> int:
     except (ConfigError, StorageUnavailable, data_commands.CommandError) as exc:
         print(f"easybackend: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
+
+
+def _upstreams_command(args: dict[str, str]) -> int:
+    """Print the configured upstreams, one line each, then one indented line per key."""
+    from .settings import ConfigError, load_settings
+    from .upstream.config import shown_key
+
+    env_file = args.pop("env_file", ".env")
+    try:
+        settings = load_settings(args, env_file=env_file, need_api_key=False)
+    except ConfigError as exc:
+        print(f"easybackend: error: {exc}", file=sys.stderr)
+        return 2
+    if not settings.upstreams:
+        base_url = settings.openai_base_url or "https://api.openai.com/v1"
+        print(f"default  {base_url}  models: every model  (no CONFIG_FILE)")
+        keys = [settings.openai_api_key] if settings.openai_api_key else []
+        for index, key in enumerate(keys):
+            print(f"  key {shown_key(index, key)}")
+        return 0
+    for upstream in settings.upstreams:
+        extra = [f"weight {upstream.weight:g}"]
+        if upstream.max_concurrency:
+            extra.append(f"at most {upstream.max_concurrency} at once")
+        if upstream.proxy:
+            extra.append("through a proxy")
+        if upstream.kind != "openai":
+            extra.append(upstream.kind)
+        print(
+            f"{upstream.name}  {upstream.base_url}  models: {', '.join(upstream.models)}  "
+            + ", ".join(extra)
+        )
+        for index, key in enumerate(upstream.api_keys):
+            print(f"  key {shown_key(index, key)}")
+    return 0
 
 
 if __name__ == "__main__":

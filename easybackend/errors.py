@@ -184,6 +184,17 @@ class UpstreamUnavailable(UpstreamError):
 
     code = "upstream_unavailable"
 
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, param: str | None = None
+    ) -> None:
+        super().__init__(message, param=param)
+        self.retry_after = retry_after  # seconds until the soonest upstream may answer, if known
+
+    @property
+    def retry_after_seconds(self) -> int:
+        """``retry_after`` as whole seconds for a ``Retry-After`` header (at least 1)."""
+        return max(1, math.ceil(self.retry_after or 0))
+
 
 class UpstreamRejected(UpstreamError):
     """The model provider refused a relayed /v1 request as invalid (HTTP 4xx); /v1 keeps its status."""

@@ -20,6 +20,7 @@ import dotenv
 from .auth import parse_api_keys
 from .database_url import DatabaseURL
 from .governance.models import ModelEntry, parse_models
+from .upstream.config import UpstreamConfig, load_upstreams
 
 DEFAULT_MODEL = "gpt-4.1-mini"
 MIN_ADMIN_KEY = 16  # characters of ADMIN_KEY at least
@@ -35,6 +36,8 @@ class Settings:
 
     openai_api_key: str = dataclasses.field(default="", repr=False)
     openai_base_url: str | None = None
+    config_file: Path | None = None  # CONFIG_FILE: its [[upstream]] tables are ``upstreams``
+    upstreams: tuple[UpstreamConfig, ...] = ()  # empty: OPENAI_BASE_URL + OPENAI_API_KEY
     model: str = DEFAULT_MODEL
     models: tuple[ModelEntry, ...] = ()  # MODELS: the allow-list; empty: GPT_ENGINE alone
     encoding_name: str | None = None
@@ -231,6 +234,7 @@ def _networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network
 ENVIRONMENT = {
     "OPENAI_API_KEY": ("openai_api_key", _text),
     "OPENAI_BASE_URL": ("openai_base_url", _optional_text),
+    "CONFIG_FILE": ("config_file", _optional_path),
     "GPT_ENGINE": ("model", _text),
     "MODELS": ("models", parse_models),
     "ENCODING_NAME": ("encoding_name", _optional_text),
@@ -321,6 +325,12 @@ def load_settings(
             shown = variable if variable in SECRET_VARIABLES else f"{variable}={raw!r}"
             raise ConfigError(f"{shown} {reason}") from None
 
+    config_file = values.get("config_file")
+    if isinstance(config_file, Path):
+        try:
+            values["upstreams"] = load_upstreams(config_file, merged)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     settings = Settings(**values)  # type: ignore[arg-type]
     return _checked(settings, need_api_key)
 
@@ -337,7 +347,12 @@ def _checked(settings: Settings, need_api_key: bool) -> Settings:
         )
     if settings.admin_key and settings.admin_key in settings.api_keys.values():
         raise ConfigError("ADMIN_KEY must differ from every secret of API_KEYS")
-    if not settings.openai_api_key and not settings.demo and need_api_key:
+    if (
+        not settings.openai_api_key
+        and not settings.upstreams
+        and not settings.demo
+        and need_api_key
+    ):
         raise ConfigError(
             "OPENAI_API_KEY is not set: export it (or put it in .env), or start with --demo"
         )

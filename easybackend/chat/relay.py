@@ -148,7 +148,7 @@ async def relay_stream(service: ChatService, request: RelayRequest) -> AsyncIter
             body = upstream_body(request, model)
             held: list[bytes] = []  # the leading chunks without output (the role chunk)
             answering = False
-            async with contextlib.aclosing(service.upstream.relay_stream(body)) as stream:
+            async with contextlib.aclosing(service.upstream.relay_stream(body, model)) as stream:
                 async for chunks in stream:
                     sent, held = held, []
                     for data, chunk in chunks:
@@ -187,7 +187,7 @@ async def relay_whole(service: ChatService, request: RelayRequest) -> bytes:
             model = service.model_for(request.body.get("model"), caller=request.caller)
             await tally.admit(service, request, model)
             body = upstream_body(request, model)
-            data, answer = await service.upstream.relay_whole(body)
+            data, answer = await service.upstream.relay_whole(body, model)
         record.first_piece()
         tally.usage = _usage_of(answer.get("usage"))
         if tally.usage is None:

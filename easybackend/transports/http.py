@@ -194,7 +194,9 @@ def error_response(error: ChatError, status: int | None = None) -> Response:
     error, as the ``Retry-After`` header the app adds does.
     """
     shown: dict[str, object] = {"code": error.code, "message": error.message}
-    if isinstance(error, errors.RateLimited):
+    if isinstance(error, errors.RateLimited) or (
+        isinstance(error, errors.UpstreamUnavailable) and error.retry_after is not None
+    ):
         shown["retry_after"] = error.retry_after_seconds
     body = json.dumps({"error": shown}, ensure_ascii=False)
     return Response(
@@ -325,7 +327,9 @@ def create_app(service: ChatService, stopping: Stopping | None = None) -> Quart:
             response = error_response(error, status)
         if isinstance(error, errors.Unauthenticated):
             response.headers["WWW-Authenticate"] = 'Bearer realm="easybackend"'
-        if isinstance(error, errors.RateLimited):  # under /v1 too: the SDKs read it
+        if isinstance(error, errors.RateLimited) or (
+            isinstance(error, errors.UpstreamUnavailable) and error.retry_after is not None
+        ):  # under /v1 too: the SDKs read it
             response.headers["Retry-After"] = str(error.retry_after_seconds)
         return response
 
@@ -551,7 +555,11 @@ def create_app(service: ChatService, stopping: Stopping | None = None) -> Quart:
     async def readyz() -> Response:
         """Readiness: 200 while the conversation store answers, else 503 (not ready)."""
         if await service.ready():
-            return Response('{"status": "ready"}', mimetype="application/json")
+            if not settings.upstreams:
+                return Response('{"status": "ready"}', mimetype="application/json")
+            # with CONFIG_FILE: each upstream and its keys' states (keys as number, last 4)
+            details = {"status": "ready", "upstreams": service.upstream.router.describe()}
+            return Response(json.dumps(details, ensure_ascii=False), mimetype="application/json")
         return error_response(
             StorageUnavailable("the conversation store does not answer or takes no writes")
         )

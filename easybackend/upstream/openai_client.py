@@ -40,6 +40,7 @@ import functools
 import importlib.util
 import json
 import logging
+import math
 import random
 import re
 import time
@@ -51,9 +52,16 @@ import httpx2
 import openai
 import trio
 
-from ..errors import UpstreamError, UpstreamTimeout, from_relayed_upstream, from_upstream
+from ..errors import (
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    from_relayed_upstream,
+    from_upstream,
+)
 from ..metrics import Metrics
 from ..settings import ConfigError, Settings
+from .config import UpstreamConfig, shown_key
 from .transport import LeanTransport
 
 log = logging.getLogger("easybackend.upstream")
@@ -61,6 +69,7 @@ log = logging.getLogger("easybackend.upstream")
 MAX_RETRY_AFTER = 30.0  # seconds: a provider asking to wait longer gets its error passed on
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 8.0
+COOL_DOWN_CAP = 300.0  # seconds: the longest exponential cool-down of a failing key
 
 # One line of the event stream: at least this many bytes, more when MAX_ANSWER_CHARS is large
 # (see max_line_bytes); a longer line fails the call instead of growing a buffer.
@@ -104,24 +113,12 @@ class OpenAIUpstream:
     ) -> None:
         self.settings = settings
         self.metrics = metrics
-        timeout = httpx2.Timeout(
-            settings.upstream_timeout,
-            connect=settings.upstream_connect_timeout,
-            read=settings.upstream_idle_timeout,
-        )
-        self._client = openai.AsyncOpenAI(
-            api_key=settings.openai_api_key or "demo",
-            base_url=base_url or settings.openai_base_url,
-            max_retries=0,
-            timeout=timeout,
-            http_client=openai.DefaultAsyncHttpxClient(
-                timeout=timeout,
-                transport=_transport(settings.upstream_transport),
-                # for httpx's own transport (with a proxy); LeanTransport has no limit
-                limits=httpx2.Limits(max_connections=None, max_keepalive_connections=256),
-                event_hooks={"response": [_refuse_redirect_to_another_origin]},
-            ),
-        )
+        if settings.upstreams and base_url is None:
+            providers = [_Provider(config, settings) for config in settings.upstreams]
+        else:  # today's one upstream: OPENAI_BASE_URL and OPENAI_API_KEY (or the demo's)
+            providers = [_Provider(None, settings, base_url=base_url)]
+        self.router = Router(providers)
+        self._client = providers[0].routes[0].client  # the first route's (tests, close)
 
     async def stream(self, call: UpstreamCall) -> AsyncIterator[str | Completion]:
         """Yield the answer's text as it arrives, then one :class:`Completion`.
@@ -140,7 +137,7 @@ class OpenAIUpstream:
         the SDK's chunk objects.
         """
         deadline = trio.current_time() + self.settings.upstream_timeout
-        response = await self._open(call, deadline)
+        response, route = await self._open(call, deadline)
         batches = _line_batches(response, self._limits(deadline))
         answer = _Answer()
         try:
@@ -148,6 +145,7 @@ class OpenAIUpstream:
                 yield text
             await _drain(batches)
         finally:
+            route.provider.in_progress -= 1
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await batches.aclose()  # type: ignore[attr-defined]
                 await response.aclose()
@@ -163,7 +161,7 @@ class OpenAIUpstream:
             completion_tokens=usage.get("completion_tokens") if usage else None,
         )
 
-    async def _open(self, call: UpstreamCall, deadline: float) -> httpx2.Response:
+    async def _open(self, call: UpstreamCall, deadline: float) -> tuple[httpx2.Response, Route]:
         """Start the streaming call, retrying transient failures (see the module docstring)."""
         body: dict[str, object] = {
             "model": call.model,
@@ -176,25 +174,30 @@ class OpenAIUpstream:
             body["max_tokens"] = call.max_tokens
         if call.top_p is not None:
             body["top_p"] = call.top_p
-        return await self._post(body, deadline)
+        return await self._post(body, deadline, model=call.model)
 
     async def _post(
-        self, body: object, deadline: float, *, relayed: bool = False, whole: bool = False
-    ) -> httpx2.Response:
+        self,
+        body: object,
+        deadline: float,
+        *,
+        model: str,
+        relayed: bool = False,
+        whole: bool = False,
+    ) -> tuple[httpx2.Response, Route]:
         """POST ``body`` (an object, or JSON bytes sent as they are) to ``/chat/completions``.
 
-        Returns the response with its body unread. Retries transient failures
-        (see the module docstring) until ``deadline``. A ``relayed`` body is
-        the client's own: the provider's refusal of it is the client's error
+        Returns the response with its body unread and the route (upstream and
+        key) that gave it, whose provider counts one more answer in progress:
+        the caller takes it off when the answer is done. Retries transient
+        failures (see the module docstring) until ``deadline``: on the next
+        route serving ``model`` at once when there is one (the failed key cools
+        down), else on the same after the wait. A ``relayed`` body is the
+        client's own: the provider's refusal of it is the client's error
         (:func:`~easybackend.errors.from_relayed_upstream`). For a ``whole``
         (non-streaming) answer the wait for the response's head may last until
         the deadline: such an answer comes all at once, when the model is done.
         """
-        translate = (
-            functools.partial(from_relayed_upstream, secret=self.settings.openai_api_key)
-            if relayed
-            else from_upstream
-        )
         payload = {"content": body} if isinstance(body, bytes) else {"body": body}
         options: dict[str, Any] = {}  # the SDK's per-request options
         if whole:
@@ -204,13 +207,19 @@ class OpenAIUpstream:
                 connect=settings.upstream_connect_timeout,
                 read=settings.upstream_timeout,
             )
+        router = self.router
+        tried: set[Route] = set()
         for attempt in range(self.settings.upstream_retries + 1):
+            route = router.pick(model, tried)
+            if route is None:
+                raise self._failed(router.unavailable(model))
+            route.provider.in_progress += 1
             try:
                 with trio.fail_at(deadline):
                     # The SDK's generic POST (its documented way to a raw response): the same
                     # request, headers, key and error mapping as chat.completions.create, minus
                     # the re-validation of parameters built here, which grows with the history.
-                    return await self._client.post(
+                    response = await route.client.post(
                         "/chat/completions",
                         cast_to=httpx2.Response,
                         **payload,
@@ -218,14 +227,40 @@ class OpenAIUpstream:
                         stream=True,
                         stream_cls=openai.AsyncStream[httpx2.Response],
                     )
+                route.succeeded()
+                return response, route
             except trio.TooSlowError:
+                route.provider.in_progress -= 1
                 raise self._failed(
                     UpstreamTimeout("the model provider did not answer in time")
                 ) from None
             except Exception as exc:
+                route.provider.in_progress -= 1
+                translate = (
+                    functools.partial(from_relayed_upstream, secret=route.key)
+                    if relayed
+                    else from_upstream
+                )
                 error = self._failed(translate(exc))
                 wait = _retry_wait(exc, attempt)
                 last_attempt = attempt == self.settings.upstream_retries
+                tried.add(route)
+                if router.pooled and _is_rejected_key(exc):
+                    route.take_out()
+                    if not last_attempt and router.pick(model, tried, peek=True) is not None:
+                        continue
+                    raise error from exc
+                if router.pooled and _is_transient(exc):
+                    route.cool_down(wait if wait is not None else _retry_after_of(exc))
+                    if not last_attempt and router.pick(model, tried, peek=True) is not None:
+                        log.warning(
+                            "upstream %s key #%d failed (%s); trying another route",
+                            route.provider.name,
+                            route.index + 1,
+                            error.code,
+                        )
+                        self.metrics.upstream_retries.inc()
+                        continue
                 if wait is None or last_attempt or trio.current_time() + wait >= deadline:
                     raise error from exc
                 log.warning(
@@ -233,9 +268,11 @@ class OpenAIUpstream:
                 )
                 self.metrics.upstream_retries.inc()
                 await trio.sleep(wait)
+                tried.clear()
+                route.cooling_until = 0.0  # waited for: the retry may use it again
         raise AssertionError("unreachable")
 
-    async def relay_stream(self, body: bytes) -> AsyncIterator[list[Relayed]]:
+    async def relay_stream(self, body: bytes, model: str) -> AsyncIterator[list[Relayed]]:
         """Send a client's streaming request as it is; yield its chunks as they arrive.
 
         ``body`` (JSON) goes to the provider unchanged (the caller has set
@@ -252,7 +289,7 @@ class OpenAIUpstream:
         early, the HTTP response is closed at once (the provider stops).
         """
         deadline = trio.current_time() + self.settings.upstream_timeout
-        response = await self._post(body, deadline, relayed=True)
+        response, route = await self._post(body, deadline, model=model, relayed=True)
         batches = _line_batches(response, self._limits(deadline))
         ending = _RelayEnding()
         try:
@@ -260,13 +297,14 @@ class OpenAIUpstream:
                 yield chunks
             await _drain(batches)
         finally:
+            route.provider.in_progress -= 1
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await batches.aclose()  # type: ignore[attr-defined]
                 await response.aclose()
         if not ending.done and not ending.finished:
             raise self._failed(UpstreamError("the model provider broke off the answer"))
 
-    async def relay_whole(self, body: bytes) -> Relayed:
+    async def relay_whole(self, body: bytes, model: str) -> Relayed:
         """Send a client's non-streaming request (JSON) as it is; its answer, as sent and parsed.
 
         The answer's body may be up to :func:`max_line_bytes` long and must
@@ -275,7 +313,8 @@ class OpenAIUpstream:
         HTTP response is closed at once.
         """
         deadline = trio.current_time() + self.settings.upstream_timeout
-        response = await self._post(body, deadline, relayed=True, whole=True)
+        response, route = await self._post(body, deadline, model=model, relayed=True, whole=True)
+        route.provider.in_progress -= 1  # read at once below: counted while it was awaited
         limit = max_line_bytes(self.settings.max_answer_chars)
         encoding = response.headers.get("content-encoding", "identity").strip().lower()
         parts = response.aiter_raw() if encoding in ("", "identity") else response.aiter_bytes()
@@ -378,8 +417,247 @@ class OpenAIUpstream:
         return error
 
     async def aclose(self) -> None:
-        """Close the connection pool."""
-        await self._client.close()
+        """Close the connection pools."""
+        for provider in self.router.providers:
+            for route in provider.routes:
+                await route.client.close()
+
+
+class _AzureClient(openai.AsyncOpenAI):
+    """Azure OpenAI: the key in an ``api-key`` header (base_url is the deployment's URL)."""
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        return {"api-key": self.api_key}
+
+    def _auth_headers(self, security: object) -> dict[str, str]:  # the SDK's per-request hook
+        return {"api-key": self.api_key}
+
+    def _validate_headers(self, headers: object, custom_headers: object) -> None:
+        return None  # the key is in api-key, which the SDK's check does not know
+
+
+def _client_for(
+    settings: Settings, key: str, base_url: str | None, config: UpstreamConfig | None
+) -> openai.AsyncOpenAI:
+    """One SDK client (and connection pool) for one upstream key."""
+    connect = (config and config.connect_timeout) or settings.upstream_connect_timeout
+    idle = (config and config.idle_timeout) or settings.upstream_idle_timeout
+    total = (config and config.timeout) or settings.upstream_timeout
+    timeout = httpx2.Timeout(total, connect=connect, read=idle)
+    proxy = config.proxy if config else None
+    http_client = openai.DefaultAsyncHttpxClient(
+        timeout=timeout,
+        # a proxy needs httpx's own transport; LeanTransport speaks to the provider directly
+        transport=None if proxy else _transport(settings.upstream_transport),
+        proxy=proxy,
+        # for httpx's own transport (with a proxy); LeanTransport has no limit
+        limits=httpx2.Limits(max_connections=None, max_keepalive_connections=256),
+        event_hooks={"response": [_refuse_redirect_to_another_origin]},
+    )
+    options: dict[str, Any] = {}
+    cls: type[openai.AsyncOpenAI] = openai.AsyncOpenAI
+    if config is not None and config.kind == "azure":
+        cls = _AzureClient
+        options["default_query"] = {"api-version": config.api_version}
+    return cls(
+        api_key=key,
+        base_url=base_url,
+        max_retries=0,
+        timeout=timeout,
+        http_client=http_client,
+        **options,
+    )
+
+
+class Route:
+    """One upstream key: its client, and whether it may be used now."""
+
+    __slots__ = ("provider", "index", "key", "client", "cooling_until", "failures", "out")
+
+    def __init__(self, provider: _Provider, index: int, key: str, client: openai.AsyncOpenAI):
+        self.provider = provider
+        self.index = index  # 0-based in the upstream's api_keys; shown 1-based
+        self.key = key
+        self.client = client
+        self.cooling_until = 0.0  # trio time; 0: not cooling
+        self.failures = 0  # in a row, for the exponential cool-down
+        self.out = False  # rejected (401/403): out until restart
+
+    def __repr__(self) -> str:  # never the key
+        return f"<Route {self.provider.name} key #{self.index + 1}>"
+
+    def shown_key(self) -> str:
+        """The key as index and last four characters, for the ``upstreams`` command and /readyz."""
+        return shown_key(self.index, self.key)
+
+    def state(self, now: float) -> str:
+        if self.out:
+            return "rejected"
+        if self.cooling_until > now:
+            return f"cooling {self.cooling_until - now:.0f}s"
+        return "ready"
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self.cooling_until = 0.0
+
+    def cool_down(self, wait: float | None) -> None:
+        """Keep the key unused for the provider's ``Retry-After``, else exponentially longer."""
+        self.failures += 1
+        if wait is None:
+            wait = min(COOL_DOWN_CAP, BACKOFF_BASE * 2 ** (self.failures - 1))
+        self.cooling_until = trio.current_time() + wait
+        log.warning(
+            "upstream %s key #%d cools down for %.1fs", self.provider.name, self.index + 1, wait
+        )
+
+    def take_out(self) -> None:
+        if not self.out:
+            self.out = True
+            log.error(
+                "upstream %s key #%d was rejected by the provider (401/403): not used again "
+                "until restart",
+                self.provider.name,
+                self.index + 1,
+            )
+
+
+class _Provider:
+    """One upstream: its keys (routes), the models it serves, its load."""
+
+    def __init__(
+        self, config: UpstreamConfig | None, settings: Settings, *, base_url: str | None = None
+    ) -> None:
+        self.config = config
+        self.name = config.name if config else "default"
+        self.weight = config.weight if config else 1.0
+        self.max_concurrency = config.max_concurrency if config else None
+        self.models = frozenset(config.models) if config else None  # None: every model
+        self.in_progress = 0
+        self._next_key = 0
+        if config is None:
+            keys: tuple[str, ...] = (settings.openai_api_key or "demo",)
+            url = base_url or settings.openai_base_url
+        else:
+            keys, url = config.api_keys, config.base_url
+        self.base_url = url
+        self.routes = [
+            Route(self, index, key, _client_for(settings, key, url, config))
+            for index, key in enumerate(keys)
+        ]
+
+    def serves(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+    def free(self) -> bool:
+        return self.max_concurrency is None or self.in_progress < self.max_concurrency
+
+    def next_route(self, tried: set[Route], now: float, *, peek: bool) -> Route | None:
+        """The next usable key, round robin (so the keys share the load)."""
+        routes = self.routes
+        count = len(routes)
+        for step in range(count):
+            route = routes[(self._next_key + step) % count]
+            if route.out or route in tried or route.cooling_until > now:
+                continue
+            if not peek:
+                self._next_key = (self._next_key + step + 1) % count
+            return route
+        return None
+
+
+class Router:
+    """Chooses an (upstream, key) for each call: by model, weight and answers in progress."""
+
+    def __init__(self, providers: list[_Provider]) -> None:
+        self.providers = providers
+        self.pooled = sum(len(p.routes) for p in providers) > 1  # failover between routes
+        # today's one upstream and key (no file): every model goes there, no routing state
+        self._single = None if self.pooled or providers[0].models else providers[0].routes[0]
+        self._by_model: dict[str, list[_Provider]] = {}
+
+    def serving(self, model: str) -> list[_Provider]:
+        providers = self._by_model.get(model)
+        if providers is None:
+            providers = [p for p in self.providers if p.serves(model)]
+            if len(self._by_model) < 10_000:
+                self._by_model[model] = providers
+        return providers
+
+    def pick(self, model: str, tried: set[Route], *, peek: bool = False) -> Route | None:
+        """A route for ``model`` not in ``tried``, or None when none is usable now."""
+        if (single := self._single) is not None:  # today's one upstream and key
+            return None if single in tried else single
+        now = trio.current_time()
+        best: Route | None = None
+        best_load = math.inf
+        for provider in self.serving(model):
+            if not provider.free():
+                continue
+            load = (provider.in_progress + 1) / provider.weight
+            if load >= best_load:
+                continue
+            route = provider.next_route(tried, now, peek=True)
+            if route is not None:
+                best, best_load = route, load
+        if best is not None and not peek:
+            best = best.provider.next_route(tried, now, peek=False)
+        return best
+
+    def unavailable(self, model: str) -> UpstreamUnavailable:
+        """The error when no route for ``model`` is usable: it names the soonest retry."""
+        providers = self.serving(model)
+        if not providers:
+            return UpstreamUnavailable(f"no upstream serves the model {model}")
+        now = trio.current_time()
+        waits = [
+            route.cooling_until - now
+            for provider in providers
+            for route in provider.routes
+            if not route.out and route.cooling_until > now
+        ]
+        if not waits:
+            return UpstreamUnavailable(f"every upstream of the model {model} is busy or down")
+        soonest = max(1, math.ceil(min(waits)))
+        return UpstreamUnavailable(
+            f"every upstream of the model {model} is down; retry in {soonest} seconds",
+            retry_after=soonest,
+        )
+
+    def describe(self) -> list[dict[str, object]]:
+        """Each upstream and its keys' states (keys as index and last four characters)."""
+        now = trio.current_time()
+        return [
+            {
+                "name": provider.name,
+                "models": sorted(provider.models) if provider.models is not None else ["*"],
+                "in_progress": provider.in_progress,
+                "keys": [
+                    {"key": route.shown_key(), "state": route.state(now)}
+                    for route in provider.routes
+                ],
+            }
+            for provider in self.providers
+        ]
+
+
+def _is_rejected_key(exc: Exception) -> bool:
+    return isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError)
+
+
+def _is_transient(exc: Exception) -> bool:
+    if isinstance(exc, openai.APIConnectionError):
+        return True
+    return isinstance(exc, openai.APIStatusError) and (
+        exc.status_code == 429 or exc.status_code >= 500
+    )
+
+
+def _retry_after_of(exc: Exception) -> float | None:
+    if isinstance(exc, openai.APIStatusError):
+        return _retry_after(exc.response.headers)
+    return None
 
 
 class _Answer:
@@ -522,9 +800,7 @@ def _checked_usage(usage: object) -> dict[str, int | None] | None:
     checked: dict[str, int | None] = {}
     for field in ("prompt_tokens", "completion_tokens"):
         value = usage.get(field)
-        if value is not None and (
-            type(value) is not int or not 0 <= value <= MAX_REPORTED_TOKENS
-        ):
+        if value is not None and (type(value) is not int or not 0 <= value <= MAX_REPORTED_TOKENS):
             return None
         checked[field] = value
     return checked
