@@ -438,13 +438,20 @@ def delete_turn(
     )
     if head_seq is not None and head_row is None:  # the head was in the subtree
         head_seq = parent_seq
+    return _removed(dialect, db, pk, deleted, head_seq, now)
+
+
+def _removed(
+    dialect: Dialect, db: Connection, pk: int, removed: int, head_seq: int | None, now: float
+) -> tuple[int, TurnPosition | None]:
+    """Count ``removed`` turns out of conversation ``pk`` and set its head; (removed, the head)."""
     dialect.execute(
         db,
         "UPDATE conversations SET turn_count = turn_count - ?, head_seq = ?, updated_at = ?"
         " WHERE pk = ?",
-        (deleted, head_seq, now, pk),
+        (removed, head_seq, now, pk),
     )
-    return deleted, _position(dialect, db, pk, head_seq)
+    return removed, _position(dialect, db, pk, head_seq)
 
 
 def splice_turns(
@@ -483,13 +490,7 @@ def splice_turns(
         if head_seq == seq:
             head_seq = parent_seq
         removed += 1
-    dialect.execute(
-        db,
-        "UPDATE conversations SET turn_count = turn_count - ?, head_seq = ?, updated_at = ?"
-        " WHERE pk = ?",
-        (removed, head_seq, now, pk),
-    )
-    return removed, _position(dialect, db, pk, head_seq)
+    return _removed(dialect, db, pk, removed, head_seq, now)
 
 
 def set_turn_text(
