@@ -14,6 +14,7 @@ command runs.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections.abc import Callable
@@ -170,12 +171,19 @@ def _expires(clearing: bool) -> Callable[[str], str | None]:
 
 def main(args: dict[str, Any]) -> int:
     """Run one ``keys`` action; returns the exit status."""
+    action = args.pop("keys_command")
+    return run_on_store(args, functools.partial(_run, action))
+
+
+def run_on_store(args: dict[str, Any], work: Any) -> int:
+    """Load the settings from ``args``' store flags (and ``.env``), then run ``work(settings,
+    the other args)`` under trio; the exit status. A setting that does not validate is exit 2,
+    a ChatError (the store unreachable, a name unknown) exit 1, each one line on stderr."""
     import trio
 
     from .errors import ChatError
     from .settings import ConfigError, load_settings
 
-    action = args.pop("keys_command")
     env_file = args.pop("env_file", ".env")
     store_flags = {
         variable: args.pop(variable) for variable, _ in STORE_FLAGS.values() if variable in args
@@ -186,7 +194,7 @@ def main(args: dict[str, Any]) -> int:
         print(f"easybackend: error: {exc}", file=sys.stderr)
         return 2
     try:
-        return trio.run(_run, action, settings, args)
+        return trio.run(work, settings, args)
     except ChatError as exc:
         print(f"easybackend: error: {exc.message}", file=sys.stderr)
         return 1

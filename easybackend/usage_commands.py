@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
-from .keys_commands import STORE_FLAGS
+from .keys_commands import STORE_FLAGS, run_on_store
 
 
 def add_parser(commands: Any) -> None:
@@ -54,26 +53,8 @@ def add_parser(commands: Any) -> None:
 
 
 def main(args: dict[str, Any]) -> int:
-    """Run ``usage``; returns the exit status."""
-    import trio
-
-    from .errors import ChatError
-    from .settings import ConfigError, load_settings
-
-    env_file = args.pop("env_file", ".env")
-    store_flags = {
-        variable: args.pop(variable) for variable, _ in STORE_FLAGS.values() if variable in args
-    }
-    try:
-        settings = load_settings(store_flags, env_file=env_file, need_api_key=False)
-    except ConfigError as exc:
-        print(f"easybackend: error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        return trio.run(_run, settings, args)
-    except ChatError as exc:
-        print(f"easybackend: error: {exc.message}", file=sys.stderr)
-        return 1
+    """Run ``usage``; returns the exit status (see :func:`.keys_commands.run_on_store`)."""
+    return run_on_store(args, _run)
 
 
 async def _run(settings: Any, args: dict[str, Any]) -> int:
