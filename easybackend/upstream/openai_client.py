@@ -358,7 +358,6 @@ class OpenAIUpstream:
 
         Raises UpstreamError as :meth:`_next_text` does.
         """
-        idle = self.settings.upstream_idle_timeout
         try:
             while not ending.done:
                 lines = await anext(batches, None)
@@ -369,12 +368,8 @@ class OpenAIUpstream:
             return None
         except UpstreamError as exc:
             raise self._failed(exc) from None
-        except httpx2.TimeoutException as exc:
-            raise self._failed(
-                UpstreamTimeout(f"the model provider sent nothing for {idle:g} seconds")
-            ) from exc
         except httpx2.HTTPError as exc:
-            raise self._failed(UpstreamError("the model provider broke off the answer")) from exc
+            raise self._read_failure(exc) from exc
 
     def _limits(self, deadline: float) -> _LineLimits:
         settings = self.settings
@@ -394,7 +389,6 @@ class OpenAIUpstream:
         timeout and the line limits are checked by :func:`_line_batches` after
         every read, so an answer may overrun it by at most one idle period.
         """
-        idle = self.settings.upstream_idle_timeout
         try:
             while not answer.done:
                 lines = await anext(batches, None)
@@ -405,12 +399,18 @@ class OpenAIUpstream:
             return None
         except UpstreamError as exc:
             raise self._failed(exc) from None
-        except httpx2.TimeoutException as exc:
-            raise self._failed(
-                UpstreamTimeout(f"the model provider sent nothing for {idle:g} seconds")
-            ) from exc
         except httpx2.HTTPError as exc:
-            raise self._failed(UpstreamError("the model provider broke off the answer")) from exc
+            raise self._read_failure(exc) from exc
+
+    def _read_failure(self, exc: httpx2.HTTPError) -> UpstreamError:
+        """What a failed read of the event stream is to the client (counted): a timeout or a
+        stream broken off."""
+        if isinstance(exc, httpx2.TimeoutException):
+            idle = self.settings.upstream_idle_timeout
+            return self._failed(
+                UpstreamTimeout(f"the model provider sent nothing for {idle:g} seconds")
+            )
+        return self._failed(UpstreamError("the model provider broke off the answer"))
 
     def _failed(self, error: UpstreamError) -> UpstreamError:
         self.metrics.upstream_errors.labels(error.code).inc()
