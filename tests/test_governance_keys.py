@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import sqlite3
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ import psycopg
 import purerpc
 import pytest
 import trio
+from helpers.fuzz import run_schemathesis
 from helpers.grpc import grpc_ask, rpc, rpc_error, status_of
 from helpers.http import bearer, error_code, parse_sse
 from helpers.keys import (
@@ -663,37 +663,9 @@ async def test_a_secret_reaches_no_log_line_no_metric_and_no_error(
 async def test_schemathesis_finds_nothing_wrong_in_the_admin_api(start_server: StartServer):
     """The admin routes fuzzed with the admin key: every status and body as documented, no 500."""
     server = await start_server(ADMIN_KEY=ADMIN_KEY, API_KEYS=f"alice:{ALICE}")
-    result = await trio.run_process(
-        [
-            str(Path(sys.executable).parent / "schemathesis"),
-            "run",
-            f"{server.http_url}/openapi.json",
-            "--include-path-regex",
-            "^/(admin|models)",
-            "--checks",
-            "not_a_server_error,status_code_conformance,content_type_conformance,"
-            "response_schema_conformance,response_headers_conformance",
-            "--phases",
-            "examples,fuzzing,stateful",
-            "--max-examples",
-            "30",
-            "--seed",
-            "20261201",
-            "--workers",
-            "1",
-            "--header",
-            f"Authorization: Bearer {ADMIN_KEY}",
-            "--generation-database",
-            "none",
-            "--no-color",
-        ],  # fmt: skip
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
+    await run_schemathesis(
+        server.http_url, ADMIN_KEY, max_examples=30, seed=20261201, paths="^/(admin|models)"
     )
-    report = result.stdout.decode() + result.stderr.decode()
-    assert result.returncode == 0, report[-4000:]
-    assert " passed" in report and "generated" in report
     listed = await admin_call(server.http_url, "GET", "/admin/keys")
     assert listed.status_code == 200 and listed.json()["keys"]  # the fuzzer did make keys
     assert (await http_ask(server, ALICE, "after", "still there?")).status_code == 200
