@@ -69,8 +69,11 @@ function newId() {
   return "c-" + Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
+let listings = 0; // listings asked for so far: only the newest one is drawn
+
 async function loadList() {
   const q = $("search").value.trim();
+  const listing = ++listings;
   let page;
   try {
     page = await json("/conversations?limit=100" + (q ? "&q=" + encodeURIComponent(q) : ""));
@@ -78,6 +81,8 @@ async function loadList() {
     if (error.status !== 401) notice(t("failed") + ": " + error.message);
     return;
   }
+  // An older listing answering after a newer one would draw the list as it was before.
+  if (listing !== listings) return;
   const list = $("conversations");
   list.replaceChildren();
   for (const c of page.conversations) {
