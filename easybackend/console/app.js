@@ -294,7 +294,13 @@ function stop() {
 
 // -- settings -----------------------------------------------------------------------------
 
+let settingsLoads = 0; // loads asked for so far: only the newest one fills the form
+
+// The form stays disabled while it loads: what a user typed before the stored values arrived
+// would otherwise be overwritten by them (and saved as the old values).
 async function loadSettings() {
+  const load = ++settingsLoads;
+  $("settings-form").disabled = true;
   $("settings-status").textContent = "";
   if (!state.models) {
     try {
@@ -303,6 +309,13 @@ async function loadSettings() {
       state.models = { default: null, models: [] };
     }
   }
+  let summary = "";
+  if (state.conversation) {
+    try {
+      summary = (await json(conv("/summary"))).summary ?? "";
+    } catch { /* no summary */ }
+  }
+  if (load !== settingsLoads) return;
   const s = state.conversation?.settings ?? {};
   const select = $("set-model");
   select.replaceChildren();
@@ -314,12 +327,8 @@ async function loadSettings() {
   $("set-system").value = s.system ?? state.conversation?.system_prompt ?? "";
   $("set-temperature").value = s.temperature ?? "";
   $("set-memory").value = s.memory ?? "";
-  $("summary").value = "";
-  if (state.conversation) {
-    try {
-      $("summary").value = (await json(conv("/summary"))).summary ?? "";
-    } catch { /* no summary */ }
-  }
+  $("summary").value = summary;
+  $("settings-form").disabled = false;
 }
 
 async function saveSettings() {
