@@ -55,7 +55,12 @@ class AskRecord:
         self.outcome = "error"
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.upstream: str | None = None  # the upstream that answered, once one did
         metrics.active_streams.labels(protocol).inc()
+
+    def answered_by(self, upstream: str) -> None:
+        """The upstream named ``upstream`` (its configured name) answers this ask."""
+        self.upstream = upstream
 
     def first_piece(self) -> None:
         if self.first_token is None:

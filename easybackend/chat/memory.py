@@ -72,7 +72,7 @@ from ..errors import (
 from ..storage import ConversationRef, ConversationSummary, StoredTurn, TurnPosition
 from ..storage.base import ConversationHead, ConversationSettings, MemorySummary
 from ..storage.sql_memory import PathTurn
-from ..upstream.openai_client import Completion, UpstreamCall
+from ..upstream.openai_client import Answering, Completion, UpstreamCall
 from .accounting import AskRecord
 from .caller import Caller
 from .context import turn_cost
@@ -405,6 +405,8 @@ class Memory:
             async for item in service.upstream.stream(call):
                 if isinstance(item, Completion):
                     completion = item
+                elif isinstance(item, Answering):
+                    record.answered_by(item.upstream)
                 else:
                     record.first_piece()
                     pieces.append(item)

@@ -95,6 +95,13 @@ class Completion:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Answering:
+    """The first item of a stream: the upstream (its configured name) whose answer follows."""
+
+    upstream: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class UpstreamCall:
     """One chat-completion request."""
 
@@ -120,8 +127,9 @@ class OpenAIUpstream:
         self.router = Router(providers)
         self._client = providers[0].routes[0].client  # the first route's (tests, close)
 
-    async def stream(self, call: UpstreamCall) -> AsyncIterator[str | Completion]:
-        """Yield the answer's text as it arrives, then one :class:`Completion`.
+    async def stream(self, call: UpstreamCall) -> AsyncIterator[str | Answering | Completion]:
+        """Yield one :class:`Answering` (which upstream answers), the answer's text as it
+        arrives, then one :class:`Completion`.
 
         Each item is the text of the pieces that arrived together (one read
         of the body): a provider streaming faster than it is read gives fewer,
@@ -141,6 +149,7 @@ class OpenAIUpstream:
         batches = _line_batches(response, self._limits(deadline))
         answer = _Answer()
         try:
+            yield Answering(route.provider.name)
             while (text := await self._next_text(batches, answer)) is not None:
                 yield text
             await _drain(batches)
