@@ -64,6 +64,12 @@ SERVE_FLAGS = {
         "AUTO_TITLE",
         "true: the model names each conversation after its first turn (AUTO_TITLE, default false)",
     ),
+    "--webhook-url": (
+        "WEBHOOK_URL",
+        "http(s) URL that gets a signed POST when a background answer ends; needs "
+        "WEBHOOK_SECRET (at least 16 characters), see also WEBHOOK_TIMEOUT (default 10 s) and "
+        "WEBHOOK_RETRIES (default 5) (WEBHOOK_URL, default: no webhook)",
+    ),
     "--log-level": ("LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR (LOG_LEVEL, default INFO)"),
     "--log-format": ("LOG_FORMAT", "console or json (LOG_FORMAT, default console)"),
     "--log-file": ("LOG_FILE", "also log to this file, rotated at 10 MiB (LOG_FILE)"),

@@ -44,12 +44,13 @@ class JsonFormatter(logging.Formatter):
 
 
 def secrets_of(settings: Settings) -> list[str]:
-    """Every secret the settings hold: the upstream key, the backend keys, the admin key, a
-    database password."""
+    """Every secret the settings hold: the upstream key, the backend keys, the admin key, the
+    webhook's signing secret, a database password."""
     found = [
         settings.openai_api_key,
         *settings.api_keys.values(),
         settings.admin_key,
+        settings.webhook_secret,
         *settings.database.secrets,
     ]
     return [secret for secret in found if secret and len(secret) >= 4]

@@ -12,6 +12,7 @@ import dataclasses
 import ipaddress
 import math
 import os
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from .upstream.config import UpstreamConfig, load_upstreams
 
 DEFAULT_MODEL = "gpt-4.1-mini"
 MIN_ADMIN_KEY = 16  # characters of ADMIN_KEY at least
+MIN_WEBHOOK_SECRET = 16  # characters of WEBHOOK_SECRET at least
 
 
 class ConfigError(Exception):
@@ -94,6 +96,11 @@ class Settings:
     title_prompt: str | None = None  # None: the built-in one (chat/memory.py)
     sweep_interval: float = 60.0  # seconds between two sweeps of expired conversations
     background_jobs: int = 4  # summaries and titles made at once
+    # The webhook of background answers (chat/webhooks.py; docs/deploy.md "Webhook")
+    webhook_url: str | None = dataclasses.field(default=None, repr=False)  # may hold a token
+    webhook_secret: str = dataclasses.field(default="", repr=False)  # the HMAC key
+    webhook_timeout: float = 10.0  # seconds one delivery attempt may take
+    webhook_retries: int = 5  # retries of a delivery after the first attempt
     demo: bool = False
 
     @property
@@ -206,6 +213,27 @@ def _admin_key(value: str) -> str:
     return secret
 
 
+def _webhook_url(value: str) -> str | None:
+    url = value.strip()
+    if not url:
+        return None
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        raise ValueError("must be an http:// or https:// URL") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL")
+    return url
+
+
+def _webhook_secret(value: str) -> str:
+    secret = value.strip()
+    if secret and len(secret) < MIN_WEBHOOK_SECRET:
+        raise ValueError(f"must be at least {MIN_WEBHOOK_SECRET} characters")
+    return secret
+
+
 def _optional_path(value: str) -> Path | None:
     return Path(value) if value.strip() else None
 
@@ -288,8 +316,13 @@ ENVIRONMENT = {
     "TITLE_PROMPT": ("title_prompt", _optional_text),
     "SWEEP_INTERVAL": ("sweep_interval", _seconds),
     "BACKGROUND_JOBS": ("background_jobs", _positive_int),
+    "WEBHOOK_URL": ("webhook_url", _webhook_url),
+    "WEBHOOK_SECRET": ("webhook_secret", _webhook_secret),
+    "WEBHOOK_TIMEOUT": ("webhook_timeout", _seconds),
+    "WEBHOOK_RETRIES": ("webhook_retries", _non_negative_int),
 }
-SECRET_VARIABLES = {"OPENAI_API_KEY", "API_KEYS", "ADMIN_KEY"}  # never echoed in an error
+# never echoed in an error (a webhook URL may carry a token in its query or user part)
+SECRET_VARIABLES = {"OPENAI_API_KEY", "API_KEYS", "ADMIN_KEY", "WEBHOOK_URL", "WEBHOOK_SECRET"}
 
 
 def load_settings(
@@ -355,6 +388,10 @@ def _checked(settings: Settings, need_api_key: bool) -> Settings:
     ):
         raise ConfigError(
             "OPENAI_API_KEY is not set: export it (or put it in .env), or start with --demo"
+        )
+    if settings.webhook_url and not settings.webhook_secret:
+        raise ConfigError(
+            "WEBHOOK_SECRET must be set when WEBHOOK_URL is: every delivery is signed with it"
         )
     if (settings.tls_certfile is None) != (settings.tls_keyfile is None):
         raise ConfigError("TLS_CERTFILE and TLS_KEYFILE must be set together")
