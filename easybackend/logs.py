@@ -2,7 +2,7 @@
 
 ``LOG_FORMAT=json`` writes one JSON object per line with ``time``, ``level``,
 ``logger``, ``message`` and, for access lines, their fields (``request_id``,
-``protocol``, ``conversation_id``, ``key``, ``outcome``, ``ttft_ms``,
+``protocol``, ``conversation_id``, ``key``, ``upstream``, ``outcome``, ``ttft_ms``,
 ``duration_ms``, ``prompt_tokens``, ``completion_tokens``). ``LOG_FILE``
 adds a file rotated at :data:`FILE_MAX_BYTES` with :data:`FILE_BACKUPS` old
 files kept. Every line is checked for the secrets the settings hold (keys, a

@@ -3,6 +3,9 @@
 One :class:`Metrics` per server: several servers in one process (tests) do
 not share counters. The chat core records asks; the upstream client records
 its errors and retries; transports only expose :meth:`Metrics.render`.
+
+The ``upstream`` label is an upstream's configured name (``default`` for the
+one ``OPENAI_BASE_URL`` names): a bounded set, never a key or a URL.
 """
 
 from __future__ import annotations
@@ -75,6 +78,26 @@ class Metrics:
         self.upstream_retries = Counter(
             "easybackend_upstream_retries",
             "Calls to the model provider repeated after a transient failure",
+            registry=self.registry,
+        )
+        self.upstream_requests = Counter(
+            "easybackend_upstream_requests",
+            "Calls to each upstream, by outcome (ok, cancelled, or the error code); a call"
+            " failed over to another upstream or key counts as one failed call",
+            ["upstream", "outcome"],
+            registry=self.registry,
+        )
+        self.upstream_time_to_first_token = Histogram(
+            "easybackend_upstream_time_to_first_token_seconds",
+            "From the ask's arrival to the first piece of the answer, by the upstream that answered",
+            ["upstream"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.upstream_cool_downs = Counter(
+            "easybackend_upstream_cool_downs",
+            "Times a key of each upstream was set aside for a while after a transient failure",
+            ["upstream"],
             registry=self.registry,
         )
 

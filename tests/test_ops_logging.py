@@ -194,7 +194,8 @@ async def test_access_line_formats(start_server):
     console = logging.Formatter(CONSOLE_FORMAT).format(record)
     pattern = (
         r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO easybackend\.access: ask request_id=fmt-1 "
-        r"protocol=http conversation_id=fmt key=- outcome=ok ttft_ms=[\d.]+ duration_ms=[\d.]+ "
+        r"protocol=http conversation_id=fmt key=- upstream=default outcome=ok ttft_ms=[\d.]+ "
+        r"duration_ms=[\d.]+ "
         rf"prompt_tokens={usage['prompt_tokens']} completion_tokens={usage['completion_tokens']}"
     )
     assert re.fullmatch(pattern, console), console

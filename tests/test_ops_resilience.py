@@ -122,7 +122,7 @@ async def test_unreachable_upstream_is_retried_then_reported(start_server):
     async with server.client() as client:
         with trio.fail_after(5):
             response = await client.post("/ask/nobody", json={"prompt": "hello"})
-        assert response.status_code == 502
+        assert response.status_code == 503  # the provider is unavailable
         assert error_code(response) == "upstream_unavailable"
         assert "could not be reached" in response.json()["error"]["message"]
         text = await scrape(client)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -9,12 +10,16 @@ from pathlib import Path
 import httpx2
 import pytest
 import trio
-from helpers.http import error_code
+from helpers.http import error_code, parse_sse
+from helpers.logs import capture_access, check_access_line, metric, scrape
 from helpers.proxies import ConnectProxy, Socks5Proxy
 from helpers.servers import clean_env, free_port, run_cli
+from helpers.tls import tls_front, trusted_authority
 from helpers.upstream import UPSTREAM_KEY, queue_faults
 
 from easybackend.fake_upstream import FakeUpstream
+from easybackend.metrics import Metrics
+from easybackend.upstream.openai_client import OpenAIUpstream
 
 OTHER_KEY = "sk-other-upstream-key-0002"
 BAD_KEY = "sk-rejected-upstream-key-0001"
@@ -159,8 +164,9 @@ async def test_a_model_no_upstream_serves_is_upstream_unavailable(nursery, start
     config = write_config(tmp_path, table("only", fake.base_url(), [UPSTREAM_KEY], ["other"]))
     server = await start_server(CONFIG_FILE=config)
     response = await chat(server, "gpt-4.1-mini")
-    assert response.status_code == 502, response.text
+    assert response.status_code == 503, response.text
     assert "no upstream serves the model gpt-4.1-mini" in response.text
+    assert "retry-after" not in response.headers  # no cool-down to wait for: a configuration
     assert fake.requests == []
 
 
@@ -269,10 +275,17 @@ async def test_every_upstream_down_is_upstream_unavailable_with_the_soonest_retr
     first = await chat(server, "gpt-4.1-mini")
     assert first.status_code == 429, first.text  # the provider's own refusal, passed on
     second = await chat(server, "gpt-4.1-mini")
-    assert second.status_code == 502, second.text
+    assert second.status_code == 503, second.text
     assert error_code(second) == "upstream_unavailable"
     assert 18 <= int(second.headers["retry-after"]) <= 20
     assert second.json()["error"]["code"] == "upstream_unavailable"
+    async with server.client(trust_env=False) as client:  # the native API says the same
+        with trio.fail_after(20):
+            native = await client.post("/ask/down", json={"prompt": "hi"})
+    assert native.status_code == 503, native.text
+    assert error_code(native) == "upstream_unavailable"
+    assert 18 <= int(native.headers["retry-after"]) <= 20
+    assert 18 <= native.json()["error"]["retry_after"] <= 20
     assert len(fake.requests) == 2
 
 
@@ -331,7 +344,199 @@ async def test_an_upstream_has_its_own_proxy(nursery, start_server, tmp_path, ki
     assert not any(str(direct.port) in target for target in targets)
 
 
+async def test_an_https_upstream_is_reached_through_its_own_connect_proxy(
+    nursery, start_server, tmp_path, monkeypatch
+):
+    authority = trusted_authority(tmp_path, monkeypatch)
+    behind_tls, direct = await started_fake(nursery), await started_fake(nursery)
+    tls_port = await tls_front(nursery, behind_tls.port, authority)
+    proxy = ConnectProxy()
+    await nursery.start(proxy.serve)
+    config = write_config(
+        tmp_path,
+        table("direct", direct.base_url(), [UPSTREAM_KEY], ["m1"])
+        + table(
+            "tls",
+            f"https://127.0.0.1:{tls_port}/v1",
+            [UPSTREAM_KEY],
+            ["m2"],
+            proxy=f"http://127.0.0.1:{proxy.port}",
+        ),  # fmt: skip
+    )
+    server = await start_server(CONFIG_FILE=config, MODELS="m1,m2", GPT_ENGINE="m1")
+    for model in ("m2", "m1"):
+        response = await chat(server, model, f"to {model}")
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"] == f"echo(1): to {model}"
+    assert len(behind_tls.requests) == 1 and len(direct.requests) == 1
+    # the proxy was asked for a tunnel to the TLS port, and the tunnel carried TLS (a handshake
+    # record starts with 0x16), not the request in clear; the other upstream was not proxied
+    assert proxy.tunnels, "the proxy saw no CONNECT"
+    assert set(proxy.tunnels) == {(f"127.0.0.1:{tls_port}", b"\x16")}
+
+
 # -- visibility ----------------------------------------------------------------------------------
+
+
+def requests_of(text: str, upstream: str, outcome: str) -> float:
+    return metric(text, "easybackend_upstream_requests_total", upstream=upstream, outcome=outcome)
+
+
+def first_tokens_of(text: str, upstream: str) -> float:
+    return metric(text, "easybackend_upstream_time_to_first_token_seconds_count", upstream=upstream)
+
+
+def cool_downs_of(text: str, upstream: str) -> float:
+    return metric(text, "easybackend_upstream_cool_downs_total", upstream=upstream)
+
+
+def logged_text(caplog: pytest.LogCaptureFixture) -> str:
+    """Every captured log line as written, with an access line's fields."""
+    return "\n".join(
+        f"{record.getMessage()} {getattr(record, 'access', '')}" for record in caplog.records
+    )
+
+
+async def test_metrics_count_each_upstreams_calls_cool_downs_and_first_tokens_never_keys(
+    nursery, start_server, tmp_path, caplog
+):
+    limited, other = await started_fake(nursery), await started_fake(nursery, OTHER_KEY)
+    config = write_config(
+        tmp_path,
+        table("limited", limited.base_url(), [UPSTREAM_KEY], ["gpt-4.1-mini"])
+        + table("other", other.base_url(), [OTHER_KEY], ["gpt-4.1-mini"]),
+    )
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="easybackend")
+    server = await start_server(CONFIG_FILE=config, UPSTREAM_RETRIES="1")
+    await queue_faults(limited, {"status": 429, "retry_after": 30})
+    for _ in range(2):  # the first fails over from limited (429, cooling for 30 s) to other
+        response = await chat(server, "gpt-4.1-mini")
+        assert response.status_code == 200, response.text
+    async with server.client(trust_env=False) as client:
+        with trio.fail_after(20):
+            native = await client.post("/ask/per-upstream", json={"prompt": "hello"})
+        assert native.status_code == 200, native.text
+        text = await scrape(client)
+    assert len(limited.requests) == 1 and len(other.requests) == 3
+    assert requests_of(text, "limited", "upstream_rate_limited") == 1
+    assert requests_of(text, "limited", "ok") == 0
+    assert requests_of(text, "other", "ok") == 3
+    assert cool_downs_of(text, "limited") == 1 and cool_downs_of(text, "other") == 0
+    assert first_tokens_of(text, "other") == 3 and first_tokens_of(text, "limited") == 0
+    logged = logged_text(caplog)
+    assert "limited key #1 cools down" in logged  # the logs were captured: their absence counts
+    for secret in (UPSTREAM_KEY, OTHER_KEY):
+        assert secret not in text and secret not in logged
+    for fake in (limited, other):
+        assert f":{fake.port}" not in text  # nor the upstream's address
+
+
+async def test_the_access_line_names_the_upstream_that_answered(nursery, start_server, tmp_path):
+    first, second = await started_fake(nursery), await started_fake(nursery)
+    config = write_config(
+        tmp_path,
+        table("first", first.base_url(), [UPSTREAM_KEY], ["gpt-4.1-mini"])
+        + table("second", second.base_url(), [UPSTREAM_KEY], ["deepseek-chat"])
+        + table("down", down_url(), [UPSTREAM_KEY], ["gpt-down"]),
+    )
+    server = await start_server(CONFIG_FILE=config, MODELS="gpt-4.1-mini,deepseek-chat,gpt-down")
+    messages = [{"role": "user", "content": "hi"}]
+    asks = {  # request id: (path, body, status)
+        "relay-whole": ("/v1/chat/completions", {"model": "deepseek-chat"}, 200),
+        "relay-stream": ("/v1/chat/completions", {"model": "gpt-4.1-mini", "stream": True}, 200),
+        "native": ("/ask/named", {"model": "deepseek-chat"}, 200),
+        "native-sse": ("/ask/named/stream", {"model": "gpt-4.1-mini"}, 200),
+        "refused": ("/v1/chat/completions", {"model": "not-allowed"}, 403),
+        "all-down": ("/ask/named", {"model": "gpt-down"}, 503),
+    }
+    with capture_access() as access:
+        async with server.client(trust_env=False) as client:
+            for request_id, (path, body, status) in asks.items():
+                body = {**body, "messages": messages} if path.startswith("/v1") else body
+                body = body if path.startswith("/v1") else {**body, "prompt": "hi"}
+                with trio.fail_after(20):
+                    response = await client.post(
+                        path, json=body, headers={"X-Request-Id": request_id}
+                    )
+                assert response.status_code == status, (request_id, response.text)
+                if request_id == "native-sse":
+                    assert parse_sse(response.text)[-1][0] == "end", response.text
+        lines = await access.wait_for(len(asks))
+    answered_by = {}
+    for line in lines:
+        check_access_line(line)
+        answered_by[line["request_id"]] = line["upstream"]
+    assert answered_by == {
+        "relay-whole": "second",
+        "relay-stream": "first",
+        "native": "second",
+        "native-sse": "first",
+        "refused": "-",  # refused before any upstream was called
+        "all-down": "-",  # no upstream answered
+    }
+    written = [record.getMessage() for record in access.records]
+    assert any(" upstream=second " in message for message in written), written
+
+
+async def test_the_single_upstream_of_the_environment_is_named_default(server):
+    with capture_access() as access:
+        async with server.client(trust_env=False) as client:
+            with trio.fail_after(20):
+                whole = await client.post("/ask/default", json={"prompt": "hello"})
+                relayed = await client.post(
+                    "/v1/chat/completions",
+                    json={"model": "gpt-4.1-mini", "messages": [{"role": "user", "content": "x"}]},
+                )
+                broken = await client.post(
+                    "/v1/chat/completions",
+                    json={
+                        "model": "gpt-4.1-mini",
+                        "stream": True,
+                        "messages": [{"role": "user", "content": "a b c [[fake:disconnect_after=2]]"}],
+                    },
+                )  # fmt: skip
+            text = await scrape(client)
+        lines = await access.wait_for(3)
+    assert whole.status_code == 200 and relayed.status_code == 200, (whole.text, relayed.text)
+    assert broken.status_code == 200 and '"code": "upstream_error"' in broken.text, broken.text
+    assert [line["upstream"] for line in lines] == ["default"] * 3
+    assert requests_of(text, "default", "ok") == 2
+    assert requests_of(text, "default", "upstream_error") == 1  # broken off after two pieces
+    assert first_tokens_of(text, "default") == 3
+    assert UPSTREAM_KEY not in text
+
+
+async def test_a_call_cancelled_before_its_answer_starts_is_counted_and_gives_its_place_back(
+    nursery, make_settings
+):
+    received = trio.Event()
+
+    async def silent(stream: trio.SocketStream) -> None:
+        """Reads the request, never answers."""
+        try:
+            await stream.receive_some()
+            received.set()
+            await trio.sleep_forever()
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, silent, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    metrics = Metrics()
+    upstream = OpenAIUpstream(make_settings(OPENAI_BASE_URL=f"http://127.0.0.1:{port}/v1"), metrics)
+    (provider,) = upstream.router.providers
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as calls:
+                calls.start_soon(upstream.relay_whole, b'{"model":"m","messages":[]}', "m")
+                await received.wait()
+                assert provider.in_progress == 1
+                calls.cancel_scope.cancel()
+    finally:
+        await upstream.aclose()
+    assert provider.in_progress == 0  # no answer left counted in progress: its load is right
+    assert requests_of(metrics.render().decode(), "default", "cancelled") == 1
 
 
 async def test_the_upstreams_command_shows_keys_as_number_and_last_four(tmp_path):

@@ -8,6 +8,7 @@ class attributes (``backoff_base``), never by sleeping seconds.
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import hmac
 import inspect
@@ -20,13 +21,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx2
 import pytest
 import trio
 from helpers.servers import clean_env, free_port, run_cli
 from helpers.upstream import UPSTREAM_KEY
 from helpers.webhook_receiver import Reply, WebhookReceiver
 
-from easybackend.chat.webhooks import Webhooks, verify_signature
+from easybackend.chat.webhooks import Webhooks, retry_after_seconds, shown_url, verify_signature
 from easybackend.logs import RedactingFormatter, secrets_of
 from easybackend.settings import ConfigError, Settings, load_settings
 
@@ -209,6 +211,18 @@ async def test_retry_after_is_honoured(nursery, receiver):
     assert 0.4 <= second.at - first.at < 3, second.at - first.at
     assert third.at - second.at < 0.4
     await webhooks.stop(grace=5)
+
+
+def test_retry_after_and_the_url_shown_in_the_log():
+    assert retry_after_seconds(httpx2.Headers({"Retry-After": "12"})) == 12
+    in_a_minute = email.utils.formatdate(time.time() + 60, usegmt=True)
+    assert 55 <= retry_after_seconds(httpx2.Headers({"Retry-After": in_a_minute})) <= 61
+    assert retry_after_seconds(httpx2.Headers({"Retry-After": "soon"})) is None
+    assert retry_after_seconds(httpx2.Headers({"Retry-After": "-3"})) == 0
+    assert retry_after_seconds(httpx2.Headers({})) is None
+    shown = shown_url("https://user:pw-SECRET@hooks.example.com:8443/in/answers?token=SECRET#x")
+    assert shown == "https://hooks.example.com:8443/in/answers"
+    assert shown_url("http://[::1]/") == "http://[::1]/"
 
 
 async def test_notify_never_blocks_when_the_receiver_hangs(nursery, receiver, caplog):

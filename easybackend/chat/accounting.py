@@ -3,10 +3,11 @@
 :class:`AskRecord` follows one ask from its arrival to its end (answered,
 failed or cancelled) and, once, writes the access line (logger
 ``easybackend.access``, INFO; prompts and keys never appear in it, only the
-key's name) and updates the metrics. :func:`record_refusal` does the same for
-an ask refused before the core took it (a wrong key, a full queue, a server
-shutting down, a body the transport could not read), so every ask a client
-sent gets its line and its count, whichever protocol refused it and where.
+key's name and the name of the upstream that answered, ``-`` when none did)
+and updates the metrics. :func:`record_refusal` does the same for an ask
+refused before the core took it (a wrong key, a full queue, a server shutting
+down, a body the transport could not read), so every ask a client sent gets
+its line and its count, whichever protocol refused it and where.
 """
 
 from __future__ import annotations
@@ -59,7 +60,11 @@ class AskRecord:
         metrics.active_streams.labels(protocol).inc()
 
     def answered_by(self, upstream: str) -> None:
-        """The upstream named ``upstream`` (its configured name) answers this ask."""
+        """The upstream named ``upstream`` (its configured name) answers this ask.
+
+        Its name goes in the access line (``upstream=``) and labels the ask's time
+        to first token in ``easybackend_upstream_time_to_first_token_seconds``.
+        """
         self.upstream = upstream
 
     def first_piece(self) -> None:
@@ -97,6 +102,10 @@ class AskRecord:
         metrics.duration.labels(self.protocol).observe(duration)
         metrics.tokens.labels("prompt").inc(self.prompt_tokens)
         metrics.tokens.labels("completion").inc(self.completion_tokens)
+        if self.upstream is not None and self.first_token is not None:
+            metrics.upstream_time_to_first_token.labels(self.upstream).observe(
+                self.first_token - self.started
+            )
         ttft_ms = (
             None if self.first_token is None else round((self.first_token - self.started) * 1000, 1)
         )
@@ -105,6 +114,7 @@ class AskRecord:
             "protocol": self.protocol,
             "conversation_id": self.conversation_id,
             "key": self.key_name or "-",
+            "upstream": self.upstream or "-",
             "outcome": self.outcome,
             "ttft_ms": ttft_ms,
             "duration_ms": round(duration * 1000, 1),

@@ -24,7 +24,7 @@ A relayed ask is an ask like any other: admitted against
 request's ``user``), its tokens charged to the key when it ends (a stream
 cut short: the prompt and the part received, counted here), given one access
 line and its metrics (:func:`~.accounting.record_for`; the conversation shown
-is ``-``), with the upstream client's retries before the first byte, its
+is ``-``, the upstream the one that answered), with the upstream client's retries before the first byte, its
 timeouts and its checks of what the provider sends (line limits, JSON that
 parses into objects, no error event). Tokens are the provider's usage figures
 or, when it reports none, counted here.
@@ -148,7 +148,8 @@ async def relay_stream(service: ChatService, request: RelayRequest) -> AsyncIter
             body = upstream_body(request, model)
             held: list[bytes] = []  # the leading chunks without output (the role chunk)
             answering = False
-            async with contextlib.aclosing(service.upstream.relay_stream(body, model)) as stream:
+            relayed = service.upstream.relay_stream(body, model, answered_by=record.answered_by)
+            async with contextlib.aclosing(relayed) as stream:
                 async for chunks in stream:
                     sent, held = held, []
                     for data, chunk in chunks:
@@ -187,7 +188,9 @@ async def relay_whole(service: ChatService, request: RelayRequest) -> bytes:
             model = service.model_for(request.body.get("model"), caller=request.caller)
             await tally.admit(service, request, model)
             body = upstream_body(request, model)
-            data, answer = await service.upstream.relay_whole(body, model)
+            data, answer = await service.upstream.relay_whole(
+                body, model, answered_by=record.answered_by
+            )
         record.first_piece()
         tally.usage = _usage_of(answer.get("usage"))
         if tally.usage is None:

@@ -255,7 +255,8 @@ class Webhooks:
                     "webhook: an event that is not JSON was dropped (%s)", type(exc).__name__
                 )
                 return False
-            kind = event.get("type") if isinstance(event.get("type"), str) else "event"
+            kind = event.get("type")
+            kind = kind[:40] if isinstance(kind, str) else "event"  # names it in the log
             self._pending += 1
             try:
                 nursery.start_soon(self._deliver, body, str(uuid.uuid4()), kind)

@@ -96,7 +96,7 @@ STATUS_BY_ERROR: dict[type[ChatError], int] = {
     errors.InternalError: 500,
     errors.UpstreamError: 502,
     errors.UpstreamAuthFailed: 502,
-    errors.UpstreamUnavailable: 502,
+    errors.UpstreamUnavailable: 503,  # with Retry-After when a route cools down
     errors.StorageUnavailable: 503,
     errors.ShuttingDown: 503,
     errors.UpstreamTimeout: 504,

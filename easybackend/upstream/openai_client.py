@@ -45,7 +45,7 @@ import random
 import re
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import httpx2
@@ -82,6 +82,7 @@ MAX_FINISH_REASON = 64  # characters
 MAX_REPORTED_TOKENS = 100_000_000
 PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")  # what httpx can speak to a proxy
 _UNSAFE_TEXT = re.compile("[\x00\ud800-\udfff]")  # NUL and lone surrogates: not storable
+OK, CANCELLED = "ok", "cancelled"  # outcomes of an upstream call besides the error codes
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -126,6 +127,7 @@ class OpenAIUpstream:
             providers = [_Provider(None, settings, base_url=base_url)]
         self.router = Router(providers)
         self._client = providers[0].routes[0].client  # the first route's (tests, close)
+        self._requests: dict[tuple[str, str], Any] = {}  # easybackend_upstream_requests' children
 
     async def stream(self, call: UpstreamCall) -> AsyncIterator[str | Answering | Completion]:
         """Yield one :class:`Answering` (which upstream answers), the answer's text as it
@@ -148,13 +150,19 @@ class OpenAIUpstream:
         response, route = await self._open(call, deadline)
         batches = _line_batches(response, self._limits(deadline))
         answer = _Answer()
+        outcome = CANCELLED  # unless it ends, or fails, first
         try:
             yield Answering(route.provider.name)
             while (text := await self._next_text(batches, answer)) is not None:
                 yield text
             await _drain(batches)
+            outcome = OK if answer.finish_reason is not None else UpstreamError.code
+        except UpstreamError as exc:
+            outcome = exc.code
+            raise
         finally:
             route.provider.in_progress -= 1
+            self._count(route, outcome)
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await batches.aclose()  # type: ignore[attr-defined]
                 await response.aclose()
@@ -198,7 +206,9 @@ class OpenAIUpstream:
 
         Returns the response with its body unread and the route (upstream and
         key) that gave it, whose provider counts one more answer in progress:
-        the caller takes it off when the answer is done. Retries transient
+        the caller takes it off when the answer is done, and counts the call's
+        outcome (:meth:`_count`); a failed attempt is counted here, by its
+        error code, and a cancelled one as ``cancelled``. Retries transient
         failures (see the module docstring) until ``deadline``: on the next
         route serving ``model`` at once when there is one (the failed key cools
         down), else on the same after the wait. A ``relayed`` body is the
@@ -240,6 +250,7 @@ class OpenAIUpstream:
                 return response, route
             except trio.TooSlowError:
                 route.provider.in_progress -= 1
+                self._count(route, UpstreamTimeout.code)
                 raise self._failed(
                     UpstreamTimeout("the model provider did not answer in time")
                 ) from None
@@ -251,6 +262,7 @@ class OpenAIUpstream:
                     else from_upstream
                 )
                 error = self._failed(translate(exc))
+                self._count(route, error.code)
                 wait = _retry_wait(exc, attempt)
                 last_attempt = attempt == self.settings.upstream_retries
                 tried.add(route)
@@ -261,6 +273,7 @@ class OpenAIUpstream:
                     raise error from exc
                 if router.pooled and _is_transient(exc):
                     route.cool_down(wait if wait is not None else _retry_after_of(exc))
+                    self.metrics.upstream_cool_downs.labels(route.provider.name).inc()
                     if not last_attempt and router.pick(model, tried, peek=True) is not None:
                         log.warning(
                             "upstream %s key #%d failed (%s); trying another route",
@@ -279,9 +292,15 @@ class OpenAIUpstream:
                 await trio.sleep(wait)
                 tried.clear()
                 route.cooling_until = 0.0  # waited for: the retry may use it again
+            except BaseException:  # cancelled while the head was awaited
+                route.provider.in_progress -= 1
+                self._count(route, CANCELLED)
+                raise
         raise AssertionError("unreachable")
 
-    async def relay_stream(self, body: bytes, model: str) -> AsyncIterator[list[Relayed]]:
+    async def relay_stream(
+        self, body: bytes, model: str, *, answered_by: Callable[[str], None] | None = None
+    ) -> AsyncIterator[list[Relayed]]:
         """Send a client's streaming request as it is; yield its chunks as they arrive.
 
         ``body`` (JSON) goes to the provider unchanged (the caller has set
@@ -296,34 +315,62 @@ class OpenAIUpstream:
         :class:`~easybackend.errors.UpstreamRejected` for the provider's 4xx
         refusal. On cancellation, or when the consumer closes the generator
         early, the HTTP response is closed at once (the provider stops).
+        ``answered_by`` is called with the answering upstream's name once the
+        provider has answered the call (before the first chunk).
         """
         deadline = trio.current_time() + self.settings.upstream_timeout
         response, route = await self._post(body, deadline, model=model, relayed=True)
         batches = _line_batches(response, self._limits(deadline))
         ending = _RelayEnding()
+        outcome = CANCELLED  # unless it ends, or fails, first
         try:
+            if answered_by is not None:
+                answered_by(route.provider.name)
             while (chunks := await self._next_chunks(batches, ending)) is not None:
                 yield chunks
             await _drain(batches)
+            outcome = OK if ending.done or ending.finished else UpstreamError.code
+        except UpstreamError as exc:
+            outcome = exc.code
+            raise
         finally:
             route.provider.in_progress -= 1
+            self._count(route, outcome)
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await batches.aclose()  # type: ignore[attr-defined]
                 await response.aclose()
         if not ending.done and not ending.finished:
             raise self._failed(UpstreamError("the model provider broke off the answer"))
 
-    async def relay_whole(self, body: bytes, model: str) -> Relayed:
+    async def relay_whole(
+        self, body: bytes, model: str, *, answered_by: Callable[[str], None] | None = None
+    ) -> Relayed:
         """Send a client's non-streaming request (JSON) as it is; its answer, as sent and parsed.
 
         The answer's body may be up to :func:`max_line_bytes` long and must
         come within ``UPSTREAM_TIMEOUT``; it must be a JSON object without an
         ``error``. Raises as :meth:`relay_stream` does. On cancellation the
-        HTTP response is closed at once.
+        HTTP response is closed at once. ``answered_by`` is called as
+        :meth:`relay_stream` calls it.
         """
         deadline = trio.current_time() + self.settings.upstream_timeout
         response, route = await self._post(body, deadline, model=model, relayed=True, whole=True)
         route.provider.in_progress -= 1  # read at once below: counted while it was awaited
+        outcome = CANCELLED  # unless it is read, or fails, first
+        try:
+            if answered_by is not None:
+                answered_by(route.provider.name)
+            relayed = await self._read_whole(response, deadline)
+            outcome = OK
+            return relayed
+        except UpstreamError as exc:
+            outcome = exc.code
+            raise
+        finally:
+            self._count(route, outcome)
+
+    async def _read_whole(self, response: httpx2.Response, deadline: float) -> Relayed:
+        """The whole body of a non-streaming answer, as sent and parsed (see :meth:`relay_whole`)."""
         limit = max_line_bytes(self.settings.max_answer_chars)
         encoding = response.headers.get("content-encoding", "identity").strip().lower()
         parts = response.aiter_raw() if encoding in ("", "identity") else response.aiter_bytes()
@@ -424,6 +471,14 @@ class OpenAIUpstream:
     def _failed(self, error: UpstreamError) -> UpstreamError:
         self.metrics.upstream_errors.labels(error.code).inc()
         return error
+
+    def _count(self, route: Route, outcome: str) -> None:
+        """One call to ``route``'s upstream ended with ``outcome`` (ok, cancelled or an error code)."""
+        counted = self._requests.get((route.provider.name, outcome))
+        if counted is None:
+            counted = self.metrics.upstream_requests.labels(route.provider.name, outcome)
+            self._requests[(route.provider.name, outcome)] = counted
+        counted.inc()
 
     async def aclose(self) -> None:
         """Close the connection pools."""

@@ -26,6 +26,7 @@ ACCESS_FIELDS = {
     "protocol",
     "conversation_id",
     "key",
+    "upstream",
     "outcome",
     "ttft_ms",
     "duration_ms",

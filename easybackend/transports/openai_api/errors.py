@@ -10,8 +10,11 @@ exceptions: 400 ``BadRequestError``, 401 ``AuthenticationError``, 403
 ``PermissionDeniedError``, 404 ``NotFoundError``, 409 ``ConflictError``, 422
 ``UnprocessableEntityError``, 429 ``RateLimitError``, 5xx
 ``InternalServerError``. A refusal by a key's limits (``rate_limited``,
-``budget_exhausted``) also carries ``Retry-After`` (set by the HTTP app). A refusal the provider gave a relayed request
-(:class:`~easybackend.errors.UpstreamRejected`) keeps the provider's status.
+``budget_exhausted``) also carries ``Retry-After`` (set by the HTTP app), and
+so does ``upstream_unavailable`` (503) when every route of the model is
+cooling down: the SDKs wait that long before their own retry. A refusal the
+provider gave a relayed request (:class:`~easybackend.errors.UpstreamRejected`)
+keeps the provider's status.
 
 An error after a streamed answer has begun is one ``data:`` event holding the
 same object (:func:`error_event`), which the SDKs raise as ``APIError``.
@@ -49,7 +52,7 @@ STATUS_BY_ERROR: dict[type[ChatError], tuple[int, str]] = {
     errors.InternalError: (500, SERVER_ERROR),
     errors.UpstreamError: (502, SERVER_ERROR),
     errors.UpstreamAuthFailed: (502, SERVER_ERROR),
-    errors.UpstreamUnavailable: (502, SERVER_ERROR),
+    errors.UpstreamUnavailable: (503, SERVER_ERROR),  # with Retry-After when a route cools down
     errors.StorageUnavailable: (503, "service_unavailable_error"),
     errors.ShuttingDown: (503, "service_unavailable_error"),
     errors.UpstreamTimeout: (504, SERVER_ERROR),
