@@ -126,6 +126,9 @@ async def _serve_on(
             # Summaries, titles and the expiry sweep: the service's nursery, cancelled with the
             # rest once the listeners have stopped (after the shutdown's grace).
             await nursery.start(service.background.run)
+            # Background answers: on at shutdown for SHUTDOWN_GRACE like every answer, then
+            # cancelled (stored as cancelled); awaited below before the upstream client closes.
+            await nursery.start(service.background_answers.run, shutdown, settings.shutdown_grace)
             if not service.callers.enabled and not _is_loopback(settings.host):
                 log.warning(
                     "API_KEYS is not set, no key is stored, and HOST %s is reachable from other "
@@ -143,6 +146,8 @@ async def _serve_on(
                     "EasyBackend ready: HTTP %s, gRPC %s, WebSocket %s",
                     *(_where(settings.host, ports.get(name)) for name in SERVERS),
                 )
+            if shutdown.is_set():
+                await service.background_answers.stopped.wait()
             await service.background.stop()  # before the upstream client it calls is closed
             await upstream.aclose()
             nursery.cancel_scope.cancel()  # the demo upstream, the key refresh, the usage

@@ -20,8 +20,11 @@ async def test_sse_client_that_disconnects_cancels_upstream_and_stores_the_parti
     async with server.client() as client:
         async with client.stream("POST", "/ask/gone-sse/stream", json={"prompt": LONG}) as response:
             assert response.status_code == 200
+            event = None
             async for line in response.aiter_lines():
-                if line.startswith("data: "):
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: ") and event == "delta":
                     received.append(json.loads(line[6:])["text"])
                     if len(received) == 3:
                         break

@@ -596,6 +596,8 @@ def new_turn(prompt: str, at: float, usage: int = 7) -> NewTurn:
         usage_completion_tokens=usage + 1,
         created_at=at,
         finished_at=at + 0.25,
+        upstream="",
+        pieces="",
     )
 
 

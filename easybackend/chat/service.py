@@ -35,12 +35,13 @@ import dataclasses
 import re
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
 import trio
 
 from ..errors import (
     ChatError,
+    InternalError,
     InvalidInput,
     NotFound,
     PromptTooLong,
@@ -65,11 +66,14 @@ from ..storage import (
 )
 from ..storage.base import NO_SETTINGS, ROOT, ConversationSettings, MemoryContext
 from ..storage.sql import new_turn_id
-from ..upstream.openai_client import Completion, OpenAIUpstream, UpstreamCall
+from ..upstream.openai_client import Answering, Completion, OpenAIUpstream, UpstreamCall
 from .accounting import CANCELLED, AskRecord, is_cancellation, record_for, record_refusal
+from .answers import CANCELLED as ANSWER_CANCELLED
+from .answers import COMPLETED, FAILED, AnswerLog, AnswerLogs, BackgroundAnswers
 from .background import Background
 from .caller import Caller, Callers
 from .context import Budget, build_messages, turn_cost
+from .events import Delta, End, Event, Start, Usage, piece_lengths, replay
 from .in_progress import AnswersInProgress
 from .locks import KeyedLock
 from .memory import Memory
@@ -182,43 +186,9 @@ class AskRequest:
     top_p: float | None = None  # nucleus sampling, sent to the model when given
     # The end user the ask is for (a bot's user, within its key): what USER_RPM counts apart.
     user: str | None = None
+    # Keep answering when the client goes away (SPEC §18): see ChatService.ask_in_background.
+    background: bool = False
     caller: Caller = dataclasses.field(kw_only=True)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-    def as_dict(self) -> dict[str, int]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.total_tokens,
-        }
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Delta:
-    """A piece of the answer, in order."""
-
-    text: str
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class End:
-    """The answer is complete and stored as the turn ``turn_id``, the conversation's new head."""
-
-    conversation_id: str
-    model: str
-    finish_reason: str
-    usage: Usage
-    turn_id: str
-    turn: int  # its position on its path, from 1
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -262,6 +232,10 @@ class ChatService:
         self._locks = KeyedLock()
         # Answers another request may cancel by their turn id (see chat/in_progress.py).
         self.in_progress = AnswersInProgress()
+        # The numbered events of the answers in progress, which clients may follow, and the
+        # nursery of the background answers app.py runs (see chat/answers.py).
+        self.answer_logs = AnswerLogs()
+        self.background_answers = BackgroundAnswers()
         self._streams: collections.Counter[str] = (
             collections.Counter()
         )  # answers in progress per key or client address (see _admitted)
@@ -379,8 +353,10 @@ class ChatService:
             prompt = "\n".join(line for line in prompt.splitlines() if line.strip())
         return prompt
 
-    async def ask(self, request: AskRequest) -> AsyncIterator[Delta | End]:
-        """Answer one ask: yields Delta events, then one End once the turn is stored.
+    async def ask(self, request: AskRequest) -> AsyncIterator[Event]:
+        """Answer one ask: yields one Start once the model took the call, Delta events, then
+        one End once the turn is stored, numbered from 1 (``seq``); a client may follow them
+        from elsewhere meanwhile (:meth:`follow`).
 
         Raises ChatError subclasses. Cancellation or an early close stores the
         partial answer as ``cancelled`` (see the module docstring). Every ask,
@@ -388,20 +364,35 @@ class ChatService:
         """
         record = record_for(self.metrics, request.caller, _shown_id(request.conversation_id))
         bill = _Bill()
+        answer: AnswerLog | None = None  # its numbered events, from its Start on
         try:
             async with contextlib.aclosing(self._answer(request, record, bill)) as events:
                 async for event in events:
-                    if isinstance(event, End):
+                    if answer is None:  # the Start: from now on the answer can be followed
+                        answer = self.answer_logs.open(
+                            request.caller.owner, event.conversation_id, event.turn_id,
+                            request.background,
+                        )  # fmt: skip
+                    answer.add(event)
+                    if isinstance(event, Delta):
+                        record.first_piece()
+                    elif isinstance(event, End):
                         record.answered(event.usage.prompt_tokens, event.usage.completion_tokens)
                         await self._bill(bill, event.model, record)  # before the client sees it
-                    else:
-                        record.first_piece()
+                        answer.end(COMPLETED)
                     yield event
         except BaseException as exc:
             record.failed(exc)
             await self._bill(bill, bill.model, record)  # a cancelled answer's partial turn
+            if answer is not None and not answer.ended:
+                if is_cancellation(exc):
+                    answer.end(ANSWER_CANCELLED)
+                else:
+                    answer.end(FAILED, exc if isinstance(exc, ChatError) else InternalError())
             raise
         finally:
+            if answer is not None:
+                self.answer_logs.close(answer, stored=bill.stored or not request.store)
             record.close()
 
     async def _bill(self, bill: _Bill, model: str, record: AskRecord) -> None:
@@ -415,7 +406,7 @@ class ChatService:
 
     async def _answer(
         self, request: AskRequest, record: AskRecord, bill: _Bill
-    ) -> AsyncIterator[Delta | End]:
+    ) -> AsyncIterator[Event]:
         ref = ConversationRef(
             request.caller.owner, validate_conversation_id(request.conversation_id)
         )
@@ -480,21 +471,35 @@ class ChatService:
 
                 pieces: list[str] = []
                 completion: Completion | None = None
+                upstream = ""  # the upstream that answers, once one does
+                seq = 0  # the last event's number (SPEC §18): the Start is 1
                 try:
                     room = self.settings.max_answer_chars  # characters the answer may still take
                     async with contextlib.aclosing(self.upstream.stream(call)) as stream:
                         async for item in stream:
-                            if isinstance(item, Completion):
-                                completion = item
+                            if type(item) is not str:
+                                if isinstance(item, Answering):
+                                    upstream = item.upstream
+                                    record.answered_by(upstream)
+                                    if not seq:  # the model took the call: the answer begins
+                                        seq = 1
+                                        yield Start(ref.conversation_id, turn_id)
+                                else:
+                                    completion = item
                                 continue
+                            if not seq:
+                                seq = 1
+                                yield Start(ref.conversation_id, turn_id)
                             if len(item) > room:  # cut at the cap; leaving closes the upstream
                                 if room:
-                                    yield Delta(item[:room])
+                                    seq += 1
+                                    yield Delta(item[:room], seq)
                                     pieces.append(item[:room])
                                 completion = ANSWER_CUT
                                 break
                             room -= len(item)
-                            yield Delta(item)
+                            seq += 1
+                            yield Delta(item, seq)
                             pieces.append(item)  # delivered: the transport's send returned
                 except BaseException:
                     if pieces and completion is None and is_cancellation(sys.exception()):
@@ -506,24 +511,31 @@ class ChatService:
                             pieces,
                             sent_tokens,
                             created_at,
+                            upstream,
                         )
                         record.tokens(turn.usage_prompt_tokens, turn.usage_completion_tokens)
                         bill.model = turn.model
+                        bill.stored = request.store
                     raise
                 assert completion is not None
+                if not seq:
+                    seq = 1
+                    yield Start(ref.conversation_id, turn_id)
                 answer = "".join(pieces)
                 turn = self._new_turn(
                     call,
                     prompt,
                     prompt_tokens,
-                    answer,
+                    pieces,
                     completion.finish_reason,
                     sent_tokens,
                     created_at,
                     completion,
                     answer_tokens=await self.counter.text_off_loop(answer),
+                    upstream=upstream,
                 )
                 stored = await self._keep(_Keep(ref, parent, turn_id, request, given), turn)
+                bill.stored = stored is not None
         if stored is not None:  # what the new turn makes due, off the critical path
             pending = None
             if remembered is not None:
@@ -548,6 +560,7 @@ class ChatService:
             usage=Usage(turn.usage_prompt_tokens, turn.usage_completion_tokens),
             turn_id=turn_id,
             turn=(parent.depth if parent else 0) + len(given) + 1,
+            seq=seq + 1,
         )
 
     async def _keep(self, keep: _Keep, turn: NewTurn) -> TurnPosition | None:
@@ -589,6 +602,8 @@ class ChatService:
                 usage_completion_tokens=0,
                 created_at=created_at,
                 finished_at=created_at,
+                upstream="",
+                pieces="",
             )
             counted.append((given, new))
         return counted
@@ -685,6 +700,101 @@ class ChatService:
             if not self._streams[counted]:
                 del self._streams[counted]
 
+    async def ask_in_background(self, request: AskRequest) -> AnswerLog:
+        """Start ``request`` as a background answer; its log, once the answer began (its Start).
+
+        The answer runs in the service's nursery (chat/answers.py), not in the
+        caller's task: it goes on, and is stored whole, when the caller is
+        cancelled or its client goes away; the caller follows the log. It can be
+        cancelled by :meth:`cancel_answer` (stored as ``cancelled``), and a
+        shutdown cancels it after SHUTDOWN_GRACE. When it ends, the webhook is
+        told (chat/webhooks.py). An error before the Start (a refused ask, the
+        upstream refusing the call) is raised here, as :meth:`ask` raises it;
+        ShuttingDown once a shutdown began; TooManyRequests beyond the
+        background answers one process runs.
+        """
+        if not request.store:
+            raise InvalidInput("a background ask is stored: it cannot have store false")
+        turn_id = request.turn_id
+        turn_id = new_turn_id() if turn_id is None else validate_turn_id(turn_id, "turn_id")
+        request = dataclasses.replace(request, turn_id=turn_id, background=True)
+        owner = request.caller.owner
+
+        async def answer(started: Callable[[AnswerLog], None]) -> None:
+            log: AnswerLog | None = None
+            try:
+                with self.in_progress.cancellable(owner, turn_id):
+                    async with contextlib.aclosing(self.ask(request)) as events:
+                        async for _ in events:
+                            if log is None:
+                                log = self.answer_logs.find(owner, turn_id)
+                                assert log is not None  # opened by ask() at the Start
+                                started(log)
+            except ChatError:
+                if log is None:
+                    raise  # refused before it began: the caller reports it
+                # else it is in the log, which its followers see
+            finally:
+                if log is not None:
+                    self.background_ended(log)
+
+        return await self.background_answers.start(answer)
+
+    def background_ended(self, log: AnswerLog) -> None:
+        """A background answer ended (see :meth:`ask_in_background`): the webhook is told."""
+
+    async def follow(
+        self, conversation_id: str, turn_id: str, *, after: int = 0, caller: Caller
+    ) -> AsyncIterator[Event]:
+        """The events of the answer of turn ``turn_id`` after seq ``after``: live while it is
+        in progress (until its end), else replayed from the stored turn (SPEC §18).
+
+        Raises InvalidInput, NotFound (no such turn of the caller's in this process or the
+        store), or the answer's own ChatError if it failed (after its events). Cancelling
+        the follower changes nothing for the answer.
+        """
+        ref = self._ref(conversation_id, caller)
+        validate_turn_id(turn_id, "turn_id")
+        if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+            raise InvalidInput("after must be a whole number of at least 0")
+        live = self.answer_logs.find(caller.owner, turn_id)
+        if live is not None and live.conversation_id == ref.conversation_id:
+            async for event in live.follow(after):
+                yield event
+            return
+        turn = await self.storage.find_turn(ref, turn_id)
+        if turn is None:
+            raise NotFound(f"no turn {turn_id!r} in conversation {conversation_id!r}")
+        for event in replay(ref.conversation_id, turn)[after:]:
+            yield event
+
+    async def answer_state(
+        self, conversation_id: str, turn_id: str, *, caller: Caller
+    ) -> tuple[AnswerLog | None, TurnRecord | None]:
+        """The answer of turn ``turn_id`` as it stands: its log while it is in progress (or
+        if it ended with nothing stored, lately), else its stored turn. Raises InvalidInput
+        or NotFound."""
+        ref = self._ref(conversation_id, caller)
+        validate_turn_id(turn_id, "turn_id")
+        live = self.answer_logs.find(caller.owner, turn_id)
+        if live is not None and live.conversation_id == ref.conversation_id:
+            return live, None
+        turn = await self.storage.find_turn(ref, turn_id)
+        if turn is None:
+            raise NotFound(f"no turn {turn_id!r} in conversation {conversation_id!r}")
+        return None, turn
+
+    def cancel_answer(self, conversation_id: str, turn_id: str, *, caller: Caller) -> bool:
+        """Cancel the caller's answer in progress under ``turn_id`` (a background answer, or
+        any the transport made cancellable): it is stored as ``cancelled`` with what it has.
+        False if none is in progress in this process. Raises InvalidInput."""
+        ref = self._ref(conversation_id, caller)
+        validate_turn_id(turn_id, "turn_id")
+        live = self.answer_logs.find(caller.owner, turn_id)
+        if live is None or live.conversation_id != ref.conversation_id:
+            return False
+        return self.in_progress.cancel(caller.owner, turn_id)
+
     async def complete(self, request: AskRequest) -> Answer:
         """The whole answer at once (non-streaming transports). Same guarantees as :meth:`ask`."""
         pieces: list[str] = []
@@ -692,7 +802,7 @@ class ChatService:
             async for event in events:
                 if isinstance(event, Delta):
                     pieces.append(event.text)
-                else:
+                elif isinstance(event, End):
                     return Answer("".join(pieces), event)
         raise AssertionError("ask() ended without an End event")
 
@@ -963,19 +1073,20 @@ class ChatService:
         call: UpstreamCall,
         prompt: str,
         prompt_tokens: int,
-        answer: str,
+        pieces: list[str],
         finish_reason: str,
         sent_tokens: int,
         created_at: float,
         completion: Completion | None,
         *,
         answer_tokens: int,
+        upstream: str,
     ) -> NewTurn:
         reported = completion if completion and completion.prompt_tokens is not None else None
         return NewTurn(
             prompt=prompt,
             prompt_tokens=prompt_tokens,
-            answer=answer,
+            answer="".join(pieces),
             answer_tokens=answer_tokens,
             model=(completion.model if completion and completion.model else call.model),
             finish_reason=finish_reason,
@@ -987,6 +1098,8 @@ class ChatService:
             ),
             created_at=created_at,
             finished_at=time.time(),
+            upstream=upstream,
+            pieces=piece_lengths(pieces),
         )
 
     async def _store_cancelled(
@@ -998,6 +1111,7 @@ class ChatService:
         pieces: list[str],
         sent_tokens: int,
         created_at: float,
+        upstream: str,
     ) -> NewTurn:
         """Store the partial answer of a cancelled ask, shielded from the cancellation.
 
@@ -1012,12 +1126,13 @@ class ChatService:
             call,
             prompt,
             prompt_tokens,
-            answer,
+            pieces,
             CANCELLED,
             sent_tokens,
             created_at,
             None,
             answer_tokens=answer_tokens,
+            upstream=upstream,
         )
         with trio.CancelScope(shield=True), trio.move_on_after(STORE_ON_CANCEL_SECONDS):
             await self._keep(keep, turn)
@@ -1027,11 +1142,12 @@ class ChatService:
 @dataclasses.dataclass(slots=True)
 class _Bill:
     """What an ask is charged once it ends: its place in the limits, the model its usage is
-    counted under, and whether it was charged (once)."""
+    counted under, and whether it was charged (once); and whether its turn was stored."""
 
     ticket: Ticket | None = None
     model: str = ""
     charged: bool = False
+    stored: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

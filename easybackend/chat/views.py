@@ -9,6 +9,8 @@ import datetime
 
 from ..storage import ConversationDetail, ConversationSummary, TurnRecord
 from ..storage.base import MemorySummary
+from .answers import CANCELLED, COMPLETED, AnswerLog
+from .events import End, replay
 from .tree import Tree
 
 
@@ -93,8 +95,43 @@ def _turn(shape: Tree, turn: TurnRecord) -> dict[str, object]:
             {"role": "assistant", "text": turn.answer, "tokens": turn.answer_tokens},
         ],
         "model": turn.model,
+        "upstream": turn.upstream or None,
         "finish_reason": turn.finish_reason,
         "usage": _usage(turn.usage_prompt_tokens, turn.usage_completion_tokens),
         "created_at": _iso(turn.created_at),
+        "finished_at": _iso(turn.finished_at),
+    }
+
+
+def answer_state(conversation_id: str, live: AnswerLog | None, turn: TurnRecord | None) -> dict:
+    """An answer as a poll shows it (SPEC §18): its state and its text so far, from its log
+    while it is in progress (``live``), else from its stored ``turn``."""
+    if live is not None:
+        body: dict[str, object] = {
+            "conversation_id": conversation_id,
+            "turn_id": live.turn_id,
+            "status": live.state,
+            "background": live.background,
+            "text": live.text,
+            "events": len(live.events),
+        }
+        end = live.events[-1] if live.events else None
+        if isinstance(end, End):
+            body.update(model=end.model, finish_reason=end.finish_reason, usage=end.usage.as_dict())
+        if live.error is not None:
+            body["error"] = {"code": live.error.code, "message": live.error.message}
+        return body
+    assert turn is not None
+    return {
+        "conversation_id": conversation_id,
+        "turn_id": turn.turn_id,
+        "status": CANCELLED if turn.finish_reason == CANCELLED else COMPLETED,
+        "background": None,  # not kept with the turn
+        "text": turn.answer,
+        "events": len(replay(conversation_id, turn)),
+        "model": turn.model,
+        "upstream": turn.upstream or None,
+        "finish_reason": turn.finish_reason,
+        "usage": _usage(turn.usage_prompt_tokens, turn.usage_completion_tokens),
         "finished_at": _iso(turn.finished_at),
     }

@@ -60,6 +60,10 @@ class NewTurn:
     usage_completion_tokens: int
     created_at: float
     finished_at: float
+    upstream: str  # the upstream (its configured name) that answered; "" when none did
+    # The lengths of the answer's pieces as they were streamed, comma-separated ("" when it was
+    # not streamed): a reattached client's replay numbers its events as the live stream did.
+    pieces: str
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

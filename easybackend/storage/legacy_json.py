@@ -111,6 +111,8 @@ async def import_directory(
                 usage_completion_tokens=0,
                 created_at=when,
                 finished_at=when,
+                upstream="",
+                pieces="",
             )
             for prompt, answer in pairs
         ]

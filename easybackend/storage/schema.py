@@ -69,6 +69,14 @@ TREE = """
         last_seq = coalesce((SELECT max(seq) FROM turns WHERE conversation_pk = conversations.pk), 0);
 """
 
+# Answers that survive a dropped connection (SPEC §18) and several upstreams (SPEC §16): each
+# turn keeps the upstream that answered and the lengths of the pieces its answer was streamed
+# in, so a replay numbers its events as the live stream did.
+RESUME = """
+    ALTER TABLE turns ADD COLUMN upstream TEXT NOT NULL DEFAULT '';
+    ALTER TABLE turns ADD COLUMN pieces TEXT NOT NULL DEFAULT '';
+"""
+
 LEGACY_IMPORTS = """
     CREATE TABLE legacy_imports (
         owner TEXT NOT NULL,

@@ -123,7 +123,7 @@ from purerpc.grpclib.events import MessageReceived, RequestEnded, RequestReceive
 from .. import errors
 from ..chat.caller import Caller, stream_peer
 from ..chat.memory import SETTING_NAMES
-from ..chat.service import AskRequest, ChatService, Delta
+from ..chat.service import AskRequest, ChatService, Delta, End
 from ..chat.views import (
     conversation_detail,
     conversation_settings,
@@ -343,7 +343,7 @@ class _Chat(chat_grpc.ChatServicer):
                 if isinstance(event, Delta):
                     for piece in split_utf8(event.text, self._piece_bytes):
                         yield chat_pb2.AskResponse(response=piece)
-                else:
+                elif isinstance(event, End):
                     usage = event.usage
                     yield chat_pb2.AskResponse(
                         finish_reason=event.finish_reason,

@@ -52,7 +52,9 @@ from werkzeug import exceptions as werkzeug_errors
 from .. import errors
 from ..chat.caller import Caller
 from ..chat.client_json import parse_client_json
-from ..chat.service import AskRequest, ChatService, Delta, End, validate_conversation_id
+from ..chat.events import Event
+from ..chat.service import AskRequest, ChatService, validate_conversation_id
+from ..chat.views import answer_state
 from ..errors import (
     ChatError,
     HTTPError,
@@ -68,10 +70,12 @@ from ..errors import (
 from ..request_ids import accept_request_id, new_request_id
 from . import openai_api
 from .http_admin import admin_routes, is_admin_path, model_routes
+from .http_answers import answer_routes
 from .http_console import DOCS_STATIC_PREFIX, console_routes, is_console_path
 from .http_conversations import conversation_routes
 from .openai_api import errors as openai_errors
 from .openapi import EasyBackendOpenAPI, UsageBody
+from .sse import end_data, event_stream, sse_body
 
 DOC_PATHS = {"/docs", "/openapi.json"}
 REGENERATE_ENDPOINTS = {"regenerate", "regenerate_stream"}  # asks outside /ask/
@@ -135,6 +139,11 @@ class AskBody(pydantic.BaseModel):
         " Default: the conversation's head.",
     )
     user: str | None = pydantic.Field(None, description=USER_DESCRIPTION)
+    background: bool = pydantic.Field(
+        False,
+        description="Keep answering when the client goes away (the answer is stored whole);"
+        " a whole-answer ask then returns 202 at once with the turn to poll or follow.",
+    )
 
 
 class RegenerateBody(pydantic.BaseModel):
@@ -153,6 +162,9 @@ class RegenerateBody(pydantic.BaseModel):
     max_tokens: int | None = pydantic.Field(None, gt=0, description="Cap on the answer's tokens.")
     system: str | None = pydantic.Field(None, description="System prompt for this turn only.")
     user: str | None = pydantic.Field(None, description=USER_DESCRIPTION)
+    background: bool = pydantic.Field(
+        False, description="Keep answering when the client goes away (see the ask's)."
+    )
 
 
 class AnswerBody(pydantic.BaseModel):
@@ -202,21 +214,6 @@ def error_response(error: ChatError, status: int | None = None) -> Response:
     return Response(
         body, status=status or wire_form(error, STATUS_BY_ERROR), mimetype="application/json"
     )
-
-
-def _sse(event: str, data: dict[str, object]) -> str:
-    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-
-def _end_data(end: End) -> dict[str, object]:
-    return {
-        "conversation_id": end.conversation_id,
-        "model": end.model,
-        "finish_reason": end.finish_reason,
-        "usage": end.usage.as_dict(),
-        "turn_id": end.turn_id,
-        "turn": end.turn,
-    }
 
 
 class _Request(TrioRequest):
@@ -280,7 +277,7 @@ class Stopping:
             finally:
                 self._cuttable.discard(scope)
 
-    async def next_event(self, events: AsyncIterator[Delta | End]) -> Delta | End:
+    async def next_event(self, events: AsyncIterator[Event]) -> Event:
         """The ask's next event; raises ShuttingDown if the grace ends first."""
         with self.cut_at_grace_end():
             return await anext(events)
@@ -465,23 +462,28 @@ def create_app(service: ChatService, stopping: Stopping | None = None) -> Quart:
         )
 
     async def whole_answer(ask: AskRequest) -> Response:
+        if ask.background:  # answered in the background: poll or follow the turn
+            answer = await service.ask_in_background(ask)
+            body = answer_state(ask.conversation_id, answer, None)
+            return Response(json.dumps(body, ensure_ascii=False), 202, mimetype="application/json")
         with stopping.cut_at_grace_end():
             answer = await service.complete(ask)
-            body = {"response": answer.text, **_end_data(answer.end)}
+            body = {"response": answer.text, **end_data(answer.end)}
             return Response(json.dumps(body, ensure_ascii=False), mimetype="application/json")
         raise ShuttingDown("the server is shutting down")  # the grace ended first
 
     async def streamed_answer(ask: AskRequest) -> Response:
-        events = service.ask(ask)
-        try:
-            first = await stopping.next_event(events)
-        except BaseException:
-            await events.aclose()
-            raise
-        response = Response(_sse_body(first, events, stopping), mimetype="text/event-stream")
-        response.headers["Cache-Control"] = "no-cache"
-        response.headers["X-Accel-Buffering"] = "no"
-        response.timeout = None
+        first: Event | None = None
+        if ask.background:  # the answer goes on without this client, which follows it
+            events = (await service.ask_in_background(ask)).follow()
+        else:
+            events = service.ask(ask)
+            try:
+                first = await stopping.next_event(events)
+            except BaseException:
+                await events.aclose()
+                raise
+        response = event_stream(sse_body(first, events, stopping))
         return response
 
     @app.post("/ask/<conversation_id>")
@@ -545,6 +547,7 @@ def create_app(service: ChatService, stopping: Stopping | None = None) -> Quart:
 
     app.register_blueprint(console_routes(console=settings.console))
     app.register_blueprint(conversation_routes(service, caller))
+    app.register_blueprint(answer_routes(service, caller, stopping))
     app.register_blueprint(model_routes(service, caller))
     app.register_blueprint(admin_routes(service))
     app.register_blueprint(openai_api.openai_routes(service, caller, stopping))
@@ -578,27 +581,6 @@ def create_app(service: ChatService, stopping: Stopping | None = None) -> Quart:
         return {"status": "ok"}
 
     return app
-
-
-async def _sse_body(
-    first: Delta | End, events: AsyncIterator[Delta | End], stopping: Stopping
-) -> AsyncIterator[str]:
-    """Encode chat events as SSE frames; a ChatError after the first frame becomes an ``error`` event.
-
-    So does the end of the shutdown grace (``shutting_down``).
-    """
-    async with contextlib.aclosing(events):  # type: ignore[type-var]
-        try:
-            event = first
-            while True:
-                if isinstance(event, Delta):
-                    yield _sse("delta", {"text": event.text})
-                else:
-                    yield _sse("end", _end_data(event))
-                    return
-                event = await stopping.next_event(events)
-        except ChatError as exc:
-            yield _sse("error", {"code": exc.code, "message": exc.message})
 
 
 # Statuses the HTTP layer refuses with, as the error each one is (any other: HTTPError).

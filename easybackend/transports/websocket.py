@@ -60,7 +60,7 @@ from .. import errors
 from ..auth import bearer_token
 from ..chat.caller import Caller, forwarded_for_values
 from ..chat.client_json import parse_client_json
-from ..chat.service import AskRequest, ChatService, End
+from ..chat.service import AskRequest, ChatService, End, Start
 from ..errors import ChatError, InvalidInput, ShuttingDown, TooManyRequests, Unauthenticated
 from ..request_ids import accept_request_id
 from ..settings import Settings
@@ -381,6 +381,8 @@ class _Connection(Watched):
                 async for event in events:
                     if isinstance(event, End):
                         await self._send_end(ask, event)
+                    elif isinstance(event, Start):
+                        continue
                     elif ask.original:
                         for piece in split_utf8(event.text, self.max_message_bytes):
                             await self._send(piece)

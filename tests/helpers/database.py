@@ -57,6 +57,8 @@ def sample_turn(
         usage_completion_tokens=4,
         created_at=now,
         finished_at=now,
+        upstream="",
+        pieces="",
     )
 
 

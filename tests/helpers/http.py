@@ -18,15 +18,34 @@ def bearer(secret: str | None) -> dict[str, str]:
     return {"authorization": f"Bearer {secret}"} if secret is not None else {}
 
 
-def parse_sse(text: str) -> list[tuple[str, dict[str, Any]]]:
-    """Split a Server-Sent Events body into (event, data) pairs; every frame must have both."""
+def sse_frames(text: str) -> list[tuple[int | None, str, dict[str, Any]]]:
+    """Split a Server-Sent Events body into (id, event, data) frames; every frame has an event
+    and data. In a native answer's body (its frames have ids), every frame but an ``error`` is
+    numbered, counting up by one."""
     frames = []
     assert text.endswith("\n\n"), text[-200:]
     for block in text.split("\n\n")[:-1]:
         fields = dict(line.split(": ", 1) for line in block.split("\n"))
-        assert set(fields) == {"event", "data"}, block
-        frames.append((fields["event"], json.loads(fields["data"])))
+        assert set(fields) - {"id"} == {"event", "data"}, block
+        seq = int(fields["id"]) if "id" in fields else None
+        frames.append((seq, fields["event"], json.loads(fields["data"])))
+    numbers = [seq for seq, _, _ in frames if seq is not None]
+    if numbers:
+        assert all((seq is None) == (name == "error") for seq, name, _ in frames), frames
+        assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), numbers
     return frames
+
+
+def parse_sse(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """An answer's SSE body as (event, data) pairs after its ``start`` frame (checked: the
+    first, id 1, naming the turn the ``end`` names)."""
+    frames = sse_frames(text)
+    if frames and frames[0][1] == "start":
+        seq, _, start = frames.pop(0)
+        assert seq == 1 and set(start) == {"conversation_id", "turn_id"}, start
+        ends = [data for _, name, data in frames if name == "end"]
+        assert all(end["turn_id"] == start["turn_id"] for end in ends), (start, ends)
+    return [(name, data) for _, name, data in frames]
 
 
 def error_code(response: httpx2.Response) -> str:

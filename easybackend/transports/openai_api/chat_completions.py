@@ -37,7 +37,7 @@ from quart_schema import document_request, document_response, tag
 
 from ...chat.caller import Caller
 from ...chat.relay import RelayRequest, check_relay_body, relay_stream, relay_whole
-from ...chat.service import AskRequest, ChatService, Delta, End, validate_conversation_id
+from ...chat.service import AskRequest, ChatService, Delta, End, Start, validate_conversation_id
 from ...errors import InvalidInput, ShuttingDown
 from ...storage.sql import new_turn_id
 from .streaming import streamed_response
@@ -405,7 +405,10 @@ class _ChunkWriter:
         self._started = False
 
     def frames(self, event: object) -> bytes:
-        """The events of one core event (a Delta, or the End)."""
+        """The events of one core event (the Start, a Delta, or the End)."""
+        if isinstance(event, Start):  # the first chunk: the assistant's role
+            self._started = True
+            return self._chunk({"role": "assistant", "content": ""})
         if isinstance(event, Delta):
             delta = (
                 self._head

@@ -51,7 +51,7 @@ from quart import Blueprint, Response, g, request
 from quart_schema import document_request, document_response, tag, validate_querystring
 
 from ...chat.caller import Caller
-from ...chat.service import GIVEN, AskRequest, ChatService, Delta, End
+from ...chat.service import GIVEN, AskRequest, ChatService, Delta, End, Start
 from ...chat.tree import Tree
 from ...errors import (
     ChatError,
@@ -562,6 +562,8 @@ def response_routes(
                         )
                         current.state.model = event.model
                         current.ended.set()
+                    elif isinstance(event, Start):
+                        continue
                     else:
                         current.state.text += event.text
                     yield event
