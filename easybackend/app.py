@@ -26,6 +26,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from .chat.service import ChatService
 from .chat.tokens import TokenCounter, encoding_name_for, load_encoding
+from .chat.webhooks import STOP_GRACE as WEBHOOK_STOP_GRACE
 from .fake_upstream import FakeUpstream
 from .listeners import LISTEN_BACKLOG, bind_tcp
 from .metrics import Metrics
@@ -129,6 +130,7 @@ async def _serve_on(
             # Background answers: on at shutdown for SHUTDOWN_GRACE like every answer, then
             # cancelled (stored as cancelled); awaited below before the upstream client closes.
             await nursery.start(service.background_answers.run, shutdown, settings.shutdown_grace)
+            await nursery.start(service.webhooks.run)  # the webhook of background answers
             if not service.callers.enabled and not _is_loopback(settings.host):
                 log.warning(
                     "API_KEYS is not set, no key is stored, and HOST %s is reachable from other "
@@ -148,6 +150,8 @@ async def _serve_on(
                 )
             if shutdown.is_set():
                 await service.background_answers.stopped.wait()
+            # The webhook of the last background answers: a few seconds more to be delivered.
+            await service.webhooks.stop(WEBHOOK_STOP_GRACE)
             await service.background.stop()  # before the upstream client it calls is closed
             await upstream.aclose()
             nursery.cancel_scope.cancel()  # the demo upstream, the key refresh, the usage

@@ -79,6 +79,7 @@ from .locks import KeyedLock
 from .memory import Memory
 from .tokens import TokenCounter
 from .tree import validate_turn_id
+from .webhooks import Webhooks
 
 CONVERSATION_ID = re.compile(r"[A-Za-z0-9_\-.:]{1,128}")
 READY_TIMEOUT = 2.0  # seconds the store may take to answer a readiness check
@@ -236,6 +237,7 @@ class ChatService:
         # nursery of the background answers app.py runs (see chat/answers.py).
         self.answer_logs = AnswerLogs()
         self.background_answers = BackgroundAnswers()
+        self.webhooks = Webhooks(settings)  # told when a background answer ends; app.py runs it
         self._streams: collections.Counter[str] = (
             collections.Counter()
         )  # answers in progress per key or client address (see _admitted)
@@ -741,7 +743,23 @@ class ChatService:
         return await self.background_answers.start(answer)
 
     def background_ended(self, log: AnswerLog) -> None:
-        """A background answer ended (see :meth:`ask_in_background`): the webhook is told."""
+        """A background answer ended (see :meth:`ask_in_background`): the webhook is told
+        (queued, never waited for; nothing when WEBHOOK_URL is not set)."""
+        end = log.events[-1] if log.events else None
+        event: dict[str, object] = {
+            "type": f"answer.{log.state}",
+            "conversation_id": log.conversation_id,
+            "turn_id": log.turn_id,
+            "status": log.state,
+            "finish_reason": end.finish_reason if isinstance(end, End) else log.state,
+            "model": end.model if isinstance(end, End) else None,
+            "usage": end.usage.as_dict() if isinstance(end, End) else None,
+            "created_at": int(log.ended_at or time.time()),
+            "text": log.text,
+        }
+        if log.error is not None:
+            event["error"] = {"code": log.error.code, "message": log.error.message}
+        self.webhooks.notify(event)
 
     async def follow(
         self, conversation_id: str, turn_id: str, *, after: int = 0, caller: Caller
