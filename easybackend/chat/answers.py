@@ -149,7 +149,7 @@ class AnswerLogs:
             self._ended.popitem(last=False)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Slot:
     scope: trio.CancelScope
     answer: AnswerLog | None = None
