@@ -152,7 +152,8 @@ async def test_sigterm_finishes_short_answers_and_cuts_long_ones_at_the_grace(
     # console access lines, one per ask, readable
     access = re.findall(
         r"INFO easybackend\.access: ask request_id=\S+ protocol=(\w+) conversation_id=(\S+) "
-        r"key=- outcome=(\w+) ttft_ms=[\d.]+ duration_ms=[\d.]+ prompt_tokens=\d+ completion_tokens=\d+",
+        r"key=- upstream=default outcome=(\w+) ttft_ms=[\d.]+ duration_ms=[\d.]+ "
+        r"prompt_tokens=\d+ completion_tokens=\d+",
         stderr,
     )
     assert sorted(access) == [
