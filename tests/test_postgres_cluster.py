@@ -23,10 +23,10 @@ import httpx2
 import psycopg
 import pytest
 import trio
-from helpers.http import error_code
+from helpers.http import error_code, sse_frames
 from helpers.postgres import PG_PORT, pg_url
 from helpers.servers import ServerProcess, clean_env, free_port, run_cli
-from helpers.upstream import UPSTREAM_KEY, echo, history_of, upstream_messages
+from helpers.upstream import UPSTREAM_KEY, echo, full_answer, history_of, upstream_messages
 from helpers.waiting import wait_until
 
 from easybackend.chat.views import conversation_detail
@@ -247,6 +247,29 @@ async def test_a_conversation_started_on_one_instance_continues_on_the_other(
     assert seen_from_a["turns"] == 3
     assert [t["turn"] for t in seen_from_a["history"]] == [1, 2, 3]
     assert [seq for seq, _, _ in await whole_turns(pg_schema, "shared")] == [1, 2, 3]
+
+
+async def test_a_background_answer_is_followed_from_another_instance_once_stored(
+    fake, start_instance
+):
+    a, b = await start_pair(start_instance)
+    prompt = "far away [[fake:tokens=40]] [[fake:delay=0.03]]"
+    async with a.client() as on_a, b.client() as on_b:
+        accepted = await on_a.post("/ask/roaming", json={"prompt": prompt, "background": True})
+        assert accepted.status_code == 202, accepted.text
+        turn = f"/conversations/roaming/turns/{accepted.json()['turn_id']}"
+        # b does not generate it, but knows it is in progress: a poll says so, a reattach waits
+        elsewhere = (await on_b.get(turn)).json()
+        assert (elsewhere["status"], elsewhere["text"]) == ("in_progress", "")
+        with trio.fail_after(10):
+            followed = await on_b.get(turn + "/stream", params={"after": "1"})
+        on_the_generator = await on_a.get(turn + "/stream")
+        finished = (await on_b.get(turn)).json()
+    frames = sse_frames(followed.text)
+    assert frames == sse_frames(on_the_generator.text)[1:]  # the same events, the same ids
+    text = "".join(data["text"] for _, name, data in frames if name == "delta")
+    assert text == full_answer(1, "far away", 40) == finished["text"]
+    assert frames[-1][1] == "end" and finished["status"] == "completed"
 
 
 async def test_concurrent_asks_split_across_instances_are_answered_one_at_a_time(

@@ -334,6 +334,20 @@ class ServingStore(Protocol):
         """The conversation's turn of that id, or None."""
         ...
 
+    async def mark_answer(self, ref: ConversationRef, turn_id: str, until: float) -> None:
+        """Note that the answer of turn ``turn_id`` is in progress (in some instance) until it
+        is unmarked, or at the latest until ``until`` (unix time): what another instance's
+        reattach waits for (chat/answers.py)."""
+        ...
+
+    async def unmark_answer(self, ref: ConversationRef, turn_id: str) -> None:
+        """The answer of turn ``turn_id`` is no longer in progress (stored, or ended unstored)."""
+        ...
+
+    async def answer_marked(self, ref: ConversationRef, turn_id: str, now: float) -> bool:
+        """Whether the answer of turn ``turn_id`` is marked in progress and not past its bound."""
+        ...
+
     async def set_head(self, ref: ConversationRef, turn_id: str) -> bool:
         """Make the turn of that id (or no turn, for :data:`ROOT`) the head.
 

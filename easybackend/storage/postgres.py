@@ -63,7 +63,7 @@ MIGRATIONS: list[str] = [
     schema.MEMORY.format(**schema.POSTGRES_TYPES) + schema.MEMORY_POSTGRES_SEARCH,
     schema.USAGE.format(**schema.POSTGRES_TYPES)
     + schema.USAGE_BACKFILL.format(day=schema.USAGE_POSTGRES_DAY),
-    schema.RESUME,
+    schema.RESUME.format(**schema.POSTGRES_TYPES),
 ]
 
 

@@ -71,10 +71,20 @@ TREE = """
 
 # Answers that survive a dropped connection (SPEC §18) and several upstreams (SPEC §16): each
 # turn keeps the upstream that answered and the lengths of the pieces its answer was streamed
-# in, so a replay numbers its events as the live stream did.
+# in, so a replay numbers its events as the live stream did. The background answers in progress
+# on PostgreSQL are noted, so that a client reattaching on another instance than the one that
+# generates waits for the stored turn (each with the latest time it can still be in progress:
+# an instance that died leaves marks that expire).
 RESUME = """
     ALTER TABLE turns ADD COLUMN upstream TEXT NOT NULL DEFAULT '';
     ALTER TABLE turns ADD COLUMN pieces TEXT NOT NULL DEFAULT '';
+    CREATE TABLE answers_in_progress (
+        owner TEXT NOT NULL,
+        conversation_id TEXT NOT NULL,
+        turn_id TEXT NOT NULL,
+        until {time} NOT NULL,
+        PRIMARY KEY (owner, conversation_id, turn_id)
+    );
 """
 
 LEGACY_IMPORTS = """

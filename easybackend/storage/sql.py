@@ -71,6 +71,7 @@ INSERT_TURN = (
     f" VALUES ({', '.join('?' * (1 + len(dataclasses.fields(TurnRecord))))})"
 )
 _BY_REF = "owner = ? AND conversation_id = ?"
+MARK_KEPT = 86400.0  # seconds a mark outlives its bound (an instance that died with it) at most
 _C_BY_REF = "c.owner = ? AND c.conversation_id = ?"  # the same, of ``conversations c``
 _PK_BY_REF = f"(SELECT pk FROM conversations WHERE {_BY_REF})"
 
@@ -370,6 +371,38 @@ def find_turn(
         (turn_id, *_key(ref)),
     ).fetchone()
     return TurnRecord(*row) if row else None
+
+
+def mark_answer(
+    dialect: Dialect, db: Connection, ref: ConversationRef, turn_id: str, until: float
+) -> None:
+    """Mark turn ``turn_id``'s answer in progress until ``until`` (see ServingStore)."""
+    dialect.execute(db, "DELETE FROM answers_in_progress WHERE until < ?", (until - MARK_KEPT,))
+    dialect.execute(
+        db,
+        "INSERT INTO answers_in_progress (owner, conversation_id, turn_id, until)"
+        " VALUES (?, ?, ?, ?)",
+        (*_key(ref), turn_id, until),
+    )
+
+
+def unmark_answer(dialect: Dialect, db: Connection, ref: ConversationRef, turn_id: str) -> None:
+    dialect.execute(
+        db,
+        f"DELETE FROM answers_in_progress WHERE {_BY_REF} AND turn_id = ?",
+        (*_key(ref), turn_id),
+    )
+
+
+def answer_marked(
+    dialect: Dialect, db: Connection, ref: ConversationRef, turn_id: str, now: float
+) -> bool:
+    row = dialect.execute(
+        db,
+        f"SELECT 1 FROM answers_in_progress WHERE {_BY_REF} AND turn_id = ? AND until >= ?",
+        (*_key(ref), turn_id, now),
+    ).fetchone()
+    return row is not None
 
 
 def _conversation_for_change(

@@ -138,6 +138,15 @@ class SQLStore:
     async def find_turn(self, ref: ConversationRef, turn_id: str) -> TurnRecord | None:
         return await self._run(sql.find_turn, Access.READ, ref, turn_id)
 
+    async def mark_answer(self, ref: ConversationRef, turn_id: str, until: float) -> None:
+        await self._run(sql.mark_answer, Access.WRITE, ref, turn_id, until)
+
+    async def unmark_answer(self, ref: ConversationRef, turn_id: str) -> None:
+        await self._run(sql.unmark_answer, Access.WRITE, ref, turn_id)
+
+    async def answer_marked(self, ref: ConversationRef, turn_id: str, now: float) -> bool:
+        return await self._run(sql.answer_marked, Access.READ, ref, turn_id, now)
+
     async def set_head(self, ref: ConversationRef, turn_id: str) -> bool:
         return await self._run(sql.set_head, Access.WRITE, ref, turn_id, time.time())
 

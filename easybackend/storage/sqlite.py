@@ -42,7 +42,7 @@ MIGRATIONS: list[str] = [
     schema.MEMORY.format(**schema.SQLITE_TYPES) + schema.MEMORY_SQLITE_SEARCH,
     schema.USAGE.format(**schema.SQLITE_TYPES)
     + schema.USAGE_BACKFILL.format(day=schema.USAGE_SQLITE_DAY),
-    schema.RESUME,
+    schema.RESUME.format(**schema.SQLITE_TYPES),
 ]
 
 
