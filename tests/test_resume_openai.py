@@ -10,6 +10,7 @@ import pytest
 import trio
 from helpers.js_sdk import NODE, run_script
 from helpers.openai_sdk import async_client, base_url
+from helpers.postgres import pg_url
 from helpers.upstream import events_of, full_answer
 from helpers.waiting import wait_until
 
@@ -290,3 +291,37 @@ async def test_the_javascript_sdk_reattaches_to_a_background_stream(start_server
     assert text == SLOW_ANSWER == stream["text"]
     assert stream["background"] is True
     assert got["cancel"] == {"created": "in_progress", "cancelled": "cancelled"}
+
+
+async def test_another_instance_shows_a_background_response_and_replays_it_once_stored(
+    start_server, pg_schema
+):
+    """Two servers on one PostgreSQL database: the one that does not generate the response
+    polls it as in progress, and its reattach gets the events after ``starting_after`` once
+    the turn is stored, numbered as the generator's; a cancel must reach the generator."""
+    url = pg_url(pg_schema)
+    generator = await start_server(DATABASE_URL=url, API_KEYS=f"alice:{KEY_A},bob:{KEY_B}")
+    other = await start_server(DATABASE_URL=url, API_KEYS=f"alice:{KEY_A},bob:{KEY_B}")
+    async with (
+        async_client(generator, KEY_A) as on_generator,
+        async_client(other, KEY_A) as elsewhere,
+        async_client(other, KEY_B) as bob,
+    ):
+        created = await on_generator.responses.create(
+            model=MODEL, input=SLOW, background=True, metadata={"from": "generator"}
+        )
+        polled = await elsewhere.responses.retrieve(created.id)
+        assert (polled.status, polled.output_text, polled.background) == ("in_progress", "", True)
+        with pytest.raises(openai.NotFoundError):
+            await elsewhere.responses.cancel(created.id)  # only the generator can stop it
+        with pytest.raises(openai.NotFoundError):
+            await bob.responses.retrieve(created.id)
+        followed = await read_all(
+            await elsewhere.responses.retrieve(created.id, stream=True, starting_after=5)
+        )
+        whole = await read_all(await on_generator.responses.retrieve(created.id, stream=True))
+        finished = await elsewhere.responses.retrieve(created.id)
+    assert [seen(e) for e in followed] == [seen(e) for e in whole[6:]]
+    assert_whole_stream(whole, SLOW_ANSWER)
+    assert followed[-1].response.metadata == {"from": "generator"}
+    assert (finished.status, finished.output_text) == ("completed", SLOW_ANSWER)

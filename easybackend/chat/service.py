@@ -835,6 +835,15 @@ class ChatService:
             return AnswerLog(caller.owner, ref.conversation_id, turn_id, True), None
         raise NotFound(f"no turn {turn_id!r} in conversation {conversation_id!r}")
 
+    async def conversation_of_answer(self, turn_id: str, *, caller: Caller) -> str | None:
+        """The conversation of the caller's answer ``turn_id`` that another instance generates
+        (marked in progress, PostgreSQL only; see :meth:`ask_in_background`), or None. For a
+        transport that names an answer by its turn alone (a response id). Raises InvalidInput."""
+        validate_turn_id(turn_id, "turn_id")
+        if not self.settings.database.is_postgres:
+            return None
+        return await self.storage.conversation_of_answer(caller.owner, turn_id, time.time())
+
     def cancel_answer(self, conversation_id: str, turn_id: str, *, caller: Caller) -> bool:
         """Cancel the caller's answer in progress under ``turn_id`` (a background answer, or
         any the transport made cancellable): it is stored as ``cancelled`` with what it has.

@@ -348,6 +348,11 @@ class ServingStore(Protocol):
         """Whether the answer of turn ``turn_id`` is marked in progress and not past its bound."""
         ...
 
+    async def conversation_of_answer(self, owner: str, turn_id: str, now: float) -> str | None:
+        """The conversation of the owner's answer ``turn_id`` if it is marked in progress and
+        not past its bound (known by its turn id alone, as a response id names it), else None."""
+        ...
+
     async def set_head(self, ref: ConversationRef, turn_id: str) -> bool:
         """Make the turn of that id (or no turn, for :data:`ROOT`) the head.
 

@@ -405,6 +405,18 @@ def answer_marked(
     return row is not None
 
 
+def conversation_of_answer(
+    dialect: Dialect, db: Connection, owner: str, turn_id: str, now: float
+) -> str | None:
+    row = dialect.execute(
+        db,
+        "SELECT conversation_id FROM answers_in_progress"
+        " WHERE owner = ? AND turn_id = ? AND until >= ?",
+        (owner, turn_id, now),
+    ).fetchone()
+    return row[0] if row else None
+
+
 def _conversation_for_change(
     dialect: Dialect, db: Connection, ref: ConversationRef
 ) -> tuple[int, int | None] | None:

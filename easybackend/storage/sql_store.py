@@ -147,6 +147,9 @@ class SQLStore:
     async def answer_marked(self, ref: ConversationRef, turn_id: str, now: float) -> bool:
         return await self._run(sql.answer_marked, Access.READ, ref, turn_id, now)
 
+    async def conversation_of_answer(self, owner: str, turn_id: str, now: float) -> str | None:
+        return await self._run(sql.conversation_of_answer, Access.READ, owner, turn_id, now)
+
     async def set_head(self, ref: ConversationRef, turn_id: str) -> bool:
         return await self._run(sql.set_head, Access.WRITE, ref, turn_id, time.time())
 

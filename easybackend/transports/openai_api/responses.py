@@ -402,23 +402,54 @@ def response_routes(
         current = found_live(asking.owner, turn_id)
         if current is not None:
             return _json(render(shown(current)))
-        return _json(await stored_render(turn_id, asking))
+        try:
+            return _json(await stored_render(turn_id, asking))
+        except NotFound:
+            elsewhere = await service.conversation_of_answer(turn_id, caller=asking)
+            if elsewhere is None:
+                raise
+        return _json(render(answered_elsewhere(turn_id, elsewhere)))
+
+    def answered_elsewhere(turn_id: str, conversation_id: str) -> ResponseState:
+        """A background response another instance generates (PostgreSQL): in progress, its
+        text and settings unknown here until its turn is stored."""
+        settings = {**stored_settings(None, temperature), "background": True}
+        return ResponseState(
+            turn_id=turn_id,
+            created_at=time.time(),
+            model=service.settings.model,
+            settings=settings,
+            store=True,
+            conversation_id=conversation_id,
+        )
 
     async def reattach(turn_id: str, after: int, asking: Caller) -> Response:
         """The events of a response's stream after sequence number ``after``, numbered as its
         first stream was: live until its end while it is answered here, else replayed from
-        its stored turn. Leaving does not stop the answer; several clients may follow one."""
+        its stored turn. Leaving does not stop the answer; several clients may follow one.
+        A background response another instance generates (PostgreSQL) is replayed once
+        that instance has stored it: the headers wait for it."""
         current = found_live(asking.owner, turn_id)
+        state: ResponseState | None = None
         if current is not None:
             state = current.state.fresh()
+            conversation_id = state.conversation_id
         else:
-            conversation_id, turn = await stored_turn(turn_id, asking)
-            state = ResponseState.of_turn(turn, conversation_id, temperature).fresh()
-        if state.conversation_id is None:  # store false: nothing to follow once it ends
+            try:
+                conversation_id, turn = await stored_turn(turn_id, asking)
+                state = ResponseState.of_turn(turn, conversation_id, temperature).fresh()
+            except NotFound:
+                conversation_id = await service.conversation_of_answer(turn_id, caller=asking)
+                if conversation_id is None:
+                    raise
+        if conversation_id is None:  # store false: nothing to follow once it ends
             raise NotFound(f"no response {ids.response_id(turn_id)!r}")
-        events = service.follow(state.conversation_id, turn_id, after=0, caller=asking)
+        events = service.follow(conversation_id, turn_id, after=0, caller=asking)
         try:  # the first event, or the error that the turn is gone, before the headers
             first = await stopping.next_event(events)
+            if state is None:  # answered elsewhere, stored now: its settings are known
+                conversation_id, turn = await stored_turn(turn_id, asking)
+                state = ResponseState.of_turn(turn, conversation_id, temperature).fresh()
         except BaseException:
             await events.aclose()  # type: ignore[attr-defined]
             raise
