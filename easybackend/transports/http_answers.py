@@ -14,17 +14,44 @@ import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import pydantic
 from quart import Blueprint, Response, request
-from quart_schema import tag
+from quart_schema import document_response, tag
 
 from ..chat.caller import Caller
 from ..chat.service import ChatService
 from ..chat.views import answer_state
 from ..errors import InvalidInput, NotFound
+from .openapi import UsageBody
 from .sse import event_stream, sse_body
 
 if TYPE_CHECKING:
     from .http import Stopping
+
+
+class AnswerStateBody(pydantic.BaseModel):
+    """A turn's answer as it stands."""
+
+    conversation_id: str
+    turn_id: str
+    status: str = pydantic.Field(description="in_progress, completed, cancelled or failed")
+    background: bool | None = pydantic.Field(
+        description="Asked in the background (null once stored: not kept with the turn)"
+    )
+    text: str = pydantic.Field(description="The answer so far (all of it once it ended)")
+    events: int = pydantic.Field(description="Its events so far: the id of the last one")
+    model: str | None = None
+    upstream: str | None = pydantic.Field(None, description="The upstream that answered")
+    finish_reason: str | None = None
+    usage: UsageBody | None = None
+    finished_at: str | None = None
+    error: dict[str, str] | None = pydantic.Field(None, description="How it failed: code, message")
+
+
+class CancelledBody(pydantic.BaseModel):
+    conversation_id: str
+    turn_id: str
+    cancelled: bool
 
 
 def _after() -> int:
@@ -47,6 +74,7 @@ def answer_routes(
     routes = Blueprint("answers", __name__)
 
     @routes.get("/conversations/<conversation_id>/turns/<turn_id>")
+    @document_response(AnswerStateBody, 200)
     @tag(["answers"])
     async def turn_state(conversation_id: str, turn_id: str) -> Response:
         """A turn's answer as it stands: ``status`` (``in_progress``, ``completed``,
@@ -75,6 +103,7 @@ def answer_routes(
         return event_stream(sse_body(first, events, stopping))
 
     @routes.post("/conversations/<conversation_id>/turns/<turn_id>/cancel")
+    @document_response(CancelledBody, 200)
     @tag(["answers"])
     async def cancel(conversation_id: str, turn_id: str) -> Response:
         """Cancel an answer in progress (a background one): it is stored as ``cancelled``

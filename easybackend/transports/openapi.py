@@ -44,9 +44,15 @@ USAGE = {
         name: {"type": "integer"} for name in ("prompt_tokens", "completion_tokens", "total_tokens")
     },
 }
-# The data of each SSE event: `delta`, `end` or `error`.
+# The data of each SSE event: `start`, `delta`, `end` or `error`.
 SSE_EVENT_DATA = {
     "anyOf": [
+        {
+            "title": "start",
+            "type": "object",
+            "required": ["conversation_id", "turn_id"],
+            "properties": {"conversation_id": {"type": "string"}, "turn_id": {"type": "string"}},
+        },
         {
             "title": "delta",
             "type": "object",
@@ -74,12 +80,13 @@ SSE_EVENT_DATA = {
         },
     ]
 }
-# One Server-Sent Event: its name and its JSON data.
+# One Server-Sent Event: its number (all but an error), its name and its JSON data.
 SSE_EVENT = {
     "type": "object",
     "required": ["event", "data"],
     "properties": {
-        "event": {"enum": ["delta", "end", "error"]},
+        "id": {"type": "string", "pattern": "^[1-9][0-9]*$"},
+        "event": {"enum": ["start", "delta", "end", "error"]},
         "data": {
             "type": "string",
             "contentMediaType": "application/json",
@@ -262,8 +269,14 @@ class EasyBackendOpenAPI(OpenAPIProvider):
                     )
                 if path.endswith("/stream") and 200 not in responses:
                     responses[200] = {
-                        "description": "Server-Sent Events: delta events, then one end or one error event",
+                        "description": "Server-Sent Events, numbered by their id: one start,"
+                        " delta events, then one end or one error event",
                         "content": {"text/event-stream": {"schema": SSE_EVENT}},
+                    }
+                if path == "/ask/{conversation_id}" and method == "post":
+                    responses[202] = {
+                        "description": "background: the answer goes on; poll or follow its turn",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
                     }
                 if path == "/metrics":
                     responses[200] = {
