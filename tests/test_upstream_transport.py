@@ -31,7 +31,7 @@ from helpers.upstream import user
 from easybackend.fake_upstream import FakeUpstream
 from easybackend.metrics import Metrics
 from easybackend.settings import Settings
-from easybackend.upstream.openai_client import Completion, OpenAIUpstream, UpstreamCall
+from easybackend.upstream.openai_client import Answering, Completion, OpenAIUpstream, UpstreamCall
 from easybackend.upstream.transport import LeanTransport
 
 OK_HELLO = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
@@ -897,7 +897,8 @@ SSE_END = sse_chunk(finish="stop") + b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n"
 async def read_answer(
     settings: Settings, url: str, *, after_first: trio.Event | None = None
 ) -> list[str | Completion]:
-    """Everything OpenAIUpstream.stream yields for one call; ``after_first`` is set at the first."""
+    """Everything OpenAIUpstream.stream yields for one call after its first item (which names
+    the upstream that answers); ``after_first`` is set at the first piece."""
     upstream = OpenAIUpstream(settings, Metrics(), base_url=url)
     call = UpstreamCall(
         messages=[{"role": "user", "content": "hi"}], model="m", temperature=1.0, max_tokens=None
@@ -905,7 +906,9 @@ async def read_answer(
     items: list[str | Completion] = []
     try:
         with trio.fail_after(5):
-            async for item in upstream.stream(call):
+            stream = upstream.stream(call)
+            assert await anext(stream) == Answering("default")
+            async for item in stream:
                 items.append(item)
                 if after_first is not None:
                     after_first.set()
