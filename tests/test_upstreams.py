@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx2
 import pytest
 import trio
+from helpers.database import stored_turns
 from helpers.http import error_code, parse_sse
 from helpers.logs import capture_access, check_access_line, metric, scrape
 from helpers.proxies import ConnectProxy, Socks5Proxy
@@ -577,3 +578,30 @@ async def test_readyz_lists_the_upstreams_and_their_keys_states(nursery, start_s
     assert states["b"] == ["ready"]
     assert states["a"][0].startswith("cooling ")
     assert UPSTREAM_KEY not in json.dumps(ready)
+
+
+async def test_each_turn_keeps_the_upstream_that_answered_and_continues_on_any(
+    nursery, start_server, tmp_path
+):
+    first, second = await started_fake(nursery), await started_fake(nursery)
+    config = write_config(
+        tmp_path,
+        table("first", first.base_url(), [UPSTREAM_KEY], ["gpt-4.1-mini"])
+        + table("second", second.base_url(), [UPSTREAM_KEY], ["gpt-4.1-mini"], weight=0.001),
+    )
+    server = await start_server(CONFIG_FILE=config, UPSTREAM_RETRIES="2")
+    async with server.client(trust_env=False) as client:
+        one = await client.post("/ask/roams", json={"prompt": "one"})
+        # the first upstream goes away: the conversation goes on at the second, history and all
+        await queue_faults(first, {"status": 503}, {"status": 503})
+        two = await client.post("/ask/roams", json={"prompt": "two"})
+        detail = (await client.get("/conversations/roams")).json()
+    assert one.status_code == two.status_code == 200, (one.text, two.text)
+    assert [turn["upstream"] for turn in detail["history"]] == ["first", "second"]
+    (asked,) = [request["body"]["messages"] for request in second.requests]
+    assert [m["content"] for m in asked if m["role"] != "system"][:2] == [
+        "one",
+        one.json()["response"],
+    ]
+    (turn,) = stored_turns(server.settings.sqlite_path, "roams")[1:]
+    assert turn["upstream"] == "second"
