@@ -325,3 +325,19 @@ async def test_another_instance_shows_a_background_response_and_replays_it_once_
     assert_whole_stream(whole, SLOW_ANSWER)
     assert followed[-1].response.metadata == {"from": "generator"}
     assert (finished.status, finished.output_text) == ("completed", SLOW_ANSWER)
+
+
+async def test_a_response_streamed_without_background_can_be_followed_while_it_runs(server):
+    """Any response in progress here can be followed (not only background ones); its own
+    client going away still cancels it, as without ``background``."""
+    async with async_client(server) as client, async_client(server) as watcher:
+        stream = await client.responses.create(model=MODEL, input=SLOW, stream=True)
+        mine = await deltas_of(stream, 2)
+        response_id = mine[0].response.id
+        assert mine[0].response.background is False
+        followed = await read_all(
+            await watcher.responses.retrieve(response_id, stream=True, starting_after=2)
+        )
+        mine += await read_all(stream)
+    assert_whole_stream(mine, SLOW_ANSWER)
+    assert [seen(e) for e in followed] == [seen(e) for e in mine[3:]]
