@@ -163,7 +163,12 @@ async def test_a_background_answer_is_cancelled_by_the_cancel_route(server):
         ).json()
         turn = f"/conversations/stopped/turns/{accepted['turn_id']}"
         await wait_for_events(client, "stopped", accepted["turn_id"], 3)
-        cancelled = await client.post(turn + "/cancel")
+        async with client.stream("GET", turn + "/stream") as live:  # a follower, attached
+            lines = live.aiter_lines()
+            head = [await anext(lines) for _ in range(4)]  # the start frame and its blank line
+            assert head[1] == "event: start", head
+            cancelled = await client.post(turn + "/cancel")
+            followed = "\n".join(head) + "\n" + "".join([line + "\n" async for line in lines])
         assert cancelled.status_code == 200 and cancelled.json()["cancelled"] is True
         with trio.fail_after(5):
             await wait_until(lambda: bool(stored_turns(server.settings.sqlite_path, "stopped")))
@@ -175,6 +180,10 @@ async def test_a_background_answer_is_cancelled_by_the_cancel_route(server):
     (stored,) = stored_turns(server.settings.sqlite_path, "stopped")
     assert (stored["answer"], stored["finish_reason"]) == (state["text"], "cancelled")
     assert events_of(server.fake, "chatcmpl-1")[-1] == "disconnected"
+    # a client following it live got its end, as a replay gives it
+    frames = sse_frames(followed)
+    assert frames[-1][1] == "end" and frames[-1][2]["finish_reason"] == "cancelled"
+    assert deltas(followed) == stored["answer"]
 
 
 async def test_another_keys_turn_and_an_unknown_turn_are_not_found(start_server):

@@ -91,9 +91,10 @@ class AnswerLog:
     async def follow(self, after: int = 0) -> AsyncIterator[Event]:
         """The events after seq ``after``, as they come, until the answer's end.
 
-        Raises the answer's ChatError if it failed, ShuttingDown-free: an answer
-        cancelled with nothing more to give just ends. Cancelling the follower
-        changes nothing for the answer.
+        Raises the answer's ChatError if it failed (after its events). An answer
+        cancelled once its partial turn was stored ends with an End of finish
+        reason ``cancelled``; one cancelled with nothing stored just ends.
+        Cancelling the follower changes nothing for the answer.
         """
         sent = max(0, after)
         while True:

@@ -393,6 +393,8 @@ class ChatService:
             await self._bill(bill, bill.model, record)  # a cancelled answer's partial turn
             if answer is not None and not answer.ended:
                 if is_cancellation(exc):
+                    if bill.cut is not None:  # its partial turn is stored: followers see its end
+                        answer.add(dataclasses.replace(bill.cut, seq=len(answer.events) + 1))
                     answer.end(ANSWER_CANCELLED)
                 else:
                     answer.end(FAILED, exc if isinstance(exc, ChatError) else InternalError())
@@ -523,6 +525,14 @@ class ChatService:
                         record.tokens(turn.usage_prompt_tokens, turn.usage_completion_tokens)
                         bill.model = turn.model
                         bill.stored = request.store
+                        bill.cut = End(  # what the answer's followers get as its end
+                            ref.conversation_id,
+                            turn.model,
+                            CANCELLED,
+                            Usage(turn.usage_prompt_tokens, turn.usage_completion_tokens),
+                            turn_id,
+                            (parent.depth if parent else 0) + len(given) + 1,
+                        )
                     raise
                 assert completion is not None
                 if not seq:
@@ -1208,6 +1218,7 @@ class _Bill:
     model: str = ""
     charged: bool = False
     stored: bool = False
+    cut: End | None = None  # the end of a cancelled answer whose partial turn was stored
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
