@@ -11,48 +11,18 @@ fails with the command to run.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-from pathlib import Path
-
 import pytest
-import trio
+from helpers.js_sdk import NODE, run_script
 from helpers.openai_sdk import base_url
 from helpers.upstream import upstream_messages
 
 from easybackend import errors
 
-JS = Path(__file__).resolve().parent / "js"
-NODE = shutil.which("node")
 KEY = "js-client-SECRET-3333"
 
 pytestmark = pytest.mark.skipif(
     NODE is None, reason="Node.js (node) is not installed: the JavaScript SDK tests need it"
 )
-
-
-async def run_script(name: str, env: dict[str, str], timeout: float = 60) -> dict:
-    """Run ``node tests/js/NAME`` to completion; its one line of JSON output."""
-    if not (JS / "node_modules" / "openai" / "package.json").is_file():
-        pytest.fail(
-            "the JavaScript SDK is not installed: run `npm ci --prefix tests/js` first",
-            pytrace=False,
-        )
-    with trio.fail_after(timeout):
-        done = await trio.run_process(
-            [NODE, str(JS / name)],
-            cwd=JS,
-            env={**os.environ, **env},
-            stdin=subprocess.DEVNULL,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
-    output = done.stdout.decode() + done.stderr.decode()
-    assert done.returncode == 0, output[-4000:]
-    return json.loads(done.stdout.decode().strip().splitlines()[-1])
 
 
 async def test_the_javascript_sdk_streams_keeps_conversations_and_raises_typed_errors(
