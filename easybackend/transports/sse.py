@@ -75,7 +75,7 @@ async def sse_body(
             yield sse_frame("error", {"code": exc.code, "message": exc.message})
 
 
-def event_stream(body: AsyncIterator[str]) -> Response:
+def event_stream(body: AsyncIterator[str] | AsyncIterator[bytes]) -> Response:
     """The streaming response of an SSE ``body`` (not cached, not buffered by a proxy, no
     response timeout: it lasts as long as the answer)."""
     response = Response(body, mimetype="text/event-stream")

@@ -69,6 +69,7 @@ from ...chat.tree import Tree
 from ...errors import ChatError, InvalidInput, NotFound, PromptTooLong, ShuttingDown
 from ...storage import ConversationDetail, TurnRecord
 from ...storage.sql import new_turn_id
+from ..sse import event_stream
 from . import ids, items
 from .pages import ListQuery, list_page
 from .pages import json_response as _json
@@ -129,14 +130,6 @@ def _wants_stream() -> bool:
     if given not in ("true", "false", "1", "0"):
         raise InvalidInput("stream must be true or false", param="stream")
     return given in ("true", "1")
-
-
-def _event_stream(body: AsyncIterator[str]) -> Response:
-    response = Response(body, mimetype="text/event-stream")
-    response.headers["Cache-Control"] = "no-cache"
-    response.headers["X-Accel-Buffering"] = "no"
-    response.timeout = None
-    return response
 
 
 async def _sse(
@@ -354,7 +347,7 @@ def response_routes(
         live[log.owner, state.turn_id] = _Live(state, log=log)
         if not stream:
             return _json(render(state_of_log(state, log)))
-        return _event_stream(_sse(ResponseEvents(state.fresh()), [], log.follow(0), follow_step))
+        return event_stream(_sse(ResponseEvents(state.fresh()), [], log.follow(0), follow_step))
 
     async def follow_step(events: Source) -> Any:
         return await stopping.next_event(events)
@@ -369,7 +362,7 @@ def response_routes(
         except BaseException:
             await events.aclose()  # type: ignore[attr-defined]
             raise
-        return _event_stream(_sse(ResponseEvents(current.state.fresh()), taken, events, anext))
+        return event_stream(_sse(ResponseEvents(current.state.fresh()), taken, events, anext))
 
     async def final_render(current: _Live, asking: Caller) -> dict[str, Any]:
         """The response once its answer ended: a cancelled one as stored (with its usage)."""
@@ -454,7 +447,7 @@ def response_routes(
             await events.aclose()  # type: ignore[attr-defined]
             raise
         frames = ResponseEvents(state, after=after)
-        return _event_stream(_sse(frames, [first], events, follow_step))
+        return event_stream(_sse(frames, [first], events, follow_step))
 
     @blueprint.delete("/responses/<response_id>")
     @document_response(DeletedBody, 200)

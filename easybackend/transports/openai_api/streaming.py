@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from quart import Response
 
 from ...errors import ChatError
+from ..sse import event_stream
 from .errors import error_event
 
 if TYPE_CHECKING:
@@ -49,12 +50,7 @@ async def streamed_response(
     except BaseException:
         await events.aclose()  # type: ignore[attr-defined]
         raise
-    body = _event_stream(first, events, frames, stopping, done, error)
-    response = Response(body, mimetype="text/event-stream")
-    response.headers["Cache-Control"] = "no-cache"
-    response.headers["X-Accel-Buffering"] = "no"
-    response.timeout = None
-    return response
+    return event_stream(_event_stream(first, events, frames, stopping, done, error))
 
 
 async def _event_stream(
