@@ -9,11 +9,9 @@ and talks to EasyBackend with real clients over real sockets.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import re
 import sqlite3
-import ssl
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -24,12 +22,12 @@ import httpx2
 import purerpc
 import pytest
 import trio
-import trustme
 from helpers.database import stored_turns
 from helpers.grpc import grpc_ask
 from helpers.http import error_code, parse_sse
-from helpers.proxies import ConnectProxy, Socks5Proxy, splice
+from helpers.proxies import ConnectProxy, Socks5Proxy
 from helpers.servers import free_port, run_cli, server_env
+from helpers.tls import tls_front, trusted_authority
 from helpers.upstream import events_of, full_answer
 from helpers.waiting import wait_until
 from helpers.websocket import ws_json_ask
@@ -575,26 +573,6 @@ async def test_a_redirect_within_the_origin_is_followed(hostile, start_server, t
 # -- proxies --------------------------------------------------------------------------------------
 
 
-async def tls_front(nursery: trio.Nursery, backend_port: int, certificate: trustme.LeafCert) -> int:
-    """A TLS server on 127.0.0.1 that passes each connection on to ``backend_port`` in clear."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    certificate.configure_cert(context)
-
-    async def relay(tls: trio.SSLStream) -> None:
-        try:
-            backend = await trio.open_tcp_stream("127.0.0.1", backend_port)
-        except OSError:
-            await trio.aclose_forcefully(tls)
-            return
-        await splice(tls, backend)
-
-    serve = functools.partial(
-        trio.serve_ssl_over_tcp, relay, 0, context, host="127.0.0.1", https_compatible=True
-    )
-    listeners = await nursery.start(serve)
-    return listeners[0].transport_listener.socket.getsockname()[1]
-
-
 @pytest.fixture
 def no_proxy_environment(monkeypatch) -> None:
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
@@ -618,13 +596,10 @@ async def test_answers_come_through_a_socks5_proxy(
 async def test_answers_come_from_an_https_upstream_through_an_http_connect_proxy(
     nursery, start_server, monkeypatch, tmp_path, no_proxy_environment, fake
 ):
-    authority = trustme.CA()
-    ca_file = tmp_path / "ca.pem"
-    authority.cert_pem.write_to_path(str(ca_file))
-    tls_port = await tls_front(nursery, fake.port, authority.issue_cert("127.0.0.1"))
+    authority = trusted_authority(tmp_path, monkeypatch)  # SSL_CERT_FILE: the client trusts it
+    tls_port = await tls_front(nursery, fake.port, authority)
     proxy = ConnectProxy()
     await nursery.start(proxy.serve)
-    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))  # how the upstream client trusts the CA
     monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.port}")
     server = await start_server(OPENAI_BASE_URL=f"https://127.0.0.1:{tls_port}/v1")
     response = await ask_json(server, "connect", "over TLS")
