@@ -142,7 +142,7 @@ async def test_a_full_websocket_queue_refuses_with_a_line_and_a_count(start_serv
             ) as ws:
                 first = {"type": "ask", "conversation_id": "q0", "prompt": SLOW, "id": 0}
                 await ws.send_message(json.dumps(first))
-                assert json.loads(await ws.get_message())["type"] == "delta"  # it is running
+                assert json.loads(await ws.get_message())["type"] == "start"  # it is running
                 for number in range(1, 19):  # 16 fit in the queue, then they are refused
                     ask = {"type": "ask", "conversation_id": f"q{number}", "prompt": "hi"}
                     await ws.send_message(json.dumps({**ask, "id": number}))
@@ -180,7 +180,7 @@ async def test_asks_refused_at_shutdown_get_a_line_and_a_count_on_every_protocol
                 await ws.send_message(
                     json.dumps({"type": "ask", "conversation_id": "ws-busy", "prompt": SLOW})
                 )
-                assert json.loads(await ws.get_message())["type"] == "delta"
+                assert json.loads(await ws.get_message())["type"] == "start"
 
                 def grpc_calls() -> grpc.RpcError:
                     with grpc.insecure_channel(f"127.0.0.1:{server.running.grpc_port}") as channel:

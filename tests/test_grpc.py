@@ -141,7 +141,8 @@ async def test_purerpc_client_gets_pieces_then_finish_and_usage(grpc_server: Ser
         grpc_server, chat_pb2.AskRequest(conversation_id="pure-1", prompt="how are you")
     )
 
-    *pieces, last = replies
+    start, *pieces, last = replies
+    assert start.response == "" and start.turn_id == last.turn_id and start.seq == 1
     assert "".join(p.response for p in pieces) == "echo(1): how are you"
     assert all(p.response and not p.finish_reason and not p.HasField("usage") for p in pieces)
     assert last.response == ""
@@ -164,7 +165,7 @@ async def test_optional_fields_reach_the_upstream(start_server: StartServer):
         max_tokens=3,
         system="be brief",
     )
-    *pieces, last = await purerpc_ask(grpc_server, request)
+    _start, *pieces, last = await purerpc_ask(grpc_server, request)
 
     body = grpc_server.fake.requests[-1]["body"]
     assert body["model"] == "other-model"
@@ -300,7 +301,7 @@ async def test_client_cancel_cancels_the_upstream_call(
                 original.pb2.askrequest(prompt=f"count {LONG_ANSWER}", conversation_id="cancel"),
                 timeout=CALL_TIMEOUT,
             )
-            received = [next(call).response for _ in range(3)]
+            received = [next(call).response for _ in range(4)]  # the start, then 3 pieces
             call.cancel()
             # With the channel (and its connection) still open: only the reset tells the server.
             trio.from_thread.run(wait_for_event, grpc_server.fake, "disconnected")
@@ -405,7 +406,7 @@ async def raw_ask(
 
 async def test_client_hanging_up_cancels_the_upstream_call(grpc_server: Server):
     request = chat_pb2.AskRequest(conversation_id="gone", prompt="bye [[fake:stall_after=2]]")
-    call = await raw_ask(grpc_server.running.grpc_port, request, pieces=2)
+    call = await raw_ask(grpc_server.running.grpc_port, request, pieces=3)  # the start, 2 pieces
 
     await wait_for_event(grpc_server.fake, "disconnected", within=1.0)
     [(answer, finish_reason)] = await wait_for_turn(grpc_server, "gone")
@@ -444,7 +445,7 @@ async def test_the_server_enforces_the_client_deadline(grpc_server: Server):
     assert call.trailers is not None
     assert call.trailers["grpc-status"] == str(grpc.StatusCode.DEADLINE_EXCEEDED.value[0])
     assert 0.3 <= trio.current_time() - started < 2
-    assert len(call.received) == 2
+    assert len(call.received) == 3  # the start, then the 2 pieces before the stall
     await wait_for_event(grpc_server.fake, "disconnected", within=1.0)
     [(answer, finish_reason)] = await wait_for_turn(grpc_server, "timed")
     assert (answer, finish_reason) == ("".join(call.received), "cancelled")

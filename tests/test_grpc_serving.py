@@ -96,7 +96,8 @@ async def test_shutdown_lets_calls_in_flight_finish_and_refuses_new_ones(
     assert refused.code() == grpc.StatusCode.UNAVAILABLE
     assert "shutting down" in refused.details()
     assert health == health_pb2.HealthCheckResponse.NOT_SERVING  # health still answers
-    *pieces, last = replies
+    start, *pieces, last = replies
+    assert start.seq == 1 and start.turn_id == last.turn_id
     assert len(pieces) == 30
     assert "".join(p.response for p in pieces).startswith("echo(1): finish me")
     assert last.finish_reason == "stop"

@@ -135,7 +135,7 @@ class WsClient:
                     json.dumps({"type": "ask", "conversation_id": "held", "prompt": HOLD})
                 )
                 reply = json.loads(await ws.get_message())
-                assert reply["type"] == "delta", reply
+                assert reply["type"] == "start", reply  # the answer is under way
                 yield
 
     async def probe(self, forwarded_for: str | None = None) -> Outcome:
@@ -179,7 +179,7 @@ class GrpcClient:
             try:
                 with trio.fail_after(CALL_TIMEOUT):
                     first = await trio.to_thread.run_sync(next, call)
-                assert first.response, first
+                assert first.turn_id and first.seq == 1, first  # the start: under way
                 yield
             finally:
                 call.cancel()

@@ -95,8 +95,9 @@ async def test_a_websocket_cut_at_the_end_of_the_grace_gets_an_error_then_1001(s
                 closed = exc.reason
     assert closed.code == 1001, closed
     assert replies[-1]["type"] == "error" and replies[-1]["code"] == "shutting_down", replies
-    assert {reply["type"] for reply in replies[:-1]} == {"delta"}
-    received = "".join(reply["text"] for reply in replies[:-1])
+    assert replies[0]["type"] == "start"
+    assert {reply["type"] for reply in replies[1:-1]} == {"delta"}
+    received = "".join(reply["text"] for reply in replies[1:-1])
     (turn,) = stored_turns(server.settings.sqlite_path, "cut-ws")
     assert (turn["finish_reason"], turn["answer"]) == ("cancelled", received)
 

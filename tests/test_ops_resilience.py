@@ -156,8 +156,8 @@ async def test_disconnect_mid_stream_gives_the_partial_text_then_an_error(fake, 
         server.running.ws_port, {"conversation_id": "broken-ws", "prompt": prompt}
     )
     types = [r["type"] for r in replies]
-    assert types == ["delta"] * (len(types) - 1) + ["error"] and len(types) > 1, types
-    assert "".join(r["text"] for r in replies[:-1]) == partial
+    assert types == ["start"] + ["delta"] * (len(types) - 2) + ["error"] and len(types) > 2, types
+    assert "".join(r["text"] for r in replies[1:-1]) == partial
     assert replies[-1]["code"] == "upstream_error"
 
     result = await grpc_ask(server.running.grpc_port, "broken-grpc", prompt)
@@ -193,7 +193,7 @@ async def test_a_stall_becomes_a_timeout_error_within_the_idle_bound(fake, start
                     if line.startswith("event: "):
                         frames.append(line.removeprefix("event: "))
                         times.append(trio.current_time())
-        assert frames == ["delta", "delta", "error"]
+        assert frames == ["start", "delta", "delta", "error"]
         assert 0.4 <= times[-1] - times[-2] < 2.0  # the idle timeout, not a hang
 
         # before the first token: a plain 504, within the bound too
@@ -286,7 +286,11 @@ async def test_rate_limit_and_timeout_map_to_each_protocols_errors(fake, start_s
 
     stall = "c [[fake:stall_after=0]]"
     replies = await ws_json_ask(ws_port, {"conversation_id": "m", "prompt": stall})
-    assert [(r["type"], r["code"]) for r in replies] == [("error", "upstream_timeout")]
+    # the model took the call (the start), then sent nothing
+    assert [(r["type"], r.get("code")) for r in replies] == [
+        ("start", None),
+        ("error", "upstream_timeout"),
+    ]
     result = await grpc_ask(grpc_port, "m", stall)
     assert result.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "sent nothing" in result.details

@@ -169,9 +169,9 @@ async def test_the_last_message_carries_the_turn_id_that_get_conversation_shows_
     request = chat_pb2.AskRequest(conversation_id="ends", prompt="over grpcio")
     first = await grpcio_stream(port, "Ask", request)
     assert first.code == grpc.StatusCode.OK, first.details
-    *pieces, end = first.replies
-    assert all(not piece.turn_id and not piece.turn for piece in pieces)  # the last one only
-    assert end.turn == 1 and end.turn_id
+    start, *pieces, end = first.replies
+    assert all(not piece.turn_id and not piece.turn for piece in pieces)  # the start, the last
+    assert end.turn == 1 and end.turn_id and start.turn_id == end.turn_id and not start.turn
     after_first = await trio.to_thread.run_sync(
         lambda: grpcio_call(
             port,
@@ -517,14 +517,19 @@ def test_field_numbers_keep_to_the_originals_and_never_collide(
     assert ours[3] == ("parent_id", string)
     # the per-turn overrides, and the end user the ask is for (USER_RPM)
     overrides = {16: "model", 17: "temperature", 18: "max_tokens", 19: "system", 20: "user"}
-    assert {number: name for number, (name, _) in ours.items() if number > 3} == overrides
+    # and a background ask (SPEC §18), in both requests too
+    assert {number: name for number, (name, _) in ours.items() if number > 3} == {
+        **overrides,
+        21: "background",
+    }
     assert (
         _fields(chat_pb2.RegenerateRequest).items() >= {n: ours[n] for n in overrides}.items()
     )  # the same overrides at the same numbers
     # AskResponse: the original's 1, our 2-4 from before, nothing else below 16
     response = _fields(chat_pb2.AskResponse)
-    assert sorted(response) == [1, 2, 3, 4, 16, 17]
+    assert sorted(response) == [1, 2, 3, 4, 16, 17, 18, 19]
     assert response[16] == ("turn_id", string)
+    assert (response[18][0], response[19][0]) == ("seq", "more")
     # a Conversation decodes as a ConversationSummary
     summary, conversation = _fields(chat_pb2.ConversationSummary), _fields(chat_pb2.Conversation)
     assert all(conversation[number] == field for number, field in summary.items())

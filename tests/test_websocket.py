@@ -86,7 +86,8 @@ async def test_json_protocol_ask_ping_and_errors(ws_server):
         replies = await json_exchange(
             ws, {"type": "ask", "conversation_id": "j1", "prompt": "hi there", "id": "a1"}
         )
-        *deltas, end = replies
+        start, *deltas, end = replies
+        assert start["type"] == "start" and start["id"] == "a1" and start["seq"] == 1
         assert all(d["type"] == "delta" and d["id"] == "a1" for d in deltas)
         assert "".join(d["text"] for d in deltas) == "echo(1): hi there"
         assert end["type"] == "end" and end["id"] == "a1" and end["finish_reason"] == "stop"
@@ -159,7 +160,8 @@ async def test_json_cancel_stops_the_answer_and_stores_the_partial_turn(ws_serve
     turns = stored_turns(ws_server, "c1")
     (prompt, answer, reason), after = turns
     assert (prompt, reason) == (LONG, "cancelled")
-    assert answer == "".join(r["text"] for r in received)
+    assert received[0]["type"] == "start"
+    assert answer == "".join(r["text"] for r in received[1:])
     assert after[2] == "stop"
 
 

@@ -9,6 +9,12 @@ class ChatServicer(purerpc.Servicer):
     async def Regenerate(self, input_message):
         raise NotImplementedError()
 
+    async def Resume(self, input_message):
+        raise NotImplementedError()
+
+    async def CancelAnswer(self, input_message):
+        raise NotImplementedError()
+
     async def ListConversations(self, input_message):
         raise NotImplementedError()
 
@@ -63,6 +69,24 @@ class ChatServicer(purerpc.Servicer):
                 purerpc.Cardinality.UNARY_STREAM,
                 chat__pb2.RegenerateRequest,
                 chat__pb2.AskResponse,
+            )
+        )
+        service_obj.add_method(
+            "Resume",
+            self.Resume,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_STREAM,
+                chat__pb2.ResumeRequest,
+                chat__pb2.AskResponse,
+            )
+        )
+        service_obj.add_method(
+            "CancelAnswer",
+            self.CancelAnswer,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                chat__pb2.CancelAnswerRequest,
+                chat__pb2.CancelAnswerResponse,
             )
         )
         service_obj.add_method(
@@ -187,6 +211,22 @@ class ChatStub:
                 purerpc.Cardinality.UNARY_STREAM,
                 chat__pb2.RegenerateRequest,
                 chat__pb2.AskResponse,
+            )
+        )
+        self.Resume = self._client.get_method_stub(
+            "Resume",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_STREAM,
+                chat__pb2.ResumeRequest,
+                chat__pb2.AskResponse,
+            )
+        )
+        self.CancelAnswer = self._client.get_method_stub(
+            "CancelAnswer",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                chat__pb2.CancelAnswerRequest,
+                chat__pb2.CancelAnswerResponse,
             )
         )
         self.ListConversations = self._client.get_method_stub(

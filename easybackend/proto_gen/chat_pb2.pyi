@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class AskRequest(_message.Message):
-    __slots__ = ("prompt", "conversation_id", "parent_id", "model", "temperature", "max_tokens", "system", "user")
+    __slots__ = ("prompt", "conversation_id", "parent_id", "model", "temperature", "max_tokens", "system", "user", "background")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     PARENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class AskRequest(_message.Message):
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
+    BACKGROUND_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     conversation_id: str
     parent_id: str
@@ -24,10 +25,11 @@ class AskRequest(_message.Message):
     max_tokens: int
     system: str
     user: str
-    def __init__(self, prompt: _Optional[str] = ..., conversation_id: _Optional[str] = ..., parent_id: _Optional[str] = ..., model: _Optional[str] = ..., temperature: _Optional[float] = ..., max_tokens: _Optional[int] = ..., system: _Optional[str] = ..., user: _Optional[str] = ...) -> None: ...
+    background: bool
+    def __init__(self, prompt: _Optional[str] = ..., conversation_id: _Optional[str] = ..., parent_id: _Optional[str] = ..., model: _Optional[str] = ..., temperature: _Optional[float] = ..., max_tokens: _Optional[int] = ..., system: _Optional[str] = ..., user: _Optional[str] = ..., background: _Optional[bool] = ...) -> None: ...
 
 class RegenerateRequest(_message.Message):
-    __slots__ = ("conversation_id", "turn_id", "model", "temperature", "max_tokens", "system", "user")
+    __slots__ = ("conversation_id", "turn_id", "model", "temperature", "max_tokens", "system", "user", "background")
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     TURN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +37,7 @@ class RegenerateRequest(_message.Message):
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
+    BACKGROUND_FIELD_NUMBER: _ClassVar[int]
     conversation_id: str
     turn_id: str
     model: str
@@ -42,23 +45,56 @@ class RegenerateRequest(_message.Message):
     max_tokens: int
     system: str
     user: str
-    def __init__(self, conversation_id: _Optional[str] = ..., turn_id: _Optional[str] = ..., model: _Optional[str] = ..., temperature: _Optional[float] = ..., max_tokens: _Optional[int] = ..., system: _Optional[str] = ..., user: _Optional[str] = ...) -> None: ...
+    background: bool
+    def __init__(self, conversation_id: _Optional[str] = ..., turn_id: _Optional[str] = ..., model: _Optional[str] = ..., temperature: _Optional[float] = ..., max_tokens: _Optional[int] = ..., system: _Optional[str] = ..., user: _Optional[str] = ..., background: _Optional[bool] = ...) -> None: ...
 
 class AskResponse(_message.Message):
-    __slots__ = ("response", "finish_reason", "usage", "model", "turn_id", "turn")
+    __slots__ = ("response", "finish_reason", "usage", "model", "turn_id", "turn", "seq", "more")
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TURN_ID_FIELD_NUMBER: _ClassVar[int]
     TURN_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     response: str
     finish_reason: str
     usage: Usage
     model: str
     turn_id: str
     turn: int
-    def __init__(self, response: _Optional[str] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., model: _Optional[str] = ..., turn_id: _Optional[str] = ..., turn: _Optional[int] = ...) -> None: ...
+    seq: int
+    more: bool
+    def __init__(self, response: _Optional[str] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., model: _Optional[str] = ..., turn_id: _Optional[str] = ..., turn: _Optional[int] = ..., seq: _Optional[int] = ..., more: _Optional[bool] = ...) -> None: ...
+
+class ResumeRequest(_message.Message):
+    __slots__ = ("conversation_id", "turn_id", "after")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    TURN_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    turn_id: str
+    after: int
+    def __init__(self, conversation_id: _Optional[str] = ..., turn_id: _Optional[str] = ..., after: _Optional[int] = ...) -> None: ...
+
+class CancelAnswerRequest(_message.Message):
+    __slots__ = ("conversation_id", "turn_id")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    TURN_ID_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    turn_id: str
+    def __init__(self, conversation_id: _Optional[str] = ..., turn_id: _Optional[str] = ...) -> None: ...
+
+class CancelAnswerResponse(_message.Message):
+    __slots__ = ("conversation_id", "turn_id", "cancelled")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    TURN_ID_FIELD_NUMBER: _ClassVar[int]
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    turn_id: str
+    cancelled: bool
+    def __init__(self, conversation_id: _Optional[str] = ..., turn_id: _Optional[str] = ..., cancelled: _Optional[bool] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "total_tokens")
@@ -167,7 +203,7 @@ class Conversation(_message.Message):
     def __init__(self, conversation_id: _Optional[str] = ..., system_prompt: _Optional[str] = ..., turns: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., created_at: _Optional[str] = ..., last_activity: _Optional[str] = ..., history: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., head: _Optional[str] = ..., stored_turns: _Optional[int] = ..., tree: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., title: _Optional[str] = ..., settings: _Optional[_Union[ConversationSettings, _Mapping]] = ...) -> None: ...
 
 class Turn(_message.Message):
-    __slots__ = ("turn", "messages", "model", "finish_reason", "usage", "created_at", "finished_at", "id", "parent_id", "siblings")
+    __slots__ = ("turn", "messages", "model", "finish_reason", "usage", "created_at", "finished_at", "id", "parent_id", "siblings", "upstream")
     TURN_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +214,7 @@ class Turn(_message.Message):
     ID_FIELD_NUMBER: _ClassVar[int]
     PARENT_ID_FIELD_NUMBER: _ClassVar[int]
     SIBLINGS_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_FIELD_NUMBER: _ClassVar[int]
     turn: int
     messages: _containers.RepeatedCompositeFieldContainer[Message]
     model: str
@@ -188,7 +225,8 @@ class Turn(_message.Message):
     id: str
     parent_id: str
     siblings: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, turn: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., model: _Optional[str] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., created_at: _Optional[str] = ..., finished_at: _Optional[str] = ..., id: _Optional[str] = ..., parent_id: _Optional[str] = ..., siblings: _Optional[_Iterable[str]] = ...) -> None: ...
+    upstream: str
+    def __init__(self, turn: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., model: _Optional[str] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., created_at: _Optional[str] = ..., finished_at: _Optional[str] = ..., id: _Optional[str] = ..., parent_id: _Optional[str] = ..., siblings: _Optional[_Iterable[str]] = ..., upstream: _Optional[str] = ...) -> None: ...
 
 class Message(_message.Message):
     __slots__ = ("role", "text", "tokens")

@@ -9,7 +9,22 @@ and streams :meth:`ChatService.ask`'s events back through the one
 limit, is cut across several, never inside a character), then a last
 ``AskResponse`` with an empty ``response`` carrying ``finish_reason``,
 ``usage``, ``model`` and the new turn's ``turn_id`` and ``turn``. Both are
-refused, accounted and cancelled the same way. ``proto/chat.proto`` is
+refused, accounted and cancelled the same way.
+
+Answers that survive a dropped connection (SPEC §18): the first message of a
+streamed answer is its start (empty ``response``, ``turn_id``, ``seq`` 1) and
+every message carries its event's ``seq`` (chat/events.py); a piece cut
+across several messages keeps its one ``seq``, each of its messages but the
+last with ``more``. With ``background`` the answer runs in the service's
+nursery (:meth:`ChatService.ask_in_background`) and the call only follows its
+log: a cancelled call, a deadline or a client gone leave it running.
+``Resume`` follows (or replays) a turn's answer after ``after``
+(:meth:`ChatService.follow`; NOT_FOUND for an unknown turn or another key's),
+``CancelAnswer`` cancels one in progress (NOT_FOUND when none is). A followed
+answer whose events stop without an end (nothing after ``after``, or cancelled
+before anything was stored) gets a last message of seq 0 with its finish
+reason (:mod:`.followed`). The original's clients read the empty start like
+any piece. ``proto/chat.proto`` is
 wire-compatible with the original (same package, service, method, and the
 request's field numbers 1-3: prompt, conversation_id and, as in the
 original's later proto, parent_id), so clients generated from the original
@@ -76,7 +91,8 @@ Cancellation: each call runs in its own cancel scope, which is cancelled
 
 Cancelling a call cancels the chat service's ask, which closes the upstream
 request and stores the partial answer with finish reason ``cancelled`` (for
-a ``Regenerate``, as a new sibling of the regenerated turn).
+a ``Regenerate``, as a new sibling of the regenerated turn); a background
+ask's call only stops following it.
 
 Shutdown: accepting stops, idle connections get GOAWAY and are closed, new
 calls on busy connections are refused with UNAVAILABLE (health calls still
@@ -122,8 +138,9 @@ from purerpc.grpclib.events import MessageReceived, RequestEnded, RequestReceive
 
 from .. import errors
 from ..chat.caller import Caller, stream_peer
+from ..chat.events import Event
 from ..chat.memory import SETTING_NAMES
-from ..chat.service import AskRequest, ChatService, Delta, End
+from ..chat.service import AskRequest, ChatService, Delta, Start
 from ..chat.views import (
     conversation_detail,
     conversation_settings,
@@ -136,6 +153,7 @@ from ..settings import Settings
 from ..storage import ROOT
 from ..tls import server_ssl_context
 from ._purerpc_compat import BadRequestData, H2Connection, ServerSocket
+from .followed import finish_reason_of
 from .pieces import split_utf8
 from .send_deadline import GOODBYE_SECONDS, ClientTooSlow, SendBoundedStream, SendWatchdog, Watched
 
@@ -178,7 +196,9 @@ TLS_HANDSHAKE_TIMEOUT = 10.0  # seconds
 # Seconds a new connection has to send the HTTP/2 preface and its SETTINGS (real clients
 # send them at once); one that has not is closed.
 PREFACE_TIMEOUT = 10.0
-RESPONSE_OVERHEAD = 16  # bytes of an AskResponse besides its text (tag, length; 6 at most)
+# bytes of an AskResponse besides its text: the text's tag and length (6 at most), seq (11
+# at most) and more (2)
+RESPONSE_OVERHEAD = 32
 
 
 def status_for(error: errors.ChatError) -> Status:
@@ -338,12 +358,62 @@ class _Chat(chat_grpc.ChatServicer):
         """
         ask = make(self._caller(request))
         request.taken = True  # the core accounts for it from here on
-        async with contextlib.aclosing(self._service.ask(ask)) as events:
+        if ask.background:  # the answer goes on without this call, which follows its log
+            events = (await self._service.ask_in_background(ask)).follow()
+        else:
+            events = self._service.ask(ask)
+        async for reply in self._replies(events, ask):
+            yield reply
+
+    def Resume(  # noqa: N802
+        self, message: chat_pb2.ResumeRequest, request: _Call
+    ) -> AsyncIterator[chat_pb2.AskResponse]:
+        """Reattach: the messages of turn ``turn_id``'s answer after seq ``after``, live until
+        its end (replayed from the stored turn once it is stored). NotFound for an unknown
+        turn or another key's; cancelling the call changes nothing for the answer."""
+        caller = self._caller(request)
+        events = self._service.follow(
+            message.conversation_id, message.turn_id, after=message.after, caller=caller
+        )
+        followed = AskRequest(message.conversation_id, "", turn_id=message.turn_id, caller=caller)
+        return self._replies(events, followed)
+
+    async def CancelAnswer(  # noqa: N802
+        self, message: chat_pb2.CancelAnswerRequest, request: _Call
+    ) -> chat_pb2.CancelAnswerResponse:
+        """Cancel the caller's answer in progress under ``turn_id`` (stored as ``cancelled``);
+        NotFound when none is in progress here."""
+        caller = self._caller(request)
+        if not self._service.cancel_answer(message.conversation_id, message.turn_id, caller=caller):
+            raise errors.NotFound(f"no answer in progress for turn {message.turn_id!r}")
+        return chat_pb2.CancelAnswerResponse(
+            conversation_id=message.conversation_id, turn_id=message.turn_id, cancelled=True
+        )
+
+    async def _replies(
+        self, events: AsyncIterator[Event], ask: AskRequest
+    ) -> AsyncIterator[chat_pb2.AskResponse]:
+        """``events`` (of ``ask``'s answer) as AskResponses, each with its ``seq``: the start
+        (empty ``response``, ``turn_id``), the pieces (one cut across several messages
+        carries one seq, all but the last with ``more``), the last message.
+
+        Events that stop without an end (a Resume after the end, or an answer cancelled
+        before anything was stored) end with a last message of seq 0 that carries the
+        answer's finish reason (:func:`.followed.finish_reason_of`). ``events`` is closed however
+        this ends; ChatErrors go through.
+        """
+        turn_id = ask.turn_id
+        async with contextlib.aclosing(events):  # type: ignore[type-var]
             async for event in events:
-                if isinstance(event, Delta):
-                    for piece in split_utf8(event.text, self._piece_bytes):
-                        yield chat_pb2.AskResponse(response=piece)
-                elif isinstance(event, End):
+                if isinstance(event, Start):
+                    turn_id = event.turn_id
+                    yield chat_pb2.AskResponse(turn_id=event.turn_id, seq=event.seq)
+                elif isinstance(event, Delta):
+                    pieces = split_utf8(event.text, self._piece_bytes)
+                    for index, piece in enumerate(pieces, 1):
+                        more = index < len(pieces)
+                        yield chat_pb2.AskResponse(response=piece, seq=event.seq, more=more)
+                else:
                     usage = event.usage
                     yield chat_pb2.AskResponse(
                         finish_reason=event.finish_reason,
@@ -355,7 +425,14 @@ class _Chat(chat_grpc.ChatServicer):
                         model=event.model,
                         turn_id=event.turn_id,
                         turn=event.turn,
+                        seq=event.seq,
                     )
+                    return
+        assert turn_id is not None  # a background ask's, or the followed turn
+        finish_reason = await finish_reason_of(
+            self._service, ask.conversation_id, turn_id, caller=ask.caller
+        )
+        yield chat_pb2.AskResponse(finish_reason=finish_reason, turn_id=turn_id)
 
     # Conversation management: the HTTP API's operations, answered with its JSON forms
     # (same field names, same times) turned into the proto messages.
@@ -521,6 +598,7 @@ def _ask_request(message: chat_pb2.AskRequest, caller: Caller) -> AskRequest:
         prompt=message.prompt,
         parent_id=message.parent_id or None,
         user=_user(message),
+        background=message.background,
         caller=caller,
         **_overrides(message),
     )
@@ -533,6 +611,7 @@ def _regenerate_request(message: chat_pb2.RegenerateRequest, caller: Caller) -> 
         prompt="",
         regenerate=message.turn_id,
         user=_user(message),
+        background=message.background,
         caller=caller,
         **_overrides(message),
     )

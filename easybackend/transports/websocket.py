@@ -8,14 +8,32 @@ Each text message is read as one of:
   ``<|err|>$<reason>``;
 - JSON (a message starting with ``{`` or ``[``): ``{"type": "ask", "conversation_id",
   "prompt", "parent_id"?, "id"?, "request_id"?, "model"?, "temperature"?,
-  "max_tokens"?, "system"?, "user"?}`` → ``{"type": "delta", "text"}`` … then
-  ``{"type": "end", "finish_reason", "usage", "model", "turn_id", "turn"}`` or
+  "max_tokens"?, "system"?, "user"?, "background"?}`` → ``{"type": "start",
+  "conversation_id", "turn_id", "seq": 1}``, ``{"type": "delta", "text", "seq"}`` … then
+  ``{"type": "end", "finish_reason", "usage", "model", "turn_id", "turn", "seq"}`` or
   ``{"type": "error", "code", "message"}`` (each with the ask's ``id`` when it
   had one; a refusal by a key's limits with ``retry_after``, in seconds); ``{"type": "regenerate", "conversation_id", "turn_id", …}`` asks a
   turn's prompt again as a new sibling of it (the same overrides, events and
   errors as an ask); ``{"type": "cancel"}`` stops the answer in progress (it
   ends with ``finish_reason: "cancelled"``); ``{"type": "ping"}`` →
   ``{"type": "pong"}``.
+
+Answers that survive a dropped connection (SPEC §18): ``seq`` is the core's
+event number (chat/events.py); a delta cut across several messages to fit the
+message limit keeps its one ``seq``, every message of it but the last with
+``"more": true``, so a client resumes after its last whole event and gets a cut
+one again, whole and cut the same way. An ask with ``"background": true`` is
+answered from :meth:`ChatService.ask_in_background`'s log: the socket closing
+stops only this connection's following. ``{"type": "resume", "conversation_id",
+"turn_id", "after"?}`` sends that answer's messages after ``after`` (live, or
+replayed once stored; ``not_found`` for an unknown turn or another key's); it is
+a job of the socket's queue like an ask (same order, limit and send deadline).
+``{"type": "cancel", "conversation_id", "turn_id"}`` cancels that answer
+(:meth:`ChatService.cancel_answer`) → ``{"type": "cancelled", …}``, or
+``not_found``. A followed answer whose events stop without an end (nothing
+after ``after``, or cancelled before anything was stored) gets an unnumbered
+``end`` with its finish reason (:mod:`.followed`). The original protocol has
+none of this: no ``seq``, no start.
 
 Asks on one socket are answered one after another, in the order they
 arrived; the socket stays usable after any error. Errors are ChatErrors: a
@@ -40,7 +58,9 @@ One connection's failure ends that connection only (see
 
 Cancellation: closing the socket, ``cancel``, or server shutdown cancels the
 answer in progress; the chat core closes the upstream call and stores the
-partial answer as ``cancelled``.
+partial answer as ``cancelled``. A background answer goes on when the socket
+closes (only its following is cancelled); ``cancel`` stops it too, and a
+shutdown gives it SHUTDOWN_GRACE in the service's nursery.
 """
 
 from __future__ import annotations
@@ -50,6 +70,7 @@ import dataclasses
 import json
 import logging
 import socket
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -60,12 +81,21 @@ from .. import errors
 from ..auth import bearer_token
 from ..chat.caller import Caller, forwarded_for_values
 from ..chat.client_json import parse_client_json
+from ..chat.events import Event
 from ..chat.service import AskRequest, ChatService, End, Start
-from ..errors import ChatError, InvalidInput, ShuttingDown, TooManyRequests, Unauthenticated
+from ..errors import (
+    ChatError,
+    InvalidInput,
+    NotFound,
+    ShuttingDown,
+    TooManyRequests,
+    Unauthenticated,
+)
 from ..request_ids import accept_request_id
 from ..settings import Settings
 from ..tls import server_ssl_context
 from ._trio_websocket_compat import WebSocketServer
+from .followed import finish_reason_of
 from .pieces import MAX_JSON_BYTES_PER_CHAR, split_json_text, split_utf8
 from .send_deadline import GOODBYE_SECONDS, ClientTooSlow, SendWatchdog, Watched
 
@@ -80,13 +110,30 @@ ABNORMAL_CLOSURE = 1006  # the code a socket closed without a close frame is rep
 INTERNAL_ERROR = 1011
 CLOSE_TIMEOUT = 5.0  # seconds a closing handshake may take
 MIN_PIECE_BYTES = 1024  # of a delta's text, however long the ask's id
+MAX_SEQ = 10**9  # above any event number (what a delta's envelope is sized for)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Resume:
+    """A JSON ``resume``: follow the answer of turn ``turn_id`` from after event ``after``."""
+
+    conversation_id: Any
+    turn_id: Any
+    after: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Ask:
-    request: AskRequest
-    json_id: Any = None  # the JSON ask's "id"
+    """One job of a connection's queue: an ask (original or JSON) or a JSON ``resume``."""
+
+    request: AskRequest  # a resume's: only its caller and conversation id are used
+    json_id: Any = None  # the JSON message's "id"
     original: bool = False  # answer in the original text protocol
+    resume: _Resume | None = None
+
+    @property
+    def background(self) -> bool:
+        return self.request.background and self.resume is None
 
 
 async def serve_websocket(
@@ -236,6 +283,9 @@ class _Connection(Watched):
         self.pending = 0  # asks queued or running on this socket
         self.send_asks, self.receive_asks = trio.open_memory_channel[_Ask](MAX_QUEUED_ASKS)
         self.current: trio.CancelScope | None = None
+        # the background answer the current job asked for, once its start came:
+        # (conversation_id, turn_id), which a plain `cancel` stops too
+        self.current_background: tuple[str, str] | None = None
         # the largest message a client is told to accept: longer answer pieces are cut
         self.max_message_bytes = service.settings.max_body_bytes
         self.watchdog = watchdog
@@ -303,9 +353,7 @@ class _Connection(Watched):
         if len(parts) != 3 or parts[0] != ORIGINAL_ASK:
             error = InvalidInput("malformed ask: expected <|ask|>$<conversation_id>$<prompt>")
             caller = self._ask_caller()
-            self.service.refused(
-                error, protocol="ws", request_id=caller.request_id, caller=caller
-            )
+            self.service.refused(error, protocol="ws", request_id=caller.request_id, caller=caller)
             await self._send(ORIGINAL_ERROR + error.message)
             return
         request = AskRequest(parts[1], parts[2], caller=self._ask_caller())
@@ -324,16 +372,58 @@ class _Connection(Watched):
         if kind == "ping":
             await self._send_json(json_id, {"type": "pong"})
         elif kind == "cancel":
-            if self.current is not None:
-                self.current.cancel()
+            await self._cancel(data, json_id)
         elif kind in ("ask", "regenerate"):
             caller = self._ask_caller(data.get("request_id"))
-            await self._enqueue(_Ask(_json_ask(data, caller), json_id=json_id))
+            try:
+                request = _json_ask(data, caller)
+            except InvalidInput as exc:
+                await self._send_json(json_id, _error(exc), caller.request_id)
+                return
+            await self._enqueue(_Ask(request, json_id=json_id))
+        elif kind == "resume":
+            caller = self._ask_caller(data.get("request_id"))
+            try:
+                resume = _json_resume(data)
+            except InvalidInput as exc:
+                await self._send_json(json_id, _error(exc), caller.request_id)
+                return
+            request = AskRequest(str(resume.conversation_id), "", caller=caller)
+            await self._enqueue(_Ask(request, json_id=json_id, resume=resume))
         else:
             await self._send_json(
                 json_id,
-                _error(InvalidInput("unknown message type: use ask, regenerate, cancel or ping")),
+                _error(
+                    InvalidInput(
+                        "unknown message type: use ask, regenerate, resume, cancel or ping"
+                    )
+                ),
             )
+
+    async def _cancel(self, data: dict[str, Any], json_id: Any) -> None:
+        """A ``cancel``: without ``turn_id``, the connection's job in progress (a background
+        answer it asked for is cancelled itself, and its end follows); with ``turn_id`` (and ``conversation_id``), that
+        answer in progress, wherever it was asked (answered ``cancelled``, or a ``not_found``
+        error when no answer of the caller's is in progress under that turn here)."""
+        turn_id = data.get("turn_id")
+        if turn_id is None:
+            if self.current_background is not None:  # its followers, this one too, get its end
+                conversation_id, background_turn = self.current_background
+                self.service.cancel_answer(conversation_id, background_turn, caller=self.caller)
+            elif self.current is not None:
+                self.current.cancel()
+            return
+        conversation_id = data.get("conversation_id")
+        try:
+            if not isinstance(conversation_id, str) or not isinstance(turn_id, str):
+                raise InvalidInput("a cancel naming a turn needs conversation_id and turn_id")
+            if not self.service.cancel_answer(conversation_id, turn_id, caller=self.caller):
+                raise NotFound(f"no answer in progress for turn {turn_id!r}")
+        except ChatError as exc:
+            await self._send_json(json_id, _error(exc))
+            return
+        payload = {"type": "cancelled", "conversation_id": conversation_id, "turn_id": turn_id}
+        await self._send_json(json_id, payload)
 
     async def _enqueue(self, ask: _Ask) -> None:
         """Queue the ask; refused (and reported as such) once shutdown began or the queue is full."""
@@ -350,6 +440,9 @@ class _Connection(Watched):
 
     async def _refuse(self, ask: _Ask, error: ChatError) -> None:
         request = ask.request
+        if ask.resume is not None:  # not an ask: no ask's access line
+            await self._send_failure(ask, error)
+            return
         self.service.refused(
             error,
             protocol="ws",
@@ -368,6 +461,7 @@ class _Connection(Watched):
                     scope.cancel()  # queued, not started: the grace is over
                 await self._answer(ask)
             self.current = None
+            self.current_background = None
             self.pending -= 1
             if scope.cancelled_caught and self.cut:  # the shutdown grace ended first
                 await self._send_failure(ask, ShuttingDown("the server is shutting down"))
@@ -376,19 +470,17 @@ class _Connection(Watched):
         await self._close(GOING_AWAY, "server shutting down")
 
     async def _answer(self, ask: _Ask) -> None:
+        """Send the events of one job: an ask's (a background one's from its log), or a
+        resume's. Events that stop without an end end with :meth:`_send_stopped`. ChatErrors
+        become an ``error``; cancellation and a closed socket go through."""
         try:
-            async with contextlib.aclosing(self.service.ask(ask.request)) as events:
+            async with contextlib.aclosing(await self._events(ask)) as events:  # type: ignore[type-var]
                 async for event in events:
                     if isinstance(event, End):
                         await self._send_end(ask, event)
-                    elif isinstance(event, Start):
-                        continue
-                    elif ask.original:
-                        for piece in split_utf8(event.text, self.max_message_bytes):
-                            await self._send(piece)
-                    else:
-                        for piece in self._json_pieces(ask, event.text):
-                            await self._send_json(ask.json_id, {"type": "delta", "text": piece})
+                        return
+                    await self._send_event(ask, event)
+            await self._send_stopped(ask)
         except ChatError as exc:
             await self._send_failure(ask, exc)
         except (ConnectionClosed, trio.Cancelled):
@@ -396,16 +488,73 @@ class _Connection(Watched):
         except Exception as exc:
             await self._send_failure(ask, errors.unexpected(exc, "answering a WebSocket ask"))
 
+    async def _events(self, ask: _Ask) -> AsyncIterator[Event]:
+        """The events ``ask`` sends: the core's ask, a background answer's log (the answer
+        goes on when this connection goes), or the followed turn's. Raises ChatError."""
+        resume = ask.resume
+        if resume is not None:
+            return self.service.follow(
+                resume.conversation_id,
+                resume.turn_id,
+                after=resume.after,
+                caller=ask.request.caller,
+            )
+        if ask.background:
+            answer = await self.service.ask_in_background(ask.request)
+            self.current_background = (answer.conversation_id, answer.turn_id)
+            return answer.follow()
+        return self.service.ask(ask.request)
+
+    async def _send_event(self, ask: _Ask, event: Event) -> None:
+        """A Start or a Delta: the JSON ``start``/``delta`` messages with its ``seq`` (the
+        original protocol: the delta's text only)."""
+        if ask.original:
+            if not isinstance(event, Start):
+                for piece in split_utf8(event.text, self.max_message_bytes):  # type: ignore[union-attr]
+                    await self._send(piece)
+        elif isinstance(event, Start):
+            payload = {
+                "type": "start",
+                "conversation_id": event.conversation_id,
+                "turn_id": event.turn_id,
+                "seq": event.seq,
+            }
+            await self._send_json(ask.json_id, payload)
+        else:
+            pieces = self._json_pieces(ask, event.text)  # type: ignore[union-attr]
+            for index, piece in enumerate(pieces, 1):
+                payload = {"type": "delta", "text": piece, "seq": event.seq}
+                if index < len(pieces):
+                    payload["more"] = True  # the event goes on in the next message
+                await self._send_json(ask.json_id, payload)
+
     def _json_pieces(self, ask: _Ask, text: str) -> list[str]:
         """``text`` cut so that each ``delta`` message of ``ask`` fits the message limit."""
         if len(text) * MAX_JSON_BYTES_PER_CHAR <= self.max_message_bytes // 2:
             return [text]  # fits even if every character were escaped, with room for the rest
-        envelope = json.dumps({"type": "delta", "text": "", "id": ask.json_id}, ensure_ascii=False)
+        envelope = json.dumps(
+            {"type": "delta", "text": "", "seq": MAX_SEQ, "more": True, "id": ask.json_id},
+            ensure_ascii=False,
+        )
         room = self.max_message_bytes - len(envelope.encode("utf-8", "surrogatepass"))
         return split_json_text(text, max(room, MIN_PIECE_BYTES))
 
+    async def _send_stopped(self, ask: _Ask) -> None:
+        """The end of a followed answer whose events stopped without one (a resume after its
+        end, or it was cancelled before anything was stored): an unnumbered ``end`` with the
+        answer's finish reason."""
+        if ask.resume is not None:
+            conversation_id, turn_id = ask.resume.conversation_id, ask.resume.turn_id
+        else:
+            assert self.current_background is not None  # only a follow stops without an end
+            conversation_id, turn_id = self.current_background
+        reason = await finish_reason_of(self.service, conversation_id, turn_id, caller=self.caller)
+        payload = {"type": "end", "finish_reason": reason, "usage": None, "turn_id": turn_id}
+        await self._send_json(ask.json_id, payload, ask.request.caller.request_id)
+
     async def _send_end(self, ask: _Ask, end: End | None) -> None:
-        """The end of an answer; ``None`` for one the client cancelled."""
+        """The end of an answer, with its ``seq``; ``None`` for one cancelled (not numbered:
+        the core gave no end)."""
         if ask.original:
             await self._send(ORIGINAL_END)
         elif end is None:
@@ -419,6 +568,7 @@ class _Connection(Watched):
                 "model": end.model,
                 "turn_id": end.turn_id,
                 "turn": end.turn,
+                "seq": end.seq,
             }
             await self._send_json(ask.json_id, payload, ask.request.caller.request_id)
 
@@ -496,9 +646,13 @@ def _error(error: ChatError) -> dict[str, Any]:
 
 
 def _json_ask(data: dict[str, Any], caller: Caller) -> AskRequest:
-    """An AskRequest from a JSON ask or regenerate (the core checks every field)."""
+    """An AskRequest from a JSON ask or regenerate (the core checks every field but
+    ``background``, checked here: raises InvalidInput)."""
     regenerate = data["type"] == "regenerate"
     turn_id = data.get("turn_id")
+    background = data.get("background", False)
+    if not isinstance(background, bool):
+        raise InvalidInput("background must be true or false")
     return AskRequest(
         conversation_id=data.get("conversation_id"),  # type: ignore[arg-type]
         prompt="" if regenerate else data.get("prompt"),  # type: ignore[arg-type]
@@ -510,5 +664,15 @@ def _json_ask(data: dict[str, Any], caller: Caller) -> AskRequest:
         user=data.get("user"),
         # "" for a missing turn_id: the core refuses it as a malformed turn id
         regenerate=("" if turn_id is None else turn_id) if regenerate else None,
+        background=background,
         caller=caller,
     )
+
+
+def _json_resume(data: dict[str, Any]) -> _Resume:
+    """A ``resume`` message's turn and ``after`` (a whole number, 0 when missing); raises
+    InvalidInput (the core checks the ids)."""
+    after = data.get("after", 0)
+    if isinstance(after, bool) or not isinstance(after, int) or not 0 <= after <= MAX_SEQ:
+        raise InvalidInput("after must be a whole number of at least 0 (an event's seq)")
+    return _Resume(data.get("conversation_id"), data.get("turn_id"), after)

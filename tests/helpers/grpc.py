@@ -30,7 +30,7 @@ from easybackend.proto_gen import chat_grpc, chat_pb2, health_grpc, health_pb2
 from .servers import Server
 
 CALL_TIMEOUT = 15.0
-STREAMED = {"Ask", "Regenerate"}  # the chat.Chat methods that stream their answer
+STREAMED = {"Ask", "Regenerate", "Resume"}  # the chat.Chat methods that stream their answer
 
 
 def _port(server: Server | int) -> int:
@@ -130,6 +130,7 @@ def as_json(message: Any, *, tree: bool = False) -> dict[str, Any]:
             item["settings"] = {name: item.get("settings", {}).get(name) for name in SETTINGS}
         for turn in [*item.get("history", []), *item.get("tree", [])]:
             turn.setdefault("parent_id", None)
+            turn.setdefault("upstream", None)
     if "history" in body and not tree:
         assert body.pop("tree") == [], "a tree in the path view"
     return body
