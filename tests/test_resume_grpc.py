@@ -251,3 +251,29 @@ async def test_unknown_turns_and_another_keys_turns_are_not_found(
     error = await rpc_error(server, "Resume", resume("mine", turn_id, -1), metadata=alice)
     assert status_of(error)[0] == purerpc.StatusCode.INVALID_ARGUMENT
     assert await rpc(server, "Resume", resume("mine", turn_id), metadata=alice) == replies
+
+
+async def test_a_shutdown_cuts_a_background_answer_at_the_end_of_its_grace(
+    start_server: StartServer,
+):
+    server = await start_server(GRPC_PORT=str(free_port()), HTTP_PORT="off", SHUTDOWN_GRACE="0.3")
+    sink: list[chat_pb2.AskResponse] = []
+    result: list[Any] = []
+
+    async def follow() -> None:
+        request = ask("cut-short", background=True)
+        result.append(await grpcio_stream(server.running.grpc_port, "Ask", request, sink=sink))
+
+    with trio.fail_after(CALL_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(follow)
+            while not sink:  # the start: the answer is under way
+                await trio.sleep(0.01)
+            server.shutdown.set()  # a 0.3 s grace for a 1.2 s answer
+        await server.stopped.wait()
+    (followed,) = result
+    assert followed.code == grpc.StatusCode.UNAVAILABLE and "shutting down" in followed.details
+    answer, finish_reason = stored(server, "cut-short")
+    assert finish_reason == "cancelled" and SLOW_ANSWER.startswith(answer)
+    assert len(answer) < len(SLOW_ANSWER)  # cut, and stored as far as it went
+    assert text_of(followed.replies) == answer[: len(text_of(followed.replies))]

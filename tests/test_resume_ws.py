@@ -14,7 +14,12 @@ from helpers.one_piece_upstream import serve_one_piece
 from helpers.servers import Server, StartServer, free_port
 from helpers.upstream import full_answer
 from helpers.websocket import original_frames
-from trio_websocket import WebSocketConnection, connect_websocket_url, open_websocket_url
+from trio_websocket import (
+    ConnectionClosed,
+    WebSocketConnection,
+    connect_websocket_url,
+    open_websocket_url,
+)
 
 SLOW = "tell me a long story [[fake:tokens=60]] [[fake:delay=0.02]]"
 SLOW_ANSWER = full_answer(1, "tell me a long story", 60)
@@ -289,3 +294,23 @@ async def test_unknown_turns_and_another_keys_turns_are_not_found(
     async with open_websocket_url(url(server), extra_headers=auth(KEY_A)) as alice:
         await alice.send_message(json.dumps({"type": "resume", **turn}))
         assert (await receive(alice))["type"] == "start"  # the owner still reaches it
+
+
+async def test_a_shutdown_lets_a_followed_background_answer_finish_then_closes(
+    start_server: StartServer,
+):
+    server = await start_server(WS_PORT=str(free_port()), SHUTDOWN_GRACE="10", HTTP_PORT="off")
+    ask = {"type": "ask", "conversation_id": "bye", "prompt": SLOW, "background": True}
+    async with open_websocket_url(url(server)) as ws:
+        start = await start_of(ws, ask)
+        server.shutdown.set()  # within the grace: the answer and its following go on
+        rest = await until_end(ws)
+        with pytest.raises(ConnectionClosed) as closed, trio.fail_after(TIMEOUT):
+            await ws.get_message()
+    assert closed.value.reason.code == 1001
+    assert rest[-1]["finish_reason"] == "stop" and rest[-1]["turn_id"] == start["turn_id"]
+    assert text_of(rest) == SLOW_ANSWER
+    with trio.fail_after(TIMEOUT):
+        await server.stopped.wait()
+    (turn,) = stored_turns(server.settings.sqlite_path, "bye")
+    assert (turn["answer"], turn["finish_reason"]) == (SLOW_ANSWER, "stop")
