@@ -11,9 +11,12 @@ import json
 import trio
 from helpers.database import stored_turns
 from helpers.http import error_code, parse_sse, sse_frames
+from helpers.logs import capture_access
 from helpers.upstream import events_of, full_answer
 from helpers.waiting import wait_until
 from helpers.webhook_receiver import WebhookReceiver
+
+from easybackend.chat import answers
 
 SLOW = "tell me a long story [[fake:tokens=60]] [[fake:delay=0.02]]"
 SLOW_ANSWER = full_answer(1, "tell me a long story", 60)
@@ -250,3 +253,19 @@ async def test_shutdown_gives_background_answers_the_grace_then_stores_them_canc
     (cut,) = stored_turns(db, "cut")
     assert cut["finish_reason"] == "cancelled" and cut["answer"]
     assert full_answer(1, "a very long story", 400).startswith(cut["answer"])
+
+
+async def test_a_background_ask_refused_for_too_many_background_answers_is_accounted(
+    server, monkeypatch
+):
+    monkeypatch.setattr(answers, "MAX_BACKGROUND", 0)
+    with capture_access() as access:
+        async with server.client() as client:
+            response = await client.post(
+                "/ask/full", json={"prompt": "hi", "background": True},
+                headers={"X-Request-Id": "too-many-1"},
+            )  # fmt: skip
+        (line,) = access.by_request_id("too-many-1")
+    assert response.status_code == 429 and error_code(response) == "too_many_requests"
+    assert (line["outcome"], line["conversation_id"]) == ("too_many_requests", "full")
+    assert server.fake.requests == []

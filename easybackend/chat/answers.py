@@ -204,13 +204,7 @@ class BackgroundAnswers:
         :data:`MAX_BACKGROUND`. Cancelling the caller while it waits cancels
         the answer with it (nothing was handed out yet).
         """
-        nursery = self._nursery
-        if nursery is None or self.stopping:
-            raise ShuttingDown("the server is shutting down")
-        if len(self._running) >= MAX_BACKGROUND:
-            raise TooManyRequests(
-                f"{MAX_BACKGROUND} background answers are in progress; retry when one ends"
-            )
+        nursery = self.check()
         slot = _Slot(trio.CancelScope())
         handed = trio.Event()
         failure: list[BaseException] = []
@@ -249,16 +243,17 @@ class BackgroundAnswers:
             raise ShuttingDown("the server is shutting down")
         return slot.answer
 
-    def cancel(self, owner: str, turn_id: str) -> bool:
-        """Cancel the owner's background answer under ``turn_id``; False if none runs."""
-        for slot in self._running:
-            if slot.answer is not None and (slot.answer.owner, slot.answer.turn_id) == (
-                owner,
-                turn_id,
-            ):
-                slot.scope.cancel()
-                return True
-        return False
+    def check(self) -> trio.Nursery:
+        """The nursery a new answer would run in; raises ShuttingDown once a shutdown began
+        (or when nothing runs it), TooManyRequests when :data:`MAX_BACKGROUND` are running."""
+        nursery = self._nursery
+        if nursery is None or self.stopping:
+            raise ShuttingDown("the server is shutting down")
+        if len(self._running) >= MAX_BACKGROUND:
+            raise TooManyRequests(
+                f"{MAX_BACKGROUND} background answers are in progress; retry when one ends"
+            )
+        return nursery
 
     async def drain(self, grace: float) -> None:
         """Refuse new answers; let those running finish for ``grace`` seconds, then cancel

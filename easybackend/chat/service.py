@@ -730,8 +730,20 @@ class ChatService:
         ShuttingDown once a shutdown began; TooManyRequests beyond the
         background answers one process runs.
         """
-        if not request.store:
-            raise InvalidInput("a background ask is stored: it cannot have store false")
+        try:  # refused here, the ask is accounted as one a transport refuses
+            self.background_answers.check()
+            if not request.store:
+                raise InvalidInput("a background ask is stored: it cannot have store false")
+        except ChatError as exc:
+            caller = request.caller
+            self.refused(
+                exc,
+                protocol=caller.protocol,
+                request_id=caller.request_id,
+                conversation_id=request.conversation_id,
+                caller=caller,
+            )
+            raise
         turn_id = request.turn_id
         turn_id = new_turn_id() if turn_id is None else validate_turn_id(turn_id, "turn_id")
         request = dataclasses.replace(request, turn_id=turn_id, background=True)
