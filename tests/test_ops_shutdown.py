@@ -90,6 +90,9 @@ async def test_sigterm_finishes_short_answers_and_cuts_long_ones_at_the_grace(
                             if reply["type"] == "error":  # the grace is over (then: 1001)
                                 assert reply["code"] == "shutting_down", reply
                                 continue
+                            if reply["type"] == "start":  # the turn it is stored as
+                                assert reply["conversation_id"] == "long-ws", reply
+                                continue
                             assert reply["type"] == "delta", reply
                             ws_text.append(reply["text"])
                 except ConnectionClosed as exc:
