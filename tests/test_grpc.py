@@ -427,7 +427,8 @@ async def test_client_cancel_reaches_a_call_waiting_for_the_model(
                 prompt="wait [[fake:stall_after=2]]", conversation_id="stalled"
             )
             call = stub.Ask(request, timeout=CALL_TIMEOUT)
-            received = [next(call).response for _ in range(2)]
+            received = [next(call).response for _ in range(3)]  # the start, then 2 pieces
+            assert received[0] == ""
             call.cancel()
             trio.from_thread.run(wait_for_event, grpc_server.fake, "disconnected")
             return received
