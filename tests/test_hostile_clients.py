@@ -19,6 +19,7 @@ import pytest
 import trio
 from helpers import database
 from helpers.grpc import grpc_ask, grpc_health
+from helpers.one_piece_upstream import serve_one_piece
 from helpers.servers import Server, free_port
 from helpers.websocket import original_pieces, ws_json_ask, ws_original_ask
 from trio_websocket import open_websocket_url
@@ -210,62 +211,9 @@ LIMIT = 65536  # MAX_BODY_BYTES for these tests
 HUGE_PIECE = ('ab"\n é中😀' * 16_000) + "end"
 
 
-async def serve_one_huge_piece(*, task_status: trio.TaskStatus[int]) -> None:
-    """A chat-completions upstream that streams its whole answer, HUGE_PIECE, in one chunk."""
-
-    async def handle(stream: trio.SocketStream) -> None:
-        data = b""
-        while True:
-            while b"\r\n\r\n" not in data:
-                more = await stream.receive_some()
-                if not more:
-                    return
-                data += more
-            head, _, data = data.partition(b"\r\n\r\n")
-            length = int(
-                next(
-                    line.split(b":")[1]
-                    for line in head.split(b"\r\n")
-                    if line.lower().startswith(b"content-length")
-                )
-            )
-            while len(data) < length:
-                data += await stream.receive_some()
-            data = data[length:]
-            await stream.send_all(_sse_reply(HUGE_PIECE))
-
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    task_status.started(listeners[0].socket.getsockname()[1])
-    await trio.serve_listeners(handle, listeners)
-
-
-def _sse_reply(text: str) -> bytes:
-    def event(delta: dict, finish: str | None = None, **extra: object) -> bytes:
-        chunk = {
-            "id": "c1",
-            "object": "chat.completion.chunk",
-            "model": "fake-model",
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-            **extra,
-        }
-        return b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n"
-
-    body = (
-        event({"role": "assistant"})
-        + event({"content": text})
-        + event({}, "stop")
-        + event({}, usage={"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14})
-        + b"data: [DONE]\n\n"
-    )
-    head = (
-        f"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode()
-    return head + body
-
-
 @pytest.fixture
 async def huge_piece_server(nursery, start_server) -> Server:
-    port = await nursery.start(serve_one_huge_piece)
+    port = await nursery.start(serve_one_piece, HUGE_PIECE)
     return await start_server(
         OPENAI_BASE_URL=f"http://127.0.0.1:{port}/v1",
         MAX_BODY_BYTES=str(LIMIT),
