@@ -11,19 +11,21 @@ gives exactly the frames after the last one seen.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 import pydantic
 from quart import Blueprint, Response, request
 from quart_schema import document_response, tag
 
+from ..chat.answers import CANCELLED
 from ..chat.caller import Caller
+from ..chat.events import End, replay
 from ..chat.service import ChatService
 from ..chat.views import answer_state
 from ..errors import InvalidInput, NotFound
 from .openapi import UsageBody
-from .sse import event_stream, sse_body
+from .sse import end_data, event_stream, sse_body, sse_frame
 
 if TYPE_CHECKING:
     from .http import Stopping
@@ -52,6 +54,11 @@ class CancelledBody(pydantic.BaseModel):
     conversation_id: str
     turn_id: str
     cancelled: bool
+
+
+async def _frames(*frames: str) -> AsyncIterator[str]:
+    for frame in frames:
+        yield frame
 
 
 def _after() -> int:
@@ -90,17 +97,35 @@ def answer_routes(
         """Reattach: the answer's Server-Sent Events after the one named by ``Last-Event-ID``
         (or ``?after=n``; none: from the start), then live until its end while it is in
         progress. A finished answer is replayed from the stored turn with the same event
-        ids. Several clients may follow one answer; leaving does not stop it."""
+        ids; one with nothing after the event named gets its ``end`` again, without an id.
+        Several clients may follow one answer; leaving does not stop it."""
         after = _after()
         events = service.follow(conversation_id, turn_id, after=after, caller=caller())
         try:  # the first event, or the error that the turn is unknown, before the headers
             first = await stopping.next_event(events)
-        except StopAsyncIteration:
-            first = None  # nothing after ``after``: the stream ends at once
+        except StopAsyncIteration:  # nothing after ``after``: it had ended; say how, once more
+            frame = await ended_frame(conversation_id, turn_id)
+            return event_stream(_frames(frame))
         except BaseException:
             await events.aclose()
             raise
         return event_stream(sse_body(first, events, stopping))
+
+    async def ended_frame(conversation_id: str, turn_id: str) -> str:
+        """An ``end`` frame, unnumbered (not one of the answer's events), of an answer that
+        ended: the stored turn's end; else (nothing stored) its id and finish reason."""
+        try:
+            live, turn = await service.answer_state(conversation_id, turn_id, caller=caller())
+        except NotFound:  # it ended with nothing stored, a while ago
+            live = turn = None
+        last = live.events[-1] if live is not None and live.events else None
+        if turn is not None:
+            last = replay(conversation_id, turn)[-1]
+        if isinstance(last, End):
+            return sse_frame("end", end_data(last))
+        reason = live.state if live is not None else CANCELLED
+        data = {"conversation_id": conversation_id, "turn_id": turn_id, "finish_reason": reason}
+        return sse_frame("end", data)
 
     @routes.post("/conversations/<conversation_id>/turns/<turn_id>/cancel")
     @document_response(CancelledBody, 200)

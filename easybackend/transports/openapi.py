@@ -73,6 +73,18 @@ SSE_EVENT_DATA = {
             },
         },
         {
+            "title": "ended",
+            "description": "an answer's end said again, unnumbered: it had ended with nothing"
+            " stored after the event named",
+            "type": "object",
+            "required": ["conversation_id", "turn_id", "finish_reason"],
+            "properties": {
+                "conversation_id": {"type": "string"},
+                "turn_id": {"type": "string"},
+                "finish_reason": {"type": "string"},
+            },
+        },
+        {
             "title": "error",
             "type": "object",
             "required": ["code", "message"],
