@@ -32,6 +32,7 @@ import logging
 import subprocess
 import sys
 import tempfile
+from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
 
@@ -50,6 +51,7 @@ from easybackend.metrics import Metrics  # noqa: E402
 from easybackend.proto_gen import chat_grpc, chat_pb2  # noqa: E402
 from easybackend.settings import load_settings  # noqa: E402
 from easybackend.upstream.openai_client import (  # noqa: E402
+    Answering,
     Completion,
     OpenAIUpstream,
     UpstreamCall,
@@ -61,13 +63,20 @@ def call(prompt: str) -> UpstreamCall:
     return UpstreamCall(messages=messages, model="m", temperature=1.0, max_tokens=None)
 
 
+async def answer_of(upstream: OpenAIUpstream, prompt: str) -> AsyncIterator[str | Completion]:
+    """The upstream's pieces and its Completion (what upstream it is, the relay does not say)."""
+    async for item in upstream.stream(call(prompt)):
+        if not isinstance(item, Answering):
+            yield item
+
+
 def relay_app(upstream: OpenAIUpstream) -> QuartTrio:
     app = QuartTrio(__name__)
 
     @app.post("/ask/<conversation_id>")
     async def ask(conversation_id: str) -> Response:
         body = await request.get_json(force=True)
-        pieces = [item async for item in upstream.stream(call(body["prompt"]))]
+        pieces = [item async for item in answer_of(upstream, body["prompt"])]
         answer = {"response": "".join(p for p in pieces if isinstance(p, str))}
         return Response(json.dumps(answer), mimetype="application/json")
 
@@ -76,7 +85,7 @@ def relay_app(upstream: OpenAIUpstream) -> QuartTrio:
         body = await request.get_json(force=True)
 
         async def events():
-            async for item in upstream.stream(call(body["prompt"])):
+            async for item in answer_of(upstream, body["prompt"]):
                 if isinstance(item, Completion):
                     yield f"event: end\ndata: {json.dumps({'finish_reason': item.finish_reason})}\n\n"
                 else:
@@ -95,7 +104,7 @@ async def serve_ws_relay(upstream: OpenAIUpstream, port: int) -> None:
         with contextlib.suppress(ConnectionClosed):  # the client is done
             while True:
                 ask = json.loads(await ws.get_message())
-                async for item in upstream.stream(call(ask["prompt"])):
+                async for item in answer_of(upstream, ask["prompt"]):
                     if isinstance(item, Completion):
                         end = {"type": "end", "finish_reason": item.finish_reason}
                         await ws.send_message(json.dumps(end))
@@ -110,7 +119,7 @@ class GrpcRelay(chat_grpc.ChatServicer):
         self.upstream = upstream
 
     async def Ask(self, message: chat_pb2.AskRequest):  # noqa: N802
-        async for item in self.upstream.stream(call(message.prompt)):
+        async for item in answer_of(self.upstream, message.prompt):
             if isinstance(item, Completion):
                 yield chat_pb2.AskResponse(finish_reason=item.finish_reason)
             else:
