@@ -214,8 +214,10 @@ async def test_the_webhook_is_told_signed_when_a_background_answer_ends(start_se
     secret = "whsec-resume-0123456789"
     async with trio.open_nursery() as nursery:
         await nursery.start(receiver.serve)
-        server = await start_server(WEBHOOK_URL=receiver.url(), WEBHOOK_SECRET=secret)
-        async with server.client() as client:
+        server = await start_server(
+            WEBHOOK_URL=receiver.url(), WEBHOOK_SECRET=secret, API_KEYS=f"alice:{KEY_A}"
+        )
+        async with server.client(headers={"Authorization": f"Bearer {KEY_A}"}) as client:
             accepted = await client.post(
                 "/ask/hooked", json={"prompt": "hook [[fake:tokens=6]]", "background": True}
             )
@@ -228,6 +230,7 @@ async def test_the_webhook_is_told_signed_when_a_background_answer_ends(start_se
     assert delivery.headers["x-easybackend-signature"] == "sha256=" + expected.hexdigest()
     event = json.loads(delivery.body)
     assert event["type"] == "answer.completed" and event["status"] == "completed"
+    assert event["key"] == "alice"  # whose conversation "hooked" it is
     assert event["turn_id"] == accepted.json()["turn_id"]
     assert event["text"] == full_answer(1, "hook", 6) and event["finish_reason"] == "stop"
     assert event["usage"]["completion_tokens"] == 6

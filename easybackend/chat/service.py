@@ -774,11 +774,11 @@ class ChatService:
                     with trio.CancelScope(shield=True), trio.move_on_after(STORE_ON_CANCEL_SECONDS):
                         await self.storage.unmark_answer(ref, turn_id)
                 if log is not None:
-                    self.background_ended(log)
+                    self.background_ended(log, request.caller.key_name)
 
         return await self.background_answers.start(answer)
 
-    def background_ended(self, log: AnswerLog) -> None:
+    def background_ended(self, log: AnswerLog, key_name: str | None) -> None:
         """A background answer ended (see :meth:`ask_in_background`): the webhook is told
         (queued, never waited for; nothing when WEBHOOK_URL is not set)."""
         end = log.events[-1] if log.events else None
@@ -786,6 +786,7 @@ class ChatService:
             "type": f"answer.{log.state}",
             "conversation_id": log.conversation_id,
             "turn_id": log.turn_id,
+            "key": key_name,  # whose conversation: ids are per key
             "status": log.state,
             "finish_reason": end.finish_reason if isinstance(end, End) else log.state,
             "model": end.model if isinstance(end, End) else None,

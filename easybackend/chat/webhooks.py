@@ -5,7 +5,7 @@ event per background answer that ends; this module only serializes it and
 delivers it. The event the core builds (docs/deploy.md "Webhook")::
 
     {"type": "answer.completed" | "answer.failed" | "answer.cancelled",
-     "conversation_id": ..., "turn_id": ..., "status": ..., "finish_reason": ...,
+     "conversation_id": ..., "turn_id": ..., "key": ..., "status": ..., "finish_reason": ...,
      "model": ..., "usage": {...}, "created_at": <unix seconds>, "text": <answer>}
 
 A delivery is ``POST WEBHOOK_URL`` with the event as compact UTF-8 JSON and
