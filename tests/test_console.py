@@ -12,6 +12,7 @@ from pathlib import Path
 
 from helpers.browser import in_browser, skip_without_browser
 from helpers.servers import Server, StartServer
+from helpers.upstream import full_answer
 
 from easybackend.transports.http_console import CSP
 
@@ -93,6 +94,31 @@ async def test_chat_streams_continues_stops_and_shows_html_as_text(server: Serve
         "stop",
         "cancelled",
     ]
+
+
+async def test_a_reload_during_an_answer_picks_it_up_where_it_is(server: Server):
+    skip_without_browser()
+    prompt = "a long one [[fake:tokens=150]] [[fake:delay=0.03]]"
+    last_word = full_answer(1, "a long one", 150).split()[-1]
+
+    def scenario(page):
+        page.goto("/")
+        page.fill("#prompt", prompt)
+        page.press("#prompt", "Enter")
+        page.locator(".msg.streaming").get_by_text("echo(1): a long one").wait_for()
+        page.reload()  # the tab's request is gone; the answer goes on in the background
+        page.locator(".msg.streaming").get_by_text("echo(1): a long one").wait_for()  # followed
+        page.locator(".msg.assistant").get_by_text(last_word).wait_for()
+        page.wait_for_selector("#send:not([hidden])")
+        page.wait_for_selector(".msg.assistant[data-finish=stop]")
+        return conversation_id(page), page.locator(".msg.assistant").count()
+
+    cid, answers = await in_browser(server.http_url, scenario)
+    conversation = await stored(server, cid)
+    (turn,) = conversation["history"]
+    assert answers == 1 and turn["finish_reason"] == "stop"
+    assert turn["messages"][1]["text"] == full_answer(1, "a long one", 150)
+    assert [e["event"] for e in server.fake.events][-1] == "completed"  # never cancelled
 
 
 async def test_branches_edit_regenerate_and_switch(server: Server):

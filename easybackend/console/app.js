@@ -5,7 +5,14 @@ import { apply, setLanguage, language, t } from "./i18n.js";
 
 const $ = (id) => document.getElementById(id);
 const KEY = "easybackend.key";
-const state = { id: null, conversation: null, controller: null, askedKey: false, models: null };
+// The answer being received ({id, turn, prompt}), kept in this tab so that a reload (or a
+// dropped connection) picks it up where it is: the console asks in the background.
+const ANSWER = "easybackend.answer";
+const REATTACHES = 5; // tries to follow an answer again after its stream broke
+
+const state = {
+  id: null, conversation: null, controller: null, answer: null, askedKey: false, models: null,
+};
 
 // -- requests ----------------------------------------------------------------------------
 
@@ -31,7 +38,10 @@ function askKey() {
 async function call(path, options = {}) {
   const send = () => fetch(path, {
     ...options,
-    headers: headers(options.body ? { "Content-Type": "application/json" } : {}),
+    headers: headers({
+      ...(options.body ? { "Content-Type": "application/json" } : {}),
+      ...(options.headers ?? {}),
+    }),
   });
   let response = await send();
   if (response.status === 401 && !state.askedKey) {
@@ -217,7 +227,7 @@ function busy(on) {
   $("stop").hidden = !on;
 }
 
-// Reads Server-Sent Events from a fetch response; calls onEvent(name, data) for each.
+// Reads Server-Sent Events from a fetch response; calls onEvent(name, data, id) for each.
 async function readEvents(response, onEvent) {
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
@@ -230,48 +240,100 @@ async function readEvents(response, onEvent) {
       const frame = buffer.slice(0, cut);
       buffer = buffer.slice(cut + 2);
       let name = "message";
+      let id = null;
       const data = [];
       for (const line of frame.split("\n")) {
         if (line.startsWith("event:")) name = line.slice(6).trim();
         else if (line.startsWith("data:")) data.push(line.slice(5).trimStart());
+        else if (line.startsWith("id:")) id = Number(line.slice(3).trim());
       }
-      if (data.length) onEvent(name, JSON.parse(data.join("\n")));
+      if (data.length) onEvent(name, JSON.parse(data.join("\n")), id);
     }
   }
 }
 
+const pause = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+// Asks in the background and shows the answer as it streams; when the stream breaks (a network
+// drop), follows the answer again from the last event received (Last-Event-ID).
 async function stream(path, body, promptText) {
   if (state.controller) return;
+  const answer = { id: state.id, turn: null, prompt: promptText };
+  await receive(answer, (signal) => call(path, {
+    method: "POST", body: JSON.stringify({ ...body, background: true }), signal,
+  }));
+}
+
+// Follows the answer of this tab that a reload interrupted (see ANSWER), from its start: live
+// if it is still being written (the conversation itself is read once it is stored), else
+// replayed. One that is gone (its conversation deleted) is forgotten quietly.
+async function resumeAnswer() {
+  const kept = JSON.parse(sessionStorage.getItem(ANSWER) || "null");
+  if (!kept || kept.id !== state.id || state.controller) return;
+  await receive(kept, async (signal) => {
+    const response = await call(conv("/turns/" + encodeURIComponent(kept.turn) + "/stream"), { signal });
+    if (response.status === 404) {
+      sessionStorage.removeItem(ANSWER);
+      const gone = new Error("gone");
+      gone.name = "AbortError"; // nothing to say
+      throw gone;
+    }
+    return response;
+  });
+}
+
+async function receive(answer, open) {
   const box = $("messages");
-  if (promptText !== null) box.append(bubble("user", promptText));
+  if (answer.prompt !== null) box.append(bubble("user", answer.prompt));
   const reply = bubble("assistant", "");
   reply.classList.add("streaming");
   box.append(reply);
   box.scrollTop = box.scrollHeight;
   let text = "";
+  let seen = 0;
+  let ended = false;
   state.controller = new AbortController();
+  state.answer = answer;
+  const signal = state.controller.signal;
   busy(true);
   try {
-    const response = await call(path, {
-      method: "POST", body: JSON.stringify(body), signal: state.controller.signal,
-    });
-    if (!response.ok) {
-      const error = await response.json().catch(() => ({}));
-      throw new Error(error?.error?.message || response.statusText);
-    }
-    await readEvents(response, (name, data) => {
-      if (name === "delta") {
-        text += data.text;
-        reply.querySelector(".body").replaceChildren(render(text));
-        box.scrollTop = box.scrollHeight;
-      } else if (name === "error") {
-        notice(t("failed") + ": " + data.message);
+    let response = await open(signal);
+    for (let attempt = 0; ; attempt++) {
+      if (!response.ok) {
+        const error = await response.json().catch(() => ({}));
+        throw new Error(error?.error?.message || response.statusText);
       }
-    });
+      try {
+        await readEvents(response, (name, data, id) => {
+          if (id) seen = id;
+          if (name === "start") {
+            answer.turn = data.turn_id;
+            sessionStorage.setItem(ANSWER, JSON.stringify(answer));
+          } else if (name === "delta") {
+            text += data.text;
+            reply.querySelector(".body").replaceChildren(render(text));
+            box.scrollTop = box.scrollHeight;
+          } else if (name === "end") {
+            ended = true;
+          } else if (name === "error") {
+            ended = true;
+            notice(t("failed") + ": " + data.message);
+          }
+        });
+      } catch (error) {
+        if (error.name === "AbortError") throw error; // else the connection broke: follow again
+      }
+      if (ended || !answer.turn || attempt >= REATTACHES) break;
+      await pause(500 * (attempt + 1));
+      const follow = conv("/turns/" + encodeURIComponent(answer.turn) + "/stream");
+      response = await call(follow, { headers: { "Last-Event-ID": String(seen) }, signal });
+    }
   } catch (error) {
     if (error.name !== "AbortError") notice(t("failed") + ": " + error.message);
   } finally {
+    if (ended || !answer.turn) sessionStorage.removeItem(ANSWER);
     state.controller = null;
+    state.answer = null;
     busy(false);
   }
   await reload();
@@ -288,7 +350,14 @@ function regenerate(turnId) {
   return stream(conv("/turns/" + encodeURIComponent(turnId) + "/regenerate/stream"), {}, null);
 }
 
-function stop() {
+// Stop: the answer is cancelled on the server (stored as cancelled; its stream then ends);
+// before its first event, the request itself is given up, which cancels it too.
+async function stop() {
+  const turn = state.answer?.turn;
+  if (turn) {
+    const response = await call(conv("/turns/" + encodeURIComponent(turn) + "/cancel"), { method: "POST" });
+    if (response.ok) return;
+  }
   state.controller?.abort();
 }
 
@@ -433,8 +502,10 @@ function start() {
   $("save-settings").addEventListener("click", saveSettings);
   $("save-summary").addEventListener("click", saveSummary);
   const fromHash = decodeURIComponent(location.hash.slice(1));
-  if (fromHash) openConversation(fromHash);
-  else newConversation();
+  if (fromHash) {
+    openConversation(fromHash);
+    resumeAnswer(); // an answer a reload cut off: not after the conversation, which waits for it
+  } else newConversation();
 }
 
 start();
