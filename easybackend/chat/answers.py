@@ -167,10 +167,6 @@ class BackgroundAnswers:
         self.stopping = False
         self.stopped = trio.Event()  # set once run() has ended: no answer runs any more
 
-    @property
-    def count(self) -> int:
-        return len(self._running)
-
     async def run(
         self,
         shutdown: trio.Event,
