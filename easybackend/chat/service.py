@@ -867,6 +867,27 @@ class ChatService:
             return None
         return await self.storage.conversation_of_answer(caller.owner, turn_id, time.time())
 
+    async def ended_answer(
+        self, conversation_id: str, turn_id: str, *, caller: Caller
+    ) -> End | str:
+        """How the answer of turn ``turn_id`` ended, for a follower whose events stopped without
+        an end (it asked for those after the last, or the answer was cancelled with nothing
+        stored): the stored turn's End, else its log's, else the state it ended in
+        (``cancelled`` when nothing is known of it any more). Raises InvalidInput."""
+        try:
+            live, turn = await self.answer_state(conversation_id, turn_id, caller=caller)
+        except NotFound:
+            return ANSWER_CANCELLED
+        if turn is not None:
+            events = replay(conversation_id, turn)
+        else:
+            assert live is not None
+            events = live.events
+        last = events[-1] if events else None
+        if isinstance(last, End):
+            return last
+        return live.state if live is not None and live.ended else ANSWER_CANCELLED
+
     def cancel_answer(self, conversation_id: str, turn_id: str, *, caller: Caller) -> bool:
         """Cancel the caller's answer in progress under ``turn_id`` (a background answer, or
         any the transport made cancellable): it is stored as ``cancelled`` with what it has.

@@ -23,7 +23,7 @@ log: a cancelled call, a deadline or a client gone leave it running.
 ``CancelAnswer`` cancels one in progress (NOT_FOUND when none is). A followed
 answer whose events stop without an end (nothing after ``after``, or cancelled
 before anything was stored) gets a last message of seq 0 with its finish
-reason (:mod:`.followed`). The original's clients read the empty start like
+reason (:meth:`ChatService.ended_answer`). The original's clients read the empty start like
 any piece. ``proto/chat.proto`` is
 wire-compatible with the original (same package, service, method, and the
 request's field numbers 1-3: prompt, conversation_id and, as in the
@@ -140,7 +140,7 @@ from .. import errors
 from ..chat.caller import Caller, stream_peer
 from ..chat.events import Event
 from ..chat.memory import SETTING_NAMES
-from ..chat.service import AskRequest, ChatService, Delta, Start
+from ..chat.service import AskRequest, ChatService, Delta, End, Start
 from ..chat.views import (
     conversation_detail,
     conversation_settings,
@@ -153,7 +153,6 @@ from ..settings import Settings
 from ..storage import ROOT
 from ..tls import server_ssl_context
 from ._purerpc_compat import BadRequestData, H2Connection, ServerSocket
-from .followed import finish_reason_of
 from .pieces import split_utf8
 from .send_deadline import GOODBYE_SECONDS, ClientTooSlow, SendBoundedStream, SendWatchdog, Watched
 
@@ -399,7 +398,7 @@ class _Chat(chat_grpc.ChatServicer):
 
         Events that stop without an end (a Resume after the end, or an answer cancelled
         before anything was stored) end with a last message of seq 0 that carries the
-        answer's finish reason (:func:`.followed.finish_reason_of`). ``events`` is closed however
+        answer's finish reason (:meth:`ChatService.ended_answer`). ``events`` is closed however
         this ends; ChatErrors go through.
         """
         turn_id = ask.turn_id
@@ -429,9 +428,8 @@ class _Chat(chat_grpc.ChatServicer):
                     )
                     return
         assert turn_id is not None  # a background ask's, or the followed turn
-        finish_reason = await finish_reason_of(
-            self._service, ask.conversation_id, turn_id, caller=ask.caller
-        )
+        ended = await self._service.ended_answer(ask.conversation_id, turn_id, caller=ask.caller)
+        finish_reason = ended.finish_reason if isinstance(ended, End) else ended
         yield chat_pb2.AskResponse(finish_reason=finish_reason, turn_id=turn_id)
 
     # Conversation management: the HTTP API's operations, answered with its JSON forms

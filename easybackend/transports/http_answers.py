@@ -18,9 +18,8 @@ import pydantic
 from quart import Blueprint, Response, request
 from quart_schema import document_response, tag
 
-from ..chat.answers import CANCELLED
 from ..chat.caller import Caller
-from ..chat.events import End, replay
+from ..chat.events import End
 from ..chat.service import ChatService
 from ..chat.views import answer_state
 from ..errors import InvalidInput, NotFound
@@ -113,18 +112,11 @@ def answer_routes(
 
     async def ended_frame(conversation_id: str, turn_id: str) -> str:
         """An ``end`` frame, unnumbered (not one of the answer's events), of an answer that
-        ended: the stored turn's end; else (nothing stored) its id and finish reason."""
-        try:
-            live, turn = await service.answer_state(conversation_id, turn_id, caller=caller())
-        except NotFound:  # it ended with nothing stored, a while ago
-            live = turn = None
-        last = live.events[-1] if live is not None and live.events else None
-        if turn is not None:
-            last = replay(conversation_id, turn)[-1]
-        if isinstance(last, End):
-            return sse_frame("end", end_data(last))
-        reason = live.state if live is not None else CANCELLED
-        data = {"conversation_id": conversation_id, "turn_id": turn_id, "finish_reason": reason}
+        ended: its End; else (nothing stored) its id and finish reason."""
+        ended = await service.ended_answer(conversation_id, turn_id, caller=caller())
+        if isinstance(ended, End):
+            return sse_frame("end", end_data(ended))
+        data = {"conversation_id": conversation_id, "turn_id": turn_id, "finish_reason": ended}
         return sse_frame("end", data)
 
     @routes.post("/conversations/<conversation_id>/turns/<turn_id>/cancel")

@@ -32,7 +32,7 @@ a job of the socket's queue like an ask (same order, limit and send deadline).
 (:meth:`ChatService.cancel_answer`) → ``{"type": "cancelled", …}``, or
 ``not_found``. A followed answer whose events stop without an end (nothing
 after ``after``, or cancelled before anything was stored) gets an unnumbered
-``end`` with its finish reason (:mod:`.followed`). The original protocol has
+``end`` with its finish reason (:meth:`ChatService.ended_answer`). The original protocol has
 none of this: no ``seq``, no start.
 
 Asks on one socket are answered one after another, in the order they
@@ -95,7 +95,6 @@ from ..request_ids import accept_request_id
 from ..settings import Settings
 from ..tls import server_ssl_context
 from ._trio_websocket_compat import WebSocketServer
-from .followed import finish_reason_of
 from .pieces import MAX_JSON_BYTES_PER_CHAR, split_json_text, split_utf8
 from .send_deadline import GOODBYE_SECONDS, ClientTooSlow, SendWatchdog, Watched
 
@@ -548,7 +547,8 @@ class _Connection(Watched):
         else:
             assert self.current_background is not None  # only a follow stops without an end
             conversation_id, turn_id = self.current_background
-        reason = await finish_reason_of(self.service, conversation_id, turn_id, caller=self.caller)
+        ended = await self.service.ended_answer(conversation_id, turn_id, caller=self.caller)
+        reason = ended.finish_reason if isinstance(ended, End) else ended
         payload = {"type": "end", "finish_reason": reason, "usage": None, "turn_id": turn_id}
         await self._send_json(ask.json_id, payload, ask.request.caller.request_id)
 
