@@ -153,7 +153,7 @@ class OpenAIUpstream:
         outcome = CANCELLED  # unless it ends, or fails, first
         try:
             yield Answering(route.provider.name)
-            while (text := await self._next_text(batches, answer)) is not None:
+            while (text := await self._next(batches, answer)) is not None:
                 yield text
             await _drain(batches)
             outcome = OK if answer.finish_reason is not None else UpstreamError.code
@@ -326,7 +326,7 @@ class OpenAIUpstream:
         try:
             if answered_by is not None:
                 answered_by(route.provider.name)
-            while (chunks := await self._next_chunks(batches, ending)) is not None:
+            while (chunks := await self._next(batches, ending)) is not None:
                 yield chunks
             await _drain(batches)
             outcome = OK if ending.done or ending.finished else UpstreamError.code
@@ -407,26 +407,6 @@ class OpenAIUpstream:
             raise self._failed(UpstreamError("the model provider answered with an error"))
         return data, answer
 
-    async def _next_chunks(
-        self, batches: AsyncIterator[list[bytes]], ending: _RelayEnding
-    ) -> list[Relayed] | None:
-        """The chunks of the next lines that hold some, or None at the end of the stream.
-
-        Raises UpstreamError as :meth:`_next_text` does.
-        """
-        try:
-            while not ending.done:
-                lines = await anext(batches, None)
-                if lines is None:
-                    return None
-                if chunks := ending.feed(lines):
-                    return chunks
-            return None
-        except UpstreamError as exc:
-            raise self._failed(exc) from None
-        except httpx2.HTTPError as exc:
-            raise self._read_failure(exc) from exc
-
     def _limits(self, deadline: float) -> _LineLimits:
         settings = self.settings
         return _LineLimits(
@@ -436,8 +416,12 @@ class OpenAIUpstream:
             max_line_bytes=max_line_bytes(settings.max_answer_chars),
         )
 
-    async def _next_text(self, batches: AsyncIterator[list[bytes]], answer: _Answer) -> str | None:
-        """The text of the next lines that carry some, or None at the end of the answer.
+    async def _next(
+        self, batches: AsyncIterator[list[bytes]], reader: _Answer | _RelayEnding
+    ) -> Any:
+        """What ``reader`` (an answer's :class:`_Answer`, a relay's :class:`_RelayEnding`)
+        makes of the next lines that give it something (text, chunks), or None at the end of
+        the stream.
 
         Raises UpstreamError on a broken stream, an error event, a malformed
         event or a stall. The idle timeout is the HTTP client's read timeout
@@ -446,12 +430,12 @@ class OpenAIUpstream:
         every read, so an answer may overrun it by at most one idle period.
         """
         try:
-            while not answer.done:
+            while not reader.done:
                 lines = await anext(batches, None)
                 if lines is None:
                     return None
-                if text := answer.feed(lines):
-                    return text
+                if made := reader.feed(lines):
+                    return made
             return None
         except UpstreamError as exc:
             raise self._failed(exc) from None
