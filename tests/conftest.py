@@ -4,7 +4,8 @@
 runs :func:`easybackend.app.serve` in the test's nursery against it and
 returns a :class:`helpers.servers.Server` once every listener accepts;
 ``server`` is one started with the defaults (HTTP only), ``grpc_server`` one
-with gRPC and HTTP. The helpers these build on live in the ``helpers``
+with gRPC and HTTP, ``backend_server`` one on each storage backend (SQLite,
+PostgreSQL); ``store`` is an opened store of each backend. The helpers these build on live in the ``helpers``
 package; test modules import from there, never from each other.
 
 The log-leak watch (``helpers.logs.LOG_WATCH``) sees every log record of the
@@ -22,13 +23,14 @@ from pathlib import Path
 import pytest
 import trio
 from helpers.logs import LOG_WATCH
-from helpers.postgres import new_schema
+from helpers.postgres import new_schema, pg_url
 from helpers.servers import Server, StartServer, free_port
 from helpers.upstream import UPSTREAM_KEY
 
 from easybackend.app import serve
 from easybackend.fake_upstream import FakeUpstream
 from easybackend.settings import Settings, load_settings
+from easybackend.storage import Storage, open_url
 
 _WORKER_LEAKS: list[str] = []  # on the controller: what the workers reported
 
@@ -144,3 +146,27 @@ async def grpc_server(start_server: StartServer) -> Server:
 def pg_schema() -> Iterator[str]:
     """A fresh schema on the local PostgreSQL, dropped afterwards (see helpers.postgres)."""
     yield from new_schema()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def backend_server(request: pytest.FixtureRequest, start_server: StartServer) -> Server:
+    """A server on each storage backend."""
+    if request.param == "sqlite":
+        return await start_server()
+    schema = request.getfixturevalue("pg_schema")
+    return await start_server(DATABASE_URL=pg_url(schema))
+
+
+STORE_SETTINGS = load_settings({"OPENAI_API_KEY": "unused"}, environ={}, env_file=None)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Storage]:
+    """A store of each backend, opened (migrated) on a new database; closed afterwards."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'store.sqlite3'}"
+    else:
+        url = pg_url(request.getfixturevalue("pg_schema"))
+    opened = await open_url(url, STORE_SETTINGS)
+    yield opened
+    await opened.close()

@@ -5,9 +5,7 @@ carrying settings and summaries both ways."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 
-import pytest
 from helpers.database import sample_turn
 from helpers.postgres import pg_url
 
@@ -20,17 +18,6 @@ from easybackend.storage.sqlite import SQLiteStorage
 
 SETTINGS = load_settings({"OPENAI_API_KEY": "unused"}, environ={}, env_file=None)
 REF = ConversationRef("k", "mem")
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def store(request, tmp_path) -> AsyncIterator[Storage]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'store.sqlite3'}"
-    else:
-        url = pg_url(request.getfixturevalue("pg_schema"))
-    opened = await open_url(url, SETTINGS)
-    yield opened
-    await opened.close()
 
 
 async def chain(store: Storage, prompts: list[str], parent=None) -> list[TurnPosition]:

@@ -12,7 +12,6 @@ import openai
 import pytest
 import trio
 from helpers.openai_sdk import async_client, sync_client
-from helpers.postgres import pg_url
 from helpers.servers import free_port
 from helpers.upstream import echo, upstream_messages
 from helpers.websocket import ws_json_ask
@@ -21,15 +20,6 @@ from easybackend.settings import DEFAULT_MODEL
 
 MODEL = DEFAULT_MODEL
 KEY_A, KEY_B = "alice-SECRET-aaaa", "bob-SECRET-bbbb"
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def backend_server(request, start_server):
-    """A server on each storage backend."""
-    if request.param == "sqlite":
-        return await start_server()
-    schema = request.getfixturevalue("pg_schema")
-    return await start_server(DATABASE_URL=pg_url(schema))
 
 
 async def native(server, conversation_id: str) -> dict:

@@ -16,7 +16,6 @@ import trio
 from helpers.http import parse_sse
 from helpers.logs import capture_access
 from helpers.openai_sdk import async_client, sync_client
-from helpers.postgres import pg_url
 from helpers.upstream import echo, history_of, upstream_messages
 from helpers.waiting import wait_until
 
@@ -36,15 +35,6 @@ DONE_EVENTS = [
 ]
 KEY_A, KEY_B = "alice-SECRET-aaaa", "bob-SECRET-bbbb"
 SLOW = "[[fake:tokens=400]] [[fake:delay=0.02]]"  # an answer that takes 8 seconds
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def backend_server(request, start_server):
-    """A server on each storage backend."""
-    if request.param == "sqlite":
-        return await start_server()
-    schema = request.getfixturevalue("pg_schema")
-    return await start_server(DATABASE_URL=pg_url(schema))
 
 
 def turn_of(response_id: str) -> str:

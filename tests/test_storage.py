@@ -10,7 +10,6 @@ tests/test_tree_storage.py.
 from __future__ import annotations
 
 import types
-from collections.abc import AsyncIterator
 
 import pytest
 import trio
@@ -26,17 +25,6 @@ from easybackend.storage.sqlite import SQLiteStorage
 
 SETTINGS = load_settings({"OPENAI_API_KEY": "unused"}, environ={}, env_file=None)
 ALICE = ConversationRef("alice", "c1")
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def store(request, tmp_path) -> AsyncIterator[Storage]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'store.sqlite3'}"
-    else:
-        url = pg_url(request.getfixturevalue("pg_schema"))
-    opened = await open_url(url, SETTINGS)
-    yield opened
-    await opened.close()
 
 
 async def ask(store: Storage, ref: ConversationRef, prompt: str, **kwargs) -> TurnPosition:
