@@ -239,7 +239,8 @@ async def test_the_webhook_is_told_signed_when_a_background_answer_ends(start_se
 async def test_shutdown_gives_background_answers_the_grace_then_stores_them_cancelled(
     start_server,
 ):
-    server = await start_server(SHUTDOWN_GRACE="1")
+    # the short answer (0.4 s) ends well within the grace, the long one (8 s) well after it
+    server = await start_server(SHUTDOWN_GRACE="3")
     long = "a very long story [[fake:tokens=400]] [[fake:delay=0.02]]"
     short = "a short one [[fake:tokens=20]] [[fake:delay=0.02]]"
     async with server.client() as client:
