@@ -274,3 +274,23 @@ async def test_a_background_ask_refused_for_too_many_background_answers_is_accou
     assert response.status_code == 429 and error_code(response) == "too_many_requests"
     assert (line["outcome"], line["conversation_id"]) == ("too_many_requests", "full")
     assert server.fake.requests == []
+
+
+async def test_a_follower_of_an_answer_cancelled_before_its_first_piece_gets_how_it_ended(server):
+    async with server.client() as client:
+        async with client.stream(
+            "POST",
+            "/ask/nothing/stream",
+            json={"prompt": "wait [[fake:stall_after=0]]", "background": True},
+        ) as response:
+            lines = response.aiter_lines()
+            head = [await anext(lines) for _ in range(4)]  # the start frame and its blank line
+            turn_id = json.loads(head[2].removeprefix("data: "))["turn_id"]
+            cancelled = await client.post(f"/conversations/nothing/turns/{turn_id}/cancel")
+            rest = "".join([line + "\n" async for line in lines])
+        state = (await client.get(f"/conversations/nothing/turns/{turn_id}")).json()
+    assert cancelled.status_code == 200
+    ended = {"conversation_id": "nothing", "turn_id": turn_id, "finish_reason": "cancelled"}
+    assert sse_frames(rest) == [(None, "end", ended)]  # unnumbered: not one of its events
+    assert (state["status"], state["text"]) == ("cancelled", "")
+    assert stored_turns(server.settings.sqlite_path, "nothing") == []

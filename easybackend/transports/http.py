@@ -28,6 +28,7 @@ partial answer as ``cancelled``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -75,7 +76,7 @@ from .http_console import DOCS_STATIC_PREFIX, console_routes, is_console_path
 from .http_conversations import conversation_routes
 from .openai_api import errors as openai_errors
 from .openapi import EasyBackendOpenAPI, UsageBody
-from .sse import end_data, event_stream, sse_body
+from .sse import end_data, ended_frame, event_stream, sse_body
 
 DOC_PATHS = {"/docs", "/openapi.json"}
 REGENERATE_ENDPOINTS = {"regenerate", "regenerate_stream"}  # asks outside /ask/
@@ -474,8 +475,13 @@ def create_app(service: ChatService, stopping: Stopping | None = None) -> Quart:
 
     async def streamed_answer(ask: AskRequest) -> Response:
         first: Event | None = None
+        ended = None
         if ask.background:  # the answer goes on without this client, which follows it
-            events = (await service.ask_in_background(ask)).follow()
+            log = await service.ask_in_background(ask)
+            events = log.follow()
+            ended = functools.partial(
+                ended_frame, service, log.conversation_id, log.turn_id, caller=ask.caller
+            )
         else:
             events = service.ask(ask)
             try:
@@ -483,8 +489,7 @@ def create_app(service: ChatService, stopping: Stopping | None = None) -> Quart:
             except BaseException:
                 await events.aclose()
                 raise
-        response = event_stream(sse_body(first, events, stopping))
-        return response
+        return event_stream(sse_body(first, events, stopping, ended))
 
     @app.post("/ask/<conversation_id>")
     @validate_request(AskBody)

@@ -10,8 +10,9 @@ gives exactly the frames after the last one seen.
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import pydantic
@@ -19,12 +20,12 @@ from quart import Blueprint, Response, request
 from quart_schema import document_response, tag
 
 from ..chat.caller import Caller
-from ..chat.events import End
+from ..chat.events import Event
 from ..chat.service import ChatService
 from ..chat.views import answer_state
 from ..errors import InvalidInput, NotFound
 from .openapi import UsageBody
-from .sse import end_data, event_stream, sse_body, sse_frame
+from .sse import ended_frame, event_stream, sse_body
 
 if TYPE_CHECKING:
     from .http import Stopping
@@ -53,11 +54,6 @@ class CancelledBody(pydantic.BaseModel):
     conversation_id: str
     turn_id: str
     cancelled: bool
-
-
-async def _frames(*frames: str) -> AsyncIterator[str]:
-    for frame in frames:
-        yield frame
 
 
 def _after() -> int:
@@ -100,24 +96,16 @@ def answer_routes(
         Several clients may follow one answer; leaving does not stop it."""
         after = _after()
         events = service.follow(conversation_id, turn_id, after=after, caller=caller())
+        first: Event | None = None
         try:  # the first event, or the error that the turn is unknown, before the headers
             first = await stopping.next_event(events)
-        except StopAsyncIteration:  # nothing after ``after``: it had ended; say how, once more
-            frame = await ended_frame(conversation_id, turn_id)
-            return event_stream(_frames(frame))
+        except StopAsyncIteration:
+            pass  # nothing after ``after``: the body says how it ended, once more
         except BaseException:
             await events.aclose()
             raise
-        return event_stream(sse_body(first, events, stopping))
-
-    async def ended_frame(conversation_id: str, turn_id: str) -> str:
-        """An ``end`` frame, unnumbered (not one of the answer's events), of an answer that
-        ended: its End; else (nothing stored) its id and finish reason."""
-        ended = await service.ended_answer(conversation_id, turn_id, caller=caller())
-        if isinstance(ended, End):
-            return sse_frame("end", end_data(ended))
-        data = {"conversation_id": conversation_id, "turn_id": turn_id, "finish_reason": ended}
-        return sse_frame("end", data)
+        ended = functools.partial(ended_frame, service, conversation_id, turn_id, caller=caller())
+        return event_stream(sse_body(first, events, stopping, ended))
 
     @routes.post("/conversations/<conversation_id>/turns/<turn_id>/cancel")
     @document_response(CancelledBody, 200)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from quart import Response
@@ -20,6 +20,8 @@ from ..chat.events import Delta, End, Event, Start
 from ..errors import ChatError
 
 if TYPE_CHECKING:
+    from ..chat.caller import Caller
+    from ..chat.service import ChatService
     from .http import Stopping
 
 
@@ -52,14 +54,20 @@ def event_frame(event: Event) -> str:
 
 
 async def sse_body(
-    first: Event | None, events: AsyncIterator[Event], stopping: Stopping
+    first: Event | None,
+    events: AsyncIterator[Event],
+    stopping: Stopping,
+    ended: Callable[[], Awaitable[str]] | None = None,
 ) -> AsyncIterator[str]:
     """``first`` (None: none yet) and the rest of ``events`` as frames, up to the ``end``.
 
     A ChatError after the first frame becomes an ``error`` event (no ``id:``:
     it is not one of the answer's numbered events), as does the end of the
-    shutdown's grace (``shutting_down``). ``events`` is closed however this
-    ends (a client gone cancels the iteration).
+    shutdown's grace (``shutting_down``). Events of a followed answer that
+    stop without an ``end`` (none after the one named, or it was cancelled
+    with nothing stored) are followed by the frame ``ended`` makes
+    (:func:`ended_frame`). ``events`` is closed however this ends (a client
+    gone cancels the iteration).
     """
     async with contextlib.aclosing(events):  # type: ignore[type-var]
         try:
@@ -70,9 +78,22 @@ async def sse_body(
                     return
                 event = await stopping.next_event(events)
         except StopAsyncIteration:
-            return  # followed an answer that was cancelled: it has no end
+            if ended is not None:
+                yield await ended()
         except ChatError as exc:
             yield sse_frame("error", {"code": exc.code, "message": exc.message})
+
+
+async def ended_frame(
+    service: ChatService, conversation_id: str, turn_id: str, *, caller: Caller
+) -> str:
+    """An ``end`` frame, unnumbered (not one of the answer's events), of an answer that ended:
+    its End; else (nothing stored) its id and finish reason (:meth:`ChatService.ended_answer`)."""
+    ended = await service.ended_answer(conversation_id, turn_id, caller=caller)
+    if isinstance(ended, End):
+        return sse_frame("end", end_data(ended))
+    data = {"conversation_id": conversation_id, "turn_id": turn_id, "finish_reason": ended}
+    return sse_frame("end", data)
 
 
 def event_stream(body: AsyncIterator[str] | AsyncIterator[bytes]) -> Response:
