@@ -233,6 +233,13 @@ def conversation_routes(
         added = await add_items(conversation_id, messages, asking)
         return _json(list_page(added, ListQuery(order="asc", limit=max(len(added), 1))))
 
+    async def system_prompt_of(conversation_id: str, asking: Caller) -> str:
+        """The conversation's system prompt (its system item); NotFound when it has none."""
+        summary = await summary_of(conversation_id, asking)
+        if not summary.system_prompt:
+            raise NotFound(f"no item {SYSTEM_ITEM!r}")
+        return summary.system_prompt
+
     @blueprint.get("/conversations/<conversation_id>/items/<item_id>")
     @document_response(items.MessageItem, 200)
     @tag(["openai"])
@@ -240,10 +247,7 @@ def conversation_routes(
         """One item of the conversation (any turn of its tree, on the active path or not)."""
         asking = caller()
         if item_id == SYSTEM_ITEM:
-            summary = await summary_of(conversation_id, asking)
-            if not summary.system_prompt:
-                raise NotFound(f"no item {item_id!r}")
-            return _json(_system_item(summary.system_prompt))
+            return _json(_system_item(await system_prompt_of(conversation_id, asking)))
         turn_id, role = ids.message_of_item(item_id)
         turn = await service.find_turn(conversation_id, turn_id, caller=asking)
         for item in items.turn_items(turn):
@@ -258,9 +262,7 @@ def conversation_routes(
         """Delete one item; the conversation afterwards."""
         asking = caller()
         if item_id == SYSTEM_ITEM:
-            summary = await summary_of(conversation_id, asking)
-            if not summary.system_prompt:
-                raise NotFound(f"no item {item_id!r}")
+            await system_prompt_of(conversation_id, asking)  # NotFound without one
             await service.set_system_prompt(conversation_id, None, caller=asking)
         else:
             turn_id, role = ids.message_of_item(item_id)
