@@ -50,6 +50,13 @@ async def test_an_idle_conversation_is_gone_and_its_next_ask_starts_anew(start_s
         summary = await client.get("/conversations/old/summary")
         listed = (await client.get("/conversations")).json()["conversations"]
         found = (await client.get("/conversations", params={"q": "one"})).json()["conversations"]
+        # reads that name a turn by its id find none of it either, before the sweep
+        by_turn = [
+            await client.get(f"/conversations/old/turns/{first['turn_id']}"),
+            await client.get(f"/conversations/old/turns/{first['turn_id']}/stream"),
+            await client.get(f"/v1/conversations/old/items/msg_{first['turn_id']}_u"),
+            await client.get(f"/v1/responses/resp_{first['turn_id']}"),
+        ]
         head = await client.put("/conversations/old/head", json={"turn_id": first["turn_id"]})
         branch = await client.post(
             "/ask/old", json={"prompt": "from one", "parent_id": first["turn_id"]}
@@ -61,6 +68,7 @@ async def test_an_idle_conversation_is_gone_and_its_next_ask_starts_anew(start_s
     assert summary.status_code == 404
     assert [c["conversation_id"] for c in listed] == ["fresh"]
     assert found == []
+    assert [reply.status_code for reply in by_turn] == [404] * 4, [r.text for r in by_turn]
     assert head.status_code == 404  # a change finds nothing: it was deleted first
     assert branch.status_code == 404  # none of its turns can be named
     # the next ask starts a new conversation under the same id: no history at all

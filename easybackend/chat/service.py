@@ -827,7 +827,7 @@ class ChatService:
         :data:`ELSEWHERE_POLL` seconds until the mark is gone or past its bound. Raises
         NotFound (no such turn; or the answer elsewhere ended unstored)."""
         while True:
-            turn = await self.storage.find_turn(ref, turn_id)
+            turn = await self.storage.find_turn(ref, turn_id, alive=self.memory.alive())
             if turn is not None:
                 return turn
             if not (
@@ -849,7 +849,7 @@ class ChatService:
         live = self.answer_logs.find(caller.owner, turn_id)
         if live is not None and live.conversation_id == ref.conversation_id:
             return live, None
-        turn = await self.storage.find_turn(ref, turn_id)
+        turn = await self.storage.find_turn(ref, turn_id, alive=self.memory.alive())
         if turn is not None:
             return None, turn
         if self.settings.database.is_postgres and await self.storage.answer_marked(
@@ -1084,10 +1084,13 @@ class ChatService:
         """The id of the caller's conversation that holds the turn ``turn_id``.
 
         Raises InvalidInput (not a turn id) or NotFound (no such turn among the caller's:
-        another key's turn is not found either). A cancelled read changes nothing.
+        another key's turn is not found either, nor one of an expired conversation). A
+        cancelled read changes nothing.
         """
         validate_turn_id(turn_id, "turn_id")
-        conversation_id = await self.storage.conversation_of_turn(caller.owner, turn_id)
+        conversation_id = await self.storage.conversation_of_turn(
+            caller.owner, turn_id, alive=self.memory.alive()
+        )
         if conversation_id is None:
             raise NotFound(f"no turn {turn_id!r}")
         return conversation_id
@@ -1098,7 +1101,7 @@ class ChatService:
         ref = self._ref(conversation_id, caller)
         validate_turn_id(turn_id, "turn_id")
         async with self._locks.hold(ref):
-            turn = await self.storage.find_turn(ref, turn_id)
+            turn = await self.storage.find_turn(ref, turn_id, alive=self.memory.alive())
         if turn is None:
             raise NotFound(f"no turn {turn_id!r} in conversation {conversation_id!r}")
         return turn

@@ -318,8 +318,12 @@ class ServingStore(Protocol):
         """The conversation as listed (no turns read), or None if it does not exist."""
         ...
 
-    async def conversation_of_turn(self, owner: str, turn_id: str) -> str | None:
-        """The id of the owner's conversation holding the turn ``turn_id``, or None."""
+    async def conversation_of_turn(
+        self, owner: str, turn_id: str, *, alive: tuple[float, float | None] | None = None
+    ) -> str | None:
+        """The id of the owner's conversation holding the turn ``turn_id``, or None; with
+        ``alive`` (now, ttl), None too when that conversation is expired then (see
+        :meth:`forget_if_expired`)."""
         ...
 
     async def create_conversation(self, ref: ConversationRef, metadata: str | None) -> bool:
@@ -330,8 +334,11 @@ class ServingStore(Protocol):
         """Replace the conversation's metadata; False if the conversation does not exist."""
         ...
 
-    async def find_turn(self, ref: ConversationRef, turn_id: str) -> TurnRecord | None:
-        """The conversation's turn of that id, or None."""
+    async def find_turn(
+        self, ref: ConversationRef, turn_id: str, *, alive: tuple[float, float | None] | None = None
+    ) -> TurnRecord | None:
+        """The conversation's turn of that id, or None; with ``alive`` (now, ttl), None too
+        when the conversation is expired then (see :meth:`forget_if_expired`)."""
         ...
 
     async def mark_answer(self, ref: ConversationRef, turn_id: str, until: float) -> None:

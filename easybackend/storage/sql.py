@@ -329,12 +329,20 @@ def append_chain(
     return positions
 
 
-def conversation_of_turn(dialect: Dialect, db: Connection, owner: str, turn_id: str) -> str | None:
+def conversation_of_turn(
+    dialect: Dialect,
+    db: Connection,
+    owner: str,
+    turn_id: str,
+    where: tuple[str, Sequence[Any]] = ("", ()),
+) -> str | None:
+    """``where``: a further condition on ``conversations c`` (its text and values)."""
+    condition, values = where
     row = dialect.execute(
         db,
         "SELECT c.conversation_id FROM turns t JOIN conversations c ON c.pk = t.conversation_pk"
-        " WHERE t.turn_id = ? AND c.owner = ?",
-        (turn_id, owner),
+        f" WHERE t.turn_id = ? AND c.owner = ?{condition}",
+        (turn_id, owner, *values),
     ).fetchone()
     return row[0] if row else None
 
@@ -363,12 +371,19 @@ def set_metadata(
 
 
 def find_turn(
-    dialect: Dialect, db: Connection, ref: ConversationRef, turn_id: str
+    dialect: Dialect,
+    db: Connection,
+    ref: ConversationRef,
+    turn_id: str,
+    where: tuple[str, Sequence[Any]] = ("", ()),
 ) -> TurnRecord | None:
+    """``where``: a further condition on ``conversations c`` (its text and values)."""
+    condition, values = where
     row = dialect.execute(
         db,
-        f"SELECT {TURN_COLUMNS} FROM turns WHERE turn_id = ? AND conversation_pk = {_PK_BY_REF}",
-        (turn_id, *_key(ref)),
+        f"SELECT {TURN_COLUMNS} FROM turns WHERE turn_id = ? AND conversation_pk ="
+        f" (SELECT c.pk FROM conversations c WHERE {_C_BY_REF}{condition})",
+        (turn_id, *_key(ref), *values),
     ).fetchone()
     return TurnRecord(*row) if row else None
 

@@ -126,8 +126,11 @@ class SQLStore:
     async def conversation_summary(self, ref: ConversationRef) -> ConversationSummary | None:
         return await self._run(sql.summary, Access.READ, ref)
 
-    async def conversation_of_turn(self, owner: str, turn_id: str) -> str | None:
-        return await self._run(sql.conversation_of_turn, Access.READ, owner, turn_id)
+    async def conversation_of_turn(
+        self, owner: str, turn_id: str, *, alive: tuple[float, float | None] | None = None
+    ) -> str | None:
+        where = sql_memory.alive(*alive) if alive is not None else ("", ())
+        return await self._run(sql.conversation_of_turn, Access.READ, owner, turn_id, where)
 
     async def create_conversation(self, ref: ConversationRef, metadata: str | None) -> bool:
         return await self._run(sql.create_conversation, Access.WRITE, ref, metadata, time.time())
@@ -135,8 +138,11 @@ class SQLStore:
     async def set_metadata(self, ref: ConversationRef, metadata: str | None) -> bool:
         return await self._run(sql.set_metadata, Access.WRITE, ref, metadata, time.time())
 
-    async def find_turn(self, ref: ConversationRef, turn_id: str) -> TurnRecord | None:
-        return await self._run(sql.find_turn, Access.READ, ref, turn_id)
+    async def find_turn(
+        self, ref: ConversationRef, turn_id: str, *, alive: tuple[float, float | None] | None = None
+    ) -> TurnRecord | None:
+        where = sql_memory.alive(*alive) if alive is not None else ("", ())
+        return await self._run(sql.find_turn, Access.READ, ref, turn_id, where)
 
     async def mark_answer(self, ref: ConversationRef, turn_id: str, until: float) -> None:
         await self._run(sql.mark_answer, Access.WRITE, ref, turn_id, until)
