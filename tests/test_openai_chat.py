@@ -474,6 +474,30 @@ async def test_conversation_mode_refuses_what_a_turn_cannot_hold(server, message
     assert not server.fake.requests  # refused before any upstream call
 
 
+async def test_conversation_mode_takes_nulls_and_fields_that_ask_for_nothing(server):
+    # what SDKs and apps send by default (null, no tools, plain text) is no reason to refuse
+    extra = {
+        "conversation": "c5",
+        "n": None,
+        "seed": None,
+        "tools": [],
+        "tool_choice": "none",
+        "response_format": {"type": "text"},
+    }
+    async with async_client(server) as client:
+        answer = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], top_p=0.5, extra_body=extra
+        )
+        with pytest.raises(openai.BadRequestError):  # out of range: refused by the core
+            await client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "x"}], top_p=2, extra_body=extra
+            )
+    assert answer.choices[0].message.content == "echo(1): hi"
+    sent_body = sent(server.fake)
+    assert sent_body["top_p"] == 0.5 and len(server.fake.requests) == 1
+    assert not {"tools", "tool_choice", "response_format", "seed", "n"} & set(sent_body)
+
+
 async def test_the_body_and_the_header_must_name_the_same_conversation(server):
     async with async_client(server) as client:
         with pytest.raises(openai.BadRequestError) as refused:

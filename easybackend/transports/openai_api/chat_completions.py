@@ -53,6 +53,7 @@ USED_FIELDS = frozenset(
         "messages",
         "model",
         "temperature",
+        "top_p",
         "max_tokens",
         "max_completion_tokens",
         "stream",
@@ -64,6 +65,14 @@ USED_FIELDS = frozenset(
     }
 )
 IGNORED_FIELDS = frozenset({"safety_identifier", "metadata", "store", "prompt_cache_key"})
+# Values of fields a turn cannot hold that ask for nothing (no tools, plain text): accepted
+# as if absent, like a null.
+ASKING_NOTHING: dict[str, tuple[Any, ...]] = {
+    "tools": ([],),
+    "functions": ([],),
+    "tool_choice": ("none",),
+    "response_format": ({"type": "text"},),
+}
 SYSTEM_ROLES = ("system", "developer")
 # How several new messages of one role become one text (see conversation_ask).
 JOIN_MESSAGES = "\n\n"
@@ -118,6 +127,7 @@ class ChatCompletionRequestDoc(pydantic.BaseModel):
         None, description="include_usage: a last chunk with the usage"
     )
     temperature: float | None = None
+    top_p: float | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     conversation: str | None = pydantic.Field(
@@ -250,7 +260,7 @@ def conversation_ask(
       (joined the same way), sent instead of the conversation's stored one,
       as a native ask's ``system``;
     - content is a string or a list of ``text`` parts (joined by a newline);
-    - ``model``, ``temperature``, ``max_completion_tokens`` (or
+    - ``model``, ``temperature``, ``top_p``, ``max_completion_tokens`` (or
       ``max_tokens``) are the ask's overrides; ``parent_id`` places the turn
       (a branch, ``"root"``), as on the native API; ``user`` is the end user
       the ask is for (``USER_RPM``).
@@ -258,10 +268,17 @@ def conversation_ask(
     Raises InvalidInput naming the field (``param``) for anything a turn cannot
     hold: assistant, tool or function messages (the server keeps the
     history), image, audio or file parts, ``tools`` and every field not in
-    USED_FIELDS or IGNORED_FIELDS, ``n`` other than 1, no user message.
+    USED_FIELDS or IGNORED_FIELDS, ``n`` other than 1, no user message. A field
+    that is null, or whose value asks for nothing (ASKING_NOTHING: ``tools: []``,
+    ``response_format: {"type": "text"}``…), counts as absent.
     """
     if not isinstance(body, dict):
         raise InvalidInput("the request body must be a JSON object")
+    body = {
+        name: value
+        for name, value in body.items()
+        if value is not None and value not in ASKING_NOTHING.get(name, ())
+    }
     for name in body:
         if name not in USED_FIELDS and name not in IGNORED_FIELDS:
             raise InvalidInput(
@@ -335,6 +352,7 @@ def conversation_ask(
         turn_id=new_turn_id(),  # named before the answer: the chunks' id holds it
         model=model,
         temperature=temperature,
+        top_p=body.get("top_p"),  # the core checks it
         max_tokens=max_tokens,
         system=JOIN_MESSAGES.join(systems) if systems else None,
         parent_id=parent_id,
