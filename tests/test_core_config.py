@@ -10,6 +10,8 @@ import trio
 from helpers.servers import ServerProcess, clean_env, free_port, run_cli
 from helpers.upstream import UPSTREAM_KEY
 
+from easybackend.settings import ConfigError, load_settings
+
 BASE = {"OPENAI_API_KEY": UPSTREAM_KEY, "HOST": "127.0.0.1", "GRPC_PORT": "off", "WS_PORT": "off"}
 
 BAD_CONFIGS = {
@@ -22,6 +24,14 @@ BAD_CONFIGS = {
         "MAX_RESPONSE_TOKENS",
     ),
     "unknown encoding": ({"ENCODING_NAME": "nope", "HTTP_PORT": "0"}, "nope"),
+    "unknown memory policy": (
+        {"MEMORY": "forget"},
+        "MEMORY='forget' must be truncate or summarize",
+    ),
+    "summary longer than half the budget": (
+        {"MAX_CONTEXT_TOKENS": "1000", "MAX_RESPONSE_TOKENS": "200", "SUMMARY_MAX_TOKENS": "401"},
+        "SUMMARY_MAX_TOKENS must be at most half",
+    ),
 }
 
 
@@ -52,6 +62,92 @@ async def test_bad_configuration_stops_start_up_with_one_line(tmp_path):
         line = check_one_error_line(results[name], mentions)
         assert "u:pw" not in line and "pw@" not in line, line
     assert "--demo" in results["no upstream key"].stderr.decode()
+
+
+def memory_settings(**env: str):
+    return load_settings(environ={"OPENAI_API_KEY": "unused", **env}, env_file=None)
+
+
+def test_memory_defaults_leave_conversations_unsummarized_and_unexpiring():
+    settings = memory_settings()
+    assert settings.memory == "truncate"
+    assert settings.conversation_ttl is None
+    assert settings.summary_max_tokens is None and settings.summary_threshold is None
+    assert settings.auto_title is False
+    assert settings.sweep_interval == 60.0
+    assert settings.background_jobs == 4
+
+
+@pytest.mark.parametrize(
+    ("env", "field", "value"),
+    [
+        ({"MEMORY": " Summarize "}, "memory", "summarize"),
+        ({"MEMORY": "truncate"}, "memory", "truncate"),
+        ({"CONVERSATION_TTL": "off"}, "conversation_ttl", None),
+        ({"CONVERSATION_TTL": "0"}, "conversation_ttl", None),
+        ({"CONVERSATION_TTL": "never"}, "conversation_ttl", None),
+        ({"CONVERSATION_TTL": ""}, "conversation_ttl", None),
+        ({"CONVERSATION_TTL": "86400"}, "conversation_ttl", 86400.0),
+        ({"CONVERSATION_TTL": "1.5"}, "conversation_ttl", 1.5),
+        ({"AUTO_TITLE": "true"}, "auto_title", True),
+        ({"AUTO_TITLE": "on"}, "auto_title", True),
+        ({"AUTO_TITLE": "0"}, "auto_title", False),
+        ({"SWEEP_INTERVAL": "2.5"}, "sweep_interval", 2.5),
+        ({"BACKGROUND_JOBS": "16"}, "background_jobs", 16),
+        ({"SUMMARY_THRESHOLD": "300"}, "summary_threshold", 300),
+        ({"SUMMARY_MODEL": "small"}, "summary_model", "small"),
+        ({"SUMMARY_MODEL": ""}, "summary_model", None),
+        # exactly half of the budget (1000 - 200) is allowed
+        (
+            {
+                "MAX_CONTEXT_TOKENS": "1000",
+                "MAX_RESPONSE_TOKENS": "200",
+                "SUMMARY_MAX_TOKENS": "400",
+            },
+            "summary_max_tokens",
+            400,
+        ),
+    ],
+)
+def test_memory_variables_are_parsed(env, field, value):
+    assert getattr(memory_settings(**env), field) == value
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"MEMORY": "forget"}, "MEMORY='forget' must be truncate or summarize"),
+        ({"MEMORY": ""}, "MEMORY='' must be truncate or summarize"),
+        ({"CONVERSATION_TTL": "-5"}, "CONVERSATION_TTL='-5' must be a positive number of seconds"),
+        ({"CONVERSATION_TTL": "a day"}, "CONVERSATION_TTL='a day' is not a valid value"),
+        ({"CONVERSATION_TTL": "inf"}, "CONVERSATION_TTL='inf' must be a positive number"),
+        ({"AUTO_TITLE": "maybe"}, "AUTO_TITLE='maybe' must be true or false"),
+        ({"SWEEP_INTERVAL": "0"}, "SWEEP_INTERVAL='0' must be a positive number of seconds"),
+        ({"SWEEP_INTERVAL": "off"}, "SWEEP_INTERVAL='off' is not a valid value"),
+        ({"BACKGROUND_JOBS": "0"}, "BACKGROUND_JOBS='0' must be a positive whole number"),
+        ({"BACKGROUND_JOBS": "2.5"}, "BACKGROUND_JOBS='2.5' is not a valid value"),
+        ({"SUMMARY_THRESHOLD": "-1"}, "SUMMARY_THRESHOLD='-1' must be a positive whole number"),
+        ({"SUMMARY_MAX_TOKENS": "0"}, "SUMMARY_MAX_TOKENS='0' must be a positive whole number"),
+        (
+            # the default budget: MAX_CONTEXT_TOKENS 4096, no MAX_RESPONSE_TOKENS
+            {"SUMMARY_MAX_TOKENS": "2049"},
+            "SUMMARY_MAX_TOKENS must be at most half of MAX_CONTEXT_TOKENS minus",
+        ),
+        (
+            {
+                "MAX_CONTEXT_TOKENS": "1000",
+                "MAX_RESPONSE_TOKENS": "200",
+                "SUMMARY_MAX_TOKENS": "401",
+            },
+            "SUMMARY_MAX_TOKENS must be at most half of MAX_CONTEXT_TOKENS minus",
+        ),
+    ],
+)
+def test_bad_memory_variables_are_refused_with_their_reason(env, message):
+    with pytest.raises(ConfigError) as refused:
+        memory_settings(**env)
+    assert str(refused.value).startswith(message), refused.value
+    assert "\n" not in str(refused.value)
 
 
 async def test_taken_http_port_stops_start_up_naming_the_port(tmp_path):
