@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import httpx2
+import openai
 import psycopg
 import purerpc
 import pytest
@@ -33,6 +34,7 @@ from helpers.keys import (
     wait_for_status,
 )
 from helpers.logs import scrape
+from helpers.openai_sdk import async_client
 from helpers.postgres import pg_url
 from helpers.servers import Server, ServerProcess, StartServer, clean_env, free_port, run_cli
 from helpers.upstream import UPSTREAM_KEY, echo
@@ -469,6 +471,83 @@ async def test_a_stored_key_works_and_stops_on_every_protocol(
     assert grpcio_refused.code == grpc.StatusCode.UNAUTHENTICATED
     assert len(server.fake.requests) == before  # nothing reached the model
     assert (await http_ask(server, other, "1", "still")).status_code == 200  # the other key
+
+
+def key_status_seen(server: Server, name: str) -> str | None:
+    """The status of the stored key ``name`` in ``server``'s copy of the key table (None: none)."""
+    assert server.running.service is not None
+    found = server.running.service.keys.named(name)
+    return keys.key_status(found[0], time.time()) if found is not None else None
+
+
+async def openai_refusals(server: Server, secret: str) -> list[str]:
+    """What each /v1 call of ``secret`` gives: "ok", or the message of its AuthenticationError."""
+    model = server.settings.model
+    messages = [{"role": "user", "content": "hi"}]
+    said = []
+    async with async_client(server, secret) as sdk:
+
+        async def streamed() -> None:
+            async for _ in await sdk.chat.completions.create(
+                model=model, messages=messages, stream=True
+            ):
+                pass
+
+        for call in (
+            lambda: sdk.chat.completions.create(model=model, messages=messages),
+            streamed,
+            lambda: sdk.chat.completions.create(
+                model=model, messages=messages, extra_body={"conversation": "v1"}
+            ),
+            lambda: sdk.responses.create(model=model, input="hi"),
+            lambda: sdk.models.list(),
+            lambda: sdk.models.retrieve(model),
+        ):
+            try:
+                await call()
+            except openai.AuthenticationError as exc:
+                assert exc.type == "authentication_error" and secret not in exc.response.text
+                said.append(exc.body["message"])
+            else:
+                said.append("ok")
+    return said
+
+
+async def test_a_stored_key_changed_in_the_table_stops_on_the_openai_api_within_5_seconds(
+    start_server: StartServer, store_url: str
+):
+    """A key disabled or revoked behind the server's back (another instance, the CLI) is refused
+    by /v1 once the server's own copy of the table is read again, within PROPAGATION."""
+    server = await start_server(ADMIN_KEY=ADMIN_KEY, DATABASE_URL=store_url)
+    by_api = await create_key(server.http_url, "by-api")
+    store = await open_url(store_url, STORE_SETTINGS)
+    try:
+        in_store, _ = await keys.create_key(store, "in-store", {})
+        await wait_until(lambda: key_status_seen(server, "in-store") == "active", PROPAGATION)
+        for secret in (by_api, in_store):
+            assert await openai_refusals(server, secret) == ["ok"] * 6
+        asked = len(server.fake.requests)
+
+        await keys.update_key(store, "by-api", {"disabled": True})
+        await keys.revoke_key(store, "in-store")
+        # only the server's refresh of its copy can carry these changes: wait_until fails the
+        # test unless both arrive within PROPAGATION
+        await wait_until(
+            lambda: (
+                (key_status_seen(server, "by-api"), key_status_seen(server, "in-store"))
+                == ("disabled", "revoked")
+            ),
+            PROPAGATION,
+        )
+        assert await openai_refusals(server, by_api) == ["the API key is disabled"] * 6
+        assert await openai_refusals(server, in_store) == ["the API key is revoked"] * 6
+        assert len(server.fake.requests) == asked  # nothing reached the model
+
+        await keys.update_key(store, "by-api", {"disabled": False})
+        await wait_until(lambda: key_status_seen(server, "by-api") == "active", PROPAGATION)
+        assert await openai_refusals(server, by_api) == ["ok"] * 6
+    finally:
+        await store.close()
 
 
 async def test_disabled_and_expired_keys_stop_and_come_back(start_server: StartServer):
