@@ -1,18 +1,20 @@
 """Conversations idle longer than their expiry are forgotten (SPEC §15), on SQLite and PostgreSQL.
 
 Idleness is made, not waited for: a test moves a conversation's last activity
-back in the database (helpers.memory.age), so expiry is decided at once; the
-sweep runs every SWEEP_INTERVAL (a few hundredths of a second here) and is
-waited for by watching the database.
+back in the database (helpers.memory.age), or moves the clock of expiry
+(``Memory.now``) forward, so expiry is decided at once; the sweep runs every
+SWEEP_INTERVAL (a few hundredths of a second here) and is waited for by
+watching the database, or is run by the test itself.
 """
 
 from __future__ import annotations
 
 import time
 
+import psycopg
 import pytest
 import trio
-from helpers.database import sample_turn
+from helpers.database import db_rows, sample_turn
 from helpers.http import error_code, parse_sse
 from helpers.memory import age, conversation_ids, wait_gone
 from helpers.postgres import pg_url
@@ -76,6 +78,60 @@ async def test_an_idle_conversation_is_gone_and_its_next_ask_starts_anew(start_s
         {"role": "user", "content": "hello again"}
     ]
     assert again["turn"] == 1 and after["stored_turns"] == 1
+
+
+def last_activity(settings, conversation_id: str) -> float:
+    """The conversation's stored last activity (epoch seconds), read from the database."""
+    sql = "SELECT updated_at FROM conversations WHERE owner = '' AND conversation_id = "
+    if settings.database.is_postgres:
+        with psycopg.connect(settings.database_url, autocommit=True) as connection:
+            rows = connection.execute(sql + "%s", (conversation_id,)).fetchall()
+    else:
+        rows = db_rows(settings.sqlite_path, sql + "?", (conversation_id,))
+    assert len(rows) == 1, rows
+    return float(rows[0][0])
+
+
+async def test_expiry_follows_the_clock_of_memory_to_the_moment(start_server, backend):
+    # The sweeper in the nursery is kept out of the way (an hour apart): the test sweeps.
+    server = await start_server(SWEEP_INTERVAL=str(HOUR), **backend)
+    memory = server.running.service.memory
+    async with server.client() as client:
+        first = await ask(client, "timed", "hello")
+        changed = await client.put("/conversations/timed/settings", json={"expires_in": 60})
+        assert changed.status_code == 200, changed.text
+        await ask(client, "kept", "hello")  # no expiry of its own, and no server TTL
+        deadline = last_activity(server.settings, "timed") + 60
+
+        async def reads() -> list[int]:
+            listed = (await client.get("/conversations")).json()["conversations"]
+            return [
+                (await client.get("/conversations/timed")).status_code,
+                (await client.get(f"/conversations/timed/turns/{first['turn_id']}")).status_code,
+                (
+                    await client.get(f"/v1/conversations/timed/items/msg_{first['turn_id']}_u")
+                ).status_code,
+                200 if "timed" in [c["conversation_id"] for c in listed] else 404,
+            ]
+
+        memory.now = lambda: deadline - 0.01
+        before = await reads()
+        swept_before = await memory.sweep()
+        memory.now = lambda: deadline + 0.01
+        after = await reads()
+        stored_until_swept = "timed" in conversation_ids(server.settings)
+        swept_after = await memory.sweep()
+        left = conversation_ids(server.settings)
+        again = await ask(client, "timed", "hello again")  # a new conversation under the id
+
+    assert before == [200, 200, 200, 200] and swept_before == 0
+    assert after == [404, 404, 404, 404]
+    assert stored_until_swept  # gone for reads at once; deleted by the sweep
+    assert swept_after == 1 and left == {"kept"}
+    assert again["turn"] == 1
+    assert server.fake.requests[-1]["body"]["messages"] == [
+        {"role": "user", "content": "hello again"}
+    ]
 
 
 async def test_a_conversation_expiry_of_its_own_beats_the_server_ttl(start_server, backend):
