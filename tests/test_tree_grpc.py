@@ -8,6 +8,7 @@ nothing) and ``Regenerate`` (an ask, streamed, accounted and cancelled like
 ``Ask``). The original's newer client (``tests/protos/original_chat_b1d2923.proto``,
 compiled for grpcio at test time) branches with its field 3 instead of
 changing the model, and its older one (no field 3) continues from the head.
+The tests that change the tree by a turn's id run on both storage backends.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import purerpc
 import pytest
 import trio
 from google.protobuf import descriptor_pb2
-from helpers.database import stored_turns
 from helpers.grpc import (
     CALL_TIMEOUT,
     as_json,
@@ -33,9 +33,10 @@ from helpers.grpc import (
     status_of,
 )
 from helpers.logs import capture_access, metric
+from helpers.postgres import pg_url
 from helpers.servers import Server, StartServer, free_port
 from helpers.upstream import ALLOW_OTHER_MODEL, echo, events_of, history_of, upstream_messages
-from helpers.waiting import wait_until
+from helpers.waiting import wait_for, wait_until
 
 from easybackend.proto_gen import chat_pb2
 
@@ -56,6 +57,20 @@ def older_original(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """The original's proto of its README (no field 3), for grpcio."""
     out = tmp_path_factory.mktemp("original")
     return compile_for_grpcio(PROTOS / "original_chat.proto", out, "original_chat_readme")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The server's database: the SQLite default, or a schema of the local PostgreSQL."""
+    if request.param == "sqlite":
+        return {}
+    return {"DATABASE_URL": pg_url(request.getfixturevalue("pg_schema"))}
+
+
+@pytest.fixture
+async def grpc_backend_server(start_server: StartServer, backend: dict[str, str]) -> Server:
+    """``grpc_server`` on each storage backend."""
+    return await start_server(GRPC_PORT=str(free_port()), SHUTDOWN_GRACE="2", **backend)
 
 
 async def ask(server: Server, conversation_id: str, prompt: str, **fields: Any):
@@ -234,7 +249,8 @@ async def test_get_conversation_path_and_tree_views_are_the_http_forms(grpc_serv
 # --------------------------------------------------------------------------- the head
 
 
-async def test_set_head_switches_branch_and_rollback_deletes_nothing(grpc_server: Server):
+async def test_set_head_switches_branch_and_rollback_deletes_nothing(grpc_backend_server: Server):
+    grpc_server = grpc_backend_server
     one = await ask(grpc_server, "hd", "one")
     await ask(grpc_server, "hd", "two")
     three = await ask(grpc_server, "hd", "three")
@@ -283,7 +299,8 @@ async def test_set_head_switches_branch_and_rollback_deletes_nothing(grpc_server
     assert (await get(grpc_server, "hd")).stored_turns == 6
 
 
-async def test_delete_turn_deletes_its_branch_and_moves_the_head_up(grpc_server: Server):
+async def test_delete_turn_deletes_its_branch_and_moves_the_head_up(grpc_backend_server: Server):
+    grpc_server = grpc_backend_server
     one = await ask(grpc_server, "del", "one")
     two = await ask(grpc_server, "del", "two")
     await ask(grpc_server, "del", "three")
@@ -325,10 +342,10 @@ async def test_delete_turn_deletes_its_branch_and_moves_the_head_up(grpc_server:
 
 
 async def test_regenerate_answers_the_prompt_again_as_a_sibling_that_becomes_the_head(
-    start_server: StartServer,
+    start_server: StartServer, backend: dict[str, str]
 ):
     grpc_server = await start_server(
-        GRPC_PORT=str(free_port()), SHUTDOWN_GRACE="2", **ALLOW_OTHER_MODEL
+        GRPC_PORT=str(free_port()), SHUTDOWN_GRACE="2", **ALLOW_OTHER_MODEL, **backend
     )
     one = await ask(grpc_server, "rg", "one")
     two = await ask(grpc_server, "rg", "two")
@@ -379,8 +396,9 @@ async def test_regenerate_answers_the_prompt_again_as_a_sibling_that_becomes_the
 
 
 async def test_a_cancelled_regenerate_stores_its_partial_answer_as_a_cancelled_sibling(
-    grpc_server: Server,
+    grpc_backend_server: Server,
 ):
+    grpc_server = grpc_backend_server
     first = await ask(grpc_server, "rgc", "long [[fake:tokens=200]] [[fake:delay=0.02]]")
     request = chat_pb2.RegenerateRequest(conversation_id="rgc", turn_id=first.turn_id)
 
@@ -390,7 +408,11 @@ async def test_a_cancelled_regenerate_stores_its_partial_answer_as_a_cancelled_s
 
     assert cancelled.code == grpc.StatusCode.CANCELLED
     await wait_until(lambda: "disconnected" in events_of(grpc_server.fake, "chatcmpl-2"))
-    await wait_until(lambda: len(stored_turns(grpc_server.settings.sqlite_path, "rgc")) == 2)
+
+    async def stored_both() -> bool:
+        return (await get(grpc_server, "rgc", view="tree")).stored_turns == 2
+
+    await wait_for(stored_both)
     conversation = await get(grpc_server, "rgc")
     (partial,) = conversation.history
     assert partial.finish_reason == "cancelled"

@@ -1,13 +1,16 @@
 """Conversations as trees over HTTP, SSE and WebSocket JSON (SPEC §12): branches by parent_id,
-"root", regenerate, head switches, rollback that deletes nothing, deleting a branch."""
+"root", regenerate, head switches, rollback that deletes nothing, deleting a branch. The tests
+that change the tree by a turn's id (regenerate, a cancelled regenerate, head, rollback, delete)
+run on both storage backends."""
 
 from __future__ import annotations
 
+import pytest
 import trio
-from helpers.database import stored_turns
 from helpers.http import error_code, parse_sse
+from helpers.postgres import pg_url
 from helpers.upstream import ALLOW_OTHER_MODEL, echo, events_of, history_of, upstream_messages
-from helpers.waiting import wait_until
+from helpers.waiting import wait_for, wait_until
 from helpers.websocket import ws_json_ask
 
 
@@ -25,6 +28,15 @@ async def conversation(client, conversation_id: str, **params) -> dict:
 
 def prompts(turns: list[dict]) -> list[str]:
     return [turn["messages"][0]["text"] for turn in turns]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request) -> dict[str, str]:
+    """The server's database, for a test that starts its own: the SQLite default, or a schema
+    of the local PostgreSQL (``backend_server`` is the same for a server with no other setting)."""
+    if request.param == "sqlite":
+        return {}
+    return {"DATABASE_URL": pg_url(request.getfixturevalue("pg_schema"))}
 
 
 async def test_an_ask_with_parent_id_branches_and_its_context_is_that_path_only(server):
@@ -135,8 +147,8 @@ async def test_websocket_json_asks_branch_and_regenerate(ws_server):
     assert body["history"][0]["siblings"] == [one["turn_id"], regenerated[-1]["turn_id"]]
 
 
-async def test_regenerate_answers_the_same_prompt_again_as_a_sibling(start_server):
-    server = await start_server(**ALLOW_OTHER_MODEL)
+async def test_regenerate_answers_the_same_prompt_again_as_a_sibling(start_server, backend):
+    server = await start_server(**ALLOW_OTHER_MODEL, **backend)
     async with server.client() as client:
         one = await ask(client, "rg", "one")
         two = await ask(client, "rg", "two")
@@ -178,7 +190,10 @@ async def test_regenerate_answers_the_same_prompt_again_as_a_sibling(start_serve
     assert not_json.status_code == 400 and extra.status_code == 400
 
 
-async def test_a_cancelled_regenerate_stores_its_partial_answer_as_a_cancelled_sibling(server):
+async def test_a_cancelled_regenerate_stores_its_partial_answer_as_a_cancelled_sibling(
+    backend_server,
+):
+    server = backend_server
     async with server.client() as client:
         first = await ask(client, "rgc", "long [[fake:tokens=200]] [[fake:delay=0.02]]")
         received = 0
@@ -193,7 +208,11 @@ async def test_a_cancelled_regenerate_stores_its_partial_answer_as_a_cancelled_s
                         break
         with trio.fail_after(2):
             await wait_until(lambda: "disconnected" in events_of(server.fake, "chatcmpl-2"))
-        await wait_until(lambda: len(stored_turns(server.settings.sqlite_path, "rgc")) == 2)
+
+        async def stored_both() -> bool:
+            return (await conversation(client, "rgc", view="tree"))["stored_turns"] == 2
+
+        await wait_for(stored_both)
         body = await conversation(client, "rgc")
     (partial,) = body["history"]
     assert partial["finish_reason"] == "cancelled"
@@ -203,7 +222,8 @@ async def test_a_cancelled_regenerate_stores_its_partial_answer_as_a_cancelled_s
     assert first["response"].startswith(partial["messages"][1]["text"])
 
 
-async def test_head_switches_branch_and_rollback_deletes_nothing(server):
+async def test_head_switches_branch_and_rollback_deletes_nothing(backend_server):
+    server = backend_server
     async with server.client() as client:
         one = await ask(client, "hd", "one")
         two = await ask(client, "hd", "two")
@@ -244,7 +264,8 @@ async def test_head_switches_branch_and_rollback_deletes_nothing(server):
     assert "tree" not in body and body["stored_turns"] == 6  # the default view: the path only
 
 
-async def test_deleting_a_turn_deletes_its_branch_and_moves_the_head_up(server):
+async def test_deleting_a_turn_deletes_its_branch_and_moves_the_head_up(backend_server):
+    server = backend_server
     async with server.client() as client:
         one = await ask(client, "del", "one")
         two = await ask(client, "del", "two")
