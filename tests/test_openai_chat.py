@@ -498,6 +498,39 @@ async def test_conversation_mode_takes_nulls_and_fields_that_ask_for_nothing(ser
     assert not {"tools", "tool_choice", "response_format", "seed", "n"} & set(sent_body)
 
 
+# MODELS with aliases, GPT_ENGINE one of them: what an ask names is not what the provider is called
+ALIASES = {"GPT_ENGINE": "fast", "MODELS": "fast=fake-fast-model,slow=fake-slow-model"}
+
+
+async def test_conversation_mode_names_the_provider_model_in_every_chunk(start_server):
+    """The chunks name the model the provider is called with (an alias's, the default's, the
+    conversation's own), from the first one on, as the whole answer and the stored turn do."""
+    server = await start_server(**ALIASES)
+    async with server.client() as http:
+        await http.put("/conversations/own/settings", json={"model": "slow"})
+    cases = [  # (model named, conversation, the provider model)
+        ("slow", "named", "fake-slow-model"),
+        (openai.NOT_GIVEN, "default", "fake-fast-model"),
+        (openai.NOT_GIVEN, "own", "fake-slow-model"),
+    ]
+    async with async_client(server) as client:
+        for model, conversation, provider_model in cases:
+            asked = {"messages": [{"role": "user", "content": "hi"}], "model": model}
+            stream = await client.chat.completions.create(
+                **asked,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"conversation": conversation},
+            )
+            chunks = [chunk async for chunk in stream]
+            whole = await client.chat.completions.create(
+                **asked, extra_body={"conversation": conversation}
+            )
+            assert sent(server.fake)["model"] == provider_model
+            assert [c.model for c in chunks] == [provider_model] * len(chunks), conversation
+            assert whole.model == provider_model, conversation
+
+
 async def test_the_body_and_the_header_must_name_the_same_conversation(server):
     async with async_client(server) as client:
         with pytest.raises(openai.BadRequestError) as refused:

@@ -240,6 +240,39 @@ async def test_stream_with_the_sync_client(server):
     assert text == echo(1, "sync stream")
 
 
+async def test_the_stream_names_the_provider_model_from_response_created_on(start_server):
+    """With aliases (MODELS), the default (GPT_ENGINE) and a conversation's own model, every
+    event and the final response name the model the provider is called with, as the stored
+    response does: ``response.created`` too, and a background response from its create on."""
+    server = await start_server(
+        GPT_ENGINE="fast", MODELS="fast=fake-fast-model,slow=fake-slow-model"
+    )
+    async with server.client() as http:
+        await http.put("/conversations/own/settings", json={"model": "slow"})
+    cases = [  # (the request's fields, the provider model)
+        ({"model": "slow"}, "fake-slow-model"),
+        ({}, "fake-fast-model"),
+        ({"conversation": "own"}, "fake-slow-model"),
+    ]
+    async with async_client(server) as client:
+        for asked, provider_model in cases:
+            # create(stream=True): the SDK's responses.stream() insists on a model
+            stream = await client.responses.create(input="which model?", stream=True, **asked)
+            events = [event async for event in stream]
+            assert server.fake.requests[-1]["body"]["model"] == provider_model
+            shown = [event.response.model for event in events if hasattr(event, "response")]
+            assert shown == [provider_model] * 3, asked  # created, in_progress, completed
+            final = events[-1].response
+            assert final.status == "completed"
+            assert (await client.responses.retrieve(final.id)).model == provider_model
+        background = await client.responses.create(
+            input="[[fake:delay=0.1]] later", background=True, model="slow"
+        )
+        assert background.status == "in_progress"
+        assert background.model == "fake-slow-model"
+        assert (await client.responses.retrieve(background.id)).model == "fake-slow-model"
+
+
 async def test_an_error_before_the_first_piece_is_a_typed_error_not_a_stream(server):
     async with async_client(server) as client:
         with pytest.raises(openai.InternalServerError) as failed:

@@ -32,11 +32,17 @@ class Usage:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Start:
-    """The answer begins (the model accepted the call): it will be stored as turn ``turn_id``."""
+    """The answer begins (the model accepted the call): it will be stored as turn ``turn_id``.
+
+    ``model`` is the provider model the call names (an alias, the default or the
+    conversation's own model resolved), so a transport can show it before the
+    End; the End's is the one the provider reported, which the turn keeps.
+    """
 
     conversation_id: str
     turn_id: str
     seq: int = 1
+    model: str = ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -78,7 +84,7 @@ def replay(conversation_id: str, turn: TurnRecord) -> list[Event]:
     lengths = [int(n) for n in turn.pieces.split(",")] if turn.pieces else []
     if sum(lengths) != len(answer):
         lengths = [len(answer)] if answer else []
-    events: list[Event] = [Start(conversation_id, turn.turn_id)]
+    events: list[Event] = [Start(conversation_id, turn.turn_id, model=turn.model)]
     offset = 0
     for length in lengths:
         events.append(Delta(answer[offset : offset + length], len(events) + 1))

@@ -492,13 +492,13 @@ class ChatService:
                                     record.answered_by(upstream)
                                     if not seq:  # the model took the call: the answer begins
                                         seq = 1
-                                        yield Start(ref.conversation_id, turn_id)
+                                        yield Start(ref.conversation_id, turn_id, model=call.model)
                                 else:
                                     completion = item
                                 continue
                             if not seq:
                                 seq = 1
-                                yield Start(ref.conversation_id, turn_id)
+                                yield Start(ref.conversation_id, turn_id, model=call.model)
                             if len(item) > room:  # cut at the cap; leaving closes the upstream
                                 if room:
                                     seq += 1
@@ -537,7 +537,7 @@ class ChatService:
                 assert completion is not None
                 if not seq:
                     seq = 1
-                    yield Start(ref.conversation_id, turn_id)
+                    yield Start(ref.conversation_id, turn_id, model=call.model)
                 answer = "".join(pieces)
                 turn = self._new_turn(
                     call,

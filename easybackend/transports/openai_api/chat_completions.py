@@ -398,34 +398,36 @@ class _ChunkWriter:
     Streaming: a first chunk with the role, one chunk per Delta, a last chunk
     with the finish reason (and ``conversation_id``, ``turn_id``), then the
     usage chunk when asked. Every chunk's ``id``, and the whole answer's, is
-    ``chatcmpl-<turn id>`` (the id is chosen before the ask).
+    ``chatcmpl-<turn id>`` (the id is chosen before the ask). Every chunk's
+    ``model`` is the provider model the Start names (an alias or the default
+    resolved by the core), as the whole answer's is the End's; ``model`` here
+    is only what an answer without a Start would show.
     """
 
     def __init__(self, turn_id: str, model: str, include_usage: bool) -> None:
         self.id = f"chatcmpl-{turn_id}"
-        self.model = model
         self.created = int(time.time())
         self.include_usage = include_usage
-        head = {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": model,
-            "system_fingerprint": None,
-        }
-        encoded = json.dumps(head, ensure_ascii=False)[:-1]  # without the closing brace
-        self._head = f'data: {encoded}, "choices": [{{"index": 0, "delta": '.encode()
         self._tail = (
             b', "logprobs": null, "finish_reason": null}]'
             + (b', "usage": null' if include_usage else b"")
             + b"}\n\n"
         )
         self._started = False
+        self._named(model)
+
+    def _named(self, model: str) -> None:
+        """Name ``model`` in the chunks from now on."""
+        self.model = model
+        encoded = json.dumps(self._base(), ensure_ascii=False)[:-1]  # without the closing brace
+        self._head = f'data: {encoded}, "choices": [{{"index": 0, "delta": '.encode()
 
     def frames(self, event: object) -> bytes:
         """The events of one core event (the Start, a Delta, or the End)."""
         if isinstance(event, Start):  # the first chunk: the assistant's role
             self._started = True
+            if event.model:
+                self._named(event.model)
             return self._chunk({"role": "assistant", "content": ""})
         if isinstance(event, Delta):
             delta = (

@@ -62,6 +62,8 @@ class ResponseEvents:
 
     def of(self, event: Event) -> str:
         """The frames of the core's ``event``."""
+        if isinstance(event, Start) and event.model:  # the provider model, shown from the start
+            self.state.model = event.model
         frames = self._open()
         self.last = max(self.last, event.seq)
         if isinstance(event, Start):

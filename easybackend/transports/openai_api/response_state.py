@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from ...chat.answers import CANCELLED, FAILED, AnswerLog
-from ...chat.events import End
+from ...chat.events import End, Start
 from ...errors import ChatError, TooManyRequests, UpstreamRateLimited
 from ...storage import TurnRecord
 from . import ids, items
@@ -186,6 +186,8 @@ def state_of_log(base: ResponseState, log: AnswerLog) -> ResponseState:
     the text so far, and how it ended once it did."""
     state = base.fresh()
     state.text = log.text
+    if log.events and isinstance(log.events[0], Start) and log.events[0].model:
+        state.model = log.events[0].model  # the provider model, from the answer's start
     end = log.events[-1] if log.events else None
     if isinstance(end, End):
         state.model = end.model

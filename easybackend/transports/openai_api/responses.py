@@ -207,7 +207,7 @@ def response_routes(
         return current.state if current.log is None else state_of_log(current.state, current.log)
 
     async def tracked(
-        current: _Live, owner: str, events: AsyncIterator[Delta | End]
+        current: _Live, owner: str, events: AsyncIterator[Start | Delta | End]
     ) -> AsyncIterator[Start | Delta | End | _Cancelled]:
         """The ask's events while it can be cancelled; CANCELLED once it was.
 
@@ -245,6 +245,8 @@ def response_routes(
                         current.ended.set()
                     elif isinstance(event, Delta):
                         current.state.text += event.text
+                    elif isinstance(event, Start) and event.model:  # the provider model
+                        current.state.model = event.model
                     yield event
         except ChatError as exc:
             if isinstance(exc, PromptTooLong) and exc.param is None:
