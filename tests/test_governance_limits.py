@@ -22,7 +22,7 @@ import trio
 import trio.testing
 from helpers.grpc import grpcio_stream, rpc_error, status_of
 from helpers.http import bearer, error_code
-from helpers.keys import ADMIN_KEY, create_key, wait_for_status
+from helpers.keys import ADMIN_KEY, admin_call, create_key, wait_for_status
 from helpers.limits import Clock, freeze, utc
 from helpers.logs import capture_access, metric, scrape
 from helpers.openai_sdk import async_client
@@ -36,7 +36,7 @@ from easybackend.governance.keys import Grant
 from easybackend.governance.limits import Limits, checked_user, next_day, next_month
 from easybackend.metrics import Metrics
 from easybackend.proto_gen import chat_pb2
-from easybackend.settings import load_settings
+from easybackend.settings import DEFAULT_MODEL, load_settings
 from easybackend.storage import open_url
 
 STORE_SETTINGS = load_settings(
@@ -391,6 +391,33 @@ async def test_an_ask_over_the_keys_budget_is_refused_on_every_protocol_until_th
         assert refused == sum(REFUSED.values())
         clock.now = next_day(clock.now)
         assert (await client.post("/ask/c1", json={"prompt": "a new day"})).status_code == 200
+
+
+async def test_an_ask_refused_for_its_conversations_model_takes_no_window(
+    start_server: StartServer, database_env: dict[str, str]
+):
+    """A conversation's stored model that the key may no longer use refuses the ask before the
+    key's windows are taken: the key's one request of the minute is still there."""
+    server = await start_server(
+        ADMIN_KEY=ADMIN_KEY, MODELS=f"{DEFAULT_MODEL},other-model", **database_env
+    )
+    freeze(server, START)
+    secret = await create_key(server.http_url, "bot", rpm=1)
+    async with server.client(headers=bearer(secret)) as client:
+        stored = await client.put("/conversations/m/settings", json={"model": "other-model"})
+        assert stored.status_code == 200, stored.text
+        narrowed = await admin_call(
+            server.http_url, "PATCH", "/admin/keys/bot", {"models": [DEFAULT_MODEL]}
+        )
+        assert narrowed.status_code == 200, narrowed.text
+        asked = len(server.fake.requests)
+        refused = await client.post("/ask/m", json={"prompt": "hi"})
+        assert (refused.status_code, error_code(refused)) == (403, "model_not_allowed")
+        assert len(server.fake.requests) == asked
+        answered = await client.post("/ask/m", json={"prompt": "hi", "model": DEFAULT_MODEL})
+        assert answered.status_code == 200, answered.text  # the minute's one request
+        spent = await client.post("/ask/other", json={"prompt": "hi"})
+        assert (spent.status_code, error_code(spent)) == (429, "rate_limited")
 
 
 async def test_each_end_user_of_a_key_has_user_rpm_on_every_protocol(start_server: StartServer):

@@ -438,9 +438,6 @@ class ChatService:
         given = await self._counted_turns(request.preceding, created_at)
 
         with self._admitted(request):
-            # The key's and the end user's limits: a refused ask never reaches the upstream.
-            bill.ticket = await self.admit(request.caller, user)
-            bill.model = model
             async with self._hold(ref, live=False):
                 # Read under the conversation's lock: its head and the new turn's parent, then
                 # the newest turns of the path to the parent that fit.
@@ -456,6 +453,11 @@ class ChatService:
                     raise NotFound(f"no turn {named!r} in conversation {ref.conversation_id!r}")
                 if request.model is None and head.settings.model is not None:
                     model = self.model_for(head.settings.model, caller=request.caller)
+                # The key's and the end user's limits, after the conversation's own checks (the
+                # turn named, its stored model), so that an ask they refuse takes no window;
+                # an ask the limits refuse never reaches the upstream.
+                bill.ticket = await self.admit(request.caller, user)
+                bill.model = model
                 if regenerate is not None:
                     original = await self.storage.find_turn(ref, regenerate)
                     assert original is not None  # found by conversation_head, under the lock
