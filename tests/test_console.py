@@ -6,11 +6,15 @@ upstream answers ``echo(n): <prompt>``, n the number of messages it was sent.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
 from pathlib import Path
 
+import trio
 from helpers.browser import in_browser, skip_without_browser
+from helpers.logs import metric, scrape
 from helpers.servers import Server, StartServer
 from helpers.upstream import full_answer
 
@@ -94,6 +98,160 @@ async def test_chat_streams_continues_stops_and_shows_html_as_text(server: Serve
         "stop",
         "cancelled",
     ]
+
+
+class HeldUpstream:
+    """An upstream whose answer begins at once with one piece and ends only after ``finish``:
+    an answer that nothing cancelled is then stored whole. ``outcome``: ``completed``, or
+    ``disconnected`` when the server gave the call up first. It answers one call."""
+
+    PIECES = ("partial", " and the rest of it")
+
+    def __init__(self) -> None:
+        self.finish = trio.Event()
+        self.outcome: str | None = None
+        self.port = 0
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started(self.port)
+        await trio.serve_listeners(self._answer, listeners)
+
+    async def _answer(self, stream: trio.SocketStream) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += await stream.receive_some()
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n"
+        try:
+            await stream.send_all(head + b"Transfer-Encoding: chunked\r\n\r\n")
+            await stream.send_all(_chunk({"role": "assistant", "content": self.PIECES[0]}))
+            async with trio.open_nursery() as nursery:
+
+                async def watch() -> None:
+                    with contextlib.suppress(trio.BrokenResourceError):
+                        while await stream.receive_some():
+                            pass
+                    self.outcome = "disconnected"
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(watch)
+                await self.finish.wait()
+                if self.outcome is None:
+                    await stream.send_all(_chunk({"content": self.PIECES[1]}))
+                    await stream.send_all(_chunk({}, "stop") + _chunk(None) + b"0\r\n\r\n")
+                    self.outcome = "completed"
+                nursery.cancel_scope.cancel()
+        except trio.BrokenResourceError:
+            self.outcome = "disconnected"
+        await stream.aclose()
+
+
+def _chunk(delta: dict[str, str] | None, finish: str | None = None) -> bytes:
+    """One HTTP chunk holding one server-sent event of a chat completion (None: ``[DONE]``)."""
+    if delta is None:
+        event = b"data: [DONE]\n\n"
+    else:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        body = {"id": "c1", "object": "chat.completion.chunk", "model": "fake-model"}
+        event = b"data: " + json.dumps({**body, "choices": [choice]}).encode() + b"\n\n"
+    return b"%x\r\n%s\r\n" % (len(event), event)
+
+
+class SlowLink:
+    """A loopback forwarder between the browser and the server that holds what the server
+    sends on the connection of an ask (``POST /ask/``) until ``release``: the answer has begun
+    on the server (its ``start`` is sent) and the page has not seen it, as over a slow network.
+    ``answering`` (a threading.Event) says the server sent the start and the first piece."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.answering = threading.Event()
+        self.release = trio.Event()
+        self.port = 0
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started(self.port)
+        await trio.serve_listeners(self._forward, listeners)
+
+    async def _forward(self, browser: trio.SocketStream) -> None:
+        server = await trio.open_tcp_stream("127.0.0.1", self.target)
+        asked = False  # this connection carries an ask
+
+        async def up(done: trio.CancelScope) -> None:
+            nonlocal asked
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                while data := await browser.receive_some():
+                    asked = asked or data.startswith(b"POST /ask/")
+                    await server.send_all(data)
+            done.cancel()
+
+        async def down(done: trio.CancelScope) -> None:
+            held = b""
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                while data := await server.receive_some():
+                    if asked and not self.release.is_set():
+                        held += data
+                        if b"event: delta" not in held:
+                            continue  # held until the answer's first piece is written too
+                        self.answering.set()
+                        await self.release.wait()
+                        data, held = held, b""
+                    await browser.send_all(data)
+            done.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(up, nursery.cancel_scope)
+            nursery.start_soon(down, nursery.cancel_scope)
+        await trio.aclose_forcefully(server)
+        await trio.aclose_forcefully(browser)
+
+
+async def test_stop_before_the_page_sees_the_answer_start_cancels_it(
+    start_server: StartServer, nursery
+):
+    """Stop before the answer's first event reached the page (its turn not known yet): the
+    answer is cancelled as soon as its start names the turn. It runs in the background on the
+    server, so giving the request up alone would let it finish and be stored whole."""
+    skip_without_browser()
+    upstream = HeldUpstream()
+    await nursery.start(upstream.serve)
+    server = await start_server(OPENAI_BASE_URL=f"http://127.0.0.1:{upstream.port}/v1")
+    link = SlowLink(server.running.http_port)
+    await nursery.start(link.serve)
+
+    def scenario(page):
+        page.goto("/")
+        page.fill("#prompt", "stop me early")
+        page.press("#prompt", "Enter")
+        assert link.answering.wait(10)  # the server has begun the answer and written a piece
+        assert page.locator(".msg.streaming .body").inner_text() == ""
+        page.click("#stop")
+        trio.from_thread.run_sync(link.release.set)  # the page sees the start now
+        page.wait_for_selector("#send:not([hidden])")  # the console is done with the answer
+        trio.from_thread.run_sync(upstream.finish.set)  # an answer still running would end
+        return conversation_id(page)
+
+    cid = await in_browser(f"http://127.0.0.1:{link.port}", scenario)
+    async with server.client() as client:
+        with trio.fail_after(10):  # the answer's end, whichever it is
+            while True:
+                text = await scrape(client)
+                asks = sum(
+                    metric(text, "easybackend_asks_total", protocol="sse", outcome=outcome)
+                    for outcome in ("ok", "cancelled")
+                )
+                if asks and not metric(text, "easybackend_active_streams", protocol="sse"):
+                    break
+                await trio.sleep(0.01)
+        response = await client.get(f"/conversations/{cid}")
+    assert response.status_code == 200, response.text
+    history = response.json()["history"]
+    assert [turn["finish_reason"] for turn in history] == ["cancelled"]
+    assert history[0]["messages"][1]["text"] == HeldUpstream.PIECES[0]
+    assert upstream.outcome == "disconnected"
 
 
 async def test_a_reload_during_an_answer_picks_it_up_where_it_is(server: Server):

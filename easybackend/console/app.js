@@ -12,6 +12,7 @@ const REATTACHES = 5; // tries to follow an answer again after its stream broke
 
 const state = {
   id: null, conversation: null, controller: null, answer: null, askedKey: false, models: null,
+  stopWanted: false, // Stop was pressed before the answer's start named its turn
 };
 
 // -- requests ----------------------------------------------------------------------------
@@ -225,6 +226,7 @@ async function switchTo(turnId) {
 function busy(on) {
   $("send").hidden = on;
   $("stop").hidden = !on;
+  $("stop").disabled = false;
 }
 
 // Reads Server-Sent Events from a fetch response; calls onEvent(name, data, id) for each.
@@ -294,6 +296,7 @@ async function receive(answer, open) {
   let ended = false;
   state.controller = new AbortController();
   state.answer = answer;
+  state.stopWanted = false;
   const signal = state.controller.signal;
   busy(true);
   try {
@@ -309,6 +312,7 @@ async function receive(answer, open) {
           if (name === "start") {
             answer.turn = data.turn_id;
             sessionStorage.setItem(ANSWER, JSON.stringify(answer));
+            if (state.stopWanted) cancel(answer); // Stop came first: cancel it now
           } else if (name === "delta") {
             text += data.text;
             reply.querySelector(".body").replaceChildren(render(text));
@@ -334,6 +338,7 @@ async function receive(answer, open) {
     if (ended || !answer.turn) sessionStorage.removeItem(ANSWER);
     state.controller = null;
     state.answer = null;
+    state.stopWanted = false;
     busy(false);
   }
   await reload();
@@ -350,15 +355,24 @@ function regenerate(turnId) {
   return stream(conv("/turns/" + encodeURIComponent(turnId) + "/regenerate/stream"), {}, null);
 }
 
-// Stop: the answer is cancelled on the server (stored as cancelled; its stream then ends);
-// before its first event, the request itself is given up, which cancels it too.
-async function stop() {
-  const turn = state.answer?.turn;
-  if (turn) {
-    const response = await call(conv("/turns/" + encodeURIComponent(turn) + "/cancel"), { method: "POST" });
-    if (response.ok) return;
-  }
-  state.controller?.abort();
+// Stop: the answer is cancelled on the server (stored as cancelled, or not at all when none of
+// it was written yet); its stream then ends. Before its first event the turn is not known, and
+// giving the request up would not cancel it (the console asks in the background): the request
+// goes on, and the answer is cancelled as soon as its start names the turn (see receive).
+function stop() {
+  const answer = state.answer;
+  if (!answer) return;
+  $("stop").disabled = true;
+  if (answer.turn) cancel(answer);
+  else state.stopWanted = true;
+}
+
+// Cancels the answer on the server; when that fails (it ended already, say), stops reading it.
+async function cancel(answer) {
+  const path = "/conversations/" + encodeURIComponent(answer.id) + "/turns/" +
+    encodeURIComponent(answer.turn) + "/cancel";
+  const response = await call(path, { method: "POST" }).catch(() => null);
+  if (!response?.ok && state.answer === answer) state.controller?.abort();
 }
 
 // -- settings -----------------------------------------------------------------------------
