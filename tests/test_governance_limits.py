@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import httpx2
 import openai
+import psycopg
 import purerpc
 import pytest
 import trio
@@ -420,8 +421,10 @@ async def test_an_ask_refused_for_its_conversations_model_takes_no_window(
         assert (spent.status_code, error_code(spent)) == (429, "rate_limited")
 
 
-async def test_each_end_user_of_a_key_has_user_rpm_on_every_protocol(start_server: StartServer):
-    server = await every_protocol_server(start_server, USER_RPM="1")
+async def test_each_end_user_of_a_key_has_user_rpm_on_every_protocol(
+    start_server: StartServer, database_env: dict[str, str]
+):
+    server = await every_protocol_server(start_server, USER_RPM="1", **database_env)
     freeze(server, START)
     secret = await create_key(server.http_url, "bot")  # no limit of its own
     headers = bearer(secret)
@@ -525,6 +528,10 @@ async def test_each_end_user_of_a_key_has_user_rpm_on_every_protocol(start_serve
     assert metric(text, "easybackend_limit_refusals_total", key="bot", limit="user_rpm") == len(
         asks
     )
+    if database_env:  # PostgreSQL: the windows are the database's, which every instance shares
+        with psycopg.connect(database_env["DATABASE_URL"], connect_timeout=5) as connection:
+            rows = connection.execute("SELECT name FROM rate_windows").fetchall()
+        assert {name for (name,) in rows} >= {f"user:bot:user of {name}" for name in asks}
 
 
 async def test_a_user_that_is_no_end_user_id_is_invalid_input(start_server: StartServer):
