@@ -291,10 +291,43 @@ async def test_a_failure_mid_stream_ends_with_response_failed(server):
             model=MODEL, input="[[fake:tokens=20]] [[fake:disconnect_after=3]] break", stream=True
         )
         events = [event async for event in stream]
+        # the SDK's helper yields it too; its final response is a completed one only
+        broken = "[[fake:tokens=20]] [[fake:disconnect_after=3]] again"
+        async with client.responses.stream(model=MODEL, input=broken) as helper:
+            kinds = [event.type async for event in helper]
+            with pytest.raises(RuntimeError, match="response.completed"):
+                await helper.get_final_response()
+    assert kinds[-1] == "response.failed" and "error" not in kinds
     assert events[-1].type == "response.failed"
     assert events[-1].response.status == "failed"
     assert events[-1].response.error.code == "server_error"
     assert [e.sequence_number for e in events] == list(range(len(events)))
+
+
+async def test_the_shutdown_grace_ends_a_stream_with_response_failed_never_an_error_event(
+    start_server,
+):
+    """After the stream began every failure is ``response.failed`` (the shutdown grace's end
+    too): no ``error`` event is ever sent."""
+    server = await start_server(SHUTDOWN_GRACE="0.5")
+    body = {"model": MODEL, "input": "[[fake:tokens=2000]] [[fake:delay=0.01]]", "stream": True}
+    text = ""
+    async with server.client() as http:
+        with trio.fail_after(10):
+            async with http.stream("POST", "/v1/responses", json=body) as reply:
+                assert reply.status_code == 200
+                async for part in reply.aiter_text():
+                    text += part
+                    if text.count("response.output_text.delta") >= 6:  # event: and type
+                        server.shutdown.set()  # the grace ends 0.5 s later, mid-answer
+    frames = parse_sse(text)
+    names = [name for name, _ in frames]
+    assert names[-1] == "response.failed" and "error" not in names
+    assert names.count("response.failed") == 1 and "response.completed" not in names
+    failed = frames[-1][1]["response"]
+    assert failed["status"] == "failed" and failed["error"]["code"] == "server_error"
+    assert "shutting down" in failed["error"]["message"]
+    assert [data["sequence_number"] for _, data in frames] == list(range(len(frames)))
 
 
 # -- chains and branches
