@@ -222,6 +222,22 @@ async def test_the_budgets_are_read_back_from_the_usage(store, store_url):
     assert await later.spent_now("bot") == (60, 60)
 
 
+async def test_what_a_key_spent_counts_its_usage_not_yet_written_in_the_day_and_the_month(
+    store, store_url
+):
+    clock = Clock(START + 86400)  # 2 December: 1 December is in the month, not in the day
+    limits = limits_on(store, store_url, clock)
+    ticket = await limits.admit(Grant("bot", stored=True), "bot", None)  # no limit: batched
+    clock.advance(-86400)
+    await limits.charge(ticket, "m", 3, 4)
+    clock.advance(86400)
+    await limits.charge(ticket, "m", 10, 20)
+    assert await limits.spent_now("bot") == (30, 37)  # kept in this process, not yet written
+    await limits.flush()
+    assert await limits.spent_now("bot") == (30, 37)  # written now: still counted once
+    assert await limits.spent_now("other") == (0, 0)
+
+
 async def test_windows_of_the_database_are_shared_by_instances(pg_schema):
     """Two instances on one PostgreSQL database, taking one key's window at once."""
     url = pg_url(pg_schema)

@@ -438,22 +438,23 @@ class Limits:
                 raise
 
     async def spent_now(self, key_name: str) -> tuple[int, int]:
-        """The tokens ``key_name`` ("" with keys off) spent today and this month (UTC)."""
+        """The tokens ``key_name`` ("" with keys off) spent today and this month (UTC): the
+        written usage and what this process keeps to write, each counted once, in both
+        periods. Raises StorageUnavailable."""
         now = self.clock()
+        day, month = day_of(now), month_of(now)
         if not self.shared:
             await self._load_spent(now)
-            return (
-                self._spent.get((key_name, day_of(now)), 0),
-                self._spent.get((key_name, month_of(now)), 0),
-            )
-        found = await self.table.spent(key_name, day_of(now), month_of(now))
-        pending = sum(
-            figures[1] + figures[2]
-            for (key, day, _), figures in self._pending.items()
-            if key == key_name and day.startswith(month_of(now))
-        )
-        today, month = (found[0][1], found[0][2]) if found else (0, 0)
-        return today, month + pending
+            return self._spent.get((key_name, day), 0), self._spent.get((key_name, month), 0)
+        async with self._io:  # no flush moves kept usage into the table between the two reads
+            found = await self.table.spent(key_name, day, month)
+            today, this_month = (found[0][1], found[0][2]) if found else (0, 0)
+            for (key, when, _), (_, prompt, completion) in self._pending.items():
+                if key == key_name and when.startswith(month):
+                    this_month += prompt + completion
+                    if when == day:
+                        today += prompt + completion
+        return today, this_month
 
     async def usage_rows(
         self, key_name: str | None, first_day: str, last_day: str
