@@ -18,6 +18,7 @@ from helpers.logs import metric, scrape
 from helpers.servers import Server, StartServer
 from helpers.upstream import full_answer
 
+from easybackend.settings import DEFAULT_MODEL
 from easybackend.transports.http_console import CSP
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -298,6 +299,12 @@ async def test_branches_edit_regenerate_and_switch(server: Server):
         page.click(".siblings .prev")
         page.get_by_text("2/3").wait_for()
         assert page.get_by_text("echo(1): first").count() == 1
+        assert page.locator(".siblings .next").is_enabled()
+        page.click(".siblings .prev")
+        page.get_by_text("1/3").wait_for()
+        assert page.locator(".siblings .prev").is_disabled()
+        page.click(".siblings .next")
+        page.get_by_text("2/3").wait_for()
         return conversation_id(page)
 
     cid = await in_browser(server.http_url, scenario)
@@ -341,34 +348,49 @@ async def test_rollback_rename_export_and_delete(server: Server):
         assert (await client.get("/conversations/kept")).status_code == 404
 
 
-async def test_settings_sidebar_search_and_language(server: Server):
+async def test_settings_sidebar_search_and_language(start_server: StartServer):
+    """The settings panel shows the stored settings and the summary the server has, and saves
+    them: the model chosen from the allowed list is the one the next ask sends upstream."""
     skip_without_browser()
-
     from playwright.sync_api import expect
 
+    server = await start_server(MODELS=f"{DEFAULT_MODEL},fast=gpt-4o-mini", MEMORY="summarize")
+    async with server.client() as client:
+        response = await client.post("/ask/fruit", json={"prompt": MARKDOWN})
+        assert response.status_code == 200, response.text
+        summary = {"summary": "The user likes apples."}
+        response = await client.put("/conversations/fruit/summary", json=summary)
+        assert response.status_code == 200, response.text
+
     def scenario(page):
-        page.goto("/")
-        page.fill("#prompt", MARKDOWN)
-        page.press("#prompt", "Enter")
+        page.goto("/#fruit")
         page.get_by_text("echo(1): apples").wait_for()
-        page.wait_for_selector("#send:not([hidden])")
         answer = page.locator(".msg.assistant").first
         assert answer.locator("table td").first.inner_text() == "apple"
         assert answer.locator("li strong").inner_text() == "red"
         assert answer.locator("pre code").inner_text() == "print('hi')"
         page.click("#settings-toggle")
+        page.wait_for_selector("#settings-form:not([disabled])")
+        assert page.input_value("#summary") == "The user likes apples."  # the server's
+        options = page.locator("#set-model option").evaluate_all("(os) => os.map((o) => o.value)")
+        assert options == ["", DEFAULT_MODEL, "fast"]
         page.fill("#set-title", "Fruit talk")
         page.fill("#set-system", "You are terse.")
+        page.select_option("#set-model", "fast")
         page.fill("#set-temperature", "0.3")
         page.select_option("#set-memory", "summarize")
         page.click("#save-settings")
         page.wait_for_selector("#settings-status:text('Saved')")
         page.locator("#conversations li").get_by_text("Fruit talk").wait_for()
-        page.fill("#summary", "The user likes apples.")
+        page.fill("#summary", "The user likes apples and pears.")
+        page.evaluate("document.getElementById('settings-status').textContent = ''")
         page.click("#save-summary")
         page.wait_for_selector("#settings-status:text('Saved')")
         screenshot(page, "console-settings.png")
-        cid = conversation_id(page)
+        page.fill("#prompt", "and now")
+        page.press("#prompt", "Enter")
+        page.get_by_text("echo(3): and now").wait_for()  # the system prompt, the summary, it
+        page.wait_for_selector("#send:not([hidden])")
         page.click("#new-chat")
         page.fill("#search", "nothing-like-this")
         expect(page.locator("#conversations li")).to_have_count(0)
@@ -377,17 +399,21 @@ async def test_settings_sidebar_search_and_language(server: Server):
         page.get_by_text("echo(1): apples").wait_for()
         page.select_option("#lang", "zh")
         page.get_by_role("button", name="发送").wait_for()
-        return cid
 
-    cid = await in_browser(server.http_url, scenario, locale="en-US")
-    conversation = await stored(server, cid)
+    await in_browser(server.http_url, scenario, locale="en-US")
+    conversation = await stored(server, "fruit")
     settings = conversation["settings"]
     assert conversation["title"] == "Fruit talk"
-    assert settings["system"] == "You are terse."
+    assert settings["system"] == "You are terse." and settings["model"] == "fast"
     assert settings["temperature"] == 0.3 and settings["memory"] == "summarize"
     async with server.client() as client:
-        summary = (await client.get(f"/conversations/{cid}/summary")).json()
-    assert summary["summary"] == "The user likes apples."
+        summary = (await client.get("/conversations/fruit/summary")).json()
+    assert summary["summary"] == "The user likes apples and pears."
+    last = server.fake.requests[-1]["body"]
+    assert last["model"] == "gpt-4o-mini" and last["temperature"] == 0.3
+    system, summary_message, _ = last["messages"]
+    assert system == {"role": "system", "content": "You are terse."}
+    assert summary_message["content"].endswith("The user likes apples and pears.")
 
 
 async def test_chinese_from_the_browser_and_the_key_asked_once(start_server: StartServer):
