@@ -165,3 +165,21 @@ async def test_turns_stored_before_the_upgrade_are_found(start_server, tmp_path)
         deleted = await client.delete("/conversations/legacy")
         assert deleted.status_code == 204
         assert await search(client, "zeppelin") == []
+
+
+@pytest.mark.parametrize("word", ["walrus", "万里长城", "长城"])
+async def test_a_title_match_ranks_first_then_more_matching_turns(start_server, backend, word):
+    server = await start_server(**backend)
+    async with server.client() as client:
+        await ask(client, "one", f"just one {word} here, 一次")
+        for number in range(3):
+            await ask(client, "many", f"again {word} number {number}, 再一次")
+        await ask(client, "titled", "nothing to find in this turn")
+        titled = await client.put(
+            "/conversations/titled/settings", json={"title": f"Notes: {word}"}
+        )
+        assert titled.status_code == 200, titled.text
+        await ask(client, "latest", "the most recent conversation, without the word")
+        ranked = await search(client, word)
+
+    assert ranked == ["titled", "many", "one"]

@@ -521,13 +521,13 @@ def search(
     every one of ``terms`` (case-insensitive), best first; ``where`` is a further condition
     on ``c`` (see :func:`alive`).
 
-    SQLite, when every term has three characters or more: the FTS5 trigram
-    index, ranked by bm25 summed over the conversation's matching documents (a
-    title counting twice). Otherwise (shorter terms, which trigrams cannot
-    match, and PostgreSQL): LIKE / ILIKE, through pg_trgm's indexes on
-    PostgreSQL; ranked by a title match first, then the number of matching
-    turns. Ties go to the most recently active. Each result's cursor is the
-    offset after it.
+    Every engine ranks a title match first. SQLite, when every term has three
+    characters or more: the FTS5 trigram index, then ranked by bm25 summed over
+    the conversation's matching documents (a title counting twice). Otherwise
+    (shorter terms, which trigrams cannot match, and PostgreSQL): LIKE / ILIKE,
+    through pg_trgm's indexes on PostgreSQL; then ranked by the number of
+    matching turns. Ties go to the most recently active. Each result's cursor is
+    the offset after it.
     """
     if dialect.name != "postgresql" and all(len(term) >= 3 for term in terms):
         query = " ".join('"' + term.replace('"', '""') + '"' for term in terms)
@@ -536,6 +536,7 @@ def search(
             "matched AS MATERIALIZED (SELECT rowid AS doc, bm25(search_index) AS score"
             " FROM search_index WHERE search_index MATCH ?),"
             " hits AS (SELECT doc / 4294967296 AS pk,"
+            " max(CASE WHEN doc % 4294967296 = 0 THEN 1 ELSE 0 END) AS title_hit,"
             " sum(CASE WHEN doc % 4294967296 = 0 THEN 2.0 ELSE 1.0 END * score) AS score"
             " FROM matched GROUP BY doc / 4294967296)"
         )
@@ -544,7 +545,8 @@ def search(
             f"WITH {ranked} SELECT {SUMMARY_COLUMNS} FROM hits"
             f" JOIN {SUMMARY_FROM.replace('conversations c', 'conversations c ON c.pk = hits.pk', 1)}"
             f" WHERE c.owner = ?{where[0]}"
-            " ORDER BY hits.score, c.updated_at DESC, c.pk DESC LIMIT ? OFFSET ?",
+            " ORDER BY hits.title_hit DESC, hits.score, c.updated_at DESC, c.pk DESC"
+            " LIMIT ? OFFSET ?",
             (query, owner, *where[1], limit, offset),
         ).fetchall()
     else:
