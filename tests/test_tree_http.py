@@ -26,6 +26,18 @@ async def conversation(client, conversation_id: str, **params) -> dict:
     return reply.json()
 
 
+# Values of an ask's options that only a lax reading takes (for 1, 1.0, True).
+LAX_OPTIONS = [
+    {"max_tokens": True},
+    {"max_tokens": 1.0},
+    {"max_tokens": "3"},
+    {"temperature": True},
+    {"temperature": "1"},
+    {"background": 1},
+    {"background": "true"},
+]
+
+
 def prompts(turns: list[dict]) -> list[str]:
     return [turn["messages"][0]["text"] for turn in turns]
 
@@ -180,6 +192,13 @@ async def test_regenerate_answers_the_same_prompt_again_as_a_sibling(start_serve
         extra = await client.post(
             f"/conversations/rg/turns/{two['turn_id']}/regenerate", json={"prompt": "no"}
         )
+        # the options keep their JSON types, as in the core (and an ask's)
+        regenerate = f"/conversations/rg/turns/{two['turn_id']}/regenerate"
+        lax = [
+            await client.post(path, json={**({"prompt": "x"} if "/ask/" in path else {}), **bad})
+            for path in (regenerate, f"{regenerate}/stream", "/ask/rg", "/ask/rg/stream")
+            for bad in LAX_OPTIONS
+        ]
         assert len(server.fake.requests) == sent
 
     assert body["head"] == events[-1][1]["turn_id"]
@@ -188,6 +207,7 @@ async def test_regenerate_answers_the_same_prompt_again_as_a_sibling(start_serve
     assert unknown.status_code == 404 and error_code(unknown) == "not_found"
     assert malformed.status_code == 400 and error_code(malformed) == "invalid_input"
     assert not_json.status_code == 400 and extra.status_code == 400
+    assert [(r.status_code, error_code(r)) for r in lax] == [(400, "invalid_input")] * len(lax)
 
 
 async def test_a_cancelled_regenerate_stores_its_partial_answer_as_a_cancelled_sibling(
@@ -258,9 +278,19 @@ async def test_head_switches_branch_and_rollback_deletes_nothing(backend_server)
         unknown = await client.put("/conversations/hd/head", json={"turn_id": "f" * 24})
         bad = await client.put("/conversations/hd/head", json={"turn_id": "a b"})
         nowhere = await client.put("/conversations/none/head", json={"turn_id": one["turn_id"]})
+        # a JSON integer of turns and a JSON string id only, as in the core
+        refused = [
+            await client.post("/conversations/hd/rollback", json={"turns": turns})
+            for turns in (True, 1.0, "1", 0, None)
+        ] + [
+            await client.put("/conversations/hd/head", json={"turn_id": turn_id})
+            for turn_id in (5, True, None, [three["turn_id"]])
+        ]
         body = await conversation(client, "hd")
     assert unknown.status_code == 404 and error_code(unknown) == "not_found"
     assert bad.status_code == 400 and nowhere.status_code == 404
+    assert [(r.status_code, error_code(r)) for r in refused] == [(400, "invalid_input")] * 9
+    assert body["turns"] == 1  # the head stayed at "fresh start"
     assert "tree" not in body and body["stored_turns"] == 6  # the default view: the path only
 
 

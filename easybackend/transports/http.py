@@ -114,10 +114,13 @@ USER_DESCRIPTION = (
 
 
 class AskBody(pydantic.BaseModel):
-    """An ask. Only ``prompt`` is required; the rest override the server's settings for this turn."""
+    """An ask. Only ``prompt`` is required; the rest override the server's settings for this turn.
+    Values keep their JSON types, as in the core: ``"max_tokens": true``, ``1.0`` or ``"1"``,
+    ``"background": 1`` are refused (400)."""
 
     model_config = pydantic.ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [{"prompt": "你好"}, {"prompt": "Tell me a joke", "temperature": 1.2}]
         },
@@ -148,10 +151,11 @@ class AskBody(pydantic.BaseModel):
 
 
 class RegenerateBody(pydantic.BaseModel):
-    """A regenerate: the turn's prompt asked again. Every field is optional (so is the body)."""
+    """A regenerate: the turn's prompt asked again. Every field is optional (so is the body);
+    values keep their JSON types, as in an ask's."""
 
     model_config = pydantic.ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{}, {"temperature": 1.5}]}
+        extra="forbid", strict=True, json_schema_extra={"examples": [{}, {"temperature": 1.5}]}
     )
 
     model: str | None = pydantic.Field(

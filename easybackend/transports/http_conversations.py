@@ -210,8 +210,10 @@ class ConversationQuery(pydantic.BaseModel):
 
 
 class RollbackBody(pydantic.BaseModel):
+    """A rollback. ``turns`` is a JSON integer: ``true``, ``1.0`` or ``"1"`` is refused (400)."""
+
     model_config = pydantic.ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"turns": 1}]}
+        extra="forbid", strict=True, json_schema_extra={"examples": [{"turns": 1}]}
     )
 
     turns: int = pydantic.Field(ge=1, description="How many turns to move the head back")
@@ -228,8 +230,12 @@ class RollbackResult(pydantic.BaseModel):
 
 
 class HeadBody(pydantic.BaseModel):
+    """A head switch. ``turn_id`` is a JSON string: a number or ``null`` is refused (400)."""
+
     model_config = pydantic.ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"turn_id": "5c668971bf44ff809097e1a5"}]}
+        extra="forbid",
+        strict=True,
+        json_schema_extra={"examples": [{"turn_id": "5c668971bf44ff809097e1a5"}]},
     )
 
     turn_id: str = pydantic.Field(
