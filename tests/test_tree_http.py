@@ -11,7 +11,7 @@ from helpers.http import error_code, parse_sse
 from helpers.postgres import pg_url
 from helpers.upstream import ALLOW_OTHER_MODEL, echo, events_of, history_of, upstream_messages
 from helpers.waiting import wait_for, wait_until
-from helpers.websocket import ws_json_ask
+from helpers.websocket import ws_json_ask, ws_original_ask
 
 
 async def ask(client, conversation_id: str, prompt: str, **extra) -> dict:
@@ -157,6 +157,21 @@ async def test_websocket_json_asks_branch_and_regenerate(ws_server):
     assert missing[-1]["type"] == "error" and missing[-1]["code"] == "invalid_input"
     assert body["head"] == regenerated[-1]["turn_id"] and body["stored_turns"] == 4
     assert body["history"][0]["siblings"] == [one["turn_id"], regenerated[-1]["turn_id"]]
+
+
+async def test_the_original_text_protocol_has_no_parent_and_continues_from_the_head(ws_server):
+    """The original's later ``<|ask|>$conv$parent$prompt`` is not parsed: after the id, all is
+    the prompt; branches over WebSocket go through the JSON protocol's parent_id."""
+    async with ws_server.client() as client:
+        one = await ask(client, "txt", "one")
+        await ask(client, "txt", "two")
+        prompt = f"{one['turn_id']}$three"
+        frames = await ws_original_ask(ws_server.running.ws_port, "txt", prompt)
+        body = await conversation(client, "txt")
+    assert frames[-1] == "<|end|>"
+    assert [p for p, _ in history_of(upstream_messages(ws_server.fake))] == ["one", "two"]
+    assert upstream_messages(ws_server.fake)[-1] == {"role": "user", "content": prompt}
+    assert prompts(body["history"]) == ["one", "two", prompt] and body["stored_turns"] == 3
 
 
 async def test_regenerate_answers_the_same_prompt_again_as_a_sibling(start_server, backend):
