@@ -410,6 +410,58 @@ async def test_an_ask_over_the_keys_budget_is_refused_on_every_protocol_until_th
         assert (await client.post("/ask/c1", json={"prompt": "a new day"})).status_code == 200
 
 
+async def test_an_ask_over_the_keys_tpm_is_refused_on_every_protocol_until_it_drains(
+    start_server: StartServer, database_env: dict[str, str]
+):
+    server = await every_protocol_server(start_server, **database_env)
+    clock = freeze(server, START)
+    secret = await create_key(server.http_url, "wordy", tpm=30)  # a token costs 2 s
+    async with server.client(headers=bearer(secret)) as client:
+        big = await client.post("/ask/c1", json={"prompt": "[[fake:tokens=40]] hi"})
+        assert big.status_code == 200, big.text  # the bucket had room: it overdraws it
+        spent = big.json()["usage"]["total_tokens"]
+    wait = spent * 2 + 2 - 60  # its tokens' seconds past the minute, and one more token's
+    asked = len(server.fake.requests)
+    await refusals_everywhere(server, secret, "rate_limited", wait)
+    assert len(server.fake.requests) == asked
+    async with server.client(headers=bearer(secret)) as client:
+        text = await scrape(client)
+        refused = metric(text, "easybackend_limit_refusals_total", key="wordy", limit="tpm")
+        assert refused == sum(REFUSED.values())
+        clock.advance(wait - 1)
+        still = await client.post("/ask/c1", json={"prompt": "hi"})
+        assert (still.status_code, still.json()["error"]["retry_after"]) == (429, 1)
+        clock.advance(1)
+        assert (await client.post("/ask/c1", json={"prompt": "drained"})).status_code == 200
+
+
+async def test_an_ask_over_the_keys_monthly_budget_is_refused_on_every_protocol_until_it_turns(
+    start_server: StartServer, database_env: dict[str, str]
+):
+    server = await every_protocol_server(start_server, **database_env)
+    clock = freeze(server, START)  # 1 December, noon UTC
+    secret = await create_key(server.http_url, "monthly", tokens_per_month=5)
+    async with server.client(headers=bearer(secret)) as client:
+        first = await client.post("/ask/c1", json={"prompt": "one two three four five six"})
+        assert first.status_code == 200 and first.json()["usage"]["total_tokens"] > 5
+    asked = len(server.fake.requests)
+    month = int(next_month(START) - START)
+    await refusals_everywhere(server, secret, "budget_exhausted", month)
+    assert len(server.fake.requests) == asked
+    async with server.client(headers=bearer(secret)) as client:
+        text = await scrape(client)
+        refused = metric(
+            text, "easybackend_limit_refusals_total", key="monthly", limit="tokens_per_month"
+        )
+        assert refused == sum(REFUSED.values())
+        clock.now = next_day(START)  # a new day of the same month: still spent
+        tomorrow = await client.post("/ask/c1", json={"prompt": "hi"})
+        assert (tomorrow.status_code, error_code(tomorrow)) == (429, "budget_exhausted")
+        assert tomorrow.json()["error"]["retry_after"] == next_month(START) - next_day(START)
+        clock.now = next_month(START)
+        assert (await client.post("/ask/c1", json={"prompt": "a new month"})).status_code == 200
+
+
 async def test_an_ask_refused_for_its_conversations_model_takes_no_window(
     start_server: StartServer, database_env: dict[str, str]
 ):
