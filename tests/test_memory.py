@@ -208,8 +208,8 @@ async def test_a_branch_sends_the_summary_of_its_own_path(start_server):
     assert texts(from_three, "user") == ["three", "after three"]
 
 
-async def test_a_failing_summary_leaves_asks_working_and_is_tried_again(start_server):
-    server = await start_server(MEMORY="summarize", SUMMARY_MODEL="summarizer", **SMALL)
+async def test_a_failing_summary_leaves_asks_working_and_is_tried_again(start_server, backend):
+    server = await start_server(MEMORY="summarize", SUMMARY_MODEL="summarizer", **SMALL, **backend)
     await queue_faults(server.fake, {"status": 500, "model": "summarizer"})
     async with server.client() as client:
         with capture_access() as access:
@@ -229,6 +229,36 @@ async def test_a_failing_summary_leaves_asks_working_and_is_tried_again(start_se
     assert all(r["body"]["model"] == "summarizer" for r in summary_requests(server.fake))
     assert found["model"] == "summarizer"
     assert "zebra42" in (summary_message(last_ask(server.fake)) or "")
+
+
+async def test_a_failing_compact_answers_the_error_stores_nothing_and_asks_go_on(
+    start_server, backend
+):
+    server = await start_server(MEMORY="summarize", SUMMARY_MODEL="summarizer", **backend)
+    async with server.client() as client:
+        for prompt in ("one", "two", "three"):
+            await ask(client, "fc", prompt)
+        usage_before = (await client.get("/conversations/fc")).json()["usage"]
+        await queue_faults(server.fake, {"status": 500, "model": "summarizer"})
+        with capture_access() as access:
+            failed = await client.post("/conversations/fc/compact", json={"keep": 1})
+            line = (await access.wait_for(1))[0]
+        after_failure = await summary_of(client, "fc")
+        usage_after = (await client.get("/conversations/fc")).json()["usage"]
+        await ask(client, "fc", "four")
+        sent_after_failure = last_ask(server.fake)
+        again = await client.post("/conversations/fc/compact", json={"keep": 1})
+
+    assert failed.status_code == 502, failed.text
+    assert error_code(failed) == "upstream_error"
+    assert line["protocol"] == "summary" and line["outcome"] == "upstream_error"
+    assert after_failure["summary"] is None and after_failure["covers"] == 0
+    assert usage_after == usage_before  # a failed call adds no tokens
+    # the ask after it sends the turns, with no summary
+    assert summary_message(sent_after_failure) is None
+    assert texts(sent_after_failure, "user") == ["one", "two", "three", "four"]
+    assert again.status_code == 200, again.text
+    assert again.json()["covers"] == 3
 
 
 async def test_a_summary_in_progress_holds_its_conversation_and_no_other(start_server):
