@@ -80,7 +80,6 @@ async def test_chat_streams_continues_stops_and_shows_html_as_text(server: Serve
         page.get_by_text("echo(3): <img src=x onerror=alert(1)>").wait_for()
         assert page.locator("#messages img").count() == 0
         page.wait_for_selector("#send:not([hidden])")
-        screenshot(page, "console.png")
         # Shift+Enter adds a line; a stalled answer is stopped
         page.fill("#prompt", "wait for it [[fake:stall_after=2]]")
         page.press("#prompt", "Shift+Enter")
@@ -89,7 +88,9 @@ async def test_chat_streams_continues_stops_and_shows_html_as_text(server: Serve
         page.wait_for_selector("#stop:not([hidden])")
         page.locator(".msg.streaming").get_by_text("echo(5)").wait_for()
         page.click("#stop")
-        page.wait_for_selector(".msg.assistant[data-finish=cancelled]")
+        stopped = page.locator(".msg.assistant[data-finish=cancelled] .stopped")
+        assert stopped.inner_text() == "stopped"
+        screenshot(page, "console.png")
         return conversation_id(page)
 
     cid = await in_browser(server.http_url, scenario)
@@ -416,7 +417,11 @@ async def test_settings_sidebar_search_and_language(start_server: StartServer):
     assert summary_message["content"].endswith("The user likes apples and pears.")
 
 
-async def test_chinese_from_the_browser_and_the_key_asked_once(start_server: StartServer):
+async def test_chinese_from_the_browser_and_the_key_asked_for_until_one_is_accepted(
+    start_server: StartServer,
+):
+    """The key is asked for once and kept in sessionStorage; a refused one is asked for again,
+    and after the prompt was closed without one, the notice says why and can open it again."""
     skip_without_browser()
     server = await start_server(API_KEYS="console:sk-console-test")
 
@@ -424,6 +429,11 @@ async def test_chinese_from_the_browser_and_the_key_asked_once(start_server: Sta
         page.goto("/")
         assert page.evaluate("document.documentElement.lang") == "zh-CN"
         page.wait_for_selector("#keybox[open]")
+        assert page.inner_text("#key-why") == "此服务器需要 API 密钥。"
+        page.fill("#key", "sk-wrong")
+        page.click("#key-ok")
+        page.locator("#key-why").get_by_text("该密钥被拒绝").wait_for()  # asked again
+        assert page.evaluate("sessionStorage.getItem('easybackend.key')") is None
         page.fill("#key", "sk-console-test")
         page.click("#key-ok")
         page.fill("#prompt", "你好")
@@ -437,6 +447,12 @@ async def test_chinese_from_the_browser_and_the_key_asked_once(start_server: Sta
         page.wait_for_selector("#keybox[open]")
         page.keyboard.press("Escape")
         page.locator("#notice").get_by_text("401").wait_for()
+        assert page.locator("#messages .msg").count() == 0
+        page.click("#notice .notice-action")  # 输入密钥: the prompt again, no reload
+        page.fill("#key", "sk-console-test")
+        page.click("#key-ok")
+        page.get_by_text("echo(1): 你好").wait_for()  # the conversation, read with the key
+        page.wait_for_selector("#notice", state="hidden")
         return conversation_id(page)
 
     cid = await in_browser(server.http_url, scenario, locale="zh-CN")

@@ -11,47 +11,68 @@ const ANSWER = "easybackend.answer";
 const REATTACHES = 5; // tries to follow an answer again after its stream broke
 
 const state = {
-  id: null, conversation: null, controller: null, answer: null, askedKey: false, models: null,
+  id: null, conversation: null, controller: null, answer: null, models: null,
+  keyDismissed: false, // the key prompt was closed without a key: 401s only say why
   stopWanted: false, // Stop was pressed before the answer's start named its turn
 };
 
 // -- requests ----------------------------------------------------------------------------
 
-function headers(extra = {}) {
-  const key = sessionStorage.getItem(KEY);
+function headers(key, extra = {}) {
   return { ...(key ? { Authorization: "Bearer " + key } : {}), ...extra };
 }
 
-function askKey() {
-  return new Promise((resolve) => {
+let keyPrompt = null; // the key prompt while it is open: requests refused meanwhile wait for it
+
+// Asks for a key (refused: the one kept was refused); true once one was typed. Requests that
+// need a key while the prompt is open wait for the same answer.
+function askKey(refused = false) {
+  keyPrompt ??= new Promise((resolve) => {
     const box = $("keybox");
     $("key").value = "";
+    $("key-why").textContent = t(refused ? "keyRefused" : "keyNeeded");
     box.addEventListener("close", () => {
       const key = $("key").value.trim();
       if (key) sessionStorage.setItem(KEY, key);
+      state.keyDismissed = !key;
+      keyPrompt = null;
       resolve(Boolean(key));
     }, { once: true });
     box.showModal();
   });
+  return keyPrompt;
 }
 
-// fetch on this server; on a 401 the key is asked for once, then the request is sent again.
+// fetch on this server. On a 401 the key is asked for and the request sent again with it: a
+// key that was refused is forgotten and another asked for; after the prompt was closed without
+// one, the notice says why requests fail (its button opens the prompt again).
 async function call(path, options = {}) {
-  const send = () => fetch(path, {
+  const send = (key) => fetch(path, {
     ...options,
-    headers: headers({
+    headers: headers(key, {
       ...(options.body ? { "Content-Type": "application/json" } : {}),
       ...(options.headers ?? {}),
     }),
   });
-  let response = await send();
-  if (response.status === 401 && !state.askedKey) {
-    state.askedKey = true;
-    if (await askKey()) response = await send();
+  let key = sessionStorage.getItem(KEY);
+  let response = await send(key);
+  while (response.status === 401) {
+    if (sessionStorage.getItem(KEY) === key) { // not replaced meanwhile: this one is no good
+      if (key === null && state.keyDismissed) break;
+      if (key !== null) sessionStorage.removeItem(KEY);
+      if (!(await askKey(key !== null))) break;
+    }
+    key = sessionStorage.getItem(KEY);
+    response = await send(key);
   }
-  if (response.status === 401) notice(t("unauthorized"));
+  if (response.status === 401) notice(t("unauthorized"), { label: t("enterKey"), run: enterKey });
   else if (response.ok) notice("");
   return response;
+}
+
+// The notice's button after a 401: ask for a key, then show the conversation and list with it.
+async function enterKey() {
+  if (await askKey()) await openConversation(state.id);
 }
 
 async function json(path, options) {
@@ -65,8 +86,10 @@ async function json(path, options) {
   return body;
 }
 
-function notice(text) {
+// A line above the messages (empty: hidden), with a button when ``action`` ({label, run}) is given.
+function notice(text, action = null) {
   $("notice").textContent = text;
+  if (action) $("notice").append(" ", button(action.label, action.run, "notice-action"));
   $("notice").hidden = !text;
 }
 
@@ -195,8 +218,15 @@ function draw() {
     const reply = bubble("assistant", answer);
     reply.dataset.turn = turn.id;
     reply.dataset.finish = turn.finish_reason;
-    if (turn.finish_reason === "cancelled") reply.classList.add("cancelled");
-    tools(reply).append(button(t("regenerate"), () => regenerate(turn.id), "regenerate"));
+    const replyTools = tools(reply);
+    if (turn.finish_reason === "cancelled") {
+      reply.classList.add("cancelled");
+      const label = document.createElement("span");
+      label.className = "stopped";
+      label.textContent = t("cancelled");
+      replyTools.append(label);
+    }
+    replyTools.append(button(t("regenerate"), () => regenerate(turn.id), "regenerate"));
     box.append(user, reply);
   }
   box.scrollTop = box.scrollHeight;

@@ -1,4 +1,4 @@
-// Starts Swagger UI (from the swagger-ui-bundle package) on this server's OpenAPI document.
+// Starts Swagger UI (the copy in the swagger-ui-py package) on this server's OpenAPI document.
 window.ui = SwaggerUIBundle({
   url: "/openapi.json",
   dom_id: "#swagger-ui",
