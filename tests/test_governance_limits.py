@@ -465,8 +465,9 @@ async def test_an_ask_over_the_keys_monthly_budget_is_refused_on_every_protocol_
 async def test_an_ask_refused_for_its_conversations_model_takes_no_window(
     start_server: StartServer, database_env: dict[str, str]
 ):
-    """A conversation's stored model that the key may no longer use refuses the ask before the
-    key's windows are taken: the key's one request of the minute is still there."""
+    """A conversation's stored model that the key may no longer use, or a parent turn that does
+    not exist, refuses the ask before the key's windows are taken: the key's one request of the
+    minute is still there."""
     server = await start_server(
         ADMIN_KEY=ADMIN_KEY, MODELS=f"{DEFAULT_MODEL},other-model", **database_env
     )
@@ -482,6 +483,8 @@ async def test_an_ask_refused_for_its_conversations_model_takes_no_window(
         asked = len(server.fake.requests)
         refused = await client.post("/ask/m", json={"prompt": "hi"})
         assert (refused.status_code, error_code(refused)) == (403, "model_not_allowed")
+        unknown = await client.post("/ask/m", json={"prompt": "hi", "parent_id": "no-such-turn"})
+        assert (unknown.status_code, error_code(unknown)) == (404, "not_found")  # no window either
         assert len(server.fake.requests) == asked
         answered = await client.post("/ask/m", json={"prompt": "hi", "model": DEFAULT_MODEL})
         assert answered.status_code == 200, answered.text  # the minute's one request
