@@ -314,13 +314,15 @@ class ChatService:
             await self.limits.charge(ticket, model, prompt, completion)
 
     def allowed_models(self, *, caller: Caller) -> list[ModelEntry]:
-        """The models ``caller`` may name: MODELS and its key's own list together, in order."""
-        grant = caller.grant
+        """The models ``caller`` may name: MODELS and its key's own list together, in order (the
+        key as it stands now; raises Unauthenticated when it no longer works)."""
+        grant = self.callers.current(caller).grant
         return self.models.allowed(grant.models if grant is not None else None)
 
     def default_model(self, *, caller: Caller) -> ModelEntry | None:
-        """The model an ask of ``caller`` that names none gets; None if it may use none."""
-        grant = caller.grant
+        """The model an ask of ``caller`` that names none gets; None if it may use none (the key
+        as it stands now; raises Unauthenticated when it no longer works)."""
+        grant = self.callers.current(caller).grant
         return self.models.default_for(grant.models if grant is not None else None)
 
     @staticmethod

@@ -51,7 +51,7 @@ def openai_routes(
 ) -> Blueprint:
     """The ``/v1`` routes over ``service``; ``caller`` gives each request's Caller."""
     blueprint = Blueprint(BLUEPRINT, __name__, url_prefix=PREFIX)
-    model_routes(blueprint, service.settings, caller)
+    model_routes(blueprint, service, caller)
     chat_completion_routes(blueprint, service, caller, stopping)
     response_routes(blueprint, service, caller, stopping)
     conversation_routes(blueprint, service, caller)

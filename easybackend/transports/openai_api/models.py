@@ -2,7 +2,7 @@
 
 :func:`usable_models` is the one answer to "which models may this caller
 use": the names of ``MODELS`` (``GPT_ENGINE`` alone by default) that the
-caller's key may use (:mod:`easybackend.governance.models`).
+caller's key may use, as the core gives them (``ChatService.allowed_models``).
 """
 
 from __future__ import annotations
@@ -16,19 +16,16 @@ from quart import Blueprint
 from quart_schema import document_response, tag
 
 from ...chat.caller import Caller
+from ...chat.service import ChatService
 from ...errors import NotFound
-from ...governance import models as allow_list
-from ...settings import Settings
 
 OWNED_BY = "easybackend"
 
 
-def usable_models(settings: Settings, caller: Caller) -> list[str]:
+def usable_models(service: ChatService, caller: Caller) -> list[str]:
     """The models ``caller`` may ask for, the one an ask naming none gets first."""
-    models = allow_list.ModelList(settings.models, settings.model)
-    own = caller.grant.models if caller.grant is not None else None
-    names = [entry.name for entry in models.allowed(own)]
-    default = models.default_for(own)
+    names = [entry.name for entry in service.allowed_models(caller=caller)]
+    default = service.default_model(caller=caller)
     if default is not None:
         names.remove(default.name)
         names.insert(0, default.name)
@@ -59,7 +56,7 @@ class ModelList(pydantic.BaseModel):
     data: list[ModelObject]
 
 
-def model_routes(blueprint: Blueprint, settings: Settings, caller: Callable[[], Caller]) -> None:
+def model_routes(blueprint: Blueprint, service: ChatService, caller: Callable[[], Caller]) -> None:
     """Add the two model routes to ``blueprint`` (the ``/v1`` one)."""
     created = int(time.time())
 
@@ -73,7 +70,7 @@ def model_routes(blueprint: Blueprint, settings: Settings, caller: Callable[[], 
         """The models this key may use (OpenAI's ``models.list()``)."""
         return {
             "object": "list",
-            "data": [model_object(m) for m in usable_models(settings, caller())],
+            "data": [model_object(m) for m in usable_models(service, caller())],
         }
 
     @blueprint.get("/models/<path:model_id>")
@@ -81,6 +78,6 @@ def model_routes(blueprint: Blueprint, settings: Settings, caller: Callable[[], 
     @tag(["openai"])
     async def retrieve_model(model_id: str) -> dict[str, object]:
         """One model this key may use (OpenAI's ``models.retrieve()``); any other is a 404."""
-        if model_id not in usable_models(settings, caller()):
+        if model_id not in usable_models(service, caller()):
             raise NotFound(f"no model {model_id!r} for this key", param="model")
         return model_object(model_id)
