@@ -2,6 +2,7 @@
 
     python bench/ab.py BEFORE AFTER                    # 3 rounds, the default rows
     python bench/ab.py BEFORE AFTER --rounds 5 --rows WebSocket:100 gRPC:100
+    python bench/ab.py TREE TREE --rows sse:1 relay:1   # two rows of one tree, CPU per ask
     git worktree add --detach /tmp/before main         # a tree to compare with
 
 BEFORE and AFTER are source trees (checkouts, worktrees) of EasyBackend; the
@@ -38,9 +39,11 @@ from pathlib import Path
 
 import trio
 
-from bench import UNPACED, Grpc, HttpWhole, Load, Sse, Stack, WebSocket, paced_load, ttft
+from bench import TTFT_PROTOCOLS, UNPACED, Load, Stack, paced_load, ttft
 
-PROTOCOLS = {kind.name: kind for kind in (HttpWhole, Sse, WebSocket, Grpc)}
+# bench.py's rows, by their name in its tables or by the name its --protocol takes (relay: the
+# /v1/chat/completions relay, responses: /v1/responses with memory)
+PROTOCOLS = {kind.name: kind for kind in TTFT_PROTOCOLS.values()} | TTFT_PROTOCOLS
 DEFAULT_ROWS = ["WebSocket:100", "SSE:100", "gRPC:100", "WebSocket:1", "SSE:1", "gRPC:1"]
 
 
