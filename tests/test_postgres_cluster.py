@@ -23,7 +23,7 @@ import httpx2
 import psycopg
 import pytest
 import trio
-from helpers.http import error_code, sse_frames
+from helpers.http import bearer, error_code, sse_frames
 from helpers.postgres import PG_PORT, pg_url
 from helpers.servers import ServerProcess, clean_env, free_port, run_cli
 from helpers.upstream import UPSTREAM_KEY, echo, full_answer, history_of, upstream_messages
@@ -31,7 +31,8 @@ from helpers.waiting import wait_until
 
 from easybackend.chat.views import conversation_detail
 from easybackend.fake_upstream import FakeUpstream
-from easybackend.settings import load_settings
+from easybackend.governance import keys
+from easybackend.settings import DEFAULT_MODEL, load_settings
 from easybackend.storage import ConversationRef, NewTurn, Storage, open_url
 from easybackend.storage.legacy_json import import_directory
 
@@ -800,3 +801,46 @@ async def test_migrate_storage_errors_are_one_line_without_the_password(tmp_path
         assert err.startswith("easybackend: error: ") and err.count("\n") == 1, err
         assert reason in err, err
         assert "PASSWORD-SECRET" not in err, err
+
+
+async def test_migrate_storage_carries_keys_and_usage_and_copies_nothing_twice(
+    tmp_path, pg_schema, start_server
+):
+    """The stored keys (digests: the same secrets keep working; a revoked one stays revoked)
+    and the usage go across with the conversations; a second run (--force) doubles nothing."""
+    original = f"sqlite:///{tmp_path / 'keys.sqlite3'}"
+    store = await open_url(original, STORE_SETTINGS)
+    try:
+        secret, _ = await keys.create_key(store, "bot", {"rpm": 5, "models": [DEFAULT_MODEL]})
+        gone, _ = await keys.create_key(store, "old", {})
+        await keys.revoke_key(store, "old")
+        usage = [("bot", "2026-11-30", DEFAULT_MODEL, 3, 100, 50), ("", "2026-11-29", "m", 1, 7, 2)]
+        await store.add_usage(usage)
+        before = await store.keys()
+    finally:
+        await store.close()
+
+    code, out, err = await migrate(tmp_path, "--from", original, "--to", pg_url(pg_schema))
+    assert code == 0, err
+    assert "2 keys and 2 usage rows" in out, out
+    code, out, err = await migrate(
+        tmp_path, "--from", original, "--to", pg_url(pg_schema), "--force"
+    )
+    assert code == 0, err
+    assert "0 keys, 2 kept as the target had them and 0 usage rows" in out, out
+    store = await open_url(pg_url(pg_schema), STORE_SETTINGS)
+    try:
+        assert await store.keys() == before
+        assert await store.usage_rows(None, "2026-01-01", "2026-12-31") == sorted(usage)
+    finally:
+        await store.close()
+
+    server = await start_server(DATABASE_URL=pg_url(pg_schema), API_KEYS="")
+    async with server.client() as client:
+        own = await client.get(
+            "/usage", params={"from": "2026-11-01", "to": "2026-11-30"}, headers=bearer(secret)
+        )
+        refused = await client.get("/conversations", headers=bearer(gone))
+    assert own.status_code == 200, own.text
+    assert own.json()["total"]["requests"] == 3, own.json()
+    assert (refused.status_code, error_code(refused)) == (401, "unauthenticated")

@@ -19,9 +19,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from ..errors import StorageUnavailable
+
+if TYPE_CHECKING:
+    from .sql_keys import KeyRecord
+    from .sql_usage import UsageRow
 
 T = TypeVar("T")
 
@@ -552,6 +556,26 @@ class TransferStore(Protocol):
         A conversation already held under the same owner and id is replaced
         (its turns and legacy bookkeeping with it); the others are left alone.
         """
+        ...
+
+    async def keys(self) -> list[KeyRecord]:
+        """Every stored key (digests, never secrets), revoked ones too, by name."""
+        ...
+
+    async def create_key(self, record: KeyRecord) -> bool:
+        """Store the key as given; False (nothing written) when one of that name exists."""
+        ...
+
+    async def usage_rows(
+        self, key_name: str | None, first_day: str, last_day: str
+    ) -> list[UsageRow]:
+        """The usage from ``first_day`` to ``last_day`` (``YYYY-MM-DD``, included), by key
+        name (None: every key), day and model."""
+        ...
+
+    async def import_usage(self, rows: Sequence[UsageRow]) -> int:
+        """Store the usage rows whose key, day and model the store does not hold yet (one it
+        holds is kept as it is); how many were stored. One transaction."""
         ...
 
     async def close(self) -> None:

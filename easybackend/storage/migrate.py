@@ -11,6 +11,13 @@ again into the new store adds nothing twice). The target is written in
 transactions of about :data:`BATCH_ROWS` rows; a copy that fails part-way
 leaves whole conversations only, and can be run again with ``--force``.
 
+Then the keys and the usage go across (:func:`copy_keys_and_usage`): every
+stored key as it is (the digest of its secret, so the same secrets keep
+working; revoked and disabled ones too, so a revoked secret stays revoked),
+and every row of usage (key, day, model), so budgets and ``/usage`` go on
+where they were. A key or a usage row the target already holds is kept as
+the target has it, never doubled: a second run copies nothing twice.
+
 Meant for a deployment whose servers are stopped: it takes no conversation
 locks, so an ask answered during the copy may or may not be in it, and
 conversations created after the copy started are left out.
@@ -24,6 +31,7 @@ import dataclasses
 from .base import ConversationExport, TransferStore
 
 BATCH_ROWS = 5000  # conversations plus turns written per transaction, roughly
+EVERY_DAY = ("0000-01-01", "9999-12-31")  # the days of usage copied: all
 
 
 class TargetNotEmpty(Exception):
@@ -35,6 +43,9 @@ class MigrationReport:
     conversations: int = 0
     turns: int = 0
     legacy_imports: int = 0  # import-json bookkeeping records (one per legacy file)
+    keys: int = 0  # stored keys copied
+    keys_kept: int = 0  # keys the target held already under the same name (left as they were)
+    usage_rows: int = 0  # usage rows (key, day, model) copied
 
     def add(self, batch: list[ConversationExport]) -> None:
         self.conversations += len(batch)
@@ -42,9 +53,11 @@ class MigrationReport:
         self.legacy_imports += sum(len(conversation.legacy_imports) for conversation in batch)
 
     def summary(self, source: str, target: str) -> str:
+        kept = f", {self.keys_kept} kept as the target had them" if self.keys_kept else ""
         return (
             f"copied {self.conversations} conversations with {self.turns} turns "
-            f"({self.legacy_imports} legacy import records) from {source} to {target}"
+            f"({self.legacy_imports} legacy import records), {self.keys} keys{kept} and "
+            f"{self.usage_rows} usage rows from {source} to {target}"
         )
 
 
@@ -85,4 +98,19 @@ async def copy_conversations(
     if batch:
         await target.import_conversations(batch)
         report.add(batch)
+    await copy_keys_and_usage(source, target, report)
     return report
+
+
+async def copy_keys_and_usage(
+    source: TransferStore, target: TransferStore, report: MigrationReport
+) -> None:
+    """Copy the stored keys and the usage into ``target`` (see the module docstring),
+    counting them in ``report``. Each key is its own write; the usage one transaction."""
+    for record in await source.keys():
+        if await target.create_key(record):
+            report.keys += 1
+        else:
+            report.keys_kept += 1
+    rows = await source.usage_rows(None, EVERY_DAY[0], EVERY_DAY[1])
+    report.usage_rows = await target.import_usage(rows)

@@ -291,6 +291,9 @@ class SQLStore:
     async def add_usage(self, rows: Sequence[sql_usage.UsageRow]) -> None:
         await self._run(sql_usage.add_usage, Access.WRITE, rows)
 
+    async def import_usage(self, rows: Sequence[sql_usage.UsageRow]) -> int:
+        return await self._run(sql_usage.import_usage, Access.WRITE, rows)
+
     async def usage_rows(
         self, key_name: str | None, first_day: str, last_day: str
     ) -> list[sql_usage.UsageRow]:

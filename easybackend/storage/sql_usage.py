@@ -41,6 +41,21 @@ def add_usage(dialect: Dialect, db: Connection, rows: Sequence[UsageRow]) -> Non
         dialect.executemany(db, _ADD, rows)
 
 
+def import_usage(dialect: Dialect, db: Connection, rows: Sequence[UsageRow]) -> int:
+    """Store each row whose key, day and model the table does not hold yet (one it holds is
+    left as it is, so copying the same rows twice adds nothing); how many were stored."""
+    stored = 0
+    for row in rows:
+        stored += dialect.execute(
+            db,
+            "INSERT INTO key_usage (key_name, day, model, requests, prompt_tokens,"
+            " completion_tokens) VALUES (?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (key_name, day, model) DO NOTHING",
+            row,
+        ).rowcount
+    return stored
+
+
 def usage_rows(
     dialect: Dialect, db: Connection, key_name: str | None, first_day: str, last_day: str
 ) -> list[UsageRow]:
