@@ -40,6 +40,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 import trio
 
 from ..errors import (
+    INTERNAL_MESSAGE,
     ChatError,
     InternalError,
     InvalidInput,
@@ -399,7 +400,8 @@ class ChatService:
                         answer.add(dataclasses.replace(bill.cut, seq=len(answer.events) + 1))
                     answer.end(ANSWER_CANCELLED)
                 else:
-                    answer.end(FAILED, exc if isinstance(exc, ChatError) else InternalError())
+                    failure = exc if isinstance(exc, ChatError) else InternalError(INTERNAL_MESSAGE)
+                    answer.end(FAILED, failure)
             raise
         finally:
             if answer is not None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from quart import Response
 
 from ..chat.events import Delta, End, Event, Start
-from ..errors import ChatError
+from ..errors import ChatError, unexpected
 
 if TYPE_CHECKING:
     from ..chat.caller import Caller
@@ -63,7 +63,8 @@ async def sse_body(
 
     A ChatError after the first frame becomes an ``error`` event (no ``id:``:
     it is not one of the answer's numbered events), as does the end of the
-    shutdown's grace (``shutting_down``). Events of a followed answer that
+    shutdown's grace (``shutting_down``) and any other exception (a fault: the
+    catch-all's ``internal_error``, logged once). Events of a followed answer that
     stop without an ``end`` (none after the one named, or it was cancelled
     with nothing stored) are followed by the frame ``ended`` makes
     (:func:`ended_frame`). ``events`` is closed however this ends (a client
@@ -80,8 +81,9 @@ async def sse_body(
         except StopAsyncIteration:
             if ended is not None:
                 yield await ended()
-        except ChatError as exc:
-            yield sse_frame("error", {"code": exc.code, "message": exc.message})
+        except Exception as exc:  # a ChatError, or the catch-all's InternalError for a fault
+            error = exc if isinstance(exc, ChatError) else unexpected(exc, "streaming an answer")
+            yield sse_frame("error", {"code": error.code, "message": error.message})
 
 
 async def ended_frame(

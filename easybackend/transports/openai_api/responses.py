@@ -66,7 +66,14 @@ from ...chat.answers import AnswerLog
 from ...chat.caller import Caller
 from ...chat.service import GIVEN, AskRequest, ChatService, Delta, End, Start
 from ...chat.tree import Tree
-from ...errors import ChatError, InvalidInput, NotFound, PromptTooLong, ShuttingDown
+from ...errors import (
+    ChatError,
+    InvalidInput,
+    NotFound,
+    PromptTooLong,
+    ShuttingDown,
+    unexpected,
+)
 from ...storage import ConversationDetail, TurnRecord
 from ...storage.sql import new_turn_id
 from ..sse import event_stream
@@ -144,7 +151,8 @@ async def _sse(
     The Start's events go out with the next event's, and an End's four in one
     write: a write less per event. An answer that ends without an End (it was
     cancelled) ends with ``response.incomplete``; a ChatError (the answer
-    failed, the shutdown grace ended) with ``response.failed``. ``events`` is
+    failed, the shutdown grace ended) with ``response.failed``, and so does any
+    other exception, as the catch-all's InternalError (logged once). ``events`` is
     closed however this ends (the client gone cancels the iteration): a
     follower's close leaves the answer running, an ask's close cancels it.
     """
@@ -168,8 +176,8 @@ async def _sse(
                     return
         except StopAsyncIteration:
             pass  # a followed answer that was cancelled: it has no End
-        except ChatError as exc:
-            failure = exc
+        except Exception as exc:  # a ChatError, or the catch-all's InternalError for a fault
+            failure = exc if isinstance(exc, ChatError) else unexpected(exc, "streaming a response")
         if failure is not None:
             out = pending + frames.failed(failure)
         else:

@@ -5,7 +5,8 @@ first event of the answer is awaited before the response starts, so that an
 error before the answer begins (an unknown parent, a refusal, the provider's
 429) is a JSON error response with its status, which the SDKs raise as their
 typed exceptions. After that, a ChatError (and the end of the shutdown grace,
-``shutting_down``) ends the stream with one error event in OpenAI's shape.
+``shutting_down``) ends the stream with one error event in OpenAI's shape; so
+does any other exception, as the catch-all's ``internal_error`` (logged once).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from quart import Response
 
-from ...errors import ChatError
+from ...errors import ChatError, unexpected
 from ..sse import event_stream
 from .errors import error_event
 
@@ -72,5 +73,5 @@ async def _event_stream(
                     event = None
             if done:
                 yield done
-        except ChatError as exc:
-            yield error(exc)
+        except Exception as exc:  # a ChatError, or the catch-all's InternalError for a fault
+            yield error(exc if isinstance(exc, ChatError) else unexpected(exc, "streaming /v1"))
