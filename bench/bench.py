@@ -656,6 +656,23 @@ def seed_conversation(
     db.close()
 
 
+async def indexed(database: Path, limit: float = 300) -> None:
+    """Wait until the server has put every seeded turn in its search index: it does so in the
+    background, in batches, and a backlog of 20,000 turns would weigh on the asks measured."""
+    with trio.fail_after(limit):
+        while True:
+            db = sqlite3.connect(database)
+            try:
+                (pending,) = db.execute(
+                    "SELECT count(*) FROM conversations WHERE last_seq > indexed_seq"
+                ).fetchone()
+            finally:
+                db.close()
+            if not pending:
+                return
+            await trio.sleep(0.2)
+
+
 def chain(turns: int) -> list[int | None]:
     """The parents of a linear conversation: each turn the child of the one before."""
     return [None, *range(1, turns)]
@@ -781,6 +798,7 @@ async def long_rows(stack: Stack, turns: int, quick: bool) -> dict[str, object]:
     parents, leaf = branched(turns)
     seed_conversation(database, "branched", parents, head=len(parents) - 1)  # a side leaf
     await stack.start_server()
+    await indexed(database)
     p50 = await long_conversation(
         stack,
         10 if quick else 50,
