@@ -4,13 +4,21 @@ and gRPC: prompts, answers and titles, English and Chinese, ranked and paginated
 from __future__ import annotations
 
 import pytest
-from helpers.database import LinearConversation, write_linear_sqlite
+import trio
+from helpers.database import LinearConversation, sample_turn, write_linear_sqlite
 from helpers.grpc import rpc
 from helpers.http import bearer, error_code
 from helpers.postgres import pg_url
 from helpers.servers import free_port
+from helpers.waiting import wait_until
 
+from easybackend.chat.memory import INDEX_BATCH
+from easybackend.chat.service import ChatService
+from easybackend.chat.tokens import TokenCounter, encoding_name_for, load_encoding
+from easybackend.metrics import Metrics
 from easybackend.proto_gen import chat_pb2
+from easybackend.settings import load_settings
+from easybackend.storage import ConversationRef, open_url
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -183,3 +191,44 @@ async def test_a_title_match_ranks_first_then_more_matching_turns(start_server, 
         ranked = await search(client, word)
 
     assert ranked == ["titled", "many", "one"]
+
+
+async def test_a_backlog_of_turns_is_indexed_in_batches_with_a_pause_for_the_asks(tmp_path):
+    """Turns stored from outside the server (an import, a copied database) are indexed in the
+    background in batches, each followed by a pause as long as it took, so that the asks'
+    own writes come first; and then every one of them is found."""
+    settings = load_settings(
+        {"OPENAI_API_KEY": "unused", "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}"},
+        environ={},
+        env_file=None,
+    )
+    store = await open_url(settings.database, settings)
+    try:
+        ref = ConversationRef("", "backlog")
+        turns = [(sample_turn(f"needle{i} hay"), None, None) for i in range(INDEX_BATCH * 4)]
+        await store.append_turns(ref, turns, None)
+        counter = TokenCounter(load_encoding(encoding_name_for(settings.model)))
+        service = ChatService(settings, store, None, counter, Metrics())  # type: ignore[arg-type]
+        batches: list[tuple[float, float]] = []
+        indexed: list[int] = []
+        index_pending = store.index_pending
+
+        async def timed(owner, limit):
+            started = trio.current_time()
+            try:
+                done = await index_pending(owner, limit)
+                indexed.append(done)
+                return done
+            finally:
+                batches.append((started, trio.current_time()))
+
+        store.index_pending = timed  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(service.memory.index_forever)
+            await wait_until(lambda: len(batches) >= 5)  # four full batches, then the rest
+            nursery.cancel_scope.cancel()
+    finally:
+        await store.close()
+    for (start, end), (following, _) in zip(batches[:4], batches[1:5], strict=True):
+        assert following - end >= end - start, batches  # the pause is as long as the batch
+    assert indexed[:5] == [INDEX_BATCH] * 4 + [0]  # every turn, by the background alone

@@ -638,13 +638,20 @@ class Memory:
     async def index_forever(self) -> None:
         """Index new turns for search (SQLite; see storage.sql_memory.index_pending) from the
         start and INDEX_DELAY seconds after turns are stored, INDEX_BATCH turns per
-        transaction so that asks run between two. A store failure is logged and tried again
+        transaction, each followed by a pause as long as it took while a backlog remains
+        (turns written from outside: an import, a copied database), so that asks' writes come
+        first. A store failure is logged and tried again
         with the next turn; cancellation stops it (a batch once started finishes)."""
         storage = self._service.storage
         while True:
             try:
-                while await storage.index_pending(None, INDEX_BATCH) >= INDEX_BATCH:
-                    await trio.lowlevel.checkpoint()
+                while True:
+                    started = trio.current_time()
+                    if await storage.index_pending(None, INDEX_BATCH) < INDEX_BATCH:
+                        break
+                    # A backlog (turns stored from outside: an import, a copied database): as
+                    # long a pause as the batch took, so the asks' writes come first.
+                    await trio.sleep(trio.current_time() - started)
             except StorageUnavailable as exc:
                 log.warning("indexing new turns for search failed: %s", exc.message)
             await self._index_due.wait()
