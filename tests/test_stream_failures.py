@@ -21,7 +21,7 @@ from helpers.openai_sdk import async_client
 from easybackend.errors import INTERNAL_MESSAGE, InternalError
 from easybackend.settings import DEFAULT_MODEL
 
-FAULT = "the-store-broke-SECRET-detail"
+FAULT = "the-store-broke: internal detail 7f3a"
 
 
 @pytest.fixture
