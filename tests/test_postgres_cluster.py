@@ -273,6 +273,29 @@ async def test_a_background_answer_is_followed_from_another_instance_once_stored
     assert frames[-1][1] == "end" and finished["status"] == "completed"
 
 
+async def test_a_cancel_on_another_instance_stops_a_background_answer(fake, start_instance):
+    """The cancel route on the instance that does not generate the answer notes the cancel on
+    the answer's mark; the generator stops it within a poll and stores what it had."""
+    a, b = await start_pair(start_instance)
+    prompt = "stop me [[fake:tokens=200]] [[fake:delay=0.03]]"  # six seconds if nothing stops it
+    async with a.client() as on_a, b.client() as on_b:
+        accepted = await on_a.post("/ask/far", json={"prompt": prompt, "background": True})
+        assert accepted.status_code == 202, accepted.text
+        turn_id = accepted.json()["turn_id"]
+        turn = f"/conversations/far/turns/{turn_id}"
+        unknown = await on_b.post("/conversations/far/turns/0123456789abcdef01234567/cancel")
+        cancelled = await on_b.post(turn + "/cancel")
+        with trio.fail_after(5):  # a poll of half a second, then the partial turn is stored
+            while (state := (await on_b.get(turn)).json())["status"] == "in_progress":
+                await trio.sleep(0.1)
+        followed = await on_a.get(turn + "/stream")
+    assert (unknown.status_code, error_code(unknown)) == (404, "not_found")
+    assert cancelled.status_code == 200 and cancelled.json()["cancelled"] is True
+    assert state["status"] == "cancelled"
+    assert 0 < len(state["text"]) < len(full_answer(1, "stop me", 200))
+    assert sse_frames(followed.text)[-1][2]["finish_reason"] == "cancelled"
+
+
 async def test_concurrent_asks_split_across_instances_are_answered_one_at_a_time(
     fake, start_instance, pg_schema
 ):

@@ -298,7 +298,7 @@ async def test_another_instance_shows_a_background_response_and_replays_it_once_
 ):
     """Two servers on one PostgreSQL database: the one that does not generate the response
     polls it as in progress, and its reattach gets the events after ``starting_after`` once
-    the turn is stored, numbered as the generator's; a cancel must reach the generator."""
+    the turn is stored, numbered as the generator's."""
     url = pg_url(pg_schema)
     generator = await start_server(DATABASE_URL=url, API_KEYS=f"alice:{KEY_A},bob:{KEY_B}")
     other = await start_server(DATABASE_URL=url, API_KEYS=f"alice:{KEY_A},bob:{KEY_B}")
@@ -313,8 +313,6 @@ async def test_another_instance_shows_a_background_response_and_replays_it_once_
         polled = await elsewhere.responses.retrieve(created.id)
         assert (polled.status, polled.output_text, polled.background) == ("in_progress", "", True)
         with pytest.raises(openai.NotFoundError):
-            await elsewhere.responses.cancel(created.id)  # only the generator can stop it
-        with pytest.raises(openai.NotFoundError):
             await bob.responses.retrieve(created.id)
         followed = await read_all(
             await elsewhere.responses.retrieve(created.id, stream=True, starting_after=5)
@@ -325,6 +323,35 @@ async def test_another_instance_shows_a_background_response_and_replays_it_once_
     assert_whole_stream(whole, SLOW_ANSWER)
     assert followed[-1].response.metadata == {"from": "generator"}
     assert (finished.status, finished.output_text) == ("completed", SLOW_ANSWER)
+
+
+async def test_a_cancel_on_another_instance_stops_a_background_response(
+    start_server, pg_schema
+):
+    """Two servers on one PostgreSQL database: ``responses.cancel`` on the one that does not
+    generate the response reaches the generator through the database; the answer stops,
+    what it had is kept, and both instances then show it ``cancelled``."""
+    url = pg_url(pg_schema)
+    generator = await start_server(DATABASE_URL=url, API_KEYS=f"alice:{KEY_A},bob:{KEY_B}")
+    other = await start_server(DATABASE_URL=url, API_KEYS=f"alice:{KEY_A},bob:{KEY_B}")
+    async with (
+        async_client(generator, KEY_A) as on_generator,
+        async_client(other, KEY_A) as elsewhere,
+        async_client(other, KEY_B) as bob,
+    ):
+        created = await on_generator.responses.create(model=MODEL, input=SLOW, background=True)
+        stream = await on_generator.responses.retrieve(created.id, stream=True)
+        begun = await deltas_of(stream, 2)  # it is under way on the generator
+        with pytest.raises(openai.NotFoundError):
+            await bob.responses.cancel(created.id)  # another key's: not found
+        cancelled = await elsewhere.responses.cancel(created.id)
+        rest = await read_all(stream)
+        on_the_generator = await on_generator.responses.retrieve(created.id)
+    assert (cancelled.status, cancelled.background) == ("cancelled", True)
+    assert rest[-1].type == "response.incomplete" and rest[-1].response.status == "cancelled"
+    kept = on_the_generator.output_text
+    assert on_the_generator.status == "cancelled" and kept == cancelled.output_text
+    assert begun and 0 < len(kept) < len(SLOW_ANSWER) and SLOW_ANSWER.startswith(kept)
 
 
 async def test_a_response_streamed_without_background_can_be_followed_while_it_runs(server):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import logging
 import re
 import sys
 import time
@@ -82,6 +83,7 @@ from .tokens import TokenCounter
 from .tree import validate_turn_id
 from .webhooks import Webhooks
 
+log = logging.getLogger("easybackend.answers")
 CONVERSATION_ID = re.compile(r"[A-Za-z0-9_\-.:]{1,128}")
 READY_TIMEOUT = 2.0  # seconds the store may take to answer a readiness check
 MAX_PAGE = 200  # conversations per page of a listing
@@ -89,7 +91,8 @@ MAX_PAGE = 200  # conversations per page of a listing
 STORE_ON_CANCEL_SECONDS = 5.0
 # A background answer on PostgreSQL is marked in progress for at most UPSTREAM_TIMEOUT +
 # SHUTDOWN_GRACE + this many seconds; a reattach on another instance reads the store for its
-# turn every ELSEWHERE_POLL seconds meanwhile.
+# turn every ELSEWHERE_POLL seconds meanwhile, and the instance generating it reads as often
+# the cancels asked of it elsewhere.
 MARK_SPARE = 60.0
 ELSEWHERE_POLL = 0.5
 
@@ -256,6 +259,8 @@ class ChatService:
         self.memory = Memory(self)
         self.background.add_loop(self.memory.sweep_forever)
         self.background.add_loop(self.memory.index_forever)
+        if settings.database.is_postgres:  # the cancels another instance was asked for
+            self.background.add_loop(self.cancels_forever)
 
     def refused(
         self,
@@ -894,16 +899,43 @@ class ChatService:
             return last
         return live.state if live is not None and live.ended else ANSWER_CANCELLED
 
-    def cancel_answer(self, conversation_id: str, turn_id: str, *, caller: Caller) -> bool:
+    async def cancel_answer(self, conversation_id: str, turn_id: str, *, caller: Caller) -> bool:
         """Cancel the caller's answer in progress under ``turn_id`` (a background answer, or
         any the transport made cancellable): it is stored as ``cancelled`` with what it has.
-        False if none is in progress in this process. Raises InvalidInput."""
+
+        In this process it is cancelled at once. With several instances (PostgreSQL), a
+        background answer another instance generates is asked to stop through its mark,
+        and that instance cancels it within :data:`ELSEWHERE_POLL` seconds
+        (:meth:`cancels_forever`). False if no answer is in progress under that turn,
+        here or (PostgreSQL) marked elsewhere. Raises InvalidInput, or StorageUnavailable
+        when the mark cannot be written; a cancelled call may have written it.
+        """
         ref = self._ref(conversation_id, caller)
         validate_turn_id(turn_id, "turn_id")
         live = self.answer_logs.find(caller.owner, turn_id)
-        if live is None or live.conversation_id != ref.conversation_id:
+        if live is not None and live.conversation_id == ref.conversation_id:
+            if self.in_progress.cancel(caller.owner, turn_id):
+                return True
+        if not self.settings.database.is_postgres:
             return False
-        return self.in_progress.cancel(caller.owner, turn_id)
+        return await self.storage.request_cancel(ref, turn_id, time.time())
+
+    async def cancels_forever(self) -> None:
+        """PostgreSQL: every :data:`ELSEWHERE_POLL` seconds while this process runs background
+        answers, cancel those whose cancel another instance noted on their mark (see
+        :meth:`cancel_answer`). A store failure is logged and tried again at the next poll;
+        cancellation stops it."""
+        while True:
+            await trio.sleep(ELSEWHERE_POLL)
+            if not self.background_answers.running:
+                continue
+            try:
+                requested = await self.storage.cancels_requested(time.time())
+            except StorageUnavailable as exc:
+                log.warning("reading the cancels asked of other instances failed: %s", exc.message)
+                continue
+            for owner, turn_id in requested:
+                self.in_progress.cancel(owner, turn_id)  # False: not one of this process's
 
     async def complete(self, request: AskRequest) -> Answer:
         """The whole answer at once (non-streaming transports). Same guarantees as :meth:`ask`."""

@@ -355,6 +355,17 @@ class ServingStore(Protocol):
         """The answer of turn ``turn_id`` is no longer in progress (stored, or ended unstored)."""
         ...
 
+    async def request_cancel(self, ref: ConversationRef, turn_id: str, now: float) -> bool:
+        """Note on the mark of turn ``turn_id``'s answer that its cancel was asked for, for the
+        instance generating it (:meth:`cancels_requested`); False if no mark not past its
+        bound says it is in progress."""
+        ...
+
+    async def cancels_requested(self, now: float) -> list[tuple[str, str]]:
+        """(owner, turn id) of the marked answers, not past their bound, whose cancel was
+        asked for."""
+        ...
+
     async def answer_marked(self, ref: ConversationRef, turn_id: str, now: float) -> bool:
         """Whether the answer of turn ``turn_id`` is marked in progress and not past its bound."""
         ...

@@ -87,6 +87,12 @@ RESUME = """
     );
 """
 
+# A cancel asked of an instance that does not generate the answer (PostgreSQL): noted on the
+# answer's mark, which the instance generating it reads while it runs background answers.
+CANCELS = """
+    ALTER TABLE answers_in_progress ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0;
+"""
+
 LEGACY_IMPORTS = """
     CREATE TABLE legacy_imports (
         owner TEXT NOT NULL,

@@ -409,6 +409,30 @@ def unmark_answer(dialect: Dialect, db: Connection, ref: ConversationRef, turn_i
     )
 
 
+def request_cancel(
+    dialect: Dialect, db: Connection, ref: ConversationRef, turn_id: str, now: float
+) -> bool:
+    """Ask the instance generating turn ``turn_id``'s answer to cancel it; False if no mark
+    says it is in progress (see ServingStore)."""
+    changed = dialect.execute(
+        db,
+        f"UPDATE answers_in_progress SET cancel_requested = 1 WHERE {_BY_REF} AND turn_id = ?"
+        " AND until >= ?",
+        (*_key(ref), turn_id, now),
+    ).rowcount
+    return changed > 0
+
+
+def cancels_requested(dialect: Dialect, db: Connection, now: float) -> list[tuple[str, str]]:
+    """(owner, turn id) of every answer in progress whose cancel was asked for."""
+    rows = dialect.execute(
+        db,
+        "SELECT owner, turn_id FROM answers_in_progress WHERE cancel_requested = 1 AND until >= ?",
+        (now,),
+    ).fetchall()
+    return [(owner, turn_id) for owner, turn_id in rows]
+
+
 def answer_marked(
     dialect: Dialect, db: Connection, ref: ConversationRef, turn_id: str, now: float
 ) -> bool:

@@ -150,6 +150,12 @@ class SQLStore:
     async def unmark_answer(self, ref: ConversationRef, turn_id: str) -> None:
         await self._run(sql.unmark_answer, Access.WRITE, ref, turn_id)
 
+    async def request_cancel(self, ref: ConversationRef, turn_id: str, now: float) -> bool:
+        return await self._run(sql.request_cancel, Access.WRITE, ref, turn_id, now)
+
+    async def cancels_requested(self, now: float) -> list[tuple[str, str]]:
+        return await self._run(sql.cancels_requested, Access.READ, now)
+
     async def answer_marked(self, ref: ConversationRef, turn_id: str, now: float) -> bool:
         return await self._run(sql.answer_marked, Access.READ, ref, turn_id, now)
 

@@ -381,9 +381,10 @@ class _Chat(chat_grpc.ChatServicer):
         self, message: chat_pb2.CancelAnswerRequest, request: _Call
     ) -> chat_pb2.CancelAnswerResponse:
         """Cancel the caller's answer in progress under ``turn_id`` (stored as ``cancelled``);
-        NotFound when none is in progress here."""
+        NotFound when none is in progress (here, or marked on another instance)."""
         caller = self._caller(request)
-        if not self._service.cancel_answer(message.conversation_id, message.turn_id, caller=caller):
+        service = self._service
+        if not await service.cancel_answer(message.conversation_id, message.turn_id, caller=caller):
             raise errors.NotFound(f"no answer in progress for turn {message.turn_id!r}")
         return chat_pb2.CancelAnswerResponse(
             conversation_id=message.conversation_id, turn_id=message.turn_id, cancelled=True

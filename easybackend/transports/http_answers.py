@@ -112,8 +112,9 @@ def answer_routes(
     @tag(["answers"])
     async def cancel(conversation_id: str, turn_id: str) -> Response:
         """Cancel an answer in progress (a background one): it is stored as ``cancelled``
-        with the text it has. A 404 when no answer is in progress under that turn here."""
-        if not service.cancel_answer(conversation_id, turn_id, caller=caller()):
+        with the text it has. A 404 when no answer is in progress under that turn, here or
+        (PostgreSQL) on another instance, which then stops it within half a second."""
+        if not await service.cancel_answer(conversation_id, turn_id, caller=caller()):
             raise NotFound(f"no answer in progress for turn {turn_id!r}")
         body = {"conversation_id": conversation_id, "turn_id": turn_id, "cancelled": True}
         return Response(json.dumps(body), mimetype="application/json")

@@ -408,7 +408,9 @@ class _Connection(Watched):
         if turn_id is None:
             if self.current_background is not None:  # its followers, this one too, get its end
                 conversation_id, background_turn = self.current_background
-                self.service.cancel_answer(conversation_id, background_turn, caller=self.caller)
+                await self.service.cancel_answer(
+                    conversation_id, background_turn, caller=self.caller
+                )
             elif self.current is not None:
                 self.current.cancel()
             return
@@ -416,7 +418,7 @@ class _Connection(Watched):
         try:
             if not isinstance(conversation_id, str) or not isinstance(turn_id, str):
                 raise InvalidInput("a cancel naming a turn needs conversation_id and turn_id")
-            if not self.service.cancel_answer(conversation_id, turn_id, caller=self.caller):
+            if not await self.service.cancel_answer(conversation_id, turn_id, caller=self.caller):
                 raise NotFound(f"no answer in progress for turn {turn_id!r}")
         except ChatError as exc:
             await self._send_json(json_id, _error(exc))

@@ -511,7 +511,10 @@ def response_routes(
         if current is not None and current.log is not None:
             return await cancel_background(current, asking)
         if current is None:
-            conversation_id, turn = await stored_turn(turn_id, asking)  # NotFound unless it exists
+            try:
+                conversation_id, turn = await stored_turn(turn_id, asking)
+            except NotFound:  # unless another instance generates it (PostgreSQL)
+                return await cancel_elsewhere(turn_id, asking)
             state = ResponseState.of_turn(turn, conversation_id, temperature)
             return _json(cancelled_already(state))
         current.cancel_requested = True
@@ -525,12 +528,30 @@ def response_routes(
         assert log is not None
         state = current.state
         if not log.ended and state.conversation_id is not None:
-            service.cancel_answer(state.conversation_id, state.turn_id, caller=asking)
+            await service.cancel_answer(state.conversation_id, state.turn_id, caller=asking)
             with trio.move_on_after(CANCEL_WAIT):
                 await _ended(log)
         if log.ended and log.state != ANSWER_CANCELLED:
             return _json(cancelled_already(state_of_log(state, log)))
         return _json(await final_render(current, asking))
+
+    async def cancel_elsewhere(turn_id: str, asking: Caller) -> Response:
+        """Cancel a background response another instance generates (PostgreSQL): that
+        instance stops it within a poll; the response as stored then, or (not stored within
+        CANCEL_WAIT) as in progress. NotFound when no instance has it in progress."""
+        elsewhere = await service.conversation_of_answer(turn_id, caller=asking)
+        if elsewhere is None or not await service.cancel_answer(elsewhere, turn_id, caller=asking):
+            raise NotFound(f"no response {ids.response_id(turn_id)!r}")
+        replayed = service.follow(elsewhere, turn_id, caller=asking)  # once it is stored
+        with trio.move_on_after(CANCEL_WAIT), contextlib.suppress(ChatError):
+            async with contextlib.aclosing(replayed) as events:  # type: ignore[type-var]
+                async for _ in events:
+                    pass
+        try:
+            conversation_id, turn = await stored_turn(turn_id, asking)
+        except NotFound:
+            return _json(render(answered_elsewhere(turn_id, elsewhere)))
+        return _json(cancelled_already(ResponseState.of_turn(turn, conversation_id, temperature)))
 
     def cancelled_already(state: ResponseState) -> dict[str, Any]:
         """A finished response a cancel names: a background one that was cancelled (cancelling
