@@ -29,6 +29,7 @@ from helpers.logs import capture_access, metric, scrape
 from helpers.openai_sdk import async_client
 from helpers.postgres import pg_url
 from helpers.servers import Server, ServerProcess, StartServer, free_port, server_env
+from helpers.waiting import wait_until
 from helpers.websocket import original_frames, ws_url
 from trio_websocket import open_websocket_url
 
@@ -490,6 +491,29 @@ async def test_an_ask_refused_for_its_conversations_model_takes_no_window(
         assert answered.status_code == 200, answered.text  # the minute's one request
         spent = await client.post("/ask/other", json={"prompt": "hi"})
         assert (spent.status_code, error_code(spent)) == (429, "rate_limited")
+
+
+async def test_an_ask_over_the_limits_is_refused_at_once_while_its_conversation_answers(
+    start_server: StartServer, database_env: dict[str, str]
+):
+    """The limits are checked before the conversation's lock: an ask they refuse does not
+    wait for the answer in progress on its conversation (here one that never ends)."""
+    server = await start_server(ADMIN_KEY=ADMIN_KEY, **database_env)
+    freeze(server, START)
+    secret = await create_key(server.http_url, "bot", rpm=1)
+    async with server.client(headers=bearer(secret)) as client:
+        async with trio.open_nursery() as nursery:
+
+            async def hold() -> None:  # the minute's one request, answering until cancelled
+                await client.post("/ask/busy/stream", json={"prompt": "[[fake:stall_after=1]] hi"})
+
+            nursery.start_soon(hold)
+            await wait_until(lambda: len(server.fake.requests) == 1)
+            with trio.fail_after(5):  # it would wait for ever behind the answer in progress
+                refused = await client.post("/ask/busy", json={"prompt": "again"})
+            nursery.cancel_scope.cancel()
+    assert (refused.status_code, error_code(refused)) == (429, "rate_limited")
+    assert len(server.fake.requests) == 1
 
 
 async def test_each_end_user_of_a_key_has_user_rpm_on_every_protocol(

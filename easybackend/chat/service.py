@@ -447,44 +447,50 @@ class ChatService:
         given = await self._counted_turns(request.preceding, created_at)
 
         with self._admitted(request):
+            # The key's and the end user's limits, before the conversation's lock: an ask they
+            # refuse is refused at once (it never waits for another answer of the conversation)
+            # and never reaches the upstream.
+            bill.ticket = await self.admit(request.caller, user)
             async with self._hold(ref, live=False):
-                # Read under the conversation's lock: its head and the new turn's parent, then
-                # the newest turns of the path to the parent that fit.
-                head = await self.storage.conversation_head(
-                    ref, request.parent_id, sibling_of=regenerate
-                )
-                named = regenerate if regenerate is not None else request.parent_id
-                if head is not None and self.memory.expired(head.settings, head.updated_at):
-                    # Idle past its expiry: gone. A turn of it cannot be named; an ask starts anew.
-                    await self.storage.forget_if_expired(ref, self.memory.now(), self.memory.ttl)
-                    head = ConversationHead(None, None, None) if named in (None, ROOT) else None
-                if head is None:
-                    raise NotFound(f"no turn {named!r} in conversation {ref.conversation_id!r}")
-                if request.model is None and head.settings.model is not None:
-                    model = self.model_for(head.settings.model, caller=request.caller)
-                # The key's and the end user's limits, after the conversation's own checks (the
-                # turn named, its stored model), so that an ask they refuse takes no window;
-                # an ask the limits refuse never reaches the upstream.
-                bill.ticket = await self.admit(request.caller, user)
+                try:
+                    # Read under the conversation's lock: its head and the new turn's parent,
+                    # then the newest turns of the path to the parent that fit.
+                    head = await self.storage.conversation_head(
+                        ref, request.parent_id, sibling_of=regenerate
+                    )
+                    named = regenerate if regenerate is not None else request.parent_id
+                    if head is not None and self.memory.expired(head.settings, head.updated_at):
+                        # Idle past its expiry: gone. A turn of it cannot be named; an ask
+                        # starts anew.
+                        memory = self.memory
+                        await self.storage.forget_if_expired(ref, memory.now(), memory.ttl)
+                        head = ConversationHead(None, None, None) if named in (None, ROOT) else None
+                    if head is None:
+                        raise NotFound(f"no turn {named!r} in conversation {ref.conversation_id!r}")
+                    if request.model is None and head.settings.model is not None:
+                        model = self.model_for(head.settings.model, caller=request.caller)
+                    if regenerate is not None:
+                        original = await self.storage.find_turn(ref, regenerate)
+                        assert original is not None  # found by conversation_head, under the lock
+                        prompt, prompt_tokens = original.prompt, original.prompt_tokens
+                    parent = head.parent
+                    plan = await _ContextPlan.choose(self, request, prompt_tokens, head)
+                    summarize = self.memory.policy(head.settings) == "summarize"
+                    history, remembered = await self._history(
+                        ref, request, parent, plan.budget.history, given, summarize=summarize
+                    )
+                    summary = remembered.summary if remembered is not None else None
+                    messages = build_messages(
+                        plan.system,
+                        history,
+                        prompt,
+                        summary=self.memory.summary_text(summary) if summary else None,
+                    )
+                    call = self._upstream_call(request, messages, model, head.settings)
+                except ChatError:  # refused by the conversation's own checks: it costs nothing
+                    await self.limits.give_back(bill.ticket)
+                    raise
                 bill.model = model
-                if regenerate is not None:
-                    original = await self.storage.find_turn(ref, regenerate)
-                    assert original is not None  # found by conversation_head, under the lock
-                    prompt, prompt_tokens = original.prompt, original.prompt_tokens
-                parent = head.parent
-                plan = await _ContextPlan.choose(self, request, prompt_tokens, head)
-                summarize = self.memory.policy(head.settings) == "summarize"
-                history, remembered = await self._history(
-                    ref, request, parent, plan.budget.history, given, summarize=summarize
-                )
-                summary = remembered.summary if remembered is not None else None
-                messages = build_messages(
-                    plan.system,
-                    history,
-                    prompt,
-                    summary=self.memory.summary_text(summary) if summary else None,
-                )
-                call = self._upstream_call(request, messages, model, head.settings)
                 sent_tokens = plan.budget.fixed + sum(turn_cost(t) for t in history)
                 if summary is not None:
                     sent_tokens += self.memory.summary_cost(summary.tokens)

@@ -127,6 +127,10 @@ class UsageTable(Protocol):
         """Add usage and charge windows ((name, seconds)), in one transaction."""
         ...
 
+    async def give_back_windows(self, windows: Sequence[tuple[str, float]]) -> None:
+        """Take each window's cost (name, seconds) off its time, in one transaction."""
+        ...
+
     async def prune_windows(self, now: float) -> int:
         """Delete the shared windows that have emptied."""
         ...
@@ -212,6 +216,7 @@ class Ticket:
     tpm: _Window | None = None
     named: bool = False  # the ask presented a key (its tokens are exported by key name)
     budgeted: bool = False  # the key has a budget: its usage is counted at once (shared)
+    taken: tuple[tuple[str, float], ...] = ()  # the windows taken (name, seconds), to give back
 
 
 class Limits:
@@ -269,7 +274,27 @@ class Limits:
             if plan.budgeted:
                 await self._load_spent(now)
             self._admit_here(plan, now)
-        return Ticket(key, plan.tpm, named=key_name is not None, budgeted=plan.budgeted)
+        taken = tuple((window.name, window.cost) for window in plan.take)
+        return Ticket(
+            key, plan.tpm, named=key_name is not None, budgeted=plan.budgeted, taken=taken
+        )
+
+    async def give_back(self, ticket: Ticket) -> None:
+        """Give back the windows ``ticket`` took: its ask was refused after it was admitted,
+        before anything was sent upstream (an unknown parent turn, the conversation's own
+        model not allowed), so it costs the key nothing. A database failure is logged, not
+        raised (the ask is refused anyway); a cancelled call may have given them back."""
+        if not ticket.taken:
+            return
+        if not self.shared:
+            for name, cost in ticket.taken:
+                if name in self._tat:
+                    self._tat[name] -= cost
+            return
+        try:
+            await self.table.give_back_windows(ticket.taken)
+        except StorageUnavailable as exc:
+            log.warning("giving back the windows of a refused ask failed: %s", exc.message)
 
     async def _load_spent(self, now: float) -> None:
         """Read what every key spent in ``now``'s UTC day and month, once per day (not shared).

@@ -323,6 +323,9 @@ class SQLStore:
     ) -> None:
         await self._run(_charge, Access.WRITE, rows, windows, now)
 
+    async def give_back_windows(self, windows: Sequence[tuple[str, float]]) -> None:
+        await self._run(sql_usage.give_back_windows, Access.WRITE, windows)
+
     async def prune_windows(self, now: float) -> int:
         return await self._run(sql_usage.prune_windows, Access.WRITE, now)
 

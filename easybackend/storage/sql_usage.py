@@ -128,6 +128,15 @@ def charge_window(dialect: Dialect, db: Connection, name: str, cost: float, now:
     )
 
 
+def give_back_windows(
+    dialect: Dialect, db: Connection, windows: Sequence[tuple[str, float]]
+) -> None:
+    """Take ``cost`` seconds off each window (name, cost): an admitted ask that was refused
+    before anything was sent gives back what it took."""
+    for name, cost in windows:
+        dialect.execute(db, "UPDATE rate_windows SET tat = tat - ? WHERE name = ?", (cost, name))
+
+
 class WindowFull(Exception):
     """Raised by :func:`admit` when a window it takes is full: its transaction rolls back."""
 
