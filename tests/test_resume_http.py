@@ -294,3 +294,27 @@ async def test_a_follower_of_an_answer_cancelled_before_its_first_piece_gets_how
     assert sse_frames(rest) == [(None, "end", ended)]  # unnumbered: not one of its events
     assert (state["status"], state["text"]) == ("cancelled", "")
     assert stored_turns(server.settings.sqlite_path, "nothing") == []
+
+
+async def test_a_conversation_is_read_while_its_background_answer_runs(server):
+    """A read of a conversation waits for an answer in progress on it for a moment only
+    (one just ended is stored by then): during a long background answer it shows the stored
+    turns at once, and the answer once it is stored."""
+    long = "a very long story [[fake:tokens=400]] [[fake:delay=0.02]]"  # 8 s
+    async with server.client() as client:
+        first = await client.post("/ask/reading", json={"prompt": "first"})
+        accepted = (
+            await client.post("/ask/reading", json={"prompt": long, "background": True})
+        ).json()
+        turn = f"/conversations/reading/turns/{accepted['turn_id']}"
+        await wait_for_events(client, "reading", accepted["turn_id"], 3)
+        with trio.fail_after(5):  # well before the answer ends
+            during = await client.get("/conversations/reading")
+            missing = await client.get(turn)  # its state, from the answer's log
+        assert (await client.post(turn + "/cancel")).status_code == 200
+        await wait_until(lambda: bool(stored_turns(server.settings.sqlite_path, "reading")[1:]))
+        after = (await client.get("/conversations/reading")).json()
+    assert during.status_code == 200
+    assert [t["id"] for t in during.json()["history"]] == [first.json()["turn_id"]]
+    assert missing.json()["status"] == "in_progress"
+    assert [t["id"] for t in after["history"]] == [first.json()["turn_id"], accepted["turn_id"]]

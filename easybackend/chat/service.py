@@ -95,6 +95,10 @@ STORE_ON_CANCEL_SECONDS = 5.0
 # the cancels asked of it elsewhere.
 MARK_SPARE = 60.0
 ELSEWHERE_POLL = 0.5
+# Seconds a read of a conversation waits for the answer in progress on it in this process: one
+# just cancelled or ended is stored by then (a client that reads right after it left sees it);
+# a long one (a background answer) is not waited for, the store is read as it is.
+READ_WAIT = 1.0
 
 
 def validate_conversation_id(conversation_id: object) -> str:
@@ -1011,15 +1015,23 @@ class ChatService:
             raise InvalidInput("cursor is not one this server handed out") from None
 
     async def get_conversation(self, conversation_id: str, *, caller: Caller) -> ConversationDetail:
-        """The whole conversation. Raises InvalidInput or NotFound."""
+        """The whole conversation, as stored once the answer in progress on it here (if any)
+        ended, or after READ_WAIT seconds without it. Raises InvalidInput or NotFound."""
         ref = ConversationRef(caller.owner, validate_conversation_id(conversation_id))
-        async with self._locks.hold(ref):
-            detail = await self.storage.get_conversation(ref)
+        await self._settled(ref)
+        detail = await self.storage.get_conversation(ref)
         if detail is None or self.memory.expired(
             detail.summary.settings, detail.summary.updated_at
         ):
             raise NotFound(f"no conversation {conversation_id!r}")
         return detail
+
+    async def _settled(self, ref: ConversationRef) -> None:
+        """Wait, at most :data:`READ_WAIT` seconds, until no answer is in progress on the
+        conversation in this process (see READ_WAIT). Cancelled, it leaves the queue."""
+        with trio.move_on_after(READ_WAIT):
+            async with self._locks.hold(ref):
+                pass
 
     async def delete_conversation(self, conversation_id: str, *, caller: Caller) -> None:
         """Forget a conversation. Raises InvalidInput or NotFound."""
@@ -1144,8 +1156,8 @@ class ChatService:
         cancelled read changes nothing."""
         ref = self._ref(conversation_id, caller)
         validate_turn_id(turn_id, "turn_id")
-        async with self._locks.hold(ref):
-            turn = await self.storage.find_turn(ref, turn_id, alive=self.memory.alive())
+        await self._settled(ref)
+        turn = await self.storage.find_turn(ref, turn_id, alive=self.memory.alive())
         if turn is None:
             raise NotFound(f"no turn {turn_id!r} in conversation {conversation_id!r}")
         return turn
