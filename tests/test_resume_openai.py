@@ -293,15 +293,24 @@ async def test_the_javascript_sdk_reattaches_to_a_background_stream(start_server
     assert got["cancel"] == {"created": "in_progress", "cancelled": "cancelled"}
 
 
+@pytest.fixture
+async def two_instances(start_server, pg_schema):
+    """Two servers on one PostgreSQL database, with the keys of alice and bob."""
+    url = pg_url(pg_schema)
+    keys = f"alice:{KEY_A},bob:{KEY_B}"
+    return (
+        await start_server(DATABASE_URL=url, API_KEYS=keys),
+        await start_server(DATABASE_URL=url, API_KEYS=keys),
+    )
+
+
 async def test_another_instance_shows_a_background_response_and_replays_it_once_stored(
-    start_server, pg_schema
+    two_instances,
 ):
     """Two servers on one PostgreSQL database: the one that does not generate the response
     polls it as in progress, and its reattach gets the events after ``starting_after`` once
     the turn is stored, numbered as the generator's."""
-    url = pg_url(pg_schema)
-    generator = await start_server(DATABASE_URL=url, API_KEYS=f"alice:{KEY_A},bob:{KEY_B}")
-    other = await start_server(DATABASE_URL=url, API_KEYS=f"alice:{KEY_A},bob:{KEY_B}")
+    generator, other = two_instances
     async with (
         async_client(generator, KEY_A) as on_generator,
         async_client(other, KEY_A) as elsewhere,
@@ -325,15 +334,11 @@ async def test_another_instance_shows_a_background_response_and_replays_it_once_
     assert (finished.status, finished.output_text) == ("completed", SLOW_ANSWER)
 
 
-async def test_a_cancel_on_another_instance_stops_a_background_response(
-    start_server, pg_schema
-):
+async def test_a_cancel_on_another_instance_stops_a_background_response(two_instances):
     """Two servers on one PostgreSQL database: ``responses.cancel`` on the one that does not
     generate the response reaches the generator through the database; the answer stops,
     what it had is kept, and both instances then show it ``cancelled``."""
-    url = pg_url(pg_schema)
-    generator = await start_server(DATABASE_URL=url, API_KEYS=f"alice:{KEY_A},bob:{KEY_B}")
-    other = await start_server(DATABASE_URL=url, API_KEYS=f"alice:{KEY_A},bob:{KEY_B}")
+    generator, other = two_instances
     async with (
         async_client(generator, KEY_A) as on_generator,
         async_client(other, KEY_A) as elsewhere,
