@@ -250,27 +250,36 @@ async def test_a_conversation_started_on_one_instance_continues_on_the_other(
     assert [seq for seq, _, _ in await whole_turns(pg_schema, "shared")] == [1, 2, 3]
 
 
-async def test_a_background_answer_is_followed_from_another_instance_once_stored(
-    fake, start_instance
-):
+async def test_a_background_answer_is_followed_live_from_another_instance(fake, start_instance):
+    """The instance generating a background answer writes it on its mark every half second:
+    on another instance a poll shows the text so far and a reattach follows it while it runs,
+    then ends from the stored turn, with the generator's event ids."""
     a, b = await start_pair(start_instance)
-    prompt = "far away [[fake:tokens=40]] [[fake:delay=0.03]]"
+    prompt = "far away [[fake:tokens=200]] [[fake:delay=0.03]]"  # six seconds
     async with a.client() as on_a, b.client() as on_b:
         accepted = await on_a.post("/ask/roaming", json={"prompt": prompt, "background": True})
         assert accepted.status_code == 202, accepted.text
         turn = f"/conversations/roaming/turns/{accepted.json()['turn_id']}"
-        # b does not generate it, but knows it is in progress: a poll says so, a reattach waits
-        elsewhere = (await on_b.get(turn)).json()
-        assert (elsewhere["status"], elsewhere["text"]) == ("in_progress", "")
+        with trio.fail_after(5):
+            while not (elsewhere := (await on_b.get(turn)).json())["text"]:
+                await trio.sleep(0.1)
+        assert elsewhere["status"] == "in_progress"
+        lines: list[str] = []
         with trio.fail_after(10):
-            followed = await on_b.get(turn + "/stream", params={"after": "1"})
+            async with on_b.stream("GET", turn + "/stream", params={"after": "1"}) as followed:
+                async for line in followed.aiter_lines():
+                    lines.append(line)
+                    if line == "event: delta" and len(lines) < 3:  # the first piece, live:
+                        generating = (await on_a.get(turn)).json()  # the answer goes on
+                        assert generating["status"] == "in_progress", generating
+                        assert (await on_b.post(turn + "/cancel")).status_code == 200
         on_the_generator = await on_a.get(turn + "/stream")
         finished = (await on_b.get(turn)).json()
-    frames = sse_frames(followed.text)
+    frames = sse_frames("\n".join(lines) + "\n")
     assert frames == sse_frames(on_the_generator.text)[1:]  # the same events, the same ids
     text = "".join(data["text"] for _, name, data in frames if name == "delta")
-    assert text == full_answer(1, "far away", 40) == finished["text"]
-    assert frames[-1][1] == "end" and finished["status"] == "completed"
+    assert text == finished["text"] and full_answer(1, "far away", 200).startswith(text)
+    assert frames[-1][1] == "end" and finished["status"] == "cancelled"
 
 
 async def test_a_cancel_on_another_instance_stops_a_background_answer(fake, start_instance):

@@ -133,6 +133,10 @@ class AnswerLogs:
             self._ended.move_to_end(key)
             self._forget_old()
 
+    def background_running(self) -> dict[tuple[str, str], AnswerLog]:
+        """The background answers in progress in this process, by (owner, turn id)."""
+        return {key: log for key, log in self._running.items() if log.background}
+
     def find(self, owner: str, turn_id: str) -> AnswerLog | None:
         """The owner's answer in progress under ``turn_id``, or one that ended unstored lately."""
         key = (owner, turn_id)

@@ -74,21 +74,28 @@ def piece_lengths(pieces: list[str]) -> str:
     return ",".join(str(len(piece)) for piece in pieces)
 
 
-def replay(conversation_id: str, turn: TurnRecord) -> list[Event]:
-    """The events of the stored ``turn``'s answer, numbered as they were streamed.
-
-    A turn without its piece lengths (stored before they were kept, given whole,
-    or whose text was changed since) gives its answer as one piece.
-    """
-    answer = turn.answer
-    lengths = [int(n) for n in turn.pieces.split(",")] if turn.pieces else []
+def begun(
+    conversation_id: str, turn_id: str, answer: str, pieces: str, model: str
+) -> list[Event]:
+    """The Start and the Deltas of an answer of text ``answer`` cut into pieces of the lengths
+    ``pieces`` (as ``TurnRecord.pieces``), numbered as they were streamed. Lengths that do not
+    add up to the text (a turn stored before they were kept, given whole, or whose text was
+    changed since) give it as one piece."""
+    lengths = [int(n) for n in pieces.split(",")] if pieces else []
     if sum(lengths) != len(answer):
         lengths = [len(answer)] if answer else []
-    events: list[Event] = [Start(conversation_id, turn.turn_id, model=turn.model)]
+    events: list[Event] = [Start(conversation_id, turn_id, model=model)]
     offset = 0
     for length in lengths:
         events.append(Delta(answer[offset : offset + length], len(events) + 1))
         offset += length
+    return events
+
+
+def replay(conversation_id: str, turn: TurnRecord) -> list[Event]:
+    """The events of the stored ``turn``'s answer, numbered as they were streamed (see
+    :func:`begun`), and its End."""
+    events = begun(conversation_id, turn.turn_id, turn.answer, turn.pieces, turn.model)
     usage = Usage(turn.usage_prompt_tokens, turn.usage_completion_tokens)
     end = End(
         conversation_id,

@@ -56,6 +56,7 @@ from ..governance.models import ModelEntry, ModelList
 from ..metrics import Metrics
 from ..settings import Settings
 from ..storage import (
+    AnswerProgress,
     ConversationDetail,
     ConversationHead,
     ConversationRef,
@@ -75,7 +76,7 @@ from .answers import COMPLETED, FAILED, AnswerLog, AnswerLogs, BackgroundAnswers
 from .background import Background
 from .caller import Caller, Callers
 from .context import Budget, build_messages, turn_cost
-from .events import Delta, End, Event, Start, Usage, piece_lengths, replay
+from .events import Delta, End, Event, Start, Usage, begun, piece_lengths, replay
 from .in_progress import AnswersInProgress
 from .locks import KeyedLock
 from .memory import Memory
@@ -99,6 +100,15 @@ ELSEWHERE_POLL = 0.5
 # just cancelled or ended is stored by then (a client that reads right after it left sees it);
 # a long one (a background answer) is not waited for, the store is read as it is.
 READ_WAIT = 1.0
+
+
+def _progress(log: AnswerLog) -> tuple[ConversationRef, str, AnswerProgress]:
+    """What a background answer's mark holds of it so far (see ChatService.elsewhere_forever)."""
+    pieces = [event.text for event in log.events if isinstance(event, Delta)]
+    start = log.events[0] if log.events else None
+    model = start.model if isinstance(start, Start) else ""
+    progress = AnswerProgress("".join(pieces), piece_lengths(pieces), model)
+    return ConversationRef(log.owner, log.conversation_id), log.turn_id, progress
 
 
 def validate_conversation_id(conversation_id: object) -> str:
@@ -264,7 +274,7 @@ class ChatService:
         self.background.add_loop(self.memory.sweep_forever)
         self.background.add_loop(self.memory.index_forever)
         if settings.database.is_postgres:  # the cancels another instance was asked for
-            self.background.add_loop(self.cancels_forever)
+            self.background.add_loop(self.elsewhere_forever)
 
     def refused(
         self,
@@ -820,14 +830,24 @@ class ChatService:
         self.webhooks.notify(event)
 
     async def follow(
-        self, conversation_id: str, turn_id: str, *, after: int = 0, caller: Caller
+        self,
+        conversation_id: str,
+        turn_id: str,
+        *,
+        after: int = 0,
+        caller: Caller,
+        live_elsewhere: bool = True,
     ) -> AsyncIterator[Event]:
         """The events of the answer of turn ``turn_id`` after seq ``after``: live while it is
         in progress (until its end), else replayed from the stored turn (SPEC §18).
 
-        Raises InvalidInput, NotFound (no such turn of the caller's in this process or the
-        store), or the answer's own ChatError if it failed (after its events). Cancelling
-        the follower changes nothing for the answer.
+        A background answer another instance generates (PostgreSQL) is followed from what
+        that instance writes on its mark every :data:`ELSEWHERE_POLL` seconds, then from
+        its stored turn, with the same numbers; without ``live_elsewhere``, only once it is
+        stored. Raises InvalidInput, NotFound (no such turn of the caller's in this process
+        or the store; or the answer elsewhere ended unstored), or the answer's own
+        ChatError if it failed here (after its events). Cancelling the follower changes
+        nothing for the answer.
         """
         ref = self._ref(conversation_id, caller)
         validate_turn_id(turn_id, "turn_id")
@@ -838,26 +858,28 @@ class ChatService:
             async for event in live.follow(after):
                 yield event
             return
-        turn = await self._stored_answer(ref, turn_id, wait=True)
-        for event in replay(ref.conversation_id, turn)[after:]:
-            yield event
-
-    async def _stored_answer(self, ref: ConversationRef, turn_id: str, *, wait: bool) -> TurnRecord:
-        """The stored turn ``turn_id``; with ``wait``, once another instance has stored it if
-        it is generating it (marked: see :meth:`ask_in_background`), read every
-        :data:`ELSEWHERE_POLL` seconds until the mark is gone or past its bound. Raises
-        NotFound (no such turn; or the answer elsewhere ended unstored)."""
-        while True:
+        given = after  # the seq of the last event the follower has
+        while True:  # the stored turn; or, marked in progress elsewhere, what its mark holds
             turn = await self.storage.find_turn(ref, turn_id, alive=self.memory.alive())
             if turn is not None:
-                return turn
-            if not (
-                wait
-                and self.settings.database.is_postgres
-                and await self.storage.answer_marked(ref, turn_id, time.time())
-            ):
+                for event in replay(ref.conversation_id, turn)[given:]:
+                    yield event
+                return
+            progress = None
+            if self.settings.database.is_postgres:
+                progress = await self.storage.answer_progress(ref, turn_id, time.time())
+            if progress is None:
                 raise NotFound(f"no turn {turn_id!r} in conversation {ref.conversation_id!r}")
+            if live_elsewhere:
+                for event in self._elsewhere(ref, turn_id, progress)[given:]:
+                    yield event
+                    given = event.seq
             await trio.sleep(ELSEWHERE_POLL)
+
+    @staticmethod
+    def _elsewhere(ref: ConversationRef, turn_id: str, progress: AnswerProgress) -> list[Event]:
+        """The events so far of an answer another instance generates, from its mark."""
+        return begun(ref.conversation_id, turn_id, progress.text, progress.pieces, progress.model)
 
     async def answer_state(
         self, conversation_id: str, turn_id: str, *, caller: Caller
@@ -873,10 +895,13 @@ class ChatService:
         turn = await self.storage.find_turn(ref, turn_id, alive=self.memory.alive())
         if turn is not None:
             return None, turn
-        if self.settings.database.is_postgres and await self.storage.answer_marked(
-            ref, turn_id, time.time()
-        ):  # generated by another instance: in progress, its text shown once it is stored
-            return AnswerLog(caller.owner, ref.conversation_id, turn_id, True), None
+        if self.settings.database.is_postgres:
+            progress = await self.storage.answer_progress(ref, turn_id, time.time())
+            if progress is not None:  # generated by another instance: in progress, so far
+                elsewhere = AnswerLog(caller.owner, ref.conversation_id, turn_id, True)
+                for event in self._elsewhere(ref, turn_id, progress):
+                    elsewhere.add(event)
+                return elsewhere, None
         raise NotFound(f"no turn {turn_id!r} in conversation {conversation_id!r}")
 
     async def conversation_of_answer(self, turn_id: str, *, caller: Caller) -> str | None:
@@ -916,7 +941,7 @@ class ChatService:
         In this process it is cancelled at once. With several instances (PostgreSQL), a
         background answer another instance generates is asked to stop through its mark,
         and that instance cancels it within :data:`ELSEWHERE_POLL` seconds
-        (:meth:`cancels_forever`). False if no answer is in progress under that turn,
+        (:meth:`elsewhere_forever`). False if no answer is in progress under that turn,
         here or (PostgreSQL) marked elsewhere. Raises InvalidInput, or StorageUnavailable
         when the mark cannot be written; a cancelled call may have written it.
         """
@@ -930,20 +955,29 @@ class ChatService:
             return False
         return await self.storage.request_cancel(ref, turn_id, time.time())
 
-    async def cancels_forever(self) -> None:
+    async def elsewhere_forever(self) -> None:
         """PostgreSQL: every :data:`ELSEWHERE_POLL` seconds while this process runs background
-        answers, cancel those whose cancel another instance noted on their mark (see
-        :meth:`cancel_answer`). A store failure is logged and tried again at the next poll;
-        cancellation stops it."""
+        answers, write on each one's mark what it has so far (for followers on other
+        instances, see :meth:`follow`), and cancel those whose cancel another instance noted
+        there (see :meth:`cancel_answer`). A store failure is logged and tried again at the
+        next poll; cancellation stops it."""
+        written: dict[tuple[str, str], int] = {}  # (owner, turn id) → events written
         while True:
             await trio.sleep(ELSEWHERE_POLL)
-            if not self.background_answers.running:
+            running = self.answer_logs.background_running()
+            written = {key: count for key, count in written.items() if key in running}
+            if not running:
                 continue
+            changed = [log for key, log in running.items() if written.get(key) != len(log.events)]
             try:
+                if changed:
+                    await self.storage.write_progress([_progress(log) for log in changed])
                 requested = await self.storage.cancels_requested(time.time())
             except StorageUnavailable as exc:
-                log.warning("reading the cancels asked of other instances failed: %s", exc.message)
+                log.warning("background answers: the marks could not be read or written: %s",
+                            exc.message)  # fmt: skip
                 continue
+            written.update(((log.owner, log.turn_id), len(log.events)) for log in changed)
             for owner, turn_id in requested:
                 self.in_progress.cancel(owner, turn_id)  # False: not one of this process's
 

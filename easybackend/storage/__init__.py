@@ -6,6 +6,7 @@ from ..database_url import DatabaseURL
 from ..settings import Settings
 from .base import (
     ROOT,
+    AnswerProgress,
     ConversationDetail,
     ConversationHead,
     ConversationRef,
@@ -22,6 +23,7 @@ from .sqlite import SQLiteStorage
 
 __all__ = [
     "ROOT",
+    "AnswerProgress",
     "ConversationDetail",
     "ConversationHead",
     "ConversationRef",

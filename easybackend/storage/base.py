@@ -100,6 +100,16 @@ NO_SETTINGS = ConversationSettings()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class AnswerProgress:
+    """A background answer another instance generates, as it last wrote it on its mark: the
+    text so far, the lengths of its pieces (as ``TurnRecord.pieces``), the model it calls."""
+
+    text: str = ""
+    pieces: str = ""
+    model: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class ConversationHead:
     """What an ask reads of its conversation before its turns: the own system prompt and the parent."""
 
@@ -366,8 +376,18 @@ class ServingStore(Protocol):
         asked for."""
         ...
 
-    async def answer_marked(self, ref: ConversationRef, turn_id: str, now: float) -> bool:
-        """Whether the answer of turn ``turn_id`` is marked in progress and not past its bound."""
+    async def answer_progress(
+        self, ref: ConversationRef, turn_id: str, now: float
+    ) -> AnswerProgress | None:
+        """The answer of turn ``turn_id`` as its mark holds it, if it is marked in progress and
+        not past its bound; else None."""
+        ...
+
+    async def write_progress(
+        self, answers: Sequence[tuple[ConversationRef, str, AnswerProgress]]
+    ) -> None:
+        """Write each (conversation, turn id, progress) on the answer's mark, if it still has
+        one, in one transaction: what a follower on another instance reads."""
         ...
 
     async def conversation_of_answer(self, owner: str, turn_id: str, now: float) -> str | None:

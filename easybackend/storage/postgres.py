@@ -64,7 +64,7 @@ MIGRATIONS: list[str] = [
     schema.USAGE.format(**schema.POSTGRES_TYPES)
     + schema.USAGE_BACKFILL.format(day=schema.USAGE_POSTGRES_DAY),
     schema.RESUME.format(**schema.POSTGRES_TYPES),
-    schema.CANCELS,
+    schema.ELSEWHERE,
 ]
 
 

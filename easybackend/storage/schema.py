@@ -87,10 +87,14 @@ RESUME = """
     );
 """
 
-# A cancel asked of an instance that does not generate the answer (PostgreSQL): noted on the
-# answer's mark, which the instance generating it reads while it runs background answers.
-CANCELS = """
+# The other instances of PostgreSQL and a background answer: the instance generating it writes
+# the answer so far on its mark (text, piece lengths, model) every half second, which a follower
+# elsewhere reads; a cancel asked elsewhere is noted on the mark, which the generator reads.
+ELSEWHERE = """
     ALTER TABLE answers_in_progress ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE answers_in_progress ADD COLUMN text TEXT NOT NULL DEFAULT '';
+    ALTER TABLE answers_in_progress ADD COLUMN pieces TEXT NOT NULL DEFAULT '';
+    ALTER TABLE answers_in_progress ADD COLUMN model TEXT NOT NULL DEFAULT '';
 """
 
 LEGACY_IMPORTS = """

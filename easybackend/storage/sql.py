@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from .base import (
     ROOT,
+    AnswerProgress,
     ConversationDetail,
     ConversationExport,
     ConversationHead,
@@ -433,15 +434,31 @@ def cancels_requested(dialect: Dialect, db: Connection, now: float) -> list[tupl
     return [(owner, turn_id) for owner, turn_id in rows]
 
 
-def answer_marked(
+def answer_progress(
     dialect: Dialect, db: Connection, ref: ConversationRef, turn_id: str, now: float
-) -> bool:
+) -> AnswerProgress | None:
     row = dialect.execute(
         db,
-        f"SELECT 1 FROM answers_in_progress WHERE {_BY_REF} AND turn_id = ? AND until >= ?",
+        "SELECT text, pieces, model FROM answers_in_progress"
+        f" WHERE {_BY_REF} AND turn_id = ? AND until >= ?",
         (*_key(ref), turn_id, now),
     ).fetchone()
-    return row is not None
+    return AnswerProgress(*row) if row is not None else None
+
+
+def write_progress(
+    dialect: Dialect,
+    db: Connection,
+    answers: Sequence[tuple[ConversationRef, str, AnswerProgress]],
+) -> None:
+    """Write each marked answer's progress (see ServingStore.write_progress)."""
+    for ref, turn_id, progress in answers:
+        dialect.execute(
+            db,
+            "UPDATE answers_in_progress SET text = ?, pieces = ?, model = ?"
+            f" WHERE {_BY_REF} AND turn_id = ?",
+            (progress.text, progress.pieces, progress.model, *_key(ref), turn_id),
+        )
 
 
 def conversation_of_answer(

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from ..errors import StorageUnavailable
 from . import sql, sql_keys, sql_memory, sql_usage
 from .base import (
+    AnswerProgress,
     ConversationDetail,
     ConversationExport,
     ConversationHead,
@@ -156,8 +157,15 @@ class SQLStore:
     async def cancels_requested(self, now: float) -> list[tuple[str, str]]:
         return await self._run(sql.cancels_requested, Access.READ, now)
 
-    async def answer_marked(self, ref: ConversationRef, turn_id: str, now: float) -> bool:
-        return await self._run(sql.answer_marked, Access.READ, ref, turn_id, now)
+    async def answer_progress(
+        self, ref: ConversationRef, turn_id: str, now: float
+    ) -> AnswerProgress | None:
+        return await self._run(sql.answer_progress, Access.READ, ref, turn_id, now)
+
+    async def write_progress(
+        self, answers: Sequence[tuple[ConversationRef, str, AnswerProgress]]
+    ) -> None:
+        await self._run(sql.write_progress, Access.WRITE, answers)
 
     async def conversation_of_answer(self, owner: str, turn_id: str, now: float) -> str | None:
         return await self._run(sql.conversation_of_answer, Access.READ, owner, turn_id, now)

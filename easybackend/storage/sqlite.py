@@ -43,7 +43,7 @@ MIGRATIONS: list[str] = [
     schema.USAGE.format(**schema.SQLITE_TYPES)
     + schema.USAGE_BACKFILL.format(day=schema.USAGE_SQLITE_DAY),
     schema.RESUME.format(**schema.SQLITE_TYPES),
-    schema.CANCELS,
+    schema.ELSEWHERE,
 ]
 
 

@@ -447,7 +447,10 @@ def response_routes(
                     raise
         if conversation_id is None:  # store false: nothing to follow once it ends
             raise NotFound(f"no response {ids.response_id(turn_id)!r}")
-        events = service.follow(conversation_id, turn_id, after=0, caller=asking)
+        # Answered elsewhere, it is replayed once stored, when its settings are known.
+        events = service.follow(
+            conversation_id, turn_id, after=0, caller=asking, live_elsewhere=False
+        )
         try:  # the first event, or the error that the turn is gone, before the headers
             first = await stopping.next_event(events)
             if state is None:  # answered elsewhere, stored now: its settings are known
@@ -542,7 +545,7 @@ def response_routes(
         elsewhere = await service.conversation_of_answer(turn_id, caller=asking)
         if elsewhere is None or not await service.cancel_answer(elsewhere, turn_id, caller=asking):
             raise NotFound(f"no response {ids.response_id(turn_id)!r}")
-        replayed = service.follow(elsewhere, turn_id, caller=asking)  # once it is stored
+        replayed = service.follow(elsewhere, turn_id, caller=asking, live_elsewhere=False)
         with trio.move_on_after(CANCEL_WAIT), contextlib.suppress(ChatError):
             async with contextlib.aclosing(replayed) as events:  # type: ignore[type-var]
                 async for _ in events:
