@@ -11,6 +11,7 @@ import pytest
 import trio
 from helpers.database import stored_turns
 from helpers.one_piece_upstream import serve_one_piece
+from helpers.postgres import pg_url
 from helpers.servers import Server, StartServer, free_port
 from helpers.upstream import full_answer
 from helpers.websocket import original_frames
@@ -314,3 +315,28 @@ async def test_a_shutdown_lets_a_followed_background_answer_finish_then_closes(
         await server.stopped.wait()
     (turn,) = stored_turns(server.settings.sqlite_path, "bye")
     assert (turn["answer"], turn["finish_reason"]) == (SLOW_ANSWER, "stop")
+
+
+async def test_a_resume_on_another_instance_follows_the_answer_while_it_runs(
+    start_server: StartServer, pg_schema
+):
+    """Two servers on one PostgreSQL database: a background answer asked on one is followed
+    on the other's WebSocket while it runs (from what the generator writes on its mark),
+    with the generator's numbers, up to its end."""
+    url_of_db = pg_url(pg_schema)
+    generator = await start_server(DATABASE_URL=url_of_db, WS_PORT=str(free_port()))
+    other = await start_server(DATABASE_URL=url_of_db, WS_PORT=str(free_port()))
+    long = "a long story [[fake:tokens=150]] [[fake:delay=0.02]]"  # three seconds
+    async with open_websocket_url(url(generator)) as asking:
+        ask = {"type": "ask", "conversation_id": "roam", "prompt": long, "background": True}
+        start = await start_of(asking, ask)
+        first = await deltas_up_to(asking, 3)
+    resume = {"type": "resume", "conversation_id": "roam", "turn_id": start["turn_id"], "after": 3}
+    async with open_websocket_url(url(other)) as elsewhere:
+        await elsewhere.send_message(json.dumps(resume))
+        followed = [await receive(elsewhere)]
+        assert generator.running.service.answer_logs.find("", start["turn_id"]) is not None
+        followed += await until_end(elsewhere)  # ^ the first piece came while it still ran
+    assert [reply["seq"] for reply in followed] == list(range(4, len(followed) + 4))
+    assert followed[-1]["type"] == "end" and followed[-1]["finish_reason"] == "stop"
+    assert text_of(first) + text_of(followed) == full_answer(1, "a long story", 150)
