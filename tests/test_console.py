@@ -231,6 +231,8 @@ async def test_stop_before_the_page_sees_the_answer_start_cancels_it(
         assert link.answering.wait(10)  # the server has begun the answer and written a piece
         assert page.locator(".msg.streaming .body").inner_text() == ""
         page.click("#stop")
+        stopping = page.locator("#stop")
+        assert (stopping.inner_text(), stopping.is_disabled()) == ("Stopping…", True)
         trio.from_thread.run_sync(link.release.set)  # the page sees the start now
         page.wait_for_selector("#send:not([hidden])")  # the console is done with the answer
         trio.from_thread.run_sync(upstream.finish.set)  # an answer still running would end

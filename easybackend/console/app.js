@@ -257,6 +257,7 @@ function busy(on) {
   $("send").hidden = on;
   $("stop").hidden = !on;
   $("stop").disabled = false;
+  $("stop").textContent = t("stop");
 }
 
 // Reads Server-Sent Events from a fetch response; calls onEvent(name, data, id) for each.
@@ -393,6 +394,7 @@ function stop() {
   const answer = state.answer;
   if (!answer) return;
   $("stop").disabled = true;
+  $("stop").textContent = t("stopping"); // until the answer's end reaches the page
   if (answer.turn) cancel(answer);
   else state.stopWanted = true;
 }

@@ -2,7 +2,7 @@
 const STRINGS = {
   en: {
     rollback: "Undo last turn", newChat: "New chat", search: "Search", apiDocs: "API docs", rename: "Rename", export: "Export",
-    delete: "Delete", settings: "Settings", send: "Send", stop: "Stop",
+    delete: "Delete", settings: "Settings", send: "Send", stop: "Stop", stopping: "Stopping…",
     placeholder: "Message (Enter to send, Shift+Enter for a new line)",
     titleLabel: "Title", system: "System prompt", model: "Model", temperature: "Temperature",
     memory: "Memory", serverDefault: "server default", save: "Save", summary: "Summary",
@@ -16,7 +16,7 @@ const STRINGS = {
   },
   zh: {
     rollback: "撤销上一轮", newChat: "新对话", search: "搜索", apiDocs: "API 文档", rename: "重命名", export: "导出",
-    delete: "删除", settings: "设置", send: "发送", stop: "停止",
+    delete: "删除", settings: "设置", send: "发送", stop: "停止", stopping: "正在停止…",
     placeholder: "输入消息（Enter 发送，Shift+Enter 换行）",
     titleLabel: "标题", system: "系统提示词", model: "模型", temperature: "温度",
     memory: "记忆", serverDefault: "服务器默认", save: "保存", summary: "摘要",
