@@ -16,6 +16,7 @@ from helpers.database import stored_turns
 from helpers.grpc import CALL_TIMEOUT, grpcio_stream, rpc, rpc_error, status_of
 from helpers.http import bearer
 from helpers.one_piece_upstream import serve_one_piece
+from helpers.postgres import pg_url
 from helpers.servers import Server, StartServer, free_port
 from helpers.upstream import full_answer
 
@@ -277,3 +278,37 @@ async def test_a_shutdown_cuts_a_background_answer_at_the_end_of_its_grace(
     assert finish_reason == "cancelled" and SLOW_ANSWER.startswith(answer)
     assert len(answer) < len(SLOW_ANSWER)  # cut, and stored as far as it went
     assert text_of(followed.replies) == answer[: len(text_of(followed.replies))]
+
+
+async def test_a_resume_on_another_instance_follows_the_answer_while_it_runs(
+    start_server: StartServer, pg_schema
+):
+    """Two servers on one PostgreSQL database: a background answer asked on one is followed
+    by a purerpc ``Resume`` on the other while it runs, with the generator's numbers."""
+    url = pg_url(pg_schema)
+    generator = await start_server(DATABASE_URL=url, GRPC_PORT=str(free_port()))
+    other = await start_server(DATABASE_URL=url, GRPC_PORT=str(free_port()))
+    long = "a long story [[fake:tokens=150]] [[fake:delay=0.02]]"  # three seconds
+    before = await grpcio_stream(
+        generator.running.grpc_port, "Ask", ask("roam", long, background=True), cancel_after=3
+    )
+    turn_id = before.replies[0].turn_id
+    followed: list[chat_pb2.AskResponse] = []
+    running_at_first: list[bool] = []
+    channel = purerpc.insecure_channel("127.0.0.1", other.running.grpc_port)
+    with trio.fail_after(CALL_TIMEOUT):
+        try:
+            async with channel:
+                stub = chat_grpc.ChatStub(channel)
+                async for reply in stub.Resume(resume("roam", turn_id, 3)):
+                    if not followed:  # the first piece came while the generator still answers
+                        log = generator.running.service.answer_logs.find("", turn_id)
+                        running_at_first.append(log is not None and not log.ended)
+                    followed.append(reply)
+        finally:  # purerpc leaves its TCP connection open
+            if channel._grpc_socket is not None:
+                await anyio.aclose_forcefully(channel._grpc_socket._socket._stream)
+    assert running_at_first == [True]
+    assert [reply.seq for reply in followed] == list(range(4, len(followed) + 4))
+    assert followed[-1].finish_reason == "stop" and followed[-1].turn_id == turn_id
+    assert text_of(before.replies) + text_of(followed) == full_answer(1, "a long story", 150)
