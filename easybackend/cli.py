@@ -142,8 +142,8 @@ names, either way between SQLite and PostgreSQL: owner, id, system prompt,
 settings, counters, times, all its turns, its summaries, and the import-json
 bookkeeping; then the stored keys (as digests: the same secrets keep working)
 and the usage per key, day and model (rows the target holds are kept, never
-doubled). The source
-is not changed (beyond bringing its schema up to date, as a server would).
+doubled). The source is not changed (beyond bringing its schema up to date,
+as a server would).
 
 Stop the servers using either database first. The target must hold no
 conversations, unless --force. Prints one summary line; on failure, one
