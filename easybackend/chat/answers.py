@@ -171,11 +171,6 @@ class BackgroundAnswers:
         self.stopping = False
         self.stopped = trio.Event()  # set once run() has ended: no answer runs any more
 
-    @property
-    def running(self) -> int:
-        """How many background answers run in this process now."""
-        return len(self._running)
-
     async def run(
         self,
         shutdown: trio.Event,
