@@ -957,9 +957,8 @@ class ChatService:
         ref = self._ref(conversation_id, caller)
         validate_turn_id(turn_id, "turn_id")
         live = self.answer_logs.find(caller.owner, turn_id)
-        if live is not None and live.conversation_id == ref.conversation_id:
-            if self.in_progress.cancel(caller.owner, turn_id):
-                return True
+        if live is not None and live.conversation_id == ref.conversation_id:  # answered here
+            return self.in_progress.cancel(caller.owner, turn_id)
         if not self.settings.database.is_postgres:
             return False
         return await self.storage.request_cancel(ref, turn_id, time.time())
