@@ -6,14 +6,7 @@
 // Prints one JSON object with what it got; exits non-zero (with the error) on any failure.
 import assert from "node:assert/strict";
 import OpenAI from "openai";
-
-const client = new OpenAI({
-  baseURL: process.env.EASYBACKEND_BASE_URL,
-  apiKey: process.env.EASYBACKEND_KEY,
-  maxRetries: 0,
-  timeout: 10_000,
-});
-const model = process.env.EASYBACKEND_MODEL;
+import { client, model } from "./client.mjs";
 
 async function streamed(params, options) {
   const stream = await client.chat.completions.create({ model, stream: true, ...params }, options);

@@ -7,14 +7,8 @@
 // Prints one JSON object with what it got; exits non-zero (with the error) on any failure.
 import assert from "node:assert/strict";
 import OpenAI from "openai";
+import { client, model } from "./client.mjs";
 
-const client = new OpenAI({
-  baseURL: process.env.EASYBACKEND_BASE_URL,
-  apiKey: process.env.EASYBACKEND_KEY,
-  maxRetries: 0,
-  timeout: 10_000,
-});
-const model = process.env.EASYBACKEND_MODEL;
 const result = {};
 
 // 1. a chain: each response continues from the previous one; the last one streamed
