@@ -288,7 +288,8 @@ async def test_a_resume_on_another_instance_follows_the_answer_while_it_runs(
     url = pg_url(pg_schema)
     generator = await start_server(DATABASE_URL=url, GRPC_PORT=str(free_port()))
     other = await start_server(DATABASE_URL=url, GRPC_PORT=str(free_port()))
-    long = "a long story [[fake:tokens=150]] [[fake:delay=0.02]]"  # three seconds
+    long = "a long story [[fake:tokens=250]] [[fake:delay=0.02]]"  # five seconds: it outlasts
+    # the resume's first poll of the generator's mark (half a second) by far
     before = await grpcio_stream(
         generator.running.grpc_port, "Ask", ask("roam", long, background=True), cancel_after=3
     )
@@ -311,4 +312,4 @@ async def test_a_resume_on_another_instance_follows_the_answer_while_it_runs(
     assert running_at_first == [True]
     assert [reply.seq for reply in followed] == list(range(4, len(followed) + 4))
     assert followed[-1].finish_reason == "stop" and followed[-1].turn_id == turn_id
-    assert text_of(before.replies) + text_of(followed) == full_answer(1, "a long story", 150)
+    assert text_of(before.replies) + text_of(followed) == full_answer(1, "a long story", 250)

@@ -19,6 +19,9 @@ from easybackend.settings import DEFAULT_MODEL
 MODEL = DEFAULT_MODEL
 SLOW = "tell me a long story [[fake:tokens=60]] [[fake:delay=0.02]]"  # 1.2 seconds
 SLOW_ANSWER = full_answer(1, "tell me a long story", 60)
+# Six seconds: what a cancel reaching another instance (a poll of half a second) must outlast.
+LONG = "tell me a longer story [[fake:tokens=300]] [[fake:delay=0.02]]"
+LONG_ANSWER = full_answer(1, "tell me a longer story", 300)
 LONG = "a very long story [[fake:tokens=400]] [[fake:delay=0.02]]"  # 8 seconds
 LONG_ANSWER = full_answer(1, "a very long story", 400)
 KEY_A, KEY_B = "sk-resume-alice-SECRET-0123", "sk-resume-bob-SECRET-01234"
@@ -344,7 +347,7 @@ async def test_a_cancel_on_another_instance_stops_a_background_response(two_inst
         async_client(other, KEY_A) as elsewhere,
         async_client(other, KEY_B) as bob,
     ):
-        created = await on_generator.responses.create(model=MODEL, input=SLOW, background=True)
+        created = await on_generator.responses.create(model=MODEL, input=LONG, background=True)
         stream = await on_generator.responses.retrieve(created.id, stream=True)
         begun = await deltas_of(stream, 2)  # it is under way on the generator
         with pytest.raises(openai.NotFoundError):
@@ -356,7 +359,7 @@ async def test_a_cancel_on_another_instance_stops_a_background_response(two_inst
     assert rest[-1].type == "response.incomplete" and rest[-1].response.status == "cancelled"
     kept = on_the_generator.output_text
     assert on_the_generator.status == "cancelled" and kept == cancelled.output_text
-    assert begun and 0 < len(kept) < len(SLOW_ANSWER) and SLOW_ANSWER.startswith(kept)
+    assert begun and 0 < len(kept) < len(LONG_ANSWER) and LONG_ANSWER.startswith(kept)
 
 
 async def test_a_response_streamed_without_background_can_be_followed_while_it_runs(server):

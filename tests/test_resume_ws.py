@@ -326,7 +326,8 @@ async def test_a_resume_on_another_instance_follows_the_answer_while_it_runs(
     url_of_db = pg_url(pg_schema)
     generator = await start_server(DATABASE_URL=url_of_db, WS_PORT=str(free_port()))
     other = await start_server(DATABASE_URL=url_of_db, WS_PORT=str(free_port()))
-    long = "a long story [[fake:tokens=150]] [[fake:delay=0.02]]"  # three seconds
+    long = "a long story [[fake:tokens=250]] [[fake:delay=0.02]]"  # five seconds: it outlasts
+    # the resume's first poll of the generator's mark (half a second) by far
     async with open_websocket_url(url(generator)) as asking:
         ask = {"type": "ask", "conversation_id": "roam", "prompt": long, "background": True}
         start = await start_of(asking, ask)
@@ -339,4 +340,4 @@ async def test_a_resume_on_another_instance_follows_the_answer_while_it_runs(
         followed += await until_end(elsewhere)  # ^ the first piece came while it still ran
     assert [reply["seq"] for reply in followed] == list(range(4, len(followed) + 4))
     assert followed[-1]["type"] == "end" and followed[-1]["finish_reason"] == "stop"
-    assert text_of(first) + text_of(followed) == full_answer(1, "a long story", 150)
+    assert text_of(first) + text_of(followed) == full_answer(1, "a long story", 250)
