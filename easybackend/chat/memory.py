@@ -155,11 +155,6 @@ class Memory:
     def ttl(self) -> float | None:
         return self.settings.conversation_ttl
 
-    def alive(self) -> tuple[float, float | None]:
-        """What a storage read by turn id is given so that it finds nothing of an expired
-        conversation: now and the default expiry."""
-        return self.now(), self.ttl
-
     def expired(self, settings: ConversationSettings, updated_at: float | None) -> bool:
         """A conversation with these settings, last active at ``updated_at``, is expired now."""
         if updated_at is None:

@@ -877,14 +877,14 @@ class ChatService:
         """The stored turn ``turn_id``; else (PostgreSQL) the progress of its answer that
         another instance marks in progress. Raises NotFound when neither is there (read once
         more after the mark: the turn may have been stored between the two reads)."""
-        turn = await self.storage.find_turn(ref, turn_id, alive=self.memory.alive())
+        turn = await self.storage.find_turn(ref, turn_id, **self._alive())
         if turn is not None:
             return turn
         if self.settings.database.is_postgres:
             progress = await self.storage.answer_progress(ref, turn_id, time.time())
             if progress is not None:
                 return progress
-            turn = await self.storage.find_turn(ref, turn_id, alive=self.memory.alive())
+            turn = await self.storage.find_turn(ref, turn_id, **self._alive())
             if turn is not None:
                 return turn
         raise NotFound(f"no turn {turn_id!r} in conversation {ref.conversation_id!r}")
@@ -1068,6 +1068,11 @@ class ChatService:
             raise NotFound(f"no conversation {conversation_id!r}")
         return detail
 
+    def _alive(self) -> dict[str, float | None]:
+        """What a storage read is given to find nothing of an expired conversation (``now``
+        and ``ttl``, as the listing takes them)."""
+        return {"now": self.memory.now(), "ttl": self.memory.ttl}
+
     async def _settled(self, ref: ConversationRef) -> None:
         """Wait, at most :data:`READ_WAIT` seconds, until no answer is in progress on the
         conversation in this process (see READ_WAIT). Cancelled, it leaves the queue."""
@@ -1187,7 +1192,7 @@ class ChatService:
         """
         validate_turn_id(turn_id, "turn_id")
         conversation_id = await self.storage.conversation_of_turn(
-            caller.owner, turn_id, alive=self.memory.alive()
+            caller.owner, turn_id, **self._alive()
         )
         if conversation_id is None:
             raise NotFound(f"no turn {turn_id!r}")
@@ -1199,7 +1204,7 @@ class ChatService:
         ref = self._ref(conversation_id, caller)
         validate_turn_id(turn_id, "turn_id")
         await self._settled(ref)
-        turn = await self.storage.find_turn(ref, turn_id, alive=self.memory.alive())
+        turn = await self.storage.find_turn(ref, turn_id, **self._alive())
         if turn is None:
             raise NotFound(f"no turn {turn_id!r} in conversation {conversation_id!r}")
         return turn

@@ -333,10 +333,10 @@ class ServingStore(Protocol):
         ...
 
     async def conversation_of_turn(
-        self, owner: str, turn_id: str, *, alive: tuple[float, float | None] | None = None
+        self, owner: str, turn_id: str, *, now: float | None = None, ttl: float | None = None
     ) -> str | None:
         """The id of the owner's conversation holding the turn ``turn_id``, or None; with
-        ``alive`` (now, ttl), None too when that conversation is expired then (see
+        ``now``, None too when that conversation is expired then (``ttl``: see
         :meth:`forget_if_expired`)."""
         ...
 
@@ -349,10 +349,15 @@ class ServingStore(Protocol):
         ...
 
     async def find_turn(
-        self, ref: ConversationRef, turn_id: str, *, alive: tuple[float, float | None] | None = None
+        self,
+        ref: ConversationRef,
+        turn_id: str,
+        *,
+        now: float | None = None,
+        ttl: float | None = None,
     ) -> TurnRecord | None:
-        """The conversation's turn of that id, or None; with ``alive`` (now, ttl), None too
-        when the conversation is expired then (see :meth:`forget_if_expired`)."""
+        """The conversation's turn of that id, or None; with ``now``, None too when the
+        conversation is expired then (``ttl``: see :meth:`forget_if_expired`)."""
         ...
 
     async def mark_answer(self, ref: ConversationRef, turn_id: str, until: float) -> None:

@@ -128,9 +128,9 @@ class SQLStore:
         return await self._run(sql.summary, Access.READ, ref)
 
     async def conversation_of_turn(
-        self, owner: str, turn_id: str, *, alive: tuple[float, float | None] | None = None
+        self, owner: str, turn_id: str, *, now: float | None = None, ttl: float | None = None
     ) -> str | None:
-        where = sql_memory.alive(*alive) if alive is not None else ("", ())
+        where = sql_memory.alive(now, ttl) if now is not None else ("", ())
         return await self._run(sql.conversation_of_turn, Access.READ, owner, turn_id, where)
 
     async def create_conversation(self, ref: ConversationRef, metadata: str | None) -> bool:
@@ -140,9 +140,14 @@ class SQLStore:
         return await self._run(sql.set_metadata, Access.WRITE, ref, metadata, time.time())
 
     async def find_turn(
-        self, ref: ConversationRef, turn_id: str, *, alive: tuple[float, float | None] | None = None
+        self,
+        ref: ConversationRef,
+        turn_id: str,
+        *,
+        now: float | None = None,
+        ttl: float | None = None,
     ) -> TurnRecord | None:
-        where = sql_memory.alive(*alive) if alive is not None else ("", ())
+        where = sql_memory.alive(now, ttl) if now is not None else ("", ())
         return await self._run(sql.find_turn, Access.READ, ref, turn_id, where)
 
     async def mark_answer(self, ref: ConversationRef, turn_id: str, until: float) -> None:
