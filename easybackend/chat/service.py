@@ -982,8 +982,7 @@ class ChatService:
                     await self.storage.write_progress([_progress(log) for log in changed])
                 requested = await self.storage.cancels_requested(time.time())
             except StorageUnavailable as exc:
-                log.warning("background answers: the marks could not be read or written: %s",
-                            exc.message)  # fmt: skip
+                log.warning("the marks of background answers failed: %s", exc.message)
                 continue
             written.update(((log.owner, log.turn_id), len(log.events)) for log in changed)
             for owner, turn_id in requested:
