@@ -403,7 +403,8 @@ class _Connection(Watched):
         """A ``cancel``: without ``turn_id``, the connection's job in progress (a background
         answer it asked for is cancelled itself, and its end follows); with ``turn_id`` (and ``conversation_id``), that
         answer in progress, wherever it was asked (answered ``cancelled``, or a ``not_found``
-        error when no answer of the caller's is in progress under that turn here)."""
+        error when no answer of the caller's is in progress under that turn, here or marked
+        on another instance: see :meth:`ChatService.cancel_answer`)."""
         turn_id = data.get("turn_id")
         if turn_id is None:
             if self.current_background is not None:  # its followers, this one too, get its end

@@ -39,7 +39,8 @@ answer); ``GET …?stream=true&starting_after=n`` streams the events after
 ``n`` (of any response: live while it runs, else replayed from its turn);
 ``POST …/cancel`` stops it.
 
-Cancellation: a response in progress in this process can be cancelled by
+Cancellation: a response in progress in this process, or a background one
+another instance generates (PostgreSQL), can be cancelled by
 ``POST /v1/responses/{id}/cancel`` (the answer stops; what was sent so far is
 stored with status ``cancelled``); a client that goes away cancels its own
 unless it is a background one (stored the same way). At the end of the
@@ -505,7 +506,8 @@ def response_routes(
     @document_response(ResponseBody, 200)
     @tag(["openai"])
     async def cancel_response(response_id: str) -> Response:
-        """Cancel a response in progress in this process: its answer stops, what was sent is
+        """Cancel a response in progress in this process, or a background one another
+        instance generates (:func:`cancel_elsewhere`): its answer stops, what was sent is
         kept (status ``cancelled``). A background response cancelled already is returned as
         it is; any other finished response cannot be cancelled (400)."""
         turn_id = ids.turn_of_response(response_id)
